@@ -1,0 +1,87 @@
+"""Datasets that are generated or shipped inside installed packages: they work offline
+on a fresh machine."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gammatrace.data.base import DATASETS, DataError, Dataset
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -> Dataset:
+    """MNIST-1D (Greydanus 2020), generated offline with ``mnist1d.data.make_dataset``.
+
+    Never touches the package's download path. Inputs (N, 1, 40), 10 classes.
+    """
+    d = _mnist1d_arrays(num_samples, seed, train_split)
+    to_x = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32)).unsqueeze(1)  # noqa: E731
+    to_y = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
+    if len(d["y_test"]) == 0:
+        raise DataError("mnist1d: train_split leaves no test samples")
+    return Dataset("mnist1d", to_x(d["x"]), to_y(d["y"]), to_x(d["x_test"]), to_y(d["y_test"]),
+                   task="classification", num_classes=10)
+
+
+def cache_dir() -> Path:
+    """Where generated datasets are cached ($GAMMATRACE_CACHE, else ~/.cache/gammatrace)."""
+    return Path(os.environ.get("GAMMATRACE_CACHE", Path.home() / ".cache" / "gammatrace"))
+
+
+def _mnist1d_arrays(num_samples: int, seed: int, train_split: float) -> dict:
+    # Generation costs seconds; the result is a pure function of the arguments (and the
+    # mnist1d version), so it is cached on disk, written atomically.
+    import mnist1d
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    version = getattr(mnist1d, "__version__", "0")
+    path = cache_dir() / f"mnist1d-{version}-{num_samples}-{seed}-{train_split}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is regenerated below
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+    # make_dataset reseeds the global numpy/random generators; keep the caller's streams.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    d = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **d)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the regeneration next time
+    return d
+
+
+@DATASETS.register("digits")
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images shipped with the package).
+
+    Pixels scaled to [0, 1]; a seeded shuffle splits train/test. Inputs (N, 1, 8, 8).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    n_test = int(round(len(y) * test_fraction))
+    if not 0 < n_test < len(y):
+        raise DataError(f"digits: test_fraction={test_fraction} leaves an empty split")
+    return Dataset("digits", x[n_test:], y[n_test:], x[:n_test], y[:n_test],
+                   task="classification", num_classes=10)
