@@ -1,0 +1,1 @@
+"""Studies, sweeps and the executors that run their tasks."""

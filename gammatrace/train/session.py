@@ -1,0 +1,171 @@
+"""What pass 1 (training) and pass 2 (replay) share: the objects built from a config and
+the code of one epoch. Both passes run *this* code, so the replayed trajectory is the
+recorded one bit for bit (DESIGN.md §2), not a re-implementation of it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gammatrace.config import RunConfig
+from gammatrace.data import Dataset, load_dataset
+from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
+from gammatrace.models import build
+from gammatrace.probe import Probe
+from gammatrace.train.optim import make_optimizer, make_schedule, per_sample_loss
+
+_INIT_STREAM = 0x1417
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: loss {loss}")
+        self.step, self.loss = step, loss
+
+
+def configure_determinism(cfg: RunConfig) -> None:
+    """Deterministic kernels and the recorded thread count (DESIGN.md §2).
+
+    A different intra-op thread count changes reduction order and so the trajectory;
+    the count is part of the run's identity and is set, never inherited.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.set_num_threads(cfg.threads)
+    if torch.get_num_threads() != cfg.threads:
+        raise RuntimeError(f"could not set {cfg.threads} torch threads (got {torch.get_num_threads()})")
+
+
+def provenance(cfg: RunConfig) -> dict[str, Any]:
+    """Versions, device, threads and commit: what a trajectory depends on besides the config."""
+    import numpy
+
+    import gammatrace
+
+    commit = None
+    try:
+        root = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    device = cfg.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {
+        "gammatrace": gammatrace.__version__, "commit": commit, "torch": torch.__version__,
+        "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cuda": torch.version.cuda, "device": device, "threads": cfg.threads,
+    }
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    data: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+
+    @property
+    def loss_fn(self) -> Callable[[nn.Module, Any], torch.Tensor]:
+        """Per-sample losses of a model on a batch (x, y); the probe's ``loss_fn``."""
+        per_sample = per_sample_loss(self.cfg.loss)
+        return lambda model, batch: per_sample(model(batch[0]), batch[1])
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        return epoch_batches(self.data.n_train, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.drop_last)
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """A checkpoint: everything needed to continue at the start of ``epoch``."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch, "step": epoch * self.steps_per_epoch}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def run_epoch(self, epoch: int, probe: Probe, check_finite: bool) -> None:
+        """One epoch of training, measured by ``probe``. Raises DivergedError on a NaN loss."""
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        seed_epoch_rng(cfg.seed, epoch)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss_fn = self.loss_fn
+        for i, idx in enumerate(self.batches(epoch)):
+            k = epoch * self.steps_per_epoch + i
+            lr = cfg.optim.lr * self.schedule(k)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx_dev = idx.to(self.device)
+            batch = (self.x[idx_dev], self.y[idx_dev])
+            opt.zero_grad(set_to_none=True)
+            per = loss_fn(model, batch)
+            loss = per.mean()
+            loss.backward()
+            if cfg.optim.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+            probe.step(loss, batch, indices=idx, sample_losses=per)
+            # On the CPU .item() costs nothing; on accelerators the epoch-end check
+            # of the flushed rows catches divergence without a sync every step.
+            if check_finite and not torch.isfinite(loss).item():
+                raise DivergedError(k, loss.item())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Full-dataset loss/accuracy in eval mode (the trajectory is not touched)."""
+        self.model.eval()
+        per_sample = per_sample_loss(self.cfg.loss)
+        out: dict[str, float] = {}
+        splits = {"train": (self.x, self.y), "test": (self.data.x_test.to(self.device), self.data.y_test.to(self.device))}
+        for split, (x, y) in splits.items():
+            total, correct, n = 0.0, 0, len(x)
+            for s in range(0, n, self.cfg.eval_batch_size):
+                xb, yb = x[s:s + self.cfg.eval_batch_size], y[s:s + self.cfg.eval_batch_size]
+                o = self.model(xb)
+                total += per_sample(o, yb).double().sum().item()
+                if self.data.task == "classification":
+                    correct += int((o.argmax(1) == yb).sum())
+            out[f"{split}_loss"] = total / max(n, 1)
+            if self.data.task == "classification":
+                out[f"{split}_acc"] = correct / max(n, 1)
+        self.model.train()
+        return out
+
+
+def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
+    """Data, model (seeded initialization), optimizer and schedule for a config."""
+    configure_determinism(cfg)
+    if data is None:
+        data = load_dataset(cfg.data.name, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
+                            classes=cfg.data.classes, **cfg.data.switches())
+    device = torch.device(cfg.device)
+    torch.manual_seed(stream_seed(cfg.seed, 0, _INIT_STREAM))
+    model = build(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.switches())
+    if cfg.model.init != "default":
+        from gammatrace.models.init import apply_init
+
+        apply_init(model, cfg.model.init, x=data.x_train[: cfg.batch_size])
+    model.to(device)
+    optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim)
+    n = data.n_train
+    spe = n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
+    if spe == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} samples")
+    schedule = make_schedule(cfg.schedule, spe, cfg.epochs * spe)
+    return Session(cfg, data, model, optimizer, device, data.x_train.to(device), data.y_train.to(device), schedule, spe)

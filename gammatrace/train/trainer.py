@@ -1,0 +1,181 @@
+"""Pass 1: deterministic training with epoch checkpoints, resume, and the stop criterion.
+
+The run directory's run.json is the commit point: an epoch counts as done only once
+its step shard, sample shard, metrics and the next checkpoint are on disk *and*
+run.json says so. A process killed anywhere resumes from the last done epoch and,
+because data order and RNG are functions of (seed, epoch), produces the same
+trajectory as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gammatrace.config import RunConfig
+from gammatrace.probe import Probe
+from gammatrace.store.run import FORMAT_VERSION, Run, RunStore, shard
+from gammatrace.train.session import DivergedError, Session, build_session, provenance
+
+
+class RunConflictError(RuntimeError):
+    """The output directory holds a different run."""
+
+
+def _coerce(config: RunConfig | dict | str | Path) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return RunConfig.model_validate(config)
+    return RunConfig.from_yaml(config)
+
+
+def _open(store: RunStore, cfg: RunConfig) -> dict[str, Any]:
+    """Create run.json, or check that an existing run has the same config (resume)."""
+    wanted = cfg.model_dump(mode="json")
+    if store.exists("run.json"):
+        meta = store.read_json("run.json")
+        if meta.get("config") != wanted:
+            raise RunConflictError(
+                f"{store.root} holds a run with a different config; choose another --out or remove it"
+            )
+        return meta
+    meta = {"format_version": FORMAT_VERSION, "config": wanted, "status": "running",
+            "provenance": provenance(cfg), "epochs_done": 0, "horizon_epochs": None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    store.write_json("run.json", meta)
+    return meta
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", disable=not enabled, leave=False)
+
+
+def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progress: bool = True,
+               stop_after: int | None = None) -> Run:
+    """Pass 1 only: train (or resume) and record. ``stop_after`` ends the process-local work
+    after that many epochs, as a kill would (used by the resume tests)."""
+    cfg = _coerce(config)
+    cfg.check_names()
+    store = RunStore(out)
+    meta = _open(store, cfg)
+    if meta["status"] in ("trained", "complete", "diverged"):
+        return Run(store.root)
+    sess = build_session(cfg)
+    if "n_params" not in meta:
+        meta = store.update_json("run.json", n_params=sum(p.numel() for p in sess.model.parameters() if p.requires_grad))
+    done = meta["epochs_done"]
+    if done == 0:
+        store.write_torch(shard("checkpoints", 0, "pt"), sess.state(0))
+    else:
+        sess.load_state(store.read_torch(shard("checkpoints", done, "pt"), map_location=sess.device))
+    origin = store.read_torch(shard("checkpoints", 0, "pt"), map_location=sess.device)["model"]
+    probe = Probe(sess.model, sess.optimizer, per_tensor=False, step=done * sess.steps_per_epoch,
+                  epoch=done, origin=origin)
+    epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") and done else pd.DataFrame()
+    epochs = epochs[epochs["epoch"] < done] if len(epochs) else epochs
+    horizon = meta.get("horizon_epochs")
+    cap = (horizon if horizon is not None else cfg.epochs) + cfg.reference.extra_epochs
+    bar = _progress(cap, done, cfg.name, progress)
+    check_each_step = sess.device.type == "cpu"
+    ran = 0
+    e = done
+    while e < cap:
+        if stop_after is not None and ran >= stop_after:
+            bar.close()
+            return Run(store.root)
+        t0 = time.perf_counter()
+        try:
+            sess.run_epoch(e, probe, check_finite=check_each_step)
+            steps, _, samples = probe.take()
+            bad = np.flatnonzero(~np.isfinite(steps["loss"].to_numpy()))
+            if len(bad):
+                raise DivergedError(int(steps["step"].iloc[bad[0]]), float(steps["loss"].iloc[bad[0]]))
+        except DivergedError as exc:
+            _record_divergence(store, probe, e, exc)
+            bar.close()
+            return Run(store.root)
+        metrics = {"epoch": e, **sess.evaluate(), "mean_batch_loss": float(steps["loss"].mean()),
+                   "seconds": time.perf_counter() - t0, "phase": "main" if horizon is None or e < horizon else "continuation"}
+        store.write_parquet(shard("steps", e), steps)
+        if len(samples):
+            store.write_parquet(shard("samples", e), samples)
+        store.write_torch(shard("checkpoints", e + 1, "pt"), sess.state(e + 1))
+        epochs = pd.concat([epochs, pd.DataFrame([metrics])], ignore_index=True)
+        store.write_parquet("epochs.parquet", epochs)
+        e += 1
+        ran += 1
+        updates: dict[str, Any] = {"epochs_done": e}
+        if horizon is None:
+            reached = cfg.target_loss is not None and metrics["train_loss"] <= cfg.target_loss
+            if reached or e == cfg.epochs:
+                horizon = e
+                updates.update(horizon_epochs=e, horizon_steps=e * sess.steps_per_epoch,
+                               reached_target=reached if cfg.target_loss is not None else None)
+                store.write_torch("final.pt", {"model": sess.model.state_dict()})
+                cap = horizon + cfg.reference.extra_epochs
+                bar.total = cap
+        meta = store.update_json("run.json", **updates)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+    bar.close()
+    if cfg.reference.extra_epochs:
+        store.write_torch("reference.pt", {"model": sess.model.state_dict()})
+    store.update_json("run.json", status="trained", steps_per_epoch=sess.steps_per_epoch,
+                      displacement=_displacement(store))
+    return Run(store.root)
+
+
+def _displacement(store: RunStore) -> float:
+    """‖θ_0 − θ_T‖ in float64, from the first checkpoint and final.pt."""
+    a = store.read_torch(shard("checkpoints", 0, "pt"))["model"]
+    b = store.read_torch("final.pt")["model"]
+    total = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b if b[k].is_floating_point()
+                and k in a and not k.endswith(("running_mean", "running_var")))
+    return math.sqrt(total)
+
+
+def _record_divergence(store: RunStore, probe: Probe, epoch: int, exc: DivergedError) -> None:
+    """Keep every step up to and including the first non-finite one; mark the run diverged."""
+    steps, _, samples = probe.take()
+    steps = steps[steps["step"] <= exc.step]
+    if len(steps):
+        store.write_parquet(shard("steps", epoch), steps)
+    if len(samples):
+        store.write_parquet(shard("samples", epoch), samples[samples["step"] <= exc.step])
+    store.update_json("run.json", status="diverged", diverged_at_step=exc.step,
+                      error=str(exc))
+
+
+def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: bool = True,
+          workers: int = 1, progress: bool = True) -> Run:
+    """Train a run deterministically, then replay it to measure the principles exactly.
+
+    Pass 1 trains and checkpoints every epoch; pass 2 replays each epoch in reference
+    mode with θ* from ``config.reference`` (default: the last iterate θ_T), verifying
+    every step against the recording, and writes the analysis. Rerunning the same
+    command resumes whatever was interrupted.
+
+    Example:
+        >>> import gammatrace
+        >>> run = gammatrace.train({"name": "demo", "epochs": 2,
+        ...                         "data": {"name": "digits", "n_train": 256},
+        ...                         "model": {"name": "mlp", "width": 32}},
+        ...                        out="runs/demo", progress=False)   # doctest: +SKIP
+        >>> run.summary()["gamma_min"]                                 # doctest: +SKIP
+    """
+    run = train_pass(config, out, progress=progress)
+    if replay and run.status == "trained" or (replay and run.status == "complete"):
+        from gammatrace.analysis import analyze
+
+        analyze(run.path, workers=workers, progress=progress)
+        run = Run(run.path)
+    return run
