@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -34,6 +42,7 @@ class DataConfig(_Open):
     n_train: PositiveInt | None = None  # samples kept from the training split
     n_test: PositiveInt | None = None
     classes: list[int] | None = None
+    augment: str = "none"  # data.augment registry; seeded from (seed, epoch, index)
 
 
 class ModelConfig(_Open):
@@ -112,11 +121,12 @@ class RunConfig(_Strict):
 
     def check_names(self) -> None:
         """Fail early, before anything is written, on names no registry knows."""
-        from gammatrace.data import DATASETS
+        from gammatrace.data import AUGMENTATIONS, DATASETS
         from gammatrace.models import MODELS
         from gammatrace.train.optim import LOSSES, OPTIMIZERS, SCHEDULES
 
         DATASETS.get(self.data.name)
+        AUGMENTATIONS.get(self.data.augment)
         MODELS.get(self.model.name)
         OPTIMIZERS.get(self.optim.name)
         SCHEDULES.get(self.schedule.name)

@@ -12,10 +12,16 @@ Example:
 
 from __future__ import annotations
 
-from gammatrace.data.base import DATASETS, Dataset, load_dataset
+from gammatrace.data.augment import AUGMENTATIONS, Augment, augment_batch, augment_params
+from gammatrace.data.base import DATASETS, DataError, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, epoch_permutation
+from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
 
 # Importing the modules registers their datasets.
-from gammatrace.data import embedded  # noqa: E402,F401  isort: skip
+from gammatrace.data import embedded, local, synthetic  # noqa: E402,F401  isort: skip
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "epoch_batches", "epoch_permutation"]
+__all__ = [
+    "AUGMENTATIONS", "Augment", "DATASETS", "DataError", "Dataset", "TRANSFORM_OPTIONS",
+    "apply_options", "augment_batch", "augment_params", "epoch_batches", "epoch_permutation",
+    "load_dataset",
+]

@@ -51,7 +51,7 @@ def _take(x: torch.Tensor, y: torch.Tensor, n: int | None, what: str) -> tuple:
 
 def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple:
     mask = torch.zeros_like(y, dtype=torch.bool)
-    for new, c in enumerate(classes):
+    for c in classes:
         mask |= y == c
     x, y = x[mask], y[mask]
     # relabel to 0..len(classes)-1 so the head has exactly len(classes) outputs
@@ -73,8 +73,14 @@ def load_dataset(
 
     ``n_train``/``n_test`` keep the first samples of each split (the generators and
     the standard files are already shuffled); ``classes`` keeps a subset of classes
-    and relabels them 0..len(classes)-1. Other keyword options go to the dataset.
+    and relabels them 0..len(classes)-1; ``downscale``/``normalize`` (see
+    :func:`gammatrace.data.transforms.apply_options`) apply last, so normalization
+    statistics describe the training subset actually used. Other keyword options go
+    to the dataset.
     """
+    from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
+
+    transforms = {k: options.pop(k) for k in TRANSFORM_OPTIONS if k in options}
     ds: Dataset = DATASETS.get(name)(**options)
     if classes is not None:
         if ds.task != "classification":
@@ -87,5 +93,6 @@ def load_dataset(
         ds.num_classes = len(classes)
     ds.x_train, ds.y_train = _take(ds.x_train, ds.y_train, n_train, "n_train")
     ds.x_test, ds.y_test = _take(ds.x_test, ds.y_test, n_test, "n_test")
+    ds = apply_options(ds, **transforms)
     ds.x_train, ds.x_test = ds.x_train.contiguous(), ds.x_test.contiguous()
     return ds

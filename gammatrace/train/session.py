@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gammatrace.config import RunConfig
-from gammatrace.data import Dataset, load_dataset
+from gammatrace.data import AUGMENTATIONS, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
 from gammatrace.models import build
 from gammatrace.probe import Probe
@@ -81,6 +81,7 @@ class Session:
     y: torch.Tensor
     schedule: Callable[[int], float]
     steps_per_epoch: int
+    augment: Callable[..., torch.Tensor] | None = None  # (x, indices, seed, epoch) -> x
 
     @property
     def loss_fn(self) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -113,7 +114,10 @@ class Session:
             for group in opt.param_groups:
                 group["lr"] = lr
             idx_dev = idx.to(self.device)
-            batch = (self.x[idx_dev], self.y[idx_dev])
+            x = self.x[idx_dev]
+            if self.augment is not None:
+                x = self.augment(x, idx, cfg.seed, epoch)
+            batch = (x, self.y[idx_dev])
             opt.zero_grad(set_to_none=True)
             per = loss_fn(model, batch)
             loss = per.mean()
@@ -154,6 +158,7 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     if data is None:
         data = load_dataset(cfg.data.name, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
                             classes=cfg.data.classes, **cfg.data.switches())
+    augment = AUGMENTATIONS.get(cfg.data.augment)()
     device = torch.device(cfg.device)
     torch.manual_seed(stream_seed(cfg.seed, 0, _INIT_STREAM))
     model = build(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.switches())
@@ -168,4 +173,5 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     if spe == 0:
         raise ValueError(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} samples")
     schedule = make_schedule(cfg.schedule, spe, cfg.epochs * spe)
-    return Session(cfg, data, model, optimizer, device, data.x_train.to(device), data.y_train.to(device), schedule, spe)
+    return Session(cfg, data, model, optimizer, device, data.x_train.to(device), data.y_train.to(device), schedule,
+                   spe, augment if augment.active else None)

@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from gammatrace.config import RunConfig
 from gammatrace.probe import Probe
 from gammatrace.store.run import FORMAT_VERSION, Run, RunStore, shard
-from gammatrace.train.session import DivergedError, Session, build_session, provenance
+from gammatrace.train.session import DivergedError, build_session, provenance
 
 
 class RunConflictError(RuntimeError):

@@ -1,0 +1,216 @@
+"""Synthetic datasets generated from a seed: a Gaussian teacher–student regression
+problem (where the global minimum is known to be interpolating) and small image
+tasks so the CIFAR-shaped networks (and the U-Net) run on CPU without any files.
+
+Every random draw comes from its own ``torch.Generator`` seeded through
+:func:`~gammatrace.data.loader.stream_seed`, so generation never touches the global
+RNG, and e.g. the inputs do not change when only the teacher kind changes.
+
+Example:
+    >>> from gammatrace.data import load_dataset
+    >>> ds = load_dataset("teacher", dim=8, out_dim=2, num_train=64, num_test=16)
+    >>> tuple(ds.x_train.shape), tuple(ds.y_train.shape), ds.task
+    ((64, 1, 8), (64, 2), 'regression')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gammatrace.data.base import DATASETS, DataError, Dataset
+from gammatrace.data.loader import stream_seed
+from gammatrace.registry import Registry, UnknownNameError
+
+# One stream per independent draw (the "epoch" slot of stream_seed carries the split).
+_TEACHER_STREAM = 0x5EED_7EAC
+_INPUT_STREAM = 0x5EED_1A9E
+_NOISE_STREAM = 0x5EED_0153
+_PATTERN_STREAM = 0x5EED_9A77
+_SPLITS = {"train": 0, "test": 1}
+
+
+def _generator(seed: int, stream: int, split: str = "train") -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, _SPLITS[split], stream))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise DataError(message)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A fixed random network: linear maps (out, in) with tanh between them.
+
+    Plain tensors rather than ``nn.Module`` because ``nn.Linear`` initialises from the
+    global RNG, which data generation must not touch.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(len(x), -1)
+        for i, w in enumerate(self.weights):
+            h = (torch.tanh(h) if i else h) @ w.T
+        return h
+
+
+TEACHERS = Registry("teacher")
+
+
+def _gaussian(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
+    # Variance 1/fan_in keeps every layer's output O(1) whatever the dimensions.
+    return torch.randn(shape, generator=g) / math.sqrt(fan_in)
+
+
+@TEACHERS.register("linear")
+def _linear_teacher(dim: int, out_dim: int, hidden: int, g: torch.Generator) -> Teacher:
+    return Teacher((_gaussian((out_dim, dim), dim, g),))
+
+
+@TEACHERS.register("mlp")
+def _mlp_teacher(dim: int, out_dim: int, hidden: int, g: torch.Generator) -> Teacher:
+    return Teacher((_gaussian((hidden, dim), dim, g), _gaussian((out_dim, hidden), hidden, g)))
+
+
+def make_teacher(kind: str = "linear", dim: int = 32, out_dim: int = 1, hidden: int = 64,
+                 seed: int = 0) -> Teacher:
+    """The teacher the ``teacher`` dataset uses for these options (a pure function of them).
+
+    Example:
+        >>> f = make_teacher("mlp", dim=4, out_dim=3, hidden=8, seed=1)
+        >>> tuple(f(torch.zeros(5, 1, 4)).shape)
+        (5, 3)
+    """
+    try:
+        factory = TEACHERS.get(kind)
+    except UnknownNameError as e:
+        raise DataError(str(e)) from None
+    _check(dim > 0 and out_dim > 0 and hidden > 0,
+           f"teacher: dim, out_dim and hidden must be positive, got {dim}, {out_dim}, {hidden}")
+    return factory(dim, out_dim, hidden, _generator(seed, _TEACHER_STREAM))
+
+
+@DATASETS.register("teacher")
+def teacher(num_train: int = 1024, num_test: int = 256, dim: int = 32, out_dim: int = 1,
+            teacher: str = "linear", hidden: int = 64, noise: float = 0.0, seed: int = 0) -> Dataset:
+    """Gaussian teacher–student regression: x ~ N(0, I_dim), y = teacher(x) + noise·N(0, I).
+
+    ``teacher`` is "linear" or "mlp" (one tanh hidden layer of ``hidden`` units); see
+    :func:`make_teacher`. Inputs (N, 1, dim), targets (N, out_dim); ``num_classes`` is
+    ``out_dim``. With ``noise=0`` (default) a wide enough student can interpolate.
+    """
+    _check(num_train > 0 and num_test > 0, f"teacher: num_train and num_test must be positive, "
+                                           f"got {num_train}, {num_test}")
+    _check(noise >= 0, f"teacher: noise must be >= 0, got {noise}")
+    f = make_teacher(teacher, dim, out_dim, hidden, seed)
+
+    def split(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, 1, dim), generator=_generator(seed, _INPUT_STREAM, name))
+        y = f(x)
+        if noise:
+            y = y + noise * torch.randn(y.shape, generator=_generator(seed, _NOISE_STREAM, name))
+        return x, y
+
+    x_train, y_train = split(num_train, "train")
+    x_test, y_test = split(num_test, "test")
+    return Dataset("teacher", x_train, y_train, x_test, y_test, task="regression", num_classes=out_dim)
+
+
+# --------------------------------------------------------------------------- images
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """What a synthetic image sample is asked to predict."""
+
+    task: str
+    pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (clean, labels) -> targets
+    outputs: Callable[[int, int], int]  # (channels, num_classes) -> Dataset.num_classes
+
+
+IMAGE_TARGETS = Registry("synthetic image target")
+IMAGE_TARGETS.register("class")(ImageTarget("classification", lambda clean, labels: labels, lambda ch, k: k))
+IMAGE_TARGETS.register("denoise")(ImageTarget("regression", lambda clean, labels: clean, lambda ch, k: ch))
+
+
+def _smooth_images(labels: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor,
+                   amps: torch.Tensor, height: int, width: int, max_shift: float,
+                   g: torch.Generator) -> torch.Tensor:
+    """Clean images in (0, 1): each class is a sum of low-frequency plane waves, seen at a
+    random sub-pixel translation per sample so that the task needs more than a template."""
+    n, k = len(labels), freqs.shape[1]
+    shift = (torch.rand((n, 2), generator=g) * 2 - 1) * max_shift  # (dy, dx) in pixels
+    f, ph, a = freqs[labels], phases[labels], amps[labels]  # (n,k,2), (n,k), (n,k,ch)
+    rows = torch.arange(height, dtype=torch.float32)[None, None, :, None] + shift[:, 0, None, None, None]
+    cols = torch.arange(width, dtype=torch.float32)[None, None, None, :] + shift[:, 1, None, None, None]
+    # Integer frequencies make each wave periodic on the grid, so a shift is a translation.
+    arg = 2 * math.pi * (f[..., 0, None, None] * rows / height + f[..., 1, None, None] * cols / width)
+    waves = torch.cos(arg + ph[..., None, None])  # (n, k, h, w)
+    pattern = torch.einsum("nkc,nkhw->nchw", a, waves) / math.sqrt(k)
+    return torch.sigmoid(2 * pattern)
+
+
+@DATASETS.register("synthetic_images")
+def synthetic_images(num_train: int = 2048, num_test: int = 512, channels: int = 3,
+                     size: int | tuple[int, int] = 16, num_classes: int = 10, noise: float = 0.25,
+                     max_shift: float = 2.0, components: int = 4, seed: int = 0,
+                     target: str = "class") -> Dataset:
+    """Small seeded image task, CIFAR-shaped by default (3×16×16, 10 balanced classes).
+
+    Each class is a smooth random pattern (``components`` low-frequency plane waves per
+    channel); a sample is its class pattern translated by up to ``max_shift`` pixels plus
+    Gaussian pixel noise of std ``noise``. ``target="class"`` predicts the label;
+    ``target="denoise"`` predicts the clean image from the noisy one (regression with
+    ``num_classes`` = channels, for the U-Net).
+
+    Example:
+        >>> ds = synthetic_images(num_train=20, num_test=10, size=8)
+        >>> tuple(ds.x_train.shape), ds.num_classes, int(ds.y_train.max()) < 10
+        ((20, 3, 8, 8), 10, True)
+    """
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    _check(min(num_train, num_test, channels, height, width, num_classes, components) > 0,
+           "synthetic_images: sizes, channels, num_classes and components must be positive")
+    _check(noise >= 0 and max_shift >= 0, "synthetic_images: noise and max_shift must be >= 0")
+    try:
+        spec: ImageTarget = IMAGE_TARGETS.get(target)
+    except UnknownNameError as e:
+        raise DataError(str(e)) from None
+    g = _generator(seed, _PATTERN_STREAM)
+    # Frequencies in -3..3 cycles per image keep the patterns smooth at any resolution.
+    freqs = torch.randint(-3, 4, (num_classes, components, 2), generator=g).float()
+    phases = torch.rand((num_classes, components), generator=g) * 2 * math.pi
+    amps = torch.randn((num_classes, components, channels), generator=g)
+
+    def split(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _generator(seed, _INPUT_STREAM, name)
+        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+        clean = _smooth_images(labels, freqs, phases, amps, height, width, max_shift, g)
+        noisy = clean + noise * torch.randn(clean.shape, generator=_generator(seed, _NOISE_STREAM, name))
+        return noisy, spec.pick(clean, labels)
+
+    x_train, y_train = split(num_train, "train")
+    x_test, y_test = split(num_test, "test")
+    name = "synthetic_images" if target == "class" else f"synthetic_{target}"
+    return Dataset(name, x_train, y_train, x_test, y_test, task=spec.task,
+                   num_classes=spec.outputs(channels, num_classes))
+
+
+@DATASETS.register("synthetic_denoise")
+def synthetic_denoise(**options) -> Dataset:
+    """:func:`synthetic_images` with ``target="denoise"``: input noisy image, target clean image.
+
+    Example:
+        >>> ds = synthetic_denoise(num_train=4, num_test=2, size=8)
+        >>> ds.task, ds.y_train.shape == ds.x_train.shape
+        ('regression', True)
+    """
+    return synthetic_images(**{"target": "denoise", **options})
+
