@@ -105,6 +105,8 @@ class Session:
         """One epoch of training, measured by ``probe``. Raises DivergedError on a NaN loss."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         seed_epoch_rng(cfg.seed, epoch)
+        # The counters are functions of the epoch, whichever way the process got here.
+        probe.epoch, probe.step_index = epoch, epoch * self.steps_per_epoch
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = self.loss_fn

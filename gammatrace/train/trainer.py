@@ -65,10 +65,13 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
     cfg = _coerce(config)
     cfg.check_names()
     store = RunStore(out)
-    meta = _open(store, cfg)
-    if meta["status"] in ("trained", "complete", "diverged"):
+    if store.exists("run.json") and store.read_json("run.json").get("status") in ("trained", "complete", "diverged"):
+        _open(store, cfg)  # still refuses a different config
         return Run(store.root)
+    # Data and model are built before anything is written: a bad dataset path or
+    # switch fails with the output folder untouched.
     sess = build_session(cfg)
+    meta = _open(store, cfg)
     if "n_params" not in meta:
         meta = store.update_json("run.json", n_params=sum(p.numel() for p in sess.model.parameters() if p.requires_grad))
     done = meta["epochs_done"]

@@ -1,0 +1,236 @@
+"""The command line: a thin layer over the Python API.
+
+    gammatrace run CONFIG.yaml --out runs/NAME     train + replay + analyse (+ report)
+    gammatrace analyze RUN [--reference R] [--tail m]
+    gammatrace report RUN... --out DIR
+    gammatrace models [NAME] [--num-classes N] [--SWITCH VALUE ...]
+    gammatrace inspect CONFIG.yaml [--out DIR]
+
+Errors a user can fix (bad config, unknown name, missing data, damaged file) are one
+line on stderr and exit status 2; nothing already on disk is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gammatrace.config import RunConfig, deep_merge, load_yaml
+
+
+def _preset_path(name: str) -> Path:
+    """A config file, or the name of a packaged preset (gammatrace/configs/NAME.yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    packaged = resources.files("gammatrace") / "configs" / f"{name}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    presets = sorted(p.name.removesuffix(".yaml") for p in (resources.files("gammatrace") / "configs").iterdir()
+                     if p.name.endswith(".yaml"))
+    raise FileNotFoundError(f"config {name} does not exist (packaged presets: {', '.join(presets)})")
+
+
+def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
+    """A config file holds one run, or ``base:`` plus ``runs: {name: overrides}``."""
+    if "runs" not in data:
+        cfg = RunConfig.model_validate(data)
+        return {cfg.name: cfg}
+    unknown = set(data) - {"base", "runs"}
+    if unknown:
+        raise ValueError(f"a multi-run config has only 'base' and 'runs', not {sorted(unknown)}")
+    runs = data["runs"] or {}
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError("'runs' must map run names to overrides")
+    return {name: RunConfig.model_validate(deep_merge(deep_merge(data.get("base") or {}, over or {}), {"name": name}))
+            for name, over in runs.items()}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gammatrace.analysis import analyze
+    from gammatrace.train import train_pass
+
+    configs = expand_runs(load_yaml(_preset_path(args.config)))
+    for cfg in configs.values():
+        cfg.check_names()  # every run's names before the first one trains
+    out = Path(args.out)
+    single = len(configs) == 1 and "runs" not in load_yaml(_preset_path(args.config))
+    paths = []
+    for i, (name, cfg) in enumerate(configs.items(), 1):
+        path = out if single else out / name
+        print(f"[{i}/{len(configs)}] {name}: training -> {path}", file=sys.stderr)
+        run = train_pass(cfg, path, progress=not args.quiet)
+        if run.status == "diverged":
+            print(f"[{i}/{len(configs)}] {name}: diverged at step {run.meta.get('diverged_at_step')}", file=sys.stderr)
+        else:
+            print(f"[{i}/{len(configs)}] {name}: replaying and analysing", file=sys.stderr)
+            analyze(path, workers=args.workers, progress=not args.quiet)
+        paths.append(path)
+    if args.no_report:
+        print(out)
+        return 0
+    from gammatrace.report import report
+
+    where = report(paths, out / "report", title=f"gammatrace: {Path(args.config).stem}")
+    print(f"report: {where}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from gammatrace.analysis import analyze
+
+    s = analyze(args.run, args.reference, tail=args.tail, ell_inf=args.ell_inf, workers=args.workers,
+                progress=not args.quiet)
+    keys = ["reference", "n_steps", "gamma_min", "gamma_certified", "gamma_frac_positive", "gamma_median",
+            "gamma_n_undefined", "gamma_rp_median", "gamma_eff", "dist_n_increase", "rate_tightness",
+            "path_ratio", "cos_align_mean", "cos_null_scale", "no_progress"]
+    width = max(map(len, keys))
+    for k in keys:
+        v = s.get(k)
+        print(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gammatrace.report import report
+
+    print(f"report: {report(args.runs, args.out, reference=args.reference)}")
+    return 0
+
+
+def _parse_switches(tokens: list[str]) -> dict[str, Any]:
+    """``--width 0.5 --norm first`` -> {"width": 0.5, "norm": "first"} (YAML scalars)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    it = iter(tokens)
+    for tok in it:
+        if not tok.startswith("--"):
+            raise ValueError(f"expected --SWITCH VALUE, got {tok!r}")
+        key = tok[2:].replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(next(it))
+        except StopIteration:
+            raise ValueError(f"switch {tok} needs a value") from None
+    return out
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from gammatrace.models import MODELS, build, count_params
+
+    switches = _parse_switches(extra)
+    names = [args.name] if args.name else MODELS.names()
+    shape = tuple(args.input_shape) if args.input_shape else None
+    for name in names:
+        kwargs = dict(switches)
+        if shape:
+            kwargs["input_shape"] = shape
+        try:
+            n = count_params(build(name, num_classes=args.num_classes, **kwargs))
+            print(f"{name:<20} {n:>14,}")
+        except (TypeError, ValueError) as exc:
+            if args.name:
+                raise
+            print(f"{name:<20} {'-':>14}  ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from gammatrace.models.inspect import inspect_init, plot_inspect
+    from gammatrace.train.optim import per_sample_loss
+    from gammatrace.train.session import build_session
+
+    configs = expand_runs(load_yaml(_preset_path(args.config)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cfg in configs.items():
+        sess = build_session(cfg)
+        bs = min(cfg.batch_size, sess.data.n_train)
+        per_sample = per_sample_loss(cfg.loss)
+        table = inspect_init(sess.model, sess.x[:bs], sess.y[:bs], lambda o, y, f=per_sample: f(o, y).mean())
+        print(f"== {name}")
+        print(table.to_string(index=False))
+        plot_inspect(table, out / f"inspect_{name}.png")
+        print(f"figure: {out / f'inspect_{name}.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gammatrace", description="Exact measurement of optimization-trajectory principles.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train, replay exactly, analyse and report one or several runs")
+    r.add_argument("config", help="a YAML config, or a packaged preset name (e.g. quickstart)")
+    r.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
+    r.add_argument("--workers", type=int, default=1, help="processes for replay segments")
+    r.add_argument("--no-report", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+
+    a = sub.add_parser("analyze", help="(re)analyse a trained run against a reference")
+    a.add_argument("run")
+    a.add_argument("--reference", default=None, help="last | continuation | PATH to a state dict")
+    a.add_argument("--tail", type=int, default=None, help="ignore the last m steps in summaries")
+    a.add_argument("--ell-inf", type=float, default=None, help="ℓ_inf of the regularity principle")
+    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(fn=cmd_analyze)
+
+    rep = sub.add_parser("report", help="figures + markdown/HTML summary of analysed runs")
+    rep.add_argument("runs", nargs="+")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--reference", default=None)
+    rep.set_defaults(fn=cmd_report)
+
+    m = sub.add_parser("models", help="list networks with parameter counts; unknown --flags are switches")
+    m.add_argument("name", nargs="?")
+    m.add_argument("--num-classes", type=int, default=10)
+    m.add_argument("--input-shape", type=int, nargs="+", default=None)
+    m.set_defaults(fn=cmd_models, takes_extra=True)
+
+    i = sub.add_parser("inspect", help="per-layer forward/backward signal at initialization")
+    i.add_argument("config")
+    i.add_argument("--out", default="inspect")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        return "invalid config: " + "; ".join(parts)
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from pydantic import ValidationError
+
+    from gammatrace.data.base import DataError
+    from gammatrace.probe.probe import ReferenceError_
+    from gammatrace.registry import UnknownNameError
+    from gammatrace.store.run import StoreError
+    from gammatrace.train import ReplayMismatchError, RunConflictError
+
+    user_errors = (ValidationError, UnknownNameError, DataError, StoreError, RunConflictError,
+                   ReplayMismatchError, ReferenceError_, FileNotFoundError, ValueError)
+    try:
+        return args.fn(args, extra) if getattr(args, "takes_extra", False) else args.fn(args)
+    except user_errors as exc:
+        print(f"gammatrace: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gammatrace: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

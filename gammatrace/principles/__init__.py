@@ -1,0 +1,62 @@
+"""Pure NumPy/pandas math over the per-step table (DESIGN §1, §6). No torch.
+
+Input everywhere is the step table: one row per step k = 0 … T−1, sorted by step,
+with the raw columns ``step, epoch, lr, loss, loss_ref, progress, dist_sq,
+update_sq, grad_dot`` (some may be absent; what needs them is NaN).
+
+- series:   :func:`derive` (γ, γ^RP, γ^RC, star, cos_align), :func:`next_dist_sq`
+- certificates: :func:`certify`, :func:`per_epoch`, :func:`gamma_eff`, :func:`gamma_eff_curve`
+- theorem1: :func:`monotone_distance`, :func:`per_sample_convergence`, :func:`rate_bound`
+- geometry: :func:`path_geometry`, :func:`null_cos_scale`
+- layers:   :func:`layer_shares`, :func:`module_shares`
+- summary:  :func:`summarize`
+
+Example:
+    >>> from gammatrace.principles import derive, example_steps, summarize
+    >>> derive(example_steps())["gamma"].round(2).tolist()
+    [3.2, -1.81, 9.18, 10.0]
+    >>> summarize(example_steps())["gamma_min"] < 0
+    True
+"""
+
+from gammatrace.principles.certificates import certify, gamma_eff, gamma_eff_curve, per_epoch
+from gammatrace.principles.geometry import null_cos_scale, path_geometry
+from gammatrace.principles.layers import layer_shares, module_of, module_shares
+from gammatrace.principles.series import (
+    DERIVED_COLUMNS,
+    RAW_COLUMNS,
+    STEP_COLUMNS,
+    cos_align,
+    derive,
+    example_steps,
+    next_dist_sq,
+)
+from gammatrace.principles.summary import summarize
+from gammatrace.principles.theorem1 import (
+    monotone_distance,
+    per_sample_convergence,
+    rate_bound,
+)
+
+__all__ = [
+    "DERIVED_COLUMNS",
+    "RAW_COLUMNS",
+    "STEP_COLUMNS",
+    "certify",
+    "cos_align",
+    "derive",
+    "example_steps",
+    "gamma_eff",
+    "gamma_eff_curve",
+    "layer_shares",
+    "module_of",
+    "module_shares",
+    "monotone_distance",
+    "next_dist_sq",
+    "null_cos_scale",
+    "path_geometry",
+    "per_epoch",
+    "per_sample_convergence",
+    "rate_bound",
+    "summarize",
+]

@@ -1,0 +1,135 @@
+"""One flat, JSON-serializable dict of a run's trajectory numbers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gammatrace.principles._util import check_tail, col, drop_tail, plain, resolve_d0_sq
+from gammatrace.principles.certificates import certify, gamma_eff
+from gammatrace.principles.geometry import path_geometry
+from gammatrace.principles.series import derive
+from gammatrace.principles.theorem1 import monotone_distance, rate_bound
+
+
+def _loss_drop(body: pd.DataFrame, ell_inf: float, min_rel_drop: float) -> dict[str, Any]:
+    """First/last-epoch mean loss and the "does not train" flag."""
+    loss = col(body, "loss")
+    if len(body) == 0 or not np.isfinite(loss).any():
+        return {
+            "loss_first_epoch": math.nan,
+            "loss_last_epoch": math.nan,
+            "loss_rel_drop": math.nan,
+            "no_progress": None,
+        }
+    means = pd.Series(loss).groupby(body["epoch"].to_numpy(), sort=True).mean()
+    first, last = float(means.iloc[0]), float(means.iloc[-1])
+    # Measured above ℓ_inf so the criterion means "the excess loss fell by less than
+    # min_rel_drop"; with the default ℓ_inf = 0 it is last > (1 − drop) · first.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_drop = 1.0 - (last - ell_inf) / (first - ell_inf)
+    return {
+        "loss_first_epoch": first,
+        "loss_last_epoch": last,
+        "loss_rel_drop": float(rel_drop),
+        "no_progress": bool(last - ell_inf > (1.0 - min_rel_drop) * (first - ell_inf)),
+    }
+
+
+def summarize(
+    df: pd.DataFrame,
+    tail: int = 0,
+    ell_inf: float = 0.0,
+    displacement: float | None = None,
+    min_rel_drop: float = 0.1,
+    d0_sq: float | None = None,
+    eps: float = 1e-8,
+) -> dict[str, Any]:
+    """Run-level summary of a step table as one flat dict of plain Python scalars.
+
+    The derived columns are recomputed (:func:`derive` with ``d0_sq``, ``ell_inf``,
+    ``eps``), then the last ``tail`` steps are excluded from every number except the
+    path ratio, whose ``displacement`` (‖θ_0 − θ_T‖, supplied by the caller) spans
+    the whole run. Keys:
+
+    - ``gamma_*``: :func:`certify` of γ_k (``gamma_min``, ``gamma_certified``,
+      ``gamma_n_steps``, ``gamma_n_undefined``, ``gamma_frac_positive``,
+      ``gamma_median``, ``gamma_mean``); ``gamma_rp_*`` the same for γ^RP_k / D_0²
+    - ``gamma_rc_min``; ``star_min``, ``star_frac_nonneg``, ``star_n_undefined``
+    - ``gamma_eff``: γ_eff(K) at K = T − tail
+    - ``dist_n_increase``, ``dist_frac_increase``, ``dist_max_increase``,
+      ``dist_sum_increase`` (:func:`monotone_distance`)
+    - ``rate_actual``, ``rate_bound``, ``rate_tightness``, ``rate_holds``,
+      ``rate_premise_violations``, ``rate_reason`` at the final boundary, with
+      γ = gamma_min (:func:`rate_bound`)
+    - ``path_length``, ``path_ratio`` (NaN without ``displacement``),
+      ``cos_align_mean``, ``cos_align_frac_positive``
+    - ``loss_first_epoch``, ``loss_last_epoch``, ``loss_rel_drop``, ``no_progress``:
+      the run "does not train" when mean(loss of last epoch) − ℓ_inf >
+      (1 − ``min_rel_drop``) · (mean(loss of first epoch) − ℓ_inf). A one-epoch
+      table compares the epoch with itself and is always flagged.
+    - ``n_steps_total``, ``tail``, ``n_steps``, ``d0_sq``
+
+    What the numbers cannot say (DESIGN §1): with θ* = θ_T the progress telescopes
+    to ½D_0², so ``gamma_eff`` = 1 / (2 Σ η_k gap_k) is a function of the losses
+    alone — "larger γ ⇔ faster convergence" is an identity for it, not evidence.
+    Base claims on what the losses do not determine (γ_min, median, fraction
+    positive, distance increases, layer shares, a continuation reference, the null
+    cosine). A ``no_progress`` run has a tiny D_0 and near-zero gaps: its γ_k are
+    noise and it must be kept out of orderings, with this flag as the reason.
+
+    Example:
+        >>> from gammatrace.principles import example_steps, summarize
+        >>> s = summarize(example_steps(), displacement=1.0)
+        >>> s["gamma_certified"], s["dist_n_increase"], round(s["gamma_eff"], 3)
+        (False, 1, 3.077)
+        >>> s["no_progress"], round(s["loss_rel_drop"], 3)
+        (False, 0.432)
+    """
+    tail = check_tail(tail)
+    full = derive(df, d0_sq=d0_sq, ell_inf=ell_inf, eps=eps)
+    d0 = resolve_d0_sq(df, d0_sq)
+    body = drop_tail(full, tail)
+    out: dict[str, Any] = {"n_steps_total": len(full), "tail": tail, "n_steps": len(body)}
+    out["d0_sq"] = d0
+
+    for name in ("gamma", "gamma_rp"):
+        stats = certify(body[name])
+        # certify() says "gamma_min"; the prefix already names the series.
+        out.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()})
+    out["gamma_rc_min"] = certify(body["gamma_rc"])["gamma_min"]
+
+    star = col(body, "star")
+    star_def = star[np.isfinite(star)]
+    out["star_min"] = float(star_def.min()) if len(star_def) else math.nan
+    out["star_frac_nonneg"] = float(np.mean(star_def >= 0)) if len(star_def) else math.nan
+    out["star_n_undefined"] = len(star) - len(star_def)
+
+    out["gamma_eff"] = gamma_eff(body, d0_sq=d0) if len(body) else math.nan
+
+    mono = monotone_distance(body, d0_sq=d0)
+    for key in ("n_increase", "frac_increase", "max_increase", "sum_increase"):
+        out[f"dist_{key}"] = mono[key]
+
+    rate_keys = ("actual", "bound", "tightness", "holds", "premise_violations")
+    if len(body):
+        rate = rate_bound(body, gamma=out["gamma_min"], boundaries=[len(body)], d0_sq=d0)
+        last = rate["table"].iloc[-1]
+        out.update({f"rate_{key}": last[key] for key in rate_keys})
+        out["rate_reason"] = rate["reason"]
+    else:
+        out.update({f"rate_{key}": math.nan for key in rate_keys})
+        out["rate_reason"] = "no steps left after excluding the tail"
+
+    whole = path_geometry(full, displacement)
+    out["path_length"] = whole["path_length"]
+    out["path_ratio"] = whole["path_ratio"]
+    cos = path_geometry(body)
+    out["cos_align_mean"] = cos["cos_mean"]
+    out["cos_align_frac_positive"] = cos["cos_frac_positive"]
+
+    out.update(_loss_drop(body, ell_inf, min_rel_drop))
+    return {key: plain(value) for key, value in out.items()}

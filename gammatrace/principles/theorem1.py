@@ -1,0 +1,226 @@
+"""Checks of the consequences Theorem 1 predicts from the γ-optimization principle.
+
+1. monotone distance to θ* (:func:`monotone_distance`),
+2. per-sample loss convergence (:func:`per_sample_convergence`),
+3. the O(1/(γK)) rate of the loss gap (:func:`rate_bound`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gammatrace.principles._util import check_sorted, col, resolve_d0_sq
+from gammatrace.principles.certificates import certify
+from gammatrace.principles.series import derive
+
+
+def monotone_distance(df: pd.DataFrame, d0_sq: float | None = None) -> dict[str, Any]:
+    """Theorem 1 item 1: does d_k = ‖θ_k − θ*‖ decrease at every step?
+
+    d_{k+1} > d_k ⇔ P_k < 0, so increases are counted from the sign of the measured
+    progress. Their size d_{k+1} − d_k = −2 P_k / (d_k + d_{k+1}) is computed in that
+    form (not as a difference of square roots, which cancels for small steps), with
+    d_k from ``dist_sq`` and d_{k+1}² = d_k² − 2 P_k.
+
+    Returns ``n_steps``, ``n_increase``, ``frac_increase``, ``max_increase`` and
+    ``sum_increase`` (both in units of D_0; 0 when d never increases), and
+    ``curve``: the array d_k / D_0 for k = 0 … T.
+
+    Example:
+        >>> from gammatrace.principles import example_steps, monotone_distance
+        >>> m = monotone_distance(example_steps())
+        >>> m["n_increase"], round(m["max_increase"], 3)
+        (1, 0.1)
+        >>> m["curve"].round(2).tolist()
+        [1.0, 0.6, 0.7, 0.2, 0.0]
+    """
+    check_sorted(df)
+    d0 = math.sqrt(resolve_d0_sq(df, d0_sq)) if len(df) else math.nan
+    progress = col(df, "progress")
+    dist_sq = col(df, "dist_sq")
+    # Round-off can push d_T² (θ* = θ_T) a hair below zero; it is a distance of 0.
+    dist = np.sqrt(np.maximum(dist_sq, 0.0))
+    dist_next = np.sqrt(np.maximum(dist_sq - 2.0 * progress, 0.0))
+    total = dist + dist_next
+    with np.errstate(divide="ignore", invalid="ignore"):
+        increase = np.where(total > 0, -2.0 * progress / total, 0.0)
+    up = progress < 0
+    n = len(df)
+    return {
+        "n_steps": n,
+        "n_increase": int(up.sum()),
+        "frac_increase": float(up.mean()) if n else math.nan,
+        "max_increase": float(increase[up].max() / d0) if up.any() else 0.0,
+        "sum_increase": float(increase[up].sum() / d0),
+        "curve": np.concatenate([dist, dist_next[-1:]]) / d0,
+    }
+
+
+def per_sample_convergence(samples_df: pd.DataFrame) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Theorem 1 item 2: do the per-sample losses converge over the sample's visits?
+
+    ``samples_df`` has one row per (visit of a sample): columns ``step``, ``epoch``,
+    ``index`` (the sample's dataset index), ``loss`` (its unreduced loss at θ_k) and
+    optionally ``loss_ref`` (its loss at θ*). The per-sample gap is
+    ``loss − loss_ref``, or ``loss`` alone when ``loss_ref`` is absent.
+
+    Returns ``(summary, by_epoch)``:
+
+    - ``summary``: ``n_samples``; ``n_revisited`` (samples with ≥ 2 visits);
+      ``frac_improved`` (among revisited samples, the fraction whose gap at the last
+      visit is ≤ the gap at the first — a sample seen once cannot show convergence,
+      so it is not counted); ``max_last_gap`` and ``mean_last_gap`` (gap at each
+      sample's last visit); ``uses_loss_ref``.
+    - ``by_epoch``: DataFrame indexed by the visit's epoch with ``mean_gap``,
+      ``max_gap`` and ``n_visits``.
+
+    Example:
+        >>> import pandas as pd
+        >>> from gammatrace.principles import per_sample_convergence
+        >>> s = pd.DataFrame({"step": [0, 0, 1, 1], "epoch": [0, 0, 1, 1],
+        ...                   "index": [0, 1, 1, 0], "loss": [2.0, 1.0, 0.5, 2.5]})
+        >>> summary, by_epoch = per_sample_convergence(s)
+        >>> summary["frac_improved"], summary["max_last_gap"]
+        (0.5, 2.5)
+        >>> by_epoch["max_gap"].tolist()
+        [2.0, 2.5]
+    """
+    uses_ref = "loss_ref" in samples_df.columns
+    gap = col(samples_df, "loss")
+    if uses_ref:
+        gap = gap - col(samples_df, "loss_ref")
+    frame = pd.DataFrame(
+        {
+            "step": samples_df["step"].to_numpy(),
+            "epoch": samples_df["epoch"].to_numpy(),
+            "index": samples_df["index"].to_numpy(),
+            "gap": gap,
+        }
+    )
+    # A stable sort keeps the input order among equal steps, so "first"/"last" visit
+    # are well defined even if a sample appeared twice in one step.
+    frame = frame.sort_values(["index", "step"], kind="stable")
+    per_sample = frame.groupby("index", sort=True)["gap"]
+    first, last, visits = per_sample.first(), per_sample.last(), per_sample.size()
+    revisited = visits >= 2
+    by_epoch_groups = frame.groupby("epoch", sort=True)["gap"]
+    by_epoch = pd.DataFrame(
+        {
+            "mean_gap": by_epoch_groups.mean(),
+            "max_gap": by_epoch_groups.max(),
+            "n_visits": by_epoch_groups.size().astype(np.int64),
+        }
+    )
+    by_epoch.index.name = "epoch"
+    n_rev = int(revisited.sum())
+    improved = (last[revisited] <= first[revisited]).to_numpy()
+    summary = {
+        "n_samples": len(visits),
+        "n_revisited": n_rev,
+        "frac_improved": float(improved.mean()) if n_rev else math.nan,
+        "max_last_gap": float(last.max()) if len(last) else math.nan,
+        "mean_last_gap": float(last.mean()) if len(last) else math.nan,
+        "uses_loss_ref": uses_ref,
+    }
+    return summary, by_epoch
+
+
+def rate_bound(
+    df: pd.DataFrame,
+    gamma: float | None = None,
+    boundaries: Any = None,
+    d0_sq: float | None = None,
+) -> dict[str, Any]:
+    """Theorem 1 item 3: the rate of the loss gap at epoch boundaries, and its tightness.
+
+    Derivation. If the principle holds with γ on every step k < K,
+    P_k ≥ γ η_k D_0² gap_k. Summing and telescoping,
+    γ D_0² Σ_{k<K} η_k gap_k ≤ Σ_{k<K} P_k = ½(d_0² − d_K²) ≤ ½ d_0², hence
+
+        actual(K) = Σ_{k<K} η_k gap_k / Σ_{k<K} η_k ≤ d_0² / (2 γ D_0² Σ_{k<K} η_k) = bound(K),
+
+    which for constant η and D_0 = d_0 is (1/K) Σ gap_k ≤ 1/(2ηγK). (d_0² / D_0² is 1
+    unless ``d0_sq`` normalizes a segment that does not start at θ_0.)
+
+    ``boundaries`` are step counts K (1 … T); default: the row position where each
+    new epoch starts, plus T. ``gamma`` defaults to the certified γ_min of the table;
+    if it is not > 0 there is no bound: ``bound``/``tightness`` are NaN and
+    ``reason`` says why. The bound presumes the principle on *every* step,
+    including those whose γ_k is undefined (gap ≤ ε), so the table also counts
+    ``premise_violations`` up to K (steps with P_k < γ η_k D_0² gap_k); with none,
+    ``holds`` must be True.
+
+    Returns ``{"gamma", "reason", "table"}`` where ``table`` has columns
+    ``K, sum_lr, actual, bound, tightness (= actual / bound), holds,
+    premise_violations``.
+
+    Example:
+        >>> from gammatrace.principles import example_steps, rate_bound
+        >>> r = rate_bound(example_steps())
+        >>> r["reason"] is not None, bool(r["table"]["bound"].isna().all())
+        (True, True)
+        >>> rate_bound(example_steps(), gamma=0.5)["table"][["K", "holds"]]
+           K  holds
+        0  2   True
+        1  4   True
+    """
+    check_sorted(df)
+    n = len(df)
+    d0 = resolve_d0_sq(df, d0_sq)
+    start_sq = col(df, "dist_sq")[0] if n else math.nan
+    lr = col(df, "lr")
+    gap = col(df, "loss") - col(df, "loss_ref")
+    progress = col(df, "progress")
+
+    if boundaries is None:
+        epochs = df["epoch"].to_numpy()
+        starts = np.flatnonzero(epochs[1:] != epochs[:-1]) + 1
+        ks = np.unique(np.concatenate([starts, [n]])) if n else np.empty(0, np.int64)
+    else:
+        ks = np.asarray(boundaries, dtype=np.int64).ravel()
+        if ks.size and (ks.min() < 1 or ks.max() > n):
+            raise ValueError(f"boundaries must lie in [1, {n}], got {ks.tolist()}")
+
+    if gamma is None:
+        gamma = certify(derive(df, d0_sq=d0).gamma)["gamma_min"]
+    gamma = float(gamma)
+    reason = None
+    if not gamma > 0:
+        reason = (
+            f"gamma={gamma!r} is not > 0: the principle is not certified on these steps, "
+            "so Theorem 1 gives no rate bound"
+        )
+
+    sum_lr = np.cumsum(lr)[ks - 1]
+    actual = np.cumsum(lr * gap)[ks - 1] / sum_lr
+    if reason is None:
+        bound = start_sq / (2.0 * gamma * d0 * sum_lr)
+        rhs = gamma * lr * d0 * gap
+        # Relative slack: at the step attaining γ_min, P_k and γ η_k D_0² gap_k are
+        # equal up to the rounding of the division that produced γ_k.
+        tol = 1e-9 * np.maximum(np.abs(progress), np.abs(rhs))
+        violated = progress < rhs - tol
+        violations = pd.array(np.cumsum(violated)[ks - 1], dtype="Int64")
+        holds = pd.array(actual <= bound, dtype="boolean")
+    else:
+        bound = np.full(len(ks), np.nan)
+        violations = pd.array([pd.NA] * len(ks), dtype="Int64")
+        holds = pd.array([pd.NA] * len(ks), dtype="boolean")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tightness = actual / bound
+    table = pd.DataFrame(
+        {
+            "K": ks,
+            "sum_lr": sum_lr,
+            "actual": actual,
+            "bound": bound,
+            "tightness": tightness,
+            "holds": holds,
+            "premise_violations": violations,
+        }
+    )
+    return {"gamma": gamma, "reason": reason, "table": table}

@@ -1,0 +1,175 @@
+"""Same config + seed + threads => same trajectory, bit for bit; resume == uninterrupted;
+replay is verified and a perturbation is caught at the right step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import gammatrace
+from gammatrace.store.run import RunStore, shard
+from gammatrace.train import ReplayMismatchError, replay, train_pass
+from gammatrace.train.session import Session
+from tests.conftest import tiny_config
+
+
+def assert_same_trajectory(a: Path, b: Path) -> None:
+    sa, sb = RunStore(a), RunStore(b)
+    ra, rb = sa.read_shards("steps"), sb.read_shards("steps")
+    assert len(ra) > 0
+    pd.testing.assert_frame_equal(ra, rb, check_exact=True)
+    fa, fb = sa.read_torch("final.pt")["model"], sb.read_torch("final.pt")["model"]
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+    ea, eb = sa.read_parquet("epochs.parquet"), sb.read_parquet("epochs.parquet")
+    cols = [c for c in ea.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(ea[cols], eb[cols], check_exact=True)
+
+
+def test_two_runs_are_bitwise_equal(tmp_path):
+    cfg = tiny_config(epochs=3, model={"batchnorm": True}, optim={"name": "momentum", "lr": 0.1})
+    train_pass(cfg, tmp_path / "a", progress=False)
+    train_pass(cfg, tmp_path / "b", progress=False)
+    assert_same_trajectory(tmp_path / "a", tmp_path / "b")
+    meta = RunStore(tmp_path / "a").read_json("run.json")
+    assert meta["provenance"]["threads"] == 1 and meta["provenance"]["torch"] == torch.__version__
+
+
+def test_seed_changes_trajectory(tmp_path):
+    train_pass(tiny_config(), tmp_path / "a", progress=False)
+    train_pass(tiny_config(seed=4), tmp_path / "b", progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_trajectory(tmp_path / "a", tmp_path / "b")
+
+
+def test_resume_after_interrupt_mid_epoch(tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=3, data={"augment": "flip"}, optim={"name": "adam", "lr": 0.01})
+    train_pass(cfg, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    original = Session.run_epoch
+
+    def dying(self, epoch, probe, check_finite):
+        if epoch == 1:
+            step = probe.step
+
+            def step_then_die(*a, **k):
+                calls["n"] += 1
+                if calls["n"] == 2:  # mid-epoch: one step of epoch 1 done
+                    raise KeyboardInterrupt
+                return step(*a, **k)
+
+            probe.step = step_then_die
+        return original(self, epoch, probe, check_finite)
+
+    monkeypatch.setattr(Session, "run_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_pass(cfg, tmp_path / "resumed", progress=False)
+    assert RunStore(tmp_path / "resumed").read_json("run.json")["epochs_done"] == 1
+    monkeypatch.setattr(Session, "run_epoch", original)
+    train_pass(cfg, tmp_path / "resumed", progress=False)
+    assert_same_trajectory(tmp_path / "full", tmp_path / "resumed")
+
+
+_KILL_SCRIPT = """
+import sys, torch
+from gammatrace.train import train_pass
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_config
+train_pass(tiny_config(epochs=40, data={{"n_train": 256}}), {out!r}, progress=False)
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    """A real kill -9 at an arbitrary moment; the resumed run equals an uninterrupted one."""
+    out = tmp_path / "killed"
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT.format(root=root, out=str(out))],
+                            env={**os.environ, "PYTHONPATH": root})
+    deadline = time.time() + 120
+    while not (out / shard("checkpoints", 3, "pt")).exists():
+        assert proc.poll() is None, "training process ended early"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = RunStore(out).read_json("run.json")["epochs_done"]
+    assert 3 <= done < 40
+    cfg = tiny_config(epochs=40, data={"n_train": 256})
+    train_pass(cfg, out, progress=False)
+    train_pass(cfg, tmp_path / "full", progress=False)
+    assert_same_trajectory(tmp_path / "full", out)
+
+
+def test_perturbed_recording_is_detected_at_the_right_step(tmp_path):
+    run = train_pass(tiny_config(epochs=3), tmp_path / "r", progress=False)
+    store = run.store
+    steps = store.read_parquet(shard("steps", 1))
+    k = int(steps["step"].iloc[2])
+    steps.loc[2, "loss"] = np.nextafter(steps.loc[2, "loss"], np.inf)  # one ulp
+    store.write_parquet(shard("steps", 1), steps)
+    with pytest.raises(ReplayMismatchError, match=rf"at step {k} \(epoch 1\)"):
+        replay(run.path, progress=False)
+
+
+def test_perturbed_checkpoint_is_detected(tmp_path):
+    run = train_pass(tiny_config(epochs=3), tmp_path / "r", progress=False)
+    store = run.store
+    state = store.read_torch(shard("checkpoints", 2, "pt"))
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name] * (1 + 1e-6)
+    store.write_torch(shard("checkpoints", 2, "pt"), state)
+    # Epoch 1 replays into the perturbed checkpoint: caught by the end-of-segment check;
+    # epoch 2 starts from it: caught at its first step.
+    with pytest.raises(ReplayMismatchError, match=r"epoch [12]"):
+        replay(run.path, progress=False)
+
+
+def test_replay_in_worker_processes_equals_inline(tmp_path):
+    cfg = tiny_config(epochs=2)
+    a = gammatrace.train(cfg, tmp_path / "a", progress=False)
+    train_pass(cfg, tmp_path / "b", progress=False)
+    gammatrace.analyze(tmp_path / "b", workers=2, progress=False)
+    pd.testing.assert_frame_equal(a.steps(), gammatrace.load_run(tmp_path / "b").steps(), check_exact=True)
+
+
+def test_stop_at_target_and_continuation_reference(tmp_path):
+    cfg = tiny_config(epochs=30, target_loss=1.5, optim={"lr": 0.5}, reference={"kind": "continuation", "extra_epochs": 2})
+    run = gammatrace.train(cfg, tmp_path / "r", progress=False)
+    meta = run.meta
+    assert meta["reached_target"] is True and meta["horizon_epochs"] < 30
+    assert meta["epochs_done"] == meta["horizon_epochs"] + 2
+    epochs = run.epochs()
+    assert epochs.loc[epochs.epoch == meta["horizon_epochs"] - 1, "train_loss"].item() <= 1.5
+    assert (epochs.loc[epochs.epoch < meta["horizon_epochs"] - 1, "train_loss"] > 1.5).all()
+    steps = run.steps("continuation")
+    assert len(steps) == meta["horizon_steps"]
+    # θ* beyond the horizon: the progress no longer telescopes to ½D_0².
+    d_T = run.store.read_torch("final.pt")["model"]
+    ref = run.store.read_torch("reference.pt")["model"]
+    gap_sq = sum(float((d_T[k].double() - ref[k].double()).pow(2).sum()) for k in ref if "weight" in k or "bias" in k)
+    np.testing.assert_allclose(steps["progress"].sum(), 0.5 * (steps["dist_sq"].iloc[0] - gap_sq), rtol=1e-9)
+    assert gap_sq > 0
+    s_last = gammatrace.analyze(run.path, "last", progress=False)
+    np.testing.assert_allclose(gammatrace.load_run(run.path).steps("last")["progress"].sum(),
+                               0.5 * s_last["d0_sq"], rtol=1e-9)
+
+
+def test_tail_exclusion(tmp_path):
+    run = gammatrace.train(tiny_config(), tmp_path / "r", progress=False)
+    full = run.summary()
+    cut = gammatrace.analyze(run.path, tail=2, progress=False)
+    assert full["n_steps"] == 6 and cut["n_steps"] == 4
+    steps = run.steps()
+    assert cut["gamma_min"] == pytest.approx(steps["gamma"].iloc[:4].min(), rel=1e-12)
