@@ -1,0 +1,107 @@
+"""Bad input gives one clear line and loses nothing already on disk."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+import gammatrace
+from gammatrace.cli import main
+from gammatrace.data.base import DataError
+from gammatrace.registry import UnknownNameError
+from gammatrace.store.run import RunStore, StoreError, shard
+from gammatrace.train import RunConflictError, train_pass
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model": {"activation": "swishy"}}, "unknown activation 'swishy'"),
+    ({"optim": {"name": "sgdd"}}, "unknown optimizer 'sgdd'"),
+    ({"data": {"name": "imagenet"}}, "unknown dataset 'imagenet'"),
+    ({"model": {"name": "resnet9000"}}, "unknown model 'resnet9000'"),
+    ({"schedule": {"name": "wiggle"}}, "unknown schedule 'wiggle'"),
+])
+def test_unknown_names_fail_before_anything_is_written(tmp_path, override, message):
+    with pytest.raises(UnknownNameError, match=message):
+        train_pass(tiny_config(**override), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("lr", [0, -0.1])
+def test_nonpositive_lr_is_rejected(lr):
+    with pytest.raises(ValidationError, match="greater than 0"):
+        gammatrace.RunConfig.model_validate(tiny_config(optim={"lr": lr}))
+
+
+def test_missing_dataset_folder(tmp_path):
+    cfg = tiny_config(data={"name": "cifar10", "n_train": None, "data_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(DataError, match="never downloads"):
+        train_pass(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_marks_run_diverged_and_keeps_earlier_data(tmp_path):
+    # Epoch 0 is fine at a small lr; then the step schedule multiplies it by 1e6.
+    cfg = tiny_config(epochs=4, loss="mse", optim={"lr": 0.01},
+                      schedule={"name": "step", "step_epochs": 1, "factor": 1e6})
+    run = train_pass(cfg, tmp_path / "r", progress=False)
+    assert run.status == "diverged"
+    k = run.meta["diverged_at_step"]
+    steps = run.record_steps()
+    assert steps["step"].max() == k and not pd_isfinite(steps["loss"].iloc[-1])
+    assert pd_isfinite(steps["loss"].iloc[:-1]).all()
+    assert (run.path / shard("checkpoints", 1, "pt")).exists()
+    assert run.store.read_torch(shard("checkpoints", 1, "pt"))["epoch"] == 1
+    with pytest.raises(StoreError, match="diverged at step"):
+        gammatrace.analyze(run.path, progress=False)
+
+
+def pd_isfinite(values):
+    import numpy as np
+
+    return np.isfinite(values)
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=3)
+    train_pass(cfg, tmp_path / "r", progress=False, stop_after=2)
+    store = RunStore(tmp_path / "r")
+    ckpt = store.path(shard("checkpoints", 2, "pt"))
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # truncated
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(StoreError, match="corrupt or truncated"):
+        train_pass(cfg, tmp_path / "r", progress=False)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+    assert ckpt.read_bytes() == data[: len(data) // 2]
+    assert store.read_json("run.json")["epochs_done"] == 2
+
+
+def test_other_config_in_same_folder_is_refused(tmp_path):
+    train_pass(tiny_config(), tmp_path / "r", progress=False)
+    with pytest.raises(RunConflictError, match="different config"):
+        train_pass(tiny_config(seed=99), tmp_path / "r", progress=False)
+
+
+def test_load_run_of_a_non_run(tmp_path):
+    with pytest.raises(StoreError, match="not a gammatrace run"):
+        gammatrace.load_run(tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "nonexistent.yaml", "--out", "X"], "does not exist"),
+    (["analyze", "/nonexistent/run"], "not a gammatrace run"),
+])
+def test_cli_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gammatrace: error:") and message in err[0]
+
+
+def test_cli_invalid_config_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: -1}\nepochs: 0\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr" in err[0] and "epochs" in err[0]
+    assert not (tmp_path / "out").exists()
