@@ -60,8 +60,8 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
 
     tensors = store.read_shards(f"{base}/tensors")
     if len(tensors):
-        store.write_parquet(f"{base}/layers.parquet", P.layer_shares(tensors))
-        store.write_parquet(f"{base}/modules.parquet", P.module_shares(tensors))
+        store.write_parquet(f"{base}/layers.parquet", P.layer_shares(tensors).reset_index())
+        store.write_parquet(f"{base}/modules.parquet", P.module_shares(tensors).reset_index())
     samples = store.read_shards(f"{base}/samples")
     if len(samples):
         sample_summary, sample_epochs = P.per_sample_convergence(samples)

@@ -1,0 +1,169 @@
+"""Everything the report shows about one run, read once from disk.
+
+A run that cannot be analysed (diverged, still training, no analysis for the asked
+reference) is still an entry: it is listed and flagged, only its measured tables are
+empty. Nothing here computes a new number the analysis did not; the report shows the
+runs' own summaries.
+
+Example:
+    >>> entries = collect(["runs/quickstart/relu"])   # doctest: +SKIP
+    >>> entries[0].status_text, entries[0].summary["gamma_median"]   # doctest: +SKIP
+    ('complete', 0.021)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gammatrace import principles as P
+from gammatrace.store.run import Run, StoreError
+
+
+@dataclass(eq=False)  # identity: entries hold DataFrames, which have no truth value
+class RunEntry:
+    """One run as the report sees it.
+
+    ``summary`` is None when the run has no analysis for the reference (then
+    ``problem`` says why); ``steps``/``layers`` are empty frames when absent.
+    """
+
+    label: str
+    run: Run
+    summary: dict[str, Any] | None
+    problem: str | None
+    steps: pd.DataFrame = field(default_factory=pd.DataFrame)
+    epochs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    layers: pd.DataFrame = field(default_factory=pd.DataFrame)
+    layers_note: str | None = None
+
+    @property
+    def analysed(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def diverged(self) -> bool:
+        return self.run.status == "diverged"
+
+    @property
+    def diverged_at_step(self) -> int | None:
+        step = self.run.meta.get("diverged_at_step")
+        return int(step) if step is not None else None
+
+    @property
+    def no_progress(self) -> bool:
+        return bool(self.summary and self.summary.get("no_progress"))
+
+    @property
+    def status_text(self) -> str:
+        if self.diverged:
+            return f"diverged at step {self.diverged_at_step}"
+        if self.problem:
+            return f"{self.run.status} (not analysed)"
+        return self.run.status
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        spe = self.run.meta.get("steps_per_epoch")
+        if spe:
+            return int(spe)
+        if len(self.steps) and "epoch" in self.steps:
+            # Older runs without the field: the first epoch's row count.
+            return int((self.steps["epoch"] == self.steps["epoch"].iloc[0]).sum())
+        return None
+
+    def final(self, column: str) -> float:
+        """``train_loss``/``test_acc``/… after the last analysed epoch (NaN if never measured).
+
+        From the summary when analysed, else from the epochs table, so a run that was
+        never analysed still shows where it got to.
+        """
+        if self.summary and _finite(self.summary.get(column)):
+            return float(self.summary[column])
+        main = main_epochs(self)
+        if len(main) and column in main:
+            return float(main[column].iloc[-1])
+        return math.nan
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.final("train_loss")
+
+    @property
+    def n_epochs(self) -> int | None:
+        if self.summary and self.summary.get("epochs") is not None:
+            return int(self.summary["epochs"])
+        done = self.run.meta.get("epochs_done")
+        return int(done) if done is not None else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def main_epochs(entry: RunEntry) -> pd.DataFrame:
+    """The epochs of the analysed horizon (a continuation reference trains beyond it)."""
+    ep = entry.epochs
+    if not len(ep):
+        return ep
+    if "phase" in ep:
+        ep = ep[ep["phase"] == "main"]
+    horizon = entry.run.meta.get("horizon_epochs")
+    if horizon is not None and "epoch" in ep:
+        ep = ep[ep["epoch"] < horizon]
+    return ep.reset_index(drop=True)
+
+
+def _layers(run: Run, ref: str) -> tuple[pd.DataFrame, str | None]:
+    """Per-tensor shares with the tensor names as a column, or an empty frame and why."""
+    rel = f"analysis/{ref}/layers.parquet"
+    table = run.store.read_parquet(rel) if run.store.exists(rel) else pd.DataFrame()
+    if len(table) and "tensor" in table:
+        return table, None
+    # A layers table written without its index has lost the tensor names; the per-step
+    # tensor shards still have them, and re-aggregating them is the same computation.
+    tensors = run.tensor_steps(ref)
+    if len(tensors) and {"step", "epoch", "tensor", "progress"} <= set(tensors.columns):
+        return P.layer_shares(tensors).reset_index(), None
+    if len(table):
+        return pd.DataFrame(), "layers table has no tensor names and no per-tensor steps to recover them"
+    return pd.DataFrame(), "no per-tensor table (analysis without per_tensor)"
+
+
+def _label(run: Run, seen: dict[str, int]) -> str:
+    # Two runs of one name (e.g. the same config in two folders) need distinct labels.
+    name = run.name
+    seen[name] = seen.get(name, 0) + 1
+    return name if seen[name] == 1 else f"{name} ({run.path.parent.name}/{run.path.name})"
+
+
+def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[RunEntry]:
+    """Open each run and read its summary, step table, epochs and per-tensor shares.
+
+    Example:
+        >>> [e.status_text for e in collect(["runs/a", "runs/b"])]   # doctest: +SKIP
+        ['complete', 'diverged at step 412']
+    """
+    entries: list[RunEntry] = []
+    seen: dict[str, int] = {}
+    for item in runs:
+        run = item if isinstance(item, Run) else Run(item)
+        label = _label(run, seen)
+        epochs = run.epochs()
+        try:
+            summary = run.summary(reference)
+        except StoreError as exc:
+            problem = (f"diverged at step {run.meta.get('diverged_at_step')}; no final point to analyse against"
+                       if run.status == "diverged" else str(exc))
+            entries.append(RunEntry(label, run, None, problem, epochs=epochs))
+            continue
+        ref = summary.get("reference") or reference or "last"
+        steps = run.steps(ref)
+        layers, note = _layers(run, ref)
+        entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
+                                layers=layers, layers_note=note))
+    return entries

@@ -1,0 +1,272 @@
+"""The report's content as document blocks: tables, caveats with this run set's numbers, ordering.
+
+Every number shown is read from a run's own summary (or, for the γ_eff identity, summed
+from its own step table) — the report adds no measurement, only presentation and the
+checks DESIGN §1 says a reader needs before comparing runs.
+
+Example:
+    >>> blocks = build(collect(["runs/relu", "runs/sigmoid"]), figures=[])   # doctest: +SKIP
+    >>> print(to_markdown(blocks))                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from gammatrace.report.collect import RunEntry
+from gammatrace.report.document import Block, Bullets, Heading, Table, Text
+
+# Final train losses further apart than this factor end at different points, so γ
+# normalized by each run's own θ_T is not comparable across them (DESIGN §1).
+LOSS_RATIO_LIMIT = 2.0
+GAMMA_EFF_LOSS_LABEL = "γ_eff (loss-determined)"
+MISSING = "—"
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A table cell: ``digits`` significant digits, yes/no for flags, — for absent/NaN.
+
+    Example:
+        >>> fmt(0.0123456), fmt(True), fmt(None), fmt(float("nan")), fmt(12)
+        ('0.01235', 'yes', '—', '—', '12')
+    """
+    if x is None:
+        return MISSING
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return f"{float(x):.{digits}g}" if math.isfinite(x) else MISSING
+    return str(x)
+
+
+def _num(x: Any) -> float:
+    """A summary value as float; NaN for None/absent (JSON stores NaN as null)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+# ------------------------------------------------------------------------------ tables
+def runs_table(entries: Sequence[RunEntry]) -> Table:
+    """Status and outcome of every run, analysed or not."""
+    rows = []
+    for e in entries:
+        s = e.summary or {}
+        drop = _num(s.get("loss_rel_drop"))
+        rows.append([
+            e.label, e.status_text, fmt(e.n_epochs), fmt(e.final_train_loss), fmt(e.final("test_acc")),
+            f"{drop:.1%}" if math.isfinite(drop) else MISSING,
+            fmt(s.get("no_progress")) if e.analysed else MISSING,
+            fmt(s.get("reached_target")),
+        ])
+    return Table(["run", "status", "epochs", "final train loss", "test acc",
+                  "loss drop (first → last epoch)", "no progress", "reached target"], rows)
+
+
+def principle_columns(gamma_eff_label: str) -> list[tuple[str, Callable[[dict], Any]]]:
+    """(header, value-from-summary) of the trajectory table; one place for both renderers."""
+    def key(k: str) -> Callable[[dict], Any]:
+        return lambda s: s.get(k)
+
+    def null_ratio(s: dict) -> float:
+        return _num(s.get("cos_align_mean")) / _num(s.get("cos_null_scale"))
+
+    return [
+        ("certified γ_min", key("gamma_min")),
+        ("γ_min > 0", key("gamma_certified")),
+        ("fraction γ_k > 0", key("gamma_frac_positive")),
+        ("undefined γ_k", key("gamma_n_undefined")),
+        ("median γ_k", key("gamma_median")),
+        ("median γ^RP_k / D_0²", key("gamma_rp_median")),
+        (gamma_eff_label, key("gamma_eff")),
+        ("d_k increases", key("dist_n_increase")),
+        ("fraction d_k increases", key("dist_frac_increase")),
+        ("rate tightness (actual / bound)", key("rate_tightness")),
+        ("path ratio (length / displacement)", key("path_ratio")),
+        ("mean cos_align", key("cos_align_mean")),
+        ("cos null scale 1/√n", key("cos_null_scale")),
+        ("mean cos_align / null scale", null_ratio),
+    ]
+
+
+def principles_table(entries: Sequence[RunEntry], gamma_eff_label: str) -> Table:
+    """The trajectory numbers of every analysed run, straight from its summary."""
+    cols = principle_columns(gamma_eff_label)
+    rows = [[e.label, *(fmt(get(e.summary)) for _, get in cols)] for e in entries if e.analysed]
+    return Table(["run", *(h for h, _ in cols)], rows)
+
+
+# ----------------------------------------------------------------------------- caveats
+def _weighted_gap(e: RunEntry) -> float:
+    """Σ_k η_k (ℓ_k − ℓ*_k) over the whole analysed horizon (the γ_eff denominator / 2D_0²)."""
+    st = e.steps
+    if not {"lr", "loss", "loss_ref"} <= set(st.columns):
+        return math.nan
+    return float(np.sum(st["lr"].to_numpy(float) * (st["loss"].to_numpy(float) - st["loss_ref"].to_numpy(float))))
+
+
+def _end_distance(e: RunEntry) -> float:
+    """d_T / D_0 from the last row: d_T² = d_{T−1}² − 2 P_{T−1}."""
+    st = e.steps
+    if not len(st) or not {"dist_sq", "progress"} <= set(st.columns):
+        return math.nan
+    d0_sq = float(st["dist_sq"].iloc[0])
+    end_sq = float(st["dist_sq"].iloc[-1]) - 2.0 * float(st["progress"].iloc[-1])
+    return math.sqrt(max(end_sq, 0.0) / d0_sq) if d0_sq > 0 else math.nan
+
+
+def gamma_eff_items(entries: Sequence[RunEntry]) -> list[str]:
+    items = []
+    for e in entries:
+        if not e.analysed:
+            continue
+        s, ref = e.summary, e.summary.get("reference")
+        total = _weighted_gap(e)
+        if ref == "last":
+            tail = int(s.get("tail") or 0)
+            line = (f"{e.label}: Σ η_k(ℓ_k − ℓ*_k) = {fmt(total)} over T = {len(e.steps)} steps, so "
+                    f"γ_eff(T) = 1/(2·{fmt(total)}) = {fmt(0.5 / total if total > 0 else math.nan)}")
+            line += (f"; the table's γ_eff = {fmt(s.get('gamma_eff'))}." if tail == 0 else
+                     f"; the table's γ_eff = {fmt(s.get('gamma_eff'))} leaves out the last {tail} steps "
+                     "(the tail), where d_K ≠ 0 enters.")
+            items.append(line)
+        else:
+            items.append(f"{e.label}: reference '{ref}' ends at d_T/D_0 = {fmt(_end_distance(e))} ≠ 0, "
+                         f"so the telescoping does not close and its γ_eff = {fmt(s.get('gamma_eff'))} "
+                         "is not fixed by the losses alone.")
+    return items
+
+
+def trained(entries: Sequence[RunEntry]) -> list[RunEntry]:
+    """Runs that may enter an ordering: analysed, not flagged no-progress, finite numbers."""
+    return [e for e in entries if e.analysed and not e.no_progress
+            and math.isfinite(_num(e.summary.get("gamma_median"))) and math.isfinite(e.final_train_loss)]
+
+
+def loss_spread(runs: Sequence[RunEntry]) -> tuple[float, RunEntry | None, RunEntry | None]:
+    """Ratio of the largest to the smallest final train loss, and the two runs."""
+    if len(runs) < 2:
+        return math.nan, None, None
+    lo = min(runs, key=lambda e: e.final_train_loss)
+    hi = max(runs, key=lambda e: e.final_train_loss)
+    ratio = hi.final_train_loss / lo.final_train_loss if lo.final_train_loss > 0 else math.inf
+    return ratio, lo, hi
+
+
+def caveats(entries: Sequence[RunEntry]) -> list[Block]:
+    """The section DESIGN §1 requires, in plain words and with this run set's numbers."""
+    blocks: list[Block] = [Heading("What these numbers can and cannot say", 2)]
+    analysed = [e for e in entries if e.analysed]
+    if not analysed:
+        return blocks + [Text("No run has an analysis, so there is nothing to compare.")]
+
+    blocks.append(Text(
+        "γ_eff is determined by the losses. With θ* = θ_T the progress telescopes, Σ_k P_k = ½(d_0² − d_T²) = ½D_0², "
+        "so γ_eff(T) = 1/(2 Σ_k η_k(ℓ_k − ℓ*_k)) depends on the losses alone, and the gap-weighted mean of γ_k "
+        "equals it. \"Larger γ ⇔ faster convergence\" is therefore an identity for γ_eff, not evidence; it is "
+        f"shown in the column \"{GAMMA_EFF_LOSS_LABEL}\" for that reason:"))
+    blocks.append(Bullets(gamma_eff_items(entries)))
+    blocks.append(Text(
+        "What the losses do not determine, and what claims should rest on: the per-step distribution "
+        "(certified γ_min, median γ_k, fraction of steps with γ_k > 0, increases of d_k), the per-layer shares, "
+        "a continuation reference (θ* beyond the analysed horizon), and the null baseline below."))
+
+    flagged = [e for e in analysed if e.no_progress]
+    if flagged:
+        items = []
+        for e in flagged:
+            s = e.summary
+            items.append(f"{e.label}: the mean batch loss fell by only {_num(s.get('loss_rel_drop')):.1%} "
+                         f"(first epoch {fmt(s.get('loss_first_epoch'))} → last epoch {fmt(s.get('loss_last_epoch'))}); "
+                         f"its D_0² = {fmt(s.get('d0_sq'))} and its loss gaps are near 0, so its γ_k are noise.")
+        blocks.append(Text("Runs flagged \"no progress\" are kept out of every ordering below:"))
+        blocks.append(Bullets(items))
+    else:
+        blocks.append(Text("No analysed run is flagged \"no progress\" (every run's loss fell enough to measure γ)."))
+
+    ordered = trained(entries)
+    ratio, lo, hi = loss_spread(ordered)
+    if lo is None:
+        blocks.append(Text("Comparability across runs: fewer than two runs trained, so no cross-run comparison."))
+    elif ratio > LOSS_RATIO_LIMIT:
+        blocks.append(Text(
+            f"Warning: γ normalized by a run's own θ_T is comparable only across runs that end at comparable "
+            f"losses. The final train losses differ by {ratio:.3g}× (more than {LOSS_RATIO_LIMIT:g}×): "
+            f"{lo.label} ends at {fmt(lo.final_train_loss)}, {hi.label} at {fmt(hi.final_train_loss)}. "
+            "Train to a common target loss (target_loss) before comparing γ across these runs."))
+    else:
+        blocks.append(Text(
+            f"Comparability across runs: the final train losses of the runs that trained are within "
+            f"{ratio:.3g}× of each other ({lo.label} {fmt(lo.final_train_loss)}, {hi.label} "
+            f"{fmt(hi.final_train_loss)}; limit {LOSS_RATIO_LIMIT:g}×), so γ normalized by each run's θ_T "
+            "refers to comparable end points."))
+
+    items = []
+    for e in analysed:
+        s = e.summary
+        mean, null = _num(s.get("cos_align_mean")), _num(s.get("cos_null_scale"))
+        n = e.run.meta.get("n_params")
+        items.append(f"{e.label}: mean cos_align {fmt(mean)} = {fmt(mean / null, 3)} × the null scale "
+                     f"1/√n = {fmt(null)}" + (f" (n = {n} parameters)" if n else "") + ".")
+    blocks.append(Text(
+        "Null baseline for cos_align: an update direction unrelated to θ* − θ_k has cosine of mean 0 and "
+        "standard deviation 1/√n (n parameters). A mean cos_align within a few multiples of that scale "
+        "says nothing about alignment:"))
+    blocks.append(Bullets(items))
+    return blocks
+
+
+# ---------------------------------------------------------------------------- ordering
+def ordering(entries: Sequence[RunEntry]) -> list[Block]:
+    """Runs that trained by median γ_k next to their ordering by convergence, with Spearman ρ."""
+    from scipy.stats import spearmanr
+
+    blocks: list[Block] = [Heading("Ordering", 2)]
+    runs = trained(entries)
+    kept = {id(e) for e in runs}
+    left_out = [e.label for e in entries if id(e) not in kept]
+    by_gamma = sorted(runs, key=lambda e: -_num(e.summary["gamma_median"]))
+    # With a target loss every run that reached it ends at the same loss; convergence
+    # is then how many epochs it took. Otherwise: where each run got to.
+    by_epochs = bool(runs) and all(e.summary.get("reached_target") is True for e in runs)
+    if by_epochs:
+        speed = {e.label: (e.n_epochs, e.final_train_loss) for e in runs}
+        by_conv = sorted(runs, key=lambda e: speed[e.label])
+        conv_text = "by convergence (fewest epochs to the target loss first)"
+        conv_value = [-float(e.n_epochs) for e in runs]
+        conv_cell = [f"{e.label} ({e.n_epochs} epochs)" for e in by_conv]
+    else:
+        by_conv = sorted(runs, key=lambda e: e.final_train_loss)
+        conv_text = "by convergence (lowest final train loss first)"
+        conv_value = [-e.final_train_loss for e in runs]
+        conv_cell = [f"{e.label} ({fmt(e.final_train_loss)})" for e in by_conv]
+
+    if runs:
+        blocks.append(Table(["rank", "by median γ_k (largest first)", conv_text],
+                            [[str(i + 1), f"{g.label} ({fmt(g.summary['gamma_median'])})", c]
+                             for i, (g, c) in enumerate(zip(by_gamma, conv_cell))]))
+    if left_out:
+        blocks.append(Text("Not in the ordering (not analysed, flagged no progress, or without a final loss): "
+                           + ", ".join(left_out) + "."))
+
+    ratio, _, _ = loss_spread(runs)
+    if len(runs) < 3:
+        verdict, rho_text = "inconclusive (fewer than 3 comparable runs)", ""
+    else:
+        rho = float(spearmanr([_num(e.summary["gamma_median"]) for e in runs], conv_value).statistic)
+        rho_text = f"Spearman ρ(median γ_k, convergence speed) = {fmt(rho, 3)} over {len(runs)} runs; "
+        if ratio > LOSS_RATIO_LIMIT:
+            verdict = f"inconclusive (final train losses differ by {ratio:.3g}×, more than {LOSS_RATIO_LIMIT:g}×)"
+        elif not math.isfinite(rho) or rho == 0:
+            verdict = "inconclusive (no rank correlation)"
+        else:
+            verdict = "consistent" if rho > 0 else "not consistent"
+    blocks.append(Text(
+        f"Larger median γ_k ⇔ faster convergence: {rho_text}{verdict}. "
+        "(ρ > 0: consistent; ρ < 0: not consistent; convergence speed is the negated final train loss, "
+        "or the negated epochs to the target when every run reached it.)"))
+    return blocks
