@@ -1,0 +1,60 @@
+"""The command line end to end: a small multi-run config trains, replays, analyses and
+reports; the other commands print what they promise."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import gammatrace
+from gammatrace.cli import main
+from tests.conftest import tiny_config
+
+
+def test_run_multi_config_end_to_end(tmp_path, capsys):
+    base = tiny_config()
+    base.pop("name")
+    cfg = tmp_path / "cmp.yaml"
+    cfg.write_text(yaml.safe_dump({"base": base, "runs": {"relu": {"model": {"activation": "relu"}},
+                                                          "tanh": {"model": {"activation": "tanh"}}}}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'out' / 'report' / 'report.html'}" in out
+    for name in ("relu", "tanh"):
+        run = gammatrace.load_run(tmp_path / "out" / name)
+        assert run.status == "complete" and run.config.model.switches()["activation"] == name
+    summary = (tmp_path / "out" / "report" / "summary.md").read_text()
+    assert "| relu |" in summary and "| tanh |" in summary
+    # Rerunning is a no-op resume, not a conflict.
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--quiet", "--no-report"]) == 0
+
+
+def test_analyze_prints_summary(tmp_path, capsys):
+    gammatrace.train(tiny_config(), tmp_path / "r", progress=False)
+    assert main(["analyze", str(tmp_path / "r"), "--tail", "1", "--quiet"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    s = gammatrace.load_run(tmp_path / "r").summary()
+    assert int(lines["n_steps"]) == s["n_steps"] == 5
+    assert float(lines["gamma_min"]) == pytest.approx(s["gamma_min"], rel=1e-5)
+
+
+def test_models_prints_parameter_count(capsys):
+    assert main(["models", "resnet18", "--num-classes", "10", "--norm", "all", "--skip", "all"]) == 0
+    assert "11,173,962" in capsys.readouterr().out
+
+
+def test_quickstart_preset_is_valid():
+    from gammatrace.cli import _preset_path, expand_runs
+    from gammatrace.config import load_yaml
+
+    runs = expand_runs(load_yaml(_preset_path("quickstart")))
+    assert set(runs) == {"relu", "tanh", "sigmoid"}
+    for cfg in runs.values():
+        cfg.check_names()
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    assert main(["run", "quickstart", "--out", str(tmp_path / "qs"), "--quiet"]) == 0
+    s = gammatrace.load_run(tmp_path / "qs" / "sigmoid").summary()
+    assert s["no_progress"] is True
