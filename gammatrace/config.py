@@ -48,6 +48,7 @@ class DataConfig(_Open):
 class ModelConfig(_Open):
     name: str = "mlp"
     init: str = "default"  # initialization scheme (models.init registry)
+    init_from: str | None = None  # a saved initial point (models.init.save_init), loaded where shapes allow
 
 
 class OptimConfig(_Strict):

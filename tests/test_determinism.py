@@ -173,3 +173,27 @@ def test_tail_exclusion(tmp_path):
     assert full["n_steps"] == 6 and cut["n_steps"] == 4
     steps = run.steps()
     assert cut["gamma_min"] == pytest.approx(steps["gamma"].iloc[:4].min(), rel=1e-12)
+
+
+def test_fixed_initial_point_and_file_reference(tmp_path):
+    from gammatrace.models.init import save_init
+    from gammatrace.train.session import build_session
+
+    cfg = tiny_config(model={"init": "orthogonal"})
+    sess = build_session(gammatrace.RunConfig.model_validate(cfg))
+    init = save_init(sess.model, tmp_path / "init.pt")
+    with torch.no_grad():
+        for p in sess.model.parameters():
+            p.mul_(0.5)
+    # A run started from the saved point has it as θ_0, whatever its own seed.
+    run = gammatrace.train(tiny_config(seed=11, model={"init_from": str(init)}), tmp_path / "r", progress=False)
+    theta0 = run.store.read_torch(shard("checkpoints", 0, "pt"))["model"]
+    saved = torch.load(init, weights_only=True)
+    assert all(torch.equal(theta0[k], saved[k]) for k in saved)
+    # θ* from a user file: the checkpoint of epoch 1.
+    ref = run.path / shard("checkpoints", 1, "pt")
+    s = gammatrace.analyze(run.path, str(ref), progress=False)
+    assert s["reference"] == "file-epoch_0001"
+    steps = gammatrace.load_run(run.path).steps("file-epoch_0001")
+    first_of_epoch1 = steps[steps.epoch == 1].iloc[0]
+    assert first_of_epoch1["dist_sq"] == 0.0  # θ_k = θ* at the start of epoch 1

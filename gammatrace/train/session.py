@@ -168,6 +168,15 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
         from gammatrace.models.init import apply_init
 
         apply_init(model, cfg.model.init, x=data.x_train[: cfg.batch_size])
+    if cfg.model.init_from is not None:
+        # The papers compare techniques from one saved initial point where shapes allow.
+        from gammatrace.models.init import load_init
+
+        path = Path(cfg.model.init_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"initial point {path} does not exist")
+        if not load_init(model, path).loaded:
+            raise ValueError(f"initial point {path} shares no tensor of matching name and shape with the model")
     model.to(device)
     optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim)
     n = data.n_train
