@@ -13,6 +13,7 @@ line on stderr and exit status 2; nothing already on disk is touched.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from importlib import resources
 from pathlib import Path
@@ -195,7 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("config")
     i.add_argument("--out", default="inspect")
     i.set_defaults(fn=cmd_inspect)
+
+    # Subcommands that live beside their code: each module has register(subparsers),
+    # whose parsers set_defaults(fn=...) like the ones above.
+    for module in PLUGIN_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                raise  # a plugin that exists but fails to import is a bug, not absence
+            continue
+        mod.register(sub)
     return p
+
+
+PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.landscape.cli")
 
 
 def _one_line(exc: BaseException) -> str:
