@@ -82,6 +82,7 @@ class Session:
     schedule: Callable[[int], float]
     steps_per_epoch: int
     augment: Callable[..., torch.Tensor] | None = None  # (x, indices, seed, epoch) -> x
+    _test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def loss_fn(self) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -138,7 +139,9 @@ class Session:
         self.model.eval()
         per_sample = per_sample_loss(self.cfg.loss)
         out: dict[str, float] = {}
-        splits = {"train": (self.x, self.y), "test": (self.data.x_test.to(self.device), self.data.y_test.to(self.device))}
+        if self._test is None:  # moved to the device once, not every epoch
+            self._test = (self.data.x_test.to(self.device), self.data.y_test.to(self.device))
+        splits = {"train": (self.x, self.y), "test": self._test}
         for split, (x, y) in splits.items():
             total, correct, n = 0.0, 0, len(x)
             for s in range(0, n, self.cfg.eval_batch_size):
