@@ -58,3 +58,17 @@ def test_quickstart_end_to_end(tmp_path):
     assert main(["run", "quickstart", "--out", str(tmp_path / "qs"), "--quiet"]) == 0
     s = gammatrace.load_run(tmp_path / "qs" / "sigmoid").summary()
     assert s["no_progress"] is True
+
+
+def test_inspect_flags_vanishing_sigmoid(tmp_path, capsys):
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(yaml.safe_dump({"base": {"data": {"name": "digits", "n_train": 128}, "batch_size": 64,
+                                            "model": {"name": "mlp", "width": 32, "depth": 10}},
+                                   "runs": {"sigmoid": {"model": {"activation": "sigmoid"}},
+                                            "relu_kaiming": {"model": {"activation": "relu", "init": "kaiming_in"}}}}))
+    assert main(["inspect", str(cfg), "--out", str(tmp_path / "insp")]) == 0
+    out = capsys.readouterr().out
+    sections = {part.split("\n", 1)[0].strip(): part for part in out.split("== ")[1:]}
+    sigmoid, relu = sections["sigmoid"], sections["relu_kaiming"]
+    assert "vanishing" in sigmoid and "vanishing" not in relu
+    assert (tmp_path / "insp" / "inspect_sigmoid.png").stat().st_size > 1000
