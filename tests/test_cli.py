@@ -68,7 +68,8 @@ def test_inspect_flags_vanishing_sigmoid(tmp_path, capsys):
                                             "relu_kaiming": {"model": {"activation": "relu", "init": "kaiming_in"}}}}))
     assert main(["inspect", str(cfg), "--out", str(tmp_path / "insp")]) == 0
     out = capsys.readouterr().out
-    sections = {part.split("\n", 1)[0].strip(): part for part in out.split("== ")[1:]}
+    # The table of each run, without its "figure: PATH" line (the path holds the test's name).
+    sections = {part.split("\n", 1)[0].strip(): part.split("figure:")[0] for part in out.split("== ")[1:]}
     sigmoid, relu = sections["sigmoid"], sections["relu_kaiming"]
     assert "vanishing" in sigmoid and "vanishing" not in relu
     assert (tmp_path / "insp" / "inspect_sigmoid.png").stat().st_size > 1000
