@@ -10,10 +10,10 @@ whatever the optimizer (DESIGN.md §1), and every inner product the principles n
 
 Why the arithmetic looks the way it does:
 
-* θ_k, θ_{k+1}, g_k and θ* live in flat float64 buffers. A float32 value is exact in
-  float64, so Δ_k and θ_k − θ* are (almost always) exact, and inner products
-  accumulate in float64 as the contract asks. P_k is formed from Δ_k, never as
-  ½(d_k² − d_{k+1}²), which cancels catastrophically when steps are small.
+* θ_k − θ*, g_k and Δ_k live in one (3, d) float64 block. A float32 value is exact in
+  float64 and the difference of two float32 values is exact in float64, so Δ_k and
+  θ_k − θ* carry no rounding; inner products accumulate in float64. P_k is formed from Δ_k,
+  never as ½(d_k² − d_{k+1}²), which cancels catastrophically when steps are small.
 * Per-step scalars stay on the device in a list and are moved to the host once per
   :meth:`Probe.flush` (the trainer flushes once per epoch), so a CUDA run is not
   synchronised every step.
@@ -124,10 +124,12 @@ class Probe:
         self.n_params = sum(self.sizes)
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
-        self._theta = self._flat()  # θ_k
-        self._next = self._flat()  # θ_{k+1}, then reused as Δ_k
-        self._grad = self._flat()  # g_k
-        self._diff = self._flat()  # θ_k − θ* (or θ_k − θ_0)
+        # One (3, d) float64 block: row 0 = θ_k − anchor, row 1 = g_k, row 2 = θ_k, then
+        # Δ_k (subtracted in place: no θ_{k+1} copy).
+        self._block = torch.zeros(3, self.n_params, dtype=torch.float64, device=self.device)
+        self._e_views, self._g_views, self._d_views = (self._views(row) for row in self._block)
+        ends = torch.tensor(self.sizes).cumsum(0).tolist()
+        self._bounds = list(zip([0, *ends[:-1]], ends))
         self._ref_model: nn.Module | None = None
         if reference is None:
             self.mode = "record"
@@ -204,9 +206,14 @@ class Probe:
         group = self.optimizer.param_groups[self.lr_group]
         lr = float(group["lr"])
         params = [p.detach() for p in self.params]
-        torch._foreach_copy_(self._views(self._theta), params)
-        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        torch._foreach_copy_(self._views(self._grad), grads)
+        block, anchor = self._block, self._anchor
+        torch._foreach_copy_(self._d_views, params)  # θ_k, exact in float64
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if len(have) < len(self.params):  # a tensor the loss did not reach has g = 0
+            for i in set(range(len(self.params))) - set(have):
+                self._g_views[i].zero_()
+        if have:
+            torch._foreach_copy_([self._g_views[i] for i in have], [self.params[i].grad.detach() for i in have])
         ref_samples = None
         if self.mode == "reference":
             ref_out = self._reference_loss(batch)
@@ -214,25 +221,25 @@ class Probe:
                 ref_samples, loss_ref = ref_out, ref_out.mean()
             else:
                 loss_ref = ref_out
-        torch.sub(self._theta, self._anchor, out=self._diff)
+        torch.sub(block[2], anchor, out=block[0])
 
         self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
-        torch._foreach_copy_(self._views(self._next), params)
-        delta = torch.sub(self._theta, self._next, out=self._next)
-        e, g = self._diff, self._grad
+        torch._foreach_sub_(self._d_views, params)  # Δ_k = θ_k − θ_{k+1}
         loss64 = loss.detach().reshape(()).to(torch.float64)
-        if self.mode == "record":
-            row = torch.stack([loss64, delta.dot(delta), g.dot(g), e.dot(e)])
+        e, g, d = block[0], block[1], block[2]
+        # Plain float64 dots: for a (3, d) block, BLAS's skinny GEMM measured 2-3x slower
+        # than the few dot products a step needs (memory-bound either way).
+        if self.mode == "reference" and self.per_tensor:
+            ed = torch.stack([e[a:b].dot(d[a:b]) for a, b in self._bounds])
+            dd = torch.stack([d[a:b].dot(d[a:b]) for a, b in self._bounds])
+            self._pending_tensor.append(ed - 0.5 * dd)
+            ed_sum, dd_sum = ed.sum(), dd.sum()
         else:
-            if self.per_tensor:
-                e_parts, d_parts = e.split(self.sizes), delta.split(self.sizes)
-                ed = torch.stack([a.dot(b) for a, b in zip(e_parts, d_parts)])
-                dd = torch.stack([b.dot(b) for b in d_parts])
-                self._pending_tensor.append(ed - 0.5 * dd)
-                ed_sum, dd_sum = ed.sum(), dd.sum()
-            else:
-                ed_sum, dd_sum = e.dot(delta), delta.dot(delta)
+            ed_sum, dd_sum = (e.dot(d) if self.mode == "reference" else None), d.dot(d)
+        if self.mode == "record":
+            row = torch.stack([loss64, dd_sum, g.dot(g), e.dot(e)])
+        else:
             row = torch.stack([
                 loss64, loss_ref.reshape(()).to(torch.float64), ed_sum - 0.5 * dd_sum,
                 e.dot(e), dd_sum, e.dot(g), g.dot(g),
