@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.landscape.cli")
+PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identity_cli", "gammatrace.landscape.cli")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,45 @@
+"""``gammatrace identity-mapping --preset quick --out DIR``: the teacher–student study with a
+known minimizer (:mod:`gammatrace.experiments.identity_mapping`).
+
+Registered by the main CLI through ``register(subparsers)`` (``cli.PLUGIN_COMMANDS``).
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers()
+    >>> register(sub)
+    >>> parser.parse_args(["identity-mapping", "--out", "o"]).preset
+    'quick'
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_identity_mapping(args: argparse.Namespace) -> int:
+    import json
+
+    from gammatrace.experiments.identity_mapping import run_identity_mapping
+
+    summary = run_identity_mapping(args.out, preset=args.preset, workers=args.workers, progress=not args.quiet)
+    data = json.loads((summary.parent / "identity_mapping.json").read_text())
+    print(data["headline"]["sentence"])
+    print(f"summary: {summary}")
+    print(f"numbers: {summary.parent / 'identity_mapping.json'}")
+    for name in ("fig4_loss_distance.png", "one_point_convexity.png", "gamma_references.png"):
+        print(f"figure: {summary.parent / name}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``identity-mapping`` subcommand to the main parser's subparsers."""
+    from gammatrace.experiments.identity_mapping import PRESETS
+
+    p = subparsers.add_parser("identity-mapping",
+                              help="teacher–student study with a known minimizer: identity mapping, "
+                                   "one-point convexity, and γ against W* vs the last iterate")
+    p.add_argument("--preset", default="quick", choices=PRESETS.names())
+    p.add_argument("--out", required=True, help="output folder (figures, summary.md, identity_mapping.json)")
+    p.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_identity_mapping)

@@ -1,0 +1,50 @@
+"""Optimization paths on the loss landscape (Li et al. 2018, as in the γ-principle appendix).
+
+From a run's epoch checkpoints and θ_T: the plane of the top-2 principal directions of
+the path's displacements, the loss on a grid over it, the path(s) projected onto it,
+and at each checkpoint the plain gradient direction next to the optimizer's actual
+step — so SGD, momentum and Adam runs from one θ_0 compare on one figure — plus the
+1-D interpolation θ_0 → θ_T.
+
+- :func:`landscape` — compute (or reload) and draw both figures
+- :func:`~gammatrace.landscape.compute.compute_landscape`, :class:`~gammatrace.landscape.compute.Landscape`
+- :func:`~gammatrace.landscape.pca.path_pca` (pure NumPy)
+- :class:`~gammatrace.landscape.evaluate.LossEvaluator`, :func:`~gammatrace.landscape.evaluate.load_trajectory`
+- :func:`~gammatrace.landscape.plot.plot_landscape`, :func:`~gammatrace.landscape.plot.plot_interpolation`
+
+Example:
+    >>> from gammatrace.landscape import landscape
+    >>> files = landscape(["runs/sgd", "runs/adam"], "out/landscape", grid=21)   # doctest: +SKIP
+    >>> sorted(files)                                                            # doctest: +SKIP
+    ['basis', 'grid', 'interpolation', 'landscape', 'meta']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gammatrace.landscape.compute import Landscape, compute_landscape, interpolation_alphas
+from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, load_trajectory
+from gammatrace.landscape.pca import PathPCA, path_pca
+from gammatrace.landscape.plot import plot_interpolation, plot_landscape
+
+
+def landscape(runs: list[str | Path], out: str | Path, **options) -> dict[str, Path]:
+    """Compute (or reload) the landscape of ``runs`` into ``out`` and draw its figures.
+
+    ``options`` go to :func:`compute_landscape` (grid, extent, samples, bn, seed,
+    workers, executor, progress). Returns the paths of ``landscape.png``,
+    ``interpolation.png`` and the stored arrays.
+
+    Example:
+        >>> landscape(["runs/quickstart/relu"], "out", grid=11)["landscape"]   # doctest: +SKIP
+        PosixPath('out/landscape.png')
+    """
+    out = Path(out)
+    ls = compute_landscape(runs, out, **options)
+    return {"landscape": plot_landscape(ls, out / "landscape.png"),
+            "interpolation": plot_interpolation(ls, out / "interpolation.png"), **ls.files}
+
+
+__all__ = ["BN_MODES", "Landscape", "LossEvaluator", "PathPCA", "compute_landscape", "interpolation_alphas",
+           "landscape", "load_trajectory", "path_pca", "plot_interpolation", "plot_landscape"]

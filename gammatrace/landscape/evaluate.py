@@ -1,0 +1,198 @@
+"""Loss and gradient of a run's model at arbitrary parameter points, and its stored path.
+
+:class:`LossEvaluator` rebuilds a run's data and model from its config
+(:func:`~gammatrace.train.session.build_session`), fixes an evaluation subset of the
+training set, and evaluates the run's own per-sample loss (mean over the subset,
+accumulated in float64) at any flat float64 parameter vector. Parameters are written
+into the model in place and buffers are reset before every forward, so evaluations
+are independent of each other and of their order — which is what lets grid rows run
+as separate tasks.
+
+Batch-norm mode is a registry (:data:`BN_MODES`): ``train`` normalises with the
+statistics of the evaluation subset (one forward over the whole subset, the train-mode
+loss the principles use), ``eval`` with the running statistics of the buffers passed
+in. Stochastic layers (dropout) draw from a fixed seed per forward, so a point's
+loss is a function of the point.
+
+Example:
+    >>> ev = LossEvaluator("runs/quickstart/relu", samples=256, bn="train")  # doctest: +SKIP
+    >>> traj = load_trajectory("runs/quickstart/relu", ev.names)             # doctest: +SKIP
+    >>> ev.loss(traj.points[-1], traj.buffers[-1])                           # doctest: +SKIP
+    1.1034...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gammatrace.data.loader import stream_seed
+from gammatrace.registry import Registry
+from gammatrace.store.run import Run, StoreError, shard
+
+BN_MODES = Registry("batch-norm mode")
+BN_MODES.register("train")(lambda model: model.train())
+BN_MODES.register("eval")(lambda model: model.eval())
+
+# Its own stream, so the evaluation subset never coincides by construction with a
+# run's data order or augmentation draws.
+_SUBSET_STREAM = 0x1A9D_5CA9
+
+
+def evaluation_subset(n_train: int, samples: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a fixed random subset of the training set (all if ``samples`` ≥ n).
+
+    Example:
+        >>> evaluation_subset(10, 4, seed=0).tolist() == sorted(evaluation_subset(10, 4).tolist())
+        True
+        >>> len(evaluation_subset(10, 50))
+        10
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if samples >= n_train:
+        return torch.arange(n_train)
+    g = torch.Generator().manual_seed(stream_seed(seed, 0, _SUBSET_STREAM))
+    return torch.randperm(n_train, generator=g)[:samples].sort().values
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that define θ (``requires_grad``), in module order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten(state: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    """The tensors ``names`` of a state dict as one flat float64 vector.
+
+    Example:
+        >>> flatten({"a": torch.ones(2), "b": torch.zeros(1, 1)}, ["b", "a"]).tolist()
+        [0.0, 1.0, 1.0]
+    """
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise StoreError(f"state lacks trainable tensor(s) {missing[:3]}")
+    return np.concatenate([state[n].detach().cpu().double().reshape(-1).numpy() for n in names])
+
+
+@dataclass
+class Trajectory:
+    """A run's stored path: θ_0, θ_1, …, θ_{E−1} (start of each epoch), θ_T (final.pt).
+
+    ``points`` (E+1, d) float64 over the trainable tensors ``names``; ``buffers`` the
+    matching non-trainable entries (batch-norm statistics) of each state; ``epochs``
+    the epoch index of each point (E for θ_T).
+    """
+
+    path: Path
+    name: str
+    names: list[str]
+    points: np.ndarray
+    buffers: list[dict[str, torch.Tensor]]
+    epochs: np.ndarray
+
+
+def load_trajectory(run: str | Path | Run, names: list[str] | None = None) -> Trajectory:
+    """Read the epoch checkpoints and θ_T of a trained run (only up to its horizon).
+
+    Continuation epochs (trained beyond the analysed horizon for a continuation
+    reference) are left out: the path is the one the principles were measured on.
+
+    Example:
+        >>> traj = load_trajectory("runs/quickstart/relu")   # doctest: +SKIP
+        >>> traj.points.shape                                # doctest: +SKIP
+        (41, 133898)
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    horizon = run.meta.get("horizon_epochs")
+    if horizon is None or not run.store.exists("final.pt"):
+        raise StoreError(f"{run.path} has no final point yet (status {run.status}); train it first")
+    states = [run.store.read_torch(shard("checkpoints", e, "pt"))["model"] for e in range(int(horizon))]
+    states.append(run.store.read_torch("final.pt")["model"])
+    if names is None:
+        from gammatrace.train.session import build_session
+
+        names = trainable_names(build_session(run.config).model)
+    points = np.stack([flatten(s, names) for s in states])
+    keep = set(names)
+    buffers = [{k: v for k, v in s.items() if k not in keep} for s in states]
+    return Trajectory(run.path, run.name, list(names), points, buffers, np.arange(int(horizon) + 1))
+
+
+class LossEvaluator:
+    """The run's loss on a fixed training subset at any parameter point.
+
+    Args:
+        run: the run directory whose config defines data, model and loss.
+        samples: size of the evaluation subset (drawn once from ``seed``).
+        bn: a :data:`BN_MODES` name, the module mode of every forward.
+        seed: seed of the subset and of the per-forward RNG (dropout).
+
+    Example:
+        >>> ev = LossEvaluator("runs/quickstart/relu", samples=128)   # doctest: +SKIP
+        >>> ev.loss(np.zeros(ev.n_params), {})                         # doctest: +SKIP
+        2.302585...
+    """
+
+    def __init__(self, run: str | Path | Run, samples: int = 512, bn: str = "train", seed: int = 0):
+        from gammatrace.train.session import build_session
+
+        run = run if isinstance(run, Run) else Run(run)
+        self.run_path, self.samples, self.bn, self.seed = run.path, samples, bn, seed
+        self._set_mode: Callable[[nn.Module], nn.Module] = BN_MODES.get(bn)
+        sess = build_session(run.config)
+        self.model, self.loss_fn = sess.model, sess.loss_fn
+        self.names = trainable_names(self.model)
+        named = dict(self.model.named_parameters())
+        self.params = [named[n] for n in self.names]
+        self.n_params = sum(p.numel() for p in self.params)
+        self.indices = evaluation_subset(sess.data.n_train, samples, seed)
+        idx = self.indices.to(sess.device)
+        self.batch = (sess.x[idx], sess.y[idx])
+        # Buffers a caller does not pass keep the freshly built model's values; the
+        # landscape always passes a stored state's own.
+        self.default_buffers = {k: v.clone() for k, v in self.model.state_dict().items() if k not in set(self.names)}
+
+    def _load(self, theta: np.ndarray, buffers: Mapping[str, torch.Tensor] | None) -> None:
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.shape != (self.n_params,):
+            raise ValueError(f"expected a flat vector of {self.n_params} parameters, got shape {theta.shape}")
+        flat = torch.from_numpy(theta)
+        with torch.no_grad():
+            for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params])):
+                p.copy_(chunk.view_as(p))  # one rounding float64 -> the parameter's dtype
+            own = dict(self.model.named_buffers())
+            for k, v in {**self.default_buffers, **(buffers or {})}.items():
+                if k in own:
+                    own[k].copy_(v)
+
+    def _forward(self) -> torch.Tensor:
+        self._set_mode(self.model)
+        devices = [self.batch[0].device] if self.batch[0].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return self.loss_fn(self.model, self.batch).double().mean()
+
+    def loss(self, theta: np.ndarray, buffers: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Mean per-sample loss over the subset at parameters ``theta`` (flat float64)."""
+        self._load(theta, buffers)
+        with torch.no_grad():
+            return float(self._forward())
+
+    def losses(self, thetas: np.ndarray, buffers: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+        """:meth:`loss` of each row of ``thetas``."""
+        return np.array([self.loss(t, buffers) for t in np.atleast_2d(thetas)])
+
+    def gradient(self, theta: np.ndarray, buffers: Mapping[str, torch.Tensor] | None = None) -> np.ndarray:
+        """∇ of the subset loss at ``theta``, flat float64 (the full-batch gradient plain
+        gradient descent on the subset would follow)."""
+        self._load(theta, buffers)
+        for p in self.params:
+            p.grad = None
+        self._forward().backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return np.concatenate([g.detach().cpu().double().reshape(-1).numpy() for g in grads])
