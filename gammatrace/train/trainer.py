@@ -175,7 +175,7 @@ def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: boo
         >>> run.summary()["gamma_min"]                                 # doctest: +SKIP
     """
     run = train_pass(config, out, progress=progress)
-    if replay and run.status == "trained" or (replay and run.status == "complete"):
+    if replay and run.status in ("trained", "complete"):
         from gammatrace.analysis import analyze
 
         analyze(run.path, workers=workers, progress=progress)
