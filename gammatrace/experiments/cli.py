@@ -1,33 +1,55 @@
-"""`gammatrace study NAME|FILE.yaml ...`: run a study and write its report."""
+"""`gammatrace study NAME|FILE.yaml ...`: run a study and write its report.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(); sub = parser.add_subparsers()
+    >>> register(sub)
+    >>> args = parser.parse_args(["study", "skip", "--out", "o", "--executor", "ray", "--gpus-per-task", "1"])
+    >>> args.preset, args.executor, args.gpus_per_task
+    ('quick', 'ray', 1.0)
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from gammatrace.experiments.executors import MissingDependencyError
     from gammatrace.experiments.study import STUDIES, run_study, study_from_yaml
 
     if Path(args.name).suffix in (".yaml", ".yml") or Path(args.name).is_file():
         study = study_from_yaml(args.name)
     else:
         study = STUDIES.get(args.name)(args.preset, args.data_dir)
-    where = run_study(study, args.out, seeds=args.seeds, executor=args.executor, workers=args.workers,
-                      address=args.address, progress=not args.quiet)
+    try:
+        where = run_study(study, args.out, seeds=args.seeds, executor=args.executor, workers=args.workers,
+                          address=args.address, gpus_per_task=args.gpus_per_task, progress=not args.quiet,
+                          report_only=args.report_only)
+    except MissingDependencyError as exc:
+        print(f"gammatrace: error: {exc}", file=sys.stderr)
+        return 2
     print(f"report: {where}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from gammatrace.experiments.executors import EXECUTORS
+    from gammatrace.experiments.presets import PRESETS
+
     s = sub.add_parser("study", help="run a named study (or a YAML grid) and report its claim checks")
-    s.add_argument("name", help="a registered study (activation, batchnorm, ...) or a study YAML file")
-    s.add_argument("--preset", default="quick", choices=["quick", "paper"])
-    s.add_argument("--data-dir", default=None, help="folder with CIFAR/MNIST files (paper presets)")
+    s.add_argument("name", help="a registered study (activation, batchnorm, skip, optimizer, init) or a study YAML")
+    s.add_argument("--preset", default="quick", choices=list(PRESETS),
+                   help="quick: CPU, minutes; paper: the papers' CIFAR-10 settings (GPU); paper100: CIFAR-100")
+    s.add_argument("--data-dir", default=None, help="folder with the CIFAR/MNIST files (paper presets)")
     s.add_argument("--seeds", type=int, default=1, help="repeat every cell with this many seeds")
-    s.add_argument("--executor", default="local", help="local | ray")
-    s.add_argument("--workers", type=int, default=1, help="parallel runs (local processes)")
-    s.add_argument("--address", default=None, help="Ray cluster address (executor ray)")
+    s.add_argument("--executor", default="local", choices=EXECUTORS.names())
+    s.add_argument("--workers", type=int, default=1, help="parallel runs (local processes; Ray: local CPUs)")
+    s.add_argument("--address", default=None, help="Ray cluster address (executor ray); default: a local instance")
+    s.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs each Ray task asks for (executor ray)")
+    s.add_argument("--report-only", action="store_true", help="re-render the report of the runs on disk")
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_study)

@@ -1,10 +1,17 @@
-"""``report()``: runs on disk → figures, ``summary.md`` and a self-contained ``report.html``."""
+"""``report()``: runs on disk → figures, ``summary.md`` and a self-contained ``report.html``.
+
+Two layouts from the same pieces: a plain report of any runs, and the report of a study
+(claim checks, a table per run, figures per group) when the runs belong to one
+(``study=``, or found as ``study.json`` in the folder holding every run).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from gammatrace.report.collect import collect
+from gammatrace.report import study as S
+from gammatrace.report.collect import RunEntry, collect
 from gammatrace.report.content import (
     GAMMA_EFF_LOSS_LABEL,
     caveats,
@@ -16,11 +23,18 @@ from gammatrace.report.document import Block, Figure, Heading, Text, to_html, to
 from gammatrace.report.figures import layers_figure, trajectory_figure
 from gammatrace.store.run import Run
 
-FIGURE_FILES = ("trajectory.png", "trajectory.pdf", "layers.png", "layers.pdf")
+FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf")
+TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, γ_k per "
+                      "epoch (median line, ▼ minimum; log or symlog axis). Dashed: flagged no progress.")
+SEEDED_CAPTION = (" One line per cell: the mean over its seeds (of d_k/D_0, of the loss, of the per-epoch median "
+                  "γ_k); band: min–max over the seeds.")
+UNSEEDED_CAPTION = " Band: 25–75% of γ_k in the epoch."
+LAYERS_CAPTION = ("Per-tensor share of the total progress Σ_k P_k (red: the tensor pulls against the trajectory "
+                  "overall; label: fraction of steps it did).")
 
 
 def report(runs: list[str | Path | Run], out: str | Path, reference: str | None = None,
-           title: str = "gammatrace report") -> Path:
+           title: str = "gammatrace report", study: str | Path | dict[str, Any] | None = None) -> Path:
     """Write the report of ``runs`` into ``out`` and return the path of ``report.html``.
 
     ``out`` receives ``trajectory.png``/``.pdf`` (d_k/D_0, training loss and γ_k per
@@ -28,6 +42,12 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     ``summary.md`` and ``report.html`` (the same content, figures embedded). Runs that
     diverged or have no analysis for ``reference`` (default: each run's own, 'last'
     if present) are listed and flagged, not dropped.
+
+    ``study`` (a ``study.json`` path or its dict; found automatically when every run
+    sits in one folder with a ``study.json`` naming it) gives the study layout instead:
+    the claim check with θ* = θ_T and the continuation reference side by side, one
+    row per run, the null baseline, and ``trajectory_<group>.png`` /
+    ``layers_<group>.png`` per group (a line per cell; seeds as mean and min–max band).
 
     Example:
         >>> import gammatrace
@@ -39,31 +59,38 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # A figure skipped this time must not leave last time's file behind to be mistaken for it.
-    for name in FIGURE_FILES:
-        (out / name).unlink(missing_ok=True)
-    entries = collect(runs, reference)
+    for pattern in FIGURE_GLOBS:
+        for stale in out.glob(pattern):
+            stale.unlink()
+    if study is None:
+        study = S.find_study(runs)
+    if study is not None:
+        blocks = _study_blocks(runs, out, S.StudyInfo.load(study), title)
+    else:
+        blocks = _plain_blocks(collect(runs, reference), out, title)
+    (out / "summary.md").write_text(to_markdown(blocks), encoding="utf-8")
+    html_path = out / "report.html"
+    html_path.write_text(to_html(blocks, title=title, base=out), encoding="utf-8")
+    return html_path
 
+
+def _figure_or_note(png: Path | None, name: str, caption: str, notes: list[str]) -> Block:
+    if png is None:
+        return Text(f"{name} not drawn. " + "; ".join(notes))
+    return Figure(png.name, caption, pdf=png.with_suffix(".pdf").name, notes=notes)
+
+
+def _plain_blocks(entries: list[RunEntry], out: Path, title: str) -> list[Block]:
     refs = sorted({e.summary.get("reference") for e in entries if e.analysed})
     gamma_eff_label = GAMMA_EFF_LOSS_LABEL if refs == ["last"] else "γ_eff"
     ref_text = ", ".join("last (θ* = θ_T, the final iterate)" if r == "last" else str(r) for r in refs)
 
-    figure_blocks: list[Block] = []
     notes: list[str] = []
     png = trajectory_figure(entries, out, notes, title=f"{title} — θ*: {', '.join(refs) or 'none'}")
-    if png is not None:
-        figure_blocks.append(Figure(png.name, "Trajectory: normalized distance d_k/D_0 per step, full training loss "
-                                    "per epoch, γ_k per epoch (median line, 25–75% band, ▼ minimum; log or symlog "
-                                    "axis). Dashed: flagged no progress.", pdf="trajectory.pdf", notes=notes))
-    else:
-        figure_blocks.append(Text("trajectory.png not drawn. " + "; ".join(notes)))
+    figure_blocks = [_figure_or_note(png, "trajectory.png", TRAJECTORY_CAPTION + UNSEEDED_CAPTION, notes)]
     layer_notes: list[str] = []
     png = layers_figure(entries, out, layer_notes)
-    if png is not None:
-        figure_blocks.append(Figure(png.name, "Per-tensor share of the total progress Σ_k P_k (red: the tensor "
-                                    "pulls against the trajectory overall; label: fraction of steps it did).",
-                                    pdf="layers.pdf", notes=layer_notes))
-    else:
-        figure_blocks.append(Text("layers.png not drawn. " + "; ".join(layer_notes)))
+    figure_blocks.append(_figure_or_note(png, "layers.png", LAYERS_CAPTION, layer_notes))
 
     not_analysed = [f"{e.label}: {e.problem}" for e in entries if not e.analysed]
     blocks: list[Block] = [
@@ -80,9 +107,41 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
         blocks.append(Text("Not analysed (listed above, no trajectory numbers): " + "; ".join(not_analysed) + "."))
     blocks += caveats(entries)
     blocks += ordering(entries)
-    blocks += [Heading("Figures", 2), *figure_blocks]
+    return blocks + [Heading("Figures", 2), *figure_blocks]
 
-    (out / "summary.md").write_text(to_markdown(blocks), encoding="utf-8")
-    html_path = out / "report.html"
-    html_path.write_text(to_html(blocks, title=title, base=out), encoding="utf-8")
-    return html_path
+
+def _study_blocks(runs: list[str | Path | Run], out: Path, info: S.StudyInfo, title: str) -> list[Block]:
+    last = collect(runs, "last")
+    cont = collect([e.run for e in last], "continuation")
+    members = S.study_runs(info, last, cont)
+    groups = list(dict.fromkeys(r.group for r in members))
+
+    blocks: list[Block] = [Heading(title), Text(
+        f"Study {info.name} (preset {info.preset or 'custom'}): {info.question} {len(members)} run(s) in "
+        f"{len(groups)} group(s) ({', '.join(groups)}), {info.seeds} seed(s) per cell. "
+        "— marks a number that is absent or undefined.")]
+    blocks += S.claim_check_blocks(info, members)
+    blocks += [Heading("Runs", 2), *S.runs_table(members)]
+    blocks += [Heading("Trajectory principles (θ* = θ_T)", 2)]
+    if any(e.analysed for e in last):
+        blocks.append(principles_table(last, GAMMA_EFF_LOSS_LABEL))
+    blocks += caveats(last)
+    blocks += S.null_blocks(members)
+
+    blocks.append(Heading("Figures", 2))
+    seeded = info.seeds > 1
+    for group in groups:
+        stem = S.safe_stem(group)
+        cells = S.cells_of_group(members, group)
+        blocks.append(Heading(f"Group {group}", 3))
+        notes: list[str] = []
+        png = trajectory_figure([e for es in cells.values() for e in es], out, notes,
+                                title=f"{info.name}: {group} — θ* = θ_T", cells=cells, stem=f"trajectory_{stem}")
+        caption = TRAJECTORY_CAPTION + (SEEDED_CAPTION if seeded else UNSEEDED_CAPTION)
+        blocks.append(_figure_or_note(png, f"trajectory_{stem}.png", f"{group}. {caption}", notes))
+        # One panel per cell (its first seed): the shares are a per-run property.
+        layer_notes: list[str] = []
+        png = layers_figure([es[0] for es in cells.values()], out, layer_notes, stem=f"layers_{stem}")
+        first = " (first seed of each cell)" if seeded else ""
+        blocks.append(_figure_or_note(png, f"layers_{stem}.png", f"{group}{first}. {LAYERS_CAPTION}", layer_notes))
+    return blocks

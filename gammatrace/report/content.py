@@ -183,7 +183,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
             items.append(f"{e.label}: the mean batch loss fell by only {_num(s.get('loss_rel_drop')):.1%} "
                          f"(first epoch {fmt(s.get('loss_first_epoch'))} → last epoch {fmt(s.get('loss_last_epoch'))}); "
                          f"its D_0² = {fmt(s.get('d0_sq'))} and its loss gaps are near 0, so its γ_k are noise.")
-        blocks.append(Text("Runs flagged \"no progress\" are kept out of every ordering below:"))
+        blocks.append(Text("Runs flagged \"no progress\" are kept out of every ordering:"))
         blocks.append(Bullets(items))
     else:
         blocks.append(Text("No analysed run is flagged \"no progress\" (every run's loss fell enough to measure γ)."))

@@ -82,11 +82,6 @@ def legend_label(entry: RunEntry) -> str:
     return f"{entry.label} (no progress)" if entry.no_progress else entry.label
 
 
-def _style(entry: RunEntry) -> str:
-    # Dashed = flagged "no progress": its γ are noise (DESIGN §1), visibly set apart.
-    return "--" if entry.no_progress else "-"
-
-
 def _save(fig: Figure, out: Path, stem: str) -> Path:
     png = out / f"{stem}.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
@@ -127,17 +122,38 @@ def _gamma_scale(values: np.ndarray) -> tuple[str, float | None]:
     return "symlog", 10.0 ** math.floor(math.log10(lo))
 
 
-def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
-                      title: str = "") -> Path | None:
-    """Draw ``trajectory.png``/``.pdf``: d_k/D_0, training loss and per-epoch γ_k vs epochs.
+def _aggregate(series: list[pd.Series]) -> pd.DataFrame:
+    """Mean, min and max over runs at each x, over the runs that reach that x (seeds of
+    one cell stop at different epochs under a target loss)."""
+    table = pd.concat(series, axis=1).sort_index()
+    return pd.DataFrame({"mean": table.mean(axis=1), "lo": table.min(axis=1), "hi": table.max(axis=1)})
 
-    Row 1: d_k/D_0 per step (x = step / steps per epoch) with the end point d_T/D_0
-    (0 for θ* = θ_T). Row 2: full training loss after each epoch (x = epoch + 1;
-    mean batch loss if the full loss was not measured); log y when it spans more than a
-    decade. Row 3: γ_k per epoch at the epoch's middle (x = epoch + ½): median as the
-    line, 25–75% band shaded, minimum as ▼ markers; log y, or symlog when a value is
-    ≤ 0 (see :func:`_gamma_scale`). Runs flagged "no progress" are dashed. Appends
-    to ``notes`` why a run or row was left out; returns None when nothing is drawable.
+
+def _cell_label(name: str, runs: Sequence[RunEntry], seeded: bool) -> str:
+    flagged = sum(e.no_progress for e in runs)
+    label = name + (f" (n={len(runs)})" if seeded else "")
+    if flagged == len(runs):
+        return f"{label} (no progress)"
+    return f"{label} ({flagged}/{len(runs)} no progress)" if flagged else label
+
+
+def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
+                      title: str = "", cells: dict[str, list[RunEntry]] | None = None,
+                      stem: str = "trajectory") -> Path | None:
+    """Draw ``<stem>.png``/``.pdf``: d_k/D_0, training loss and per-epoch γ_k vs epochs.
+
+    One line per run, or with ``cells`` (name -> the runs of one cell, e.g. its seeds)
+    one line per cell. Row 1: d_k/D_0 per step (x = step / steps per epoch) with the
+    end point d_T/D_0 (0 for θ* = θ_T). Row 2: full training loss after each epoch
+    (x = epoch + 1; mean batch loss if the full loss was not measured); log y when it
+    spans more than a decade. Row 3: γ_k per epoch at the epoch's middle (x = epoch +
+    ½): the median as the line, minimum as ▼ markers; log y, or symlog when a value is
+    ≤ 0 (see :func:`_gamma_scale`). The shaded band is the 25–75% range of γ_k when
+    every line is one run; when a cell has several runs, every line is the mean over
+    its runs (of d_k/D_0, of the loss, of the per-epoch median γ_k) and the band is
+    the min–max over them. Lines whose runs are all flagged "no progress" are dashed.
+    Appends to ``notes`` why a run or row was left out; returns None when nothing is
+    drawable.
 
     Example:
         >>> notes = []
@@ -145,11 +161,18 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
         PosixPath('report/trajectory.png')
     """
     out = Path(out)
-    colors = run_colors(len(entries))
-    drawable = [(e, c) for e, c in zip(entries, colors) if e.analysed]
-    for e in entries:
-        if not e.analysed:
-            notes.append(f"{e.label} not drawn: {e.problem}")
+    if cells is None:
+        cells = {e.label: [e] for e in entries}
+    seeded = any(len(runs) > 1 for runs in cells.values())
+    colors = run_colors(len(cells))
+    drawable = []
+    for (name, runs), color in zip(cells.items(), colors):
+        for e in runs:
+            if not e.analysed:
+                notes.append(f"{e.label} not drawn: {e.problem}")
+        ok = [e for e in runs if e.analysed]
+        if ok:
+            drawable.append((name, ok, color))
     if not drawable:
         notes.append("trajectory figure not drawn: no analysed run")
         return None
@@ -160,57 +183,86 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     loss_values: list[np.ndarray] = []
     gamma_values: list[np.ndarray] = []
     gamma_drawn = []
-    for e, color in drawable:
-        tables = _tables(e)
-        ls = _style(e)
+
+    def draw(ax, agg: pd.DataFrame, x: np.ndarray, ls: str, color, marker: str | None = None) -> None:
+        if seeded:
+            ax.fill_between(x, agg["lo"], agg["hi"], color=color, alpha=0.15, lw=0)
+        ax.plot(x, agg["mean"], ls, marker=marker, ms=3, color=color, lw=1.3)
+
+    for name, runs, color in drawable:
+        ls = "--" if all(e.no_progress for e in runs) else "-"
         drew = False
-        spe = e.steps_per_epoch
-        # --- row 1: normalized distance
-        miss = DISTANCE.missing(tables)
-        if miss or not spe:
-            notes.append(f"{e.label}: distance row skipped (missing {', '.join(miss) or 'steps per epoch'})")
-        else:
+        # --- row 1: normalized distance, aligned on the step index
+        curves = []
+        for e in runs:
+            tables, spe = _tables(e), e.steps_per_epoch
+            miss = DISTANCE.missing(tables)
+            if miss or not spe:
+                notes.append(f"{e.label}: distance row skipped (missing {', '.join(miss) or 'steps per epoch'})")
+                continue
             steps = e.steps.sort_values("step")
             curve = P.monotone_distance(steps)["curve"]  # d_k/D_0 for k = 0 … T
-            x = np.append(steps["step"].to_numpy(), steps["step"].iloc[-1] + 1) / spe
-            ax_d.plot(x, curve, ls, color=color, lw=1.3)
+            index = np.append(steps["step"].to_numpy(), steps["step"].iloc[-1] + 1) / spe
+            curves.append(pd.Series(curve, index=index))
+        if curves:
+            agg = _aggregate(curves)
+            draw(ax_d, agg, agg.index.to_numpy(), ls, color)
             drew = True
-        # --- row 2: training loss
-        ep = tables["epochs"]
-        if not LOSS.missing(tables):
-            y = ep["train_loss"].to_numpy(float)
-        elif not LOSS_FALLBACK.missing(tables):
-            y = ep["mean_batch_loss"].to_numpy(float)
-            notes.append(f"{e.label}: loss row shows the mean batch loss (no full training loss measured)")
-        else:
-            y = None
-            notes.append(f"{e.label}: loss row skipped (missing {', '.join(LOSS.missing(tables))})")
-        if y is not None and len(y):
-            ax_l.plot(ep["epoch"].to_numpy() + 1, y, ls, marker="o", ms=3, color=color, lw=1.3)
-            loss_values.append(y)
+        # --- row 2: training loss per epoch
+        losses = []
+        for e in runs:
+            tables = _tables(e)
+            ep = tables["epochs"]
+            if not LOSS.missing(tables):
+                y = ep["train_loss"].to_numpy(float)
+            elif not LOSS_FALLBACK.missing(tables):
+                y = ep["mean_batch_loss"].to_numpy(float)
+                notes.append(f"{e.label}: loss row shows the mean batch loss (no full training loss measured)")
+            else:
+                notes.append(f"{e.label}: loss row skipped (missing {', '.join(LOSS.missing(tables))})")
+                continue
+            if len(y):
+                losses.append(pd.Series(y, index=ep["epoch"].to_numpy() + 1))
+                loss_values.append(y)
+        if losses:
+            agg = _aggregate(losses)
+            draw(ax_l, agg, agg.index.to_numpy(), ls, color, marker="o")
             drew = True
         # --- row 3: γ per epoch
-        miss = GAMMA.missing(tables)
-        if miss:
-            notes.append(f"{e.label}: γ row skipped (missing {', '.join(miss)})")
-        else:
-            stats = gamma_epoch_stats(e.steps)
-            if stats["median"].notna().any():
-                gamma_drawn.append((e, color, stats))
-                gamma_values.append(stats.to_numpy().ravel())
-                drew = True
+        stats = []
+        for e in runs:
+            miss = GAMMA.missing(_tables(e))
+            if miss:
+                notes.append(f"{e.label}: γ row skipped (missing {', '.join(miss)})")
+                continue
+            st = gamma_epoch_stats(e.steps)
+            if st["median"].notna().any():
+                stats.append(st)
+                gamma_values.append(st.to_numpy().ravel())
             else:
                 notes.append(f"{e.label}: γ row skipped (no defined γ_k)")
+        if stats:
+            gamma_drawn.append((ls, color, stats))
+            drew = True
         if drew:
-            handles.append(Line2D([], [], color=color, ls=ls, lw=1.5, label=legend_label(e)))
+            handles.append(Line2D([], [], color=color, ls=ls, lw=1.5, label=_cell_label(name, runs, seeded)))
 
     scale, linthresh = _gamma_scale(np.concatenate(gamma_values) if gamma_values else np.empty(0))
-    for e, color, stats in gamma_drawn:
-        x = stats.index.to_numpy() + 0.5
-        ax_g.fill_between(x, stats["q25"], stats["q75"], color=color, alpha=0.15, lw=0)
-        ax_g.plot(x, stats["median"], _style(e), marker="o", ms=3, color=color, lw=1.3)
+    for ls, color, stats in gamma_drawn:
+        if seeded:
+            agg = _aggregate([st["median"] for st in stats])
+            low = pd.concat([st["min"] for st in stats], axis=1).min(axis=1)
+            x = agg.index.to_numpy() + 0.5
+            draw(ax_g, agg, x, ls, color, marker="o")
+        else:
+            st = stats[0]
+            x = st.index.to_numpy() + 0.5
+            ax_g.fill_between(x, st["q25"], st["q75"], color=color, alpha=0.15, lw=0)
+            ax_g.plot(x, st["median"], ls, marker="o", ms=3, color=color, lw=1.3)
+            low = st["min"]
         # clip_on=False: the lowest minimum sits on the axis edge and would be cut in half.
-        ax_g.plot(x, stats["min"], ls="none", marker="v", ms=4, color=color, alpha=0.8, clip_on=False)
+        ax_g.plot(low.index.to_numpy() + 0.5, low, ls="none", marker="v", ms=4, color=color, alpha=0.8,
+                  clip_on=False)
 
     ax_d.set_ylabel(r"$d_k / D_0$")
     ax_d.set_ylim(bottom=0)
@@ -227,8 +279,9 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
             ax_g.axhline(0.0, color="0.5", lw=0.6)
         else:
             ax_g.set_yscale("log")
-        style = [Line2D([], [], color="0.3", marker="o", ms=3, label="median"),
-                 Patch(color="0.3", alpha=0.15, label="25–75%"),
+        band = "seed min–max" if seeded else "25–75%"
+        style = [Line2D([], [], color="0.3", marker="o", ms=3, label="mean of medians" if seeded else "median"),
+                 Patch(color="0.3", alpha=0.15, label=band),
                  Line2D([], [], color="0.3", ls="none", marker="v", ms=4, label="min")]
         ax_g.legend(handles=style, fontsize=8, loc="best", ncols=3)
     ax_g.set_ylabel(r"$\gamma_k$ per epoch" + (" (symlog)" if scale == "symlog" else ""))
@@ -241,12 +294,13 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 3))
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, out, "trajectory")
+    return _save(fig, out, stem)
 
 
 # ---------------------------------------------------------------------- layers figure
-def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]) -> Path | None:
-    """Draw ``layers.png``/``.pdf``: each tensor's share of the total progress Σ_k P_k.
+def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
+                  stem: str = "layers") -> Path | None:
+    """Draw ``<stem>.png``/``.pdf``: each tensor's share of the total progress Σ_k P_k.
 
     One panel per run with a per-tensor table, one horizontal bar per tensor in model
     order; a negative share (the tensor moved the trajectory away from θ* overall) is
@@ -305,4 +359,4 @@ def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]
     fig.text(0.5, -0.01, r"bar labels: fraction of steps on which the tensor pulled against ($P_{k,i} < 0$)",
              ha="center", fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return _save(fig, out, "layers")
+    return _save(fig, out, stem)

@@ -1,0 +1,367 @@
+"""Studies end to end: a two-cell study trains, replays, analyses and reports; the report's
+numbers are the runs' own; the claim verdicts follow their rules; presets and YAML grids
+build valid configs; an interrupted study resumes without redoing finished runs.
+
+One tiny study (digits, 128 samples, MLP 16×2, Adam; relu and tanh, each reaching the
+target loss in a few epochs, plus one epoch of continuation) is run once per module.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from gammatrace.experiments import STUDIES, run_study, study_from_yaml
+from gammatrace.experiments.presets import PRESETS
+from gammatrace.experiments.study import Claim, grid_study, make_study, prepare_init, run_task
+from gammatrace.report import study as S
+from gammatrace.report.study import RunPoint, check_claim, null_baseline
+from gammatrace.store import load_run
+from gammatrace.train import train_pass
+from tests.test_report import assert_cell, md_table
+
+TARGET = 1.0
+SPEC = {
+    "name": "tiny", "question": "Does ReLU beat tanh?", "shared_init": True,
+    "base": {"epochs": 10, "batch_size": 32, "target_loss": TARGET,
+             "data": {"name": "digits", "n_train": 128, "n_test": 64},
+             "model": {"name": "mlp", "width": 16, "depth": 2}, "optim": {"name": "adam", "lr": 0.02},
+             "reference": {"kind": "continuation", "extra_epochs": 1}},
+    "variants": {a: {"model": {"activation": a}} for a in ("relu", "tanh")},
+    "claims": [{"text": "ReLU first", "order": ["relu", "tanh"]}],
+}
+
+
+def _mtimes(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    html = run_study(grid_study(SPEC), out, progress=False)
+    for name in ("relu", "tanh"):  # the fixture must hold what the tests rely on
+        run = load_run(out / name)
+        assert run.status == "complete" and run.meta["reached_target"] is True
+        assert set(run.references()) == {"last", "continuation"}
+    return out, html
+
+
+# ------------------------------------------------------------------ end to end + numbers
+def test_study_writes_report_and_init(study):
+    out, html = study
+    assert html == out / "report" / "report.html"
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["runs"] == {"relu": "relu", "tanh": "tanh"} and meta["claims"][0]["order"] == ["relu", "tanh"]
+    # One shared initial point, loaded by both cells (same shapes: every tensor).
+    init = out / "init" / "tiny-s0.pt"
+    assert init.is_file()
+    for name in ("relu", "tanh"):
+        assert load_run(out / name).config.model.init_from == str(init.resolve())
+    for f in ("trajectory_tiny.png", "trajectory_tiny.pdf", "layers_tiny.png", "summary.md", "report.html"):
+        assert (out / "report" / f).stat().st_size > 1000, f
+    assert html.read_text().count('<img src="data:image/png;base64,') == 2
+
+
+def test_report_numbers_equal_the_runs_tables(study):
+    out, _ = study
+    md = (out / "report" / "summary.md").read_text()
+    rows = {r["run"]: r for r in md_table(md, "## Runs")}
+    assert set(rows) == {"relu", "tanh"}
+    for name, row in rows.items():
+        run = load_run(out / name)
+        s, c = run.summary("last"), run.summary("continuation")
+        epochs = run.epochs()
+        for header, value in [("certified γ_min", s["gamma_min"]), ("fraction γ_k > 0", s["gamma_frac_positive"]),
+                              ("median γ_k", s["gamma_median"]), ("median γ_k (continuation)", c["gamma_median"]),
+                              ("γ_eff (loss-determined)", s["gamma_eff"]), ("d_k increases", s["dist_n_increase"]),
+                              ("rate tightness (actual / bound)", s["rate_tightness"]),
+                              ("final train loss", s["train_loss"]), ("final test acc / MSE", s["test_acc"]),
+                              ("epochs", s["epochs"])]:
+            assert_cell(row[header], value, f"{name} {header}")
+        # Epochs to the threshold (the target) straight from the per-epoch table.
+        first = int(epochs.loc[epochs["train_loss"] <= TARGET, "epoch"].iloc[0]) + 1
+        assert row["epochs to threshold"] == str(first) == str(s["epochs"])
+        assert row["flags"] == "—"
+        # The median γ_k of the summary is the median of the step table's defined γ_k.
+        g = run.steps("last")["gamma"].to_numpy(float)
+        assert math.isclose(s["gamma_median"], float(np.median(g[np.isfinite(g)])), rel_tol=1e-9)
+
+    claim = md_table(md, "### ReLU first")
+    for r in claim:
+        run = load_run(out / r["cell"])
+        assert_cell(r["median γ_k, θ* = θ_T"], run.summary("last")["gamma_median"], r["cell"])
+        assert_cell(r["median γ_k, continuation θ*"], run.summary("continuation")["gamma_median"], r["cell"])
+        assert r[f"epochs to the target loss {TARGET:g}"] == str(run.summary()["epochs"])
+    verdicts = md_table(md, "| reference point |")
+    assert [v["reference point"] for v in verdicts] == list(S.REFERENCES.values())
+    # Two cells: never enough for a verdict, whatever the numbers.
+    assert all(v["verdict"] == "inconclusive (fewer than 3 comparable cells (2))" for v in verdicts)
+
+
+def test_null_baseline_rows_match_the_steps(study):
+    out, _ = study
+    md = (out / "report" / "summary.md").read_text()
+    rows = {r["run"]: r for r in md_table(md, "## Null baseline for alignment")}
+    for name, row in rows.items():
+        run = load_run(out / name)
+        st = run.steps("last")
+        assert_cell(row["fraction P_k > 0"], float((st["progress"] > 0).mean()), name)
+        assert_cell(row["mean cos_align"], float(st["cos_align"].mean()), name)
+        assert_cell(row["null sd of one step (1/√n)"], run.summary()["cos_null_scale"], name)
+        assert 0 <= float(row["fraction P_k > 0, random direction (exact)"]) < 0.5
+
+
+def test_exact_null_fraction_matches_sampling():
+    # Random directions of the step's norm in R^n, sampled: the fraction that decreases
+    # the distance to θ* equals the exact Beta-law value the report prints.
+    rng = np.random.default_rng(0)
+    n, steps = 40, []
+    v = rng.normal(size=n)
+    for upd in (0.05, 0.3, 1.0):
+        u = rng.normal(size=(20000, n))
+        u *= upd / np.linalg.norm(u, axis=1, keepdims=True)
+        progress = u @ v - 0.5 * upd**2  # P = <θ_k − θ*, Δ> − ½‖Δ‖², with θ_k − θ* = v
+        steps.append((float(v @ v), upd**2, float((progress > 0).mean())))
+    table = pd.DataFrame({"dist_sq": [s[0] for s in steps], "update_sq": [s[1] for s in steps],
+                          "progress": [1.0, 1.0, 1.0], "cos_align": [0.0, 0.0, 0.0]})
+    entry = SimpleNamespace(run=SimpleNamespace(meta={"n_params": n}), steps=table)
+    exact = null_baseline(entry)["frac_progress_null"]
+    sampled = float(np.mean([s[2] for s in steps]))
+    assert abs(exact - sampled) < 0.01, (exact, sampled)
+
+
+def test_seeded_figure_draws_mean_and_band(study, tmp_path):
+    from gammatrace.report.collect import collect
+    from gammatrace.report.figures import trajectory_figure
+
+    out, _ = study
+    entries = collect([out / "relu", out / "tanh"], "last")
+    # Two runs as the two "seeds" of one cell: one line (their mean) with a min–max band.
+    png = trajectory_figure(entries, tmp_path, notes := [], cells={"pair": entries}, stem="trajectory_pair")
+    assert png == tmp_path / "trajectory_pair.png" and not notes
+    lines = trajectory_figure(entries, tmp_path, [], cells={"relu": entries[:1], "tanh": entries[1:]})
+    assert lines.stat().st_size > 10000
+
+
+# --------------------------------------------------------------------------- verdicts
+def _pts(values, excluded=None):
+    """(cell, γ, epochs) triples -> RunPoints, seeds as cell-s<i>."""
+    out = []
+    for i, (cell, gamma, conv) in enumerate(values):
+        out.append(RunPoint(f"{cell}-{i}", cell, gamma, conv, (excluded or {}).get(cell)))
+    return out
+
+
+@pytest.mark.parametrize("values, excluded, verdict, reason", [
+    ([("a", 3, 10), ("b", 2, 20), ("c", 1, 30)], None, "consistent", "ρ(claimed order, γ) = 1, ρ(γ, speed) = 1"),
+    ([("a", 1, 10), ("b", 2, 20), ("c", 3, 30)], None, "not consistent", "= -1"),
+    # γ ordered as claimed but the slowest cell has the largest γ: convergence disagrees.
+    ([("a", 3, 30), ("b", 2, 20), ("c", 1, 10)], None, "not consistent", "ρ(γ, speed) = -1"),
+    ([("a", 3, 10), ("b", 2, 20), ("c", 1, 30)], {"c": "no progress (mean batch loss fell by only 1.0%)"},
+     "inconclusive", "cells excluded: c"),
+    ([("a", 3, 10), ("b", 2, 20)], None, "inconclusive", "fewer than 3 comparable cells (2)"),
+    # Two seeds per cell whose γ ranges overlap between claimed neighbours a and b.
+    ([("a", 3, 10), ("a", 1.9, 11), ("b", 2, 20), ("b", 2.1, 21), ("c", 0.5, 30), ("c", 0.6, 31)], None,
+     "inconclusive", "seed spread overlaps: a [1.9, 3] vs b [2, 2.1]"),
+    ([("a", 3, 10), ("b", 3, 20), ("c", 3, 30)], None, "inconclusive", "undefined"),
+    ([("a", 2, 10), ("b", 3, 30), ("c", 1, 20), ("d", 2.5, 5)], None, "inconclusive", "weak rank correlation"),
+])
+def test_claim_verdicts(values, excluded, verdict, reason):
+    order = sorted({v[0] for v in values})
+    result = check_claim(order, _pts(values, excluded))
+    assert result.verdict == verdict, result.text
+    assert reason in result.reason, result.text
+
+
+def test_claim_with_seeds_uses_seed_means():
+    values = [("a", 3, 10), ("a", 3.2, 12), ("b", 2, 20), ("b", 2.2, 22), ("c", 1, 30), ("c", 1.2, 28)]
+    r = check_claim(["a", "b", "c"], _pts(values))
+    assert r.verdict == "consistent" and r.n_runs == 6
+    assert [round(c.gamma, 6) for c in r.cells] == [3.1, 2.1, 1.1]
+    assert r.gamma_order == r.speed_order == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------- presets, YAML
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", STUDIES.names())
+def test_every_study_and_preset_builds_valid_configs(name, preset):
+    study = STUDIES.get(name)(preset, None if preset == "quick" else "/data/cifar")
+    assert study.cells and study.claims, name
+    for cell, cfg in study.cells.items():
+        cfg.check_names()
+        assert cell in study.groups[study.group_of(cell)]
+    for claim in study.claims:
+        assert len(claim.order) >= 2 and set(claim.order) <= set(study.groups[claim.group])
+    for cfg in study.runs(seeds=2, init_dir="/tmp/init").values():
+        assert cfg.reference.kind == "continuation" and cfg.reference.extra_epochs >= 1
+        assert (cfg.model.init_from is not None) == study.shared_init
+    if preset == "quick":
+        for cfg in study.cells.values():
+            # A common end point: every quick cell stops at a target loss, with a cap.
+            assert cfg.device == "cpu" and cfg.target_loss is not None and cfg.epochs <= 250
+            assert cfg.threads == 1  # two workers on two cores
+        assert len(study.cells) <= 18
+    else:
+        dataset = "cifar100" if preset == "paper100" else "cifar10"
+        for cell, cfg in study.cells.items():
+            assert (cfg.device, cfg.epochs, cfg.batch_size, cfg.data.augment) == ("cuda", 150, 128, "none")
+            if cfg.loss == "cross_entropy":
+                assert cfg.data.name == dataset and cfg.data.switches()["data_dir"] == "/data/cifar", cell
+            else:  # the U-Net denoises CIFAR-shaped synthetic images
+                assert cfg.data.name == "synthetic_denoise" and cfg.data.switches()["size"] == 32
+        assert study.shared_init or name == "init"
+
+
+@pytest.mark.parametrize("name", STUDIES.names())
+def test_every_quick_cell_builds_its_data_and_model(name):
+    from gammatrace.train.session import build_session
+
+    for cell, cfg in STUDIES.get(name)("quick", None).cells.items():
+        sess = build_session(cfg)
+        assert sess.steps_per_epoch >= 5, cell  # enough steps per epoch for per-epoch γ statistics
+
+
+def test_paper_learning_rates():
+    lr = {c: cfg.optim.lr for c, cfg in STUDIES.get("batchnorm")("paper", None).cells.items()}
+    assert lr["vgg11-all"] == lr["vgg16-none"] == 0.01 and lr["resnet18-first"] == lr["resnet34-all"] == 0.05
+    act = STUDIES.get("activation")("paper", None).cells
+    assert act["unet-relu"].optim.lr == 0.005 and act["unet-relu"].loss == "mse"
+    assert act["alexnet_small-leaky_relu"].optim.lr == 0.05
+    opt = STUDIES.get("optimizer")("paper", None).cells
+    assert {cfg.optim.lr for cfg in opt.values()} == {0.001}
+    assert opt["vgg16-adam"].optim.eps == 0.01 and opt["vgg16-momentum"].optim.momentum == 0.5
+    assert "data_dir" not in act["resnet18-relu"].data.switches()  # no --data-dir: the reader's default
+
+
+def test_study_yaml_grid_and_cell_forms(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "question": "q", "base": {"data": {"name": "digits"}},
+        "variants": {"relu": {"model": {"activation": "relu"}}, "tanh": {"model": {"activation": "tanh"}}},
+        "groups": {"mlp": {"base": {"model": {"name": "mlp"}}},
+                   "cnn": {"base": {"model": {"name": "cnn1d"}}, "variants": {"relu": {}}}},
+        "claims": [{"text": "relu first", "order": ["relu", "tanh"]}]}))
+    s = study_from_yaml(grid)
+    assert s.name == "grid" and sorted(s.cells) == ["cnn-relu", "mlp-relu", "mlp-tanh"]
+    assert s.groups == {"mlp": ["mlp-relu", "mlp-tanh"], "cnn": ["cnn-relu"]}
+    assert [(c.group, c.order) for c in s.claims] == [("mlp", ("mlp-relu", "mlp-tanh"))]  # cnn has one variant
+    assert s.cells["cnn-relu"].model.name == "cnn1d" and s.cells["mlp-tanh"].model.switches() == {"activation": "tanh"}
+
+    cells = tmp_path / "cells.yaml"
+    cells.write_text(yaml.safe_dump({"name": "c", "cells": {"a": {"optim": {"lr": 0.1}}, "b": {}},
+                                     "claims": [{"text": "a first", "order": ["a", "b"]}]}))
+    s = study_from_yaml(cells)
+    assert s.cells["a"].optim.lr == 0.1 and s.claims == [Claim("a first", ("a", "b"))]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"variants": {"a": {}, "b": {}}, "claims": [{"text": "t", "order": ["a", "bb"]}]}))
+    with pytest.raises(ValueError, match=r"unknown variants \['bb'\]"):
+        study_from_yaml(bad)
+    bad.write_text(yaml.safe_dump({"variants": {"a": {}}, "seeds": 3}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        study_from_yaml(bad)
+    bad.write_text(yaml.safe_dump({"cells": {"a": {}}, "claims": [{"text": "t", "order": ["a", "zz"]}]}))
+    with pytest.raises(ValueError, match="unknown cells"):
+        study_from_yaml(bad)
+
+
+def test_shared_init_covers_every_cell_where_shapes_allow(tmp_path):
+    from gammatrace.models.init import load_init
+    from gammatrace.train.session import build_session
+
+    # Skip quick: a U-Net without skips has narrower decoder convs than with them.
+    study = STUDIES.get("skip")("quick", None)
+    study = make_study("s", "", {}, {c: study.cells[c].model_dump() for c in ("unet-all", "unet-none")},
+                       groups={"unet": ["unet-all", "unet-none"]}, shared_init=True)
+    (path,) = prepare_init(study, tmp_path / "init")
+    stamp = path.stat().st_mtime_ns
+    reports = {c: load_init(build_session(cfg.with_overrides({"model": {"init_from": None}})).model, path)
+               for c, cfg in study.cells.items()}
+    assert reports["unet-all"].complete  # the largest cell is covered whole
+    assert reports["unet-none"].loaded and reports["unet-none"].shape_mismatch
+    assert prepare_init(study, tmp_path / "init") == [path] and path.stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- resume
+def test_rerun_redoes_nothing_and_resumes_what_is_missing(study, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(study[0], out)
+    for name in ("relu", "tanh"):  # the copied runs must point at the copied init
+        meta = json.loads((out / name / "run.json").read_text())
+        meta["config"]["model"]["init_from"] = str((out / "init" / "tiny-s0.pt").resolve())
+        (out / name / "run.json").write_text(json.dumps(meta))
+    before = _mtimes(out)
+    # Interrupted analysis: tanh lost its continuation analysis.
+    shutil.rmtree(out / "tanh" / "analysis" / "continuation")
+    run_study(grid_study(SPEC), out, progress=False)
+    after = _mtimes(out)
+    # Re-analysing tanh legitimately rewrites its status in run.json and the report.
+    untouched = [k for k in before if not k.startswith(("report/", "tanh/analysis/continuation", "tanh/run.json"))]
+    changed = [k for k in untouched if after.get(k) != before[k]]
+    assert not changed, changed  # relu, tanh's training and its 'last' analysis, study.json, init
+    assert "tanh/analysis/continuation/summary.json" in after
+    assert load_run(out / "tanh").summary("continuation") == load_run(study[0] / "tanh").summary("continuation")
+
+
+def test_interrupted_training_resumes_inside_the_study(tmp_path):
+    spec = {**SPEC, "shared_init": False}
+    study = grid_study(spec)
+    out = tmp_path / "s"
+    configs = study.runs()
+    # relu finished, tanh killed after one epoch (as a kill between epochs leaves it).
+    run_task(configs["relu"].model_dump(mode="json"), str(out / "relu"))
+    train_pass(configs["tanh"], out / "tanh", progress=False, stop_after=1)
+    relu_before = _mtimes(out / "relu")
+    assert load_run(out / "tanh").meta["epochs_done"] == 1
+    run_study(study, out, progress=False)
+    assert _mtimes(out / "relu") == relu_before
+    assert load_run(out / "tanh").status == "complete"
+
+
+def test_another_study_in_the_same_folder_is_refused(study):
+    other = {**SPEC, "name": "other"}
+    with pytest.raises(ValueError, match="holds another study"):
+        run_study(grid_study(other), study[0], progress=False)
+    with pytest.raises(ValueError, match="with other runs .* --seeds 1"):
+        run_study(grid_study(SPEC), study[0], seeds=2, progress=False)
+
+
+def test_report_only_and_auto_detected_study(study, tmp_path):
+    out, _ = study
+    from gammatrace.report import report
+
+    html = report([out / "relu", out / "tanh"], tmp_path / "r")  # study.json found beside the runs
+    assert "## Claim check" in (tmp_path / "r" / "summary.md").read_text()
+    assert html.exists()
+    assert run_study(grid_study(SPEC), out, report_only=True, progress=False) == out / "report" / "report.html"
+
+
+def test_cli_study_yaml(tmp_path, capsys):
+    from gammatrace.cli import main
+
+    spec = {k: v for k, v in SPEC.items() if k != "name"}
+    spec["base"] = {**spec["base"], "epochs": 3, "target_loss": None, "reference": {"kind": "last"}}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert f"report: {tmp_path / 'o' / 'report' / 'report.html'}" in capsys.readouterr().out
+    md = (tmp_path / "o" / "report" / "summary.md").read_text()
+    # No continuation analysis: that side of the check says so, and no target: final loss.
+    assert "no continuation analysis" in md and "final train loss (lowest first)" in md
+
+
+def test_docstring_examples():
+    from gammatrace.experiments import cli, executors, presets, study
+    from gammatrace.report import study as report_study
+
+    for module in (study, presets, executors, cli, report_study):
+        assert doctest.testmod(module).failed == 0, module.__name__
