@@ -10,7 +10,7 @@ whatever the optimizer (DESIGN.md §1), and every inner product the principles n
 
 Why the arithmetic looks the way it does:
 
-* θ_k − θ*, g_k and Δ_k live in one (3, d) float64 block. A float32 value is exact in
+* θ_k − θ*, g_k, Δ_k and θ_{k+1} live in one (4, d) float64 block. A float32 value is exact in
   float64 and the difference of two float32 values is exact in float64, so Δ_k and
   θ_k − θ* carry no rounding; inner products accumulate in float64. P_k is formed from Δ_k,
   never as ½(d_k² − d_{k+1}²), which cancels catastrophically when steps are small.
@@ -124,10 +124,11 @@ class Probe:
         self.n_params = sum(self.sizes)
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
-        # One (3, d) float64 block: row 0 = θ_k − anchor, row 1 = g_k, row 2 = θ_k, then
-        # Δ_k (subtracted in place: no θ_{k+1} copy).
-        self._block = torch.zeros(3, self.n_params, dtype=torch.float64, device=self.device)
-        self._e_views, self._g_views, self._d_views = (self._views(row) for row in self._block)
+        # One (4, d) float64 block: row 0 = θ_k − anchor, row 1 = g_k, row 2 = θ_k, then
+        # Δ_k, row 3 = θ_{k+1}. Preallocated: a mixed-dtype in-place subtraction would
+        # allocate (and page-fault) a d-sized float64 temporary every step.
+        self._block = torch.zeros(4, self.n_params, dtype=torch.float64, device=self.device)
+        self._e_views, self._g_views, self._d_views, self._next_views = (self._views(row) for row in self._block)
         ends = torch.tensor(self.sizes).cumsum(0).tolist()
         self._bounds = list(zip([0, *ends[:-1]], ends))
         self._ref_model: nn.Module | None = None
@@ -225,7 +226,8 @@ class Probe:
 
         self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
-        torch._foreach_sub_(self._d_views, params)  # Δ_k = θ_k − θ_{k+1}
+        torch._foreach_copy_(self._next_views, params)  # θ_{k+1}, exact in float64
+        torch.sub(block[2], block[3], out=block[2])  # Δ_k = θ_k − θ_{k+1}, exact
         loss64 = loss.detach().reshape(()).to(torch.float64)
         e, g, d = block[0], block[1], block[2]
         # Plain float64 dots: for a (3, d) block, BLAS's skinny GEMM measured 2-3x slower
