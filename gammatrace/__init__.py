@@ -19,12 +19,8 @@ __version__ = "0.1.0"
 from gammatrace.analysis import analyze  # noqa: E402
 from gammatrace.config import RunConfig  # noqa: E402
 from gammatrace.probe import Probe  # noqa: E402
+from gammatrace.report import report  # noqa: E402
 from gammatrace.store import load_run  # noqa: E402
 from gammatrace.train import train  # noqa: E402
-
-try:
-    from gammatrace.report import report  # noqa: E402
-except ImportError:  # pragma: no cover - the report package is optional until built
-    pass
 
 __all__ = ["Probe", "RunConfig", "__version__", "analyze", "load_run", "report", "train"]

@@ -132,10 +132,8 @@ class RunConfig(_Strict):
         OPTIMIZERS.get(self.optim.name)
         SCHEDULES.get(self.schedule.name)
         LOSSES.get(self.loss)
-        try:
-            from gammatrace.models.init import INITS
-        except ImportError:  # pragma: no cover - init registry not installed
-            return
+        from gammatrace.models.init import INITS
+
         INITS.get(self.model.init)
         acts = [v for k, v in self.model.switches().items() if k == "activation"]
         if acts:
