@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gammatrace.config import RunConfig, deep_merge, load_yaml
+from gammatrace.config import RunConfig, load_yaml, merge_config
 
 
 def _preset_path(name: str) -> Path:
@@ -46,7 +46,7 @@ def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
     runs = data["runs"] or {}
     if not isinstance(runs, dict) or not runs:
         raise ValueError("'runs' must map run names to overrides")
-    return {name: RunConfig.model_validate(deep_merge(deep_merge(data.get("base") or {}, over or {}), {"name": name}))
+    return {name: RunConfig.model_validate(merge_config(merge_config(data.get("base") or {}, over or {}), {"name": name}))
             for name, over in runs.items()}
 
 

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,26 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Overrides onto a base config dict, for run lists and studies alike: ``deep_merge``,
+    except that a ``data`` or ``model`` section naming another dataset or network than
+    ``base`` starts afresh: options are per dataset/network (an MNIST-1D
+    ``num_samples`` means nothing to a synthetic image set, an MLP's ``width`` is a
+    channel multiplier to a conv net).
+
+    Example:
+        >>> merge_config({"data": {"name": "mnist1d", "num_samples": 1000}, "epochs": 5},
+        ...              {"data": {"name": "digits"}})
+        {'data': {'name': 'digits'}, 'epochs': 5}
+    """
+    out = deep_merge(base, over)
+    for section in ("data", "model"):
+        b, o = base.get(section), over.get(section)
+        if isinstance(b, dict) and isinstance(o, dict) and "name" in b and "name" in o and b["name"] != o["name"]:
+            out[section] = copy.deepcopy(o)
     return out
 
 

@@ -21,13 +21,13 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gammatrace.config import RunConfig, deep_merge, load_yaml
+from gammatrace.config import RunConfig, load_yaml
+from gammatrace.config import merge_config as merge
 from gammatrace.registry import Registry
 
 STUDIES = Registry("study")
@@ -102,25 +102,6 @@ class Study:
                 "seed_of": {name: i for name, (_, i) in names.items()},
                 "groups": {name: self.group_of(cell) for name, (cell, _) in names.items()},
                 "claims": [{"text": c.text, "order": list(c.order), "group": c.group} for c in self.claims]}
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``deep_merge``, except that a ``data`` or ``model`` section naming another dataset
-    or network than ``base`` starts afresh: options are per dataset/network (an MNIST-1D
-    ``num_samples`` means nothing to a synthetic image set, an MLP's ``width`` is a
-    channel multiplier to a conv net).
-
-    Example:
-        >>> merge({"data": {"name": "mnist1d", "num_samples": 1000}, "epochs": 5},
-        ...       {"data": {"name": "digits"}})
-        {'data': {'name': 'digits'}, 'epochs': 5}
-    """
-    out = deep_merge(base, over)
-    for section in ("data", "model"):
-        b, o = base.get(section), over.get(section)
-        if isinstance(b, dict) and isinstance(o, dict) and "name" in b and "name" in o and b["name"] != o["name"]:
-            out[section] = copy.deepcopy(o)
-    return out
 
 
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
