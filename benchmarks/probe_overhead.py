@@ -6,8 +6,8 @@ One run prints, side by side, for each model x mode:
   ``optimizer.step()``), of record mode (``Probe(model, opt)``; ``probe.step`` instead of
   ``opt.step()``) and of reference mode (``Probe(model, opt, loss_fn, reference=...)``),
   the ratio to the plain loop, the target and PASS/MISS, and the probe-only cost in ms;
-* the probe's extra memory: bytes of the tensors it allocates (its float64 flat buffers
-  and, in reference mode, its private copy of the model), that figure over d x 8 bytes,
+* the probe's extra memory: bytes of the tensors it allocates (its kernel's buffers:
+  θ_k and the anchor; and, in reference mode, its private copy of the model), that figure over d x 8 bytes,
   and the process peak-RSS delta measured in a fresh child process;
 * the O(d) check: the same probe measured after T1 and after T2 steps. The buffers do
   not change with T; only the per-step scalars (a few float64 per step, host-side after
@@ -29,6 +29,7 @@ Usage::
     python benchmarks/probe_overhead.py                 # full run (a few minutes on 1 thread)
     python benchmarks/probe_overhead.py --quick         # smoke run, < 20 s
     python benchmarks/probe_overhead.py --threads 2 --rounds 8 --steps 300
+    python benchmarks/probe_overhead.py --kernel torch  # the float64-buffer kernel (GPU's) on CPU
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ TARGETS = {
 }
 
 
+KERNEL: str | None = None  # --kernel: the probe's arithmetic (None: the probe's own choice)
+
+
+def make_probe(mode: str, model: nn.Module, opt: torch.optim.Optimizer, reference: dict[str, torch.Tensor] | None) -> Probe | None:
+    """No probe (plain), a record-mode probe, or a reference-mode probe against ``reference``."""
+    if mode == "plain":
+        return None
+    return Probe(model, opt, loss_fn, reference=reference if mode == "reference" else None, kernel=KERNEL)
+
+
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
@@ -116,12 +127,7 @@ class Runner:
     def create(cls, mode: str, base: nn.Module, reference: dict[str, torch.Tensor], data) -> Runner:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        probe = None
-        if mode == "record":
-            probe = Probe(model, opt)
-        elif mode == "reference":
-            probe = Probe(model, opt, loss_fn, reference=reference)
-        return cls(mode, model, opt, data, probe)
+        return cls(mode, model, opt, data, make_probe(mode, model, opt, reference))
 
     def step(self) -> None:
         batch = self.data[self.i % len(self.data)]
@@ -161,54 +167,33 @@ def per_step_ms(step_ms: list[float], flush_ms: list[float], epoch_len: int) -> 
 
 
 # ---------------------------------------------------------------------- memory
-# Probe attributes that are not the probe's own O(d) allocations: the model's parameters,
-# and the per-step scalars (counted separately by probe_scalar_bytes).
-_NOT_BUFFERS = {"params", "model", "optimizer", "_pending", "_pending_tensor", "_pending_samples"}
-
-
-def _probe_storages(probe: Probe) -> dict[int, tuple[int, torch.dtype]]:
-    """Unique storages of the tensors the probe holds (attributes, lists of views), deduplicated
-    so that views into one block count once; the model's own tensors are excluded."""
-    own = {p.untyped_storage().data_ptr() for p in probe.model.parameters()}
-    own |= {b.untyped_storage().data_ptr() for b in probe.model.buffers()}
-    found: dict[int, tuple[int, torch.dtype]] = {}
-    for name, value in vars(probe).items():
-        if name in _NOT_BUFFERS:
-            continue
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for t in items:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() not in own:
-                    found[st.data_ptr()] = (st.nbytes(), t.dtype)
-    return found
-
-
 def probe_buffer_bytes(probe: Probe | None) -> int:
-    """Bytes of the O(d) tensors the probe holds: its flat buffers + its reference model copy."""
+    """Bytes of the O(d) tensors the probe holds: its kernel's buffers + its reference model copy."""
     if probe is None:
         return 0
-    total = sum(n for n, _ in _probe_storages(probe).values())
+    total = probe.kernel.nbytes()
     ref = getattr(probe, "_ref_model", None)
     if ref is not None:
         total += sum(t.numel() * t.element_size() for t in [*ref.parameters(), *ref.buffers()])
     return total
 
 
-def probe_flat_bytes(probe: Probe | None) -> int:
-    """Only the float64 flat buffers (no model copy)."""
-    if probe is None:
-        return 0
-    return sum(n for n, dt in _probe_storages(probe).values() if dt == torch.float64)
+def probe_kernel_bytes(probe: Probe | None) -> int:
+    """Only the kernel's buffers (θ_k and the anchor; no model copy)."""
+    return 0 if probe is None else probe.kernel.nbytes()
 
 
 def probe_scalar_bytes(probe: Probe | None) -> int:
-    """Bytes of the per-step scalars the probe keeps: pending device rows + flushed host frames."""
+    """Bytes of the per-step values the probe keeps: pending (loss, loss_ref, per-tensor products) + flushed frames."""
     if probe is None:
         return 0
     total = 0
-    for name in ("_pending", "_pending_tensor"):
-        total += sum(t.numel() * t.element_size() for t in getattr(probe, name, []))
+    for item in probe._pending:
+        for v in item:
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif v is not None:
+                total += v.nbytes
     for name in ("_frames", "_tensor_frames", "_sample_frames"):
         total += sum(int(f.memory_usage(deep=True).sum()) for f in getattr(probe, name, []))
     return total
@@ -220,8 +205,8 @@ def _describe_buffers(results: dict) -> str:
         r = next((v for k, v in results.items() if k[1] == mode), None)
         if r is not None:
             pt = r["points"][0]
-            parts.append(f"{mode}: {pt['flat'] / (8 * r['d']):.2f} x d float64"
-                         + (f" + the model copy ({(pt['buffers'] - pt['flat']) / (8 * r['d']):.2f} x 8d)" if pt["buffers"] > pt["flat"] else ""))
+            parts.append(f"{mode}: {pt['kernel'] / r['d']:.2f} bytes per parameter"
+                         + (f" + the model copy ({(pt['buffers'] - pt['kernel']) / (8 * r['d']):.2f} x 8d)" if pt["buffers"] > pt["kernel"] else ""))
     return "; ".join(parts)
 
 
@@ -269,7 +254,7 @@ def memory_child(model_name: str, mode: str, t1: int, t2: int, warmup: int, epoc
     tiny_opt = torch.optim.SGD(tiny.parameters(), lr=0.1, momentum=0.9)
     xb, yb = torch.randn(8, 4), torch.randint(0, 2, (8,))
     for ref in (None, {k: v.clone() for k, v in tiny.state_dict().items()}):
-        p = Probe(tiny, tiny_opt, loss_fn, reference=ref)
+        p = make_probe("record" if ref is None else "reference", tiny, tiny_opt, ref)
         for _ in range(3):
             tiny_opt.zero_grad()
             loss = loss_fn(tiny, (xb, yb))
@@ -291,10 +276,7 @@ def memory_child(model_name: str, mode: str, t1: int, t2: int, warmup: int, epoc
     base = maxrss_bytes()
     if mode != "plain":  # attach a probe to the live, warmed-up loop
         runner.mode = mode
-        runner.probe = (
-            Probe(runner.model, runner.opt) if mode == "record"
-            else Probe(runner.model, runner.opt, loss_fn, reference=reference)
-        )
+        runner.probe = make_probe(mode, runner.model, runner.opt, reference)
     out: dict[str, Any] = {"model": model_name, "mode": mode, "base_rss": base, "peak_reset": peak_reset, "points": []}
     done = 0
     # Phases 1-2 keep every flushed frame (host memory grows with T by the per-step
@@ -314,7 +296,7 @@ def memory_child(model_name: str, mode: str, t1: int, t2: int, warmup: int, epoc
             "take": take,
             "rss_delta": maxrss_bytes() - base,
             "buffers": probe_buffer_bytes(runner.probe),
-            "flat": probe_flat_bytes(runner.probe),
+            "kernel": probe_kernel_bytes(runner.probe),
             "scalars": probe_scalar_bytes(runner.probe),
         })
     out["d"] = count_params(runner.model)
@@ -340,7 +322,7 @@ def run_memory_children(args, jobs: list[tuple[str, str, str]], parallel: int) -
             sys.executable, os.path.abspath(__file__), "--_memory-child", job[0], job[1],
             "--threads", str(args.threads), "--warmup", str(min(args.warmup, 20)), "--epoch-len", str(args.epoch_len),
             "--mem-steps", f"{args.mem_steps[0]},{args.mem_steps[1]}",
-        ]
+        ] + (["--kernel", args.kernel] if args.kernel else [])
         env = {**os.environ, **ALLOCATORS[job[2]]}
         return job, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -393,11 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epoch-len", type=int, default=50, help="steps between probe.flush() calls (default 50)")
     ap.add_argument("--mem-steps", type=str, default="100,1000", help="T1,T2 for the O(d) memory check (default 100,1000)")
     ap.add_argument("--models", type=str, default=",".join(MODELS), help=f"comma list from {list(MODELS)}")
+    ap.add_argument("--kernel", choices=["fused", "torch"], default=None,
+                    help="the probe's arithmetic (default: the probe's own choice, 'fused' on CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak RSS")
     ap.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run (< 20 s); timings are not meaningful")
     ap.add_argument("--_memory-child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.mem_steps = tuple(int(v) for v in args.mem_steps.split(","))
+    global KERNEL
+    KERNEL = args.kernel
 
     if args._memory_child:
         t1, t2 = args.mem_steps
@@ -447,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# batch {BATCH}, input {INPUT_SHAPE}, SGD lr {LR} momentum {MOMENTUM}; flush every {args.epoch_len} steps "
           f"(inside the timed block); {args.rounds} interleaved rounds x {max(1, args.steps // args.epoch_len) * args.epoch_len} "
           f"steps per mode, after {args.warmup} warm-up steps; ms/step = median single-step time + median flush / {args.epoch_len}")
+    kernels = {r.probe.kernel.__class__.__name__ for rs in timing.values() for r in rs.values() if r.probe is not None}
+    print(f"# probe kernel: {args.kernel or 'default'} ({', '.join(sorted(kernels)) or '-'})")
     if args.quick:
         print("# --quick: smoke run, numbers are NOT meaningful")
     print()
@@ -485,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("ms/step: median per-step time; ratio: vs the plain loop (median/median); rounds min-max: the ratio "
           "within each round; probe ms: ms/step minus plain ms/step (probe-only cost per step, flush amortised); "
-          "buffers: the probe's O(d) tensors (float64 flat buffers, plus the reference model copy in reference "
-          "mode); RSS dMB: growth of the process peak RSS over the plain loop's own peak, after attaching the "
+          "buffers: the probe's O(d) tensors (its kernel's θ_k and anchor, plus the reference model copy in "
+          "reference mode); RSS dMB: growth of the process peak RSS over the plain loop's own peak, after attaching the "
           f"probe to a warmed-up loop in a fresh process, after T1={args.mem_steps[0]} steps (plain row: the "
           "noise floor); 'RSS dMB' with glibc's default malloc, 'pinned' with MALLOC_MMAP_THRESHOLD_=131072 "
           "(no heap fragmentation: the bytes really held, plus transients within a step).")
@@ -496,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"O(d) memory check: the same probe after T1={t1} and T2={t2} steps (flush every {args.epoch_len}, "
               f"frames kept), then T3*={2 * t2 - t1} (from T2 on, Probe.take() every epoch: frames handed over).")
-        hdr2 = (f"{'model':<6} {'mode':<9} {'T':>6} {'flat f64 MB':>11} {'buffers MB':>10} {'buffers/(8d)':>12} "
+        hdr2 = (f"{'model':<6} {'mode':<9} {'T':>6} {'kernel MB':>11} {'buffers MB':>10} {'buffers/(8d)':>12} "
                 f"{'scalars KB':>10} {'B/step':>7} | {'RSS dMB':>8} {'/(8d)':>6} {'+B/step':>8} | {'RSS dMB':>8} {'/(8d)':>6} {'+B/step':>8}")
         print(f"{'':<{hdr2.index('|') + 2}}{'glibc default malloc':<26}| pinned mmap threshold")
         print(hdr2)
@@ -520,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                             grow = f"{(rss - p0['rss_delta']) / (pt['steps'] - p0['steps']):.0f}"
                         cells.append(f"{fmt_mb(rss):>8} {'-' if rss is None else f'{rss / (8 * d):.2f}':>6} {grow:>8}")
                     steps = f"{pt['steps']}{'*' if pt.get('take') else ''}"
-                    print(f"{m:<6} {mode:<9} {steps:>6} {fmt_mb(pt['flat']):>11} {fmt_mb(pt['buffers']):>10} "
+                    print(f"{m:<6} {mode:<9} {steps:>6} {fmt_mb(pt['kernel']):>11} {fmt_mb(pt['buffers']):>10} "
                           f"{pt['buffers'] / (8 * d):>12.3f} {pt['scalars'] / 1024:>10.1f} {per_step:>7.0f} | "
                           f"{cells[0]} | {cells[1]}")
         if not all(r.get("peak_reset") for r in mem_proc_results.values()):

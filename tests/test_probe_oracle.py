@@ -172,7 +172,11 @@ def _user_opt(model):
     return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
 
 
-def test_probe_in_user_loop_matches_brute_force():
+KERNELS = ["fused", "torch"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_probe_in_user_loop_matches_brute_force(kernel):
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g))
     # Pass A: plain loop, storing every iterate via a recorder wrapped around opt.step.
@@ -185,7 +189,7 @@ def test_probe_in_user_loop_matches_brute_force():
     # Pass B: the same loop with the probe in reference mode.
     model_b = _user_model()
     opt_b, sched_b = _user_opt(model_b)
-    probe = gammatrace.Probe(model_b, opt_b, loss_fn, reference=ref_state)
+    probe = gammatrace.Probe(model_b, opt_b, loss_fn, reference=ref_state, kernel=kernel)
     _user_loop(model_b, opt_b, data, probe=probe, sched=sched_b)
     # Probing does not change the trajectory (BN statistics included).
     for (k, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
@@ -198,7 +202,8 @@ def test_probe_in_user_loop_matches_brute_force():
     assert "4.weight" not in set(probe.tensor_steps()["tensor"])
 
 
-def test_least_squares_closed_form():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_least_squares_closed_form(kernel):
     """Full-batch GD on over-parameterised least squares with known θ* = X⁺y.
 
     ⟨θ − θ*, ∇f⟩ = 2(f − f*) and γ_k = (2 − ½η‖∇f‖²/f) / D_0² in closed form.
@@ -212,7 +217,8 @@ def test_least_squares_closed_form():
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     loss_fn = lambda m, b: ((m(b[0]).squeeze(1) - b[1]) ** 2).mean()  # noqa: E731
-    probe = gammatrace.Probe(model, opt, loss_fn, reference={"weight": torch.from_numpy(theta_star[None, :])})
+    probe = gammatrace.Probe(model, opt, loss_fn, reference={"weight": torch.from_numpy(theta_star[None, :])},
+                             kernel=kernel)
     thetas = []
     for _ in range(40):
         thetas.append(model.weight.detach().numpy().ravel().copy())
@@ -231,6 +237,102 @@ def test_least_squares_closed_form():
     closed = (2 - 0.5 * lr * (grad ** 2).sum(1) / f) / d0_sq
     np.testing.assert_allclose(steps["gamma"], closed, rtol=1e-9)
     assert (steps["gamma"] > 0).all() and steps["dist_sq"].is_monotonic_decreasing
+
+
+class GradEatingSGD(torch.optim.SGD):
+    """An optimizer that scribbles on .grad after stepping (as some in-place variants do)."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(-3.0)
+        return out
+
+
+class _OddModel(nn.Module):
+    """A channels-last conv (non-contiguous parameters), a head, and a branch the loss never reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 4 * 4, 3)
+        self.unused = nn.Linear(2, 2)  # g = None every step
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_probe_kernels_exact_on_awkward_parameters(kernel):
+    """Non-contiguous parameters, a never-reached tensor, a float64 θ* off the float32 grid,
+    and an optimizer that changes .grad inside step(): each kernel still matches the
+    brute force (g_k is the gradient the loss produced, read before the step)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 2, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+
+    def build():
+        torch.manual_seed(0)
+        model = _OddModel().to(memory_format=torch.channels_last)
+        return model, GradEatingSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    model, opt = build()
+    assert not model.conv.weight.is_contiguous()
+    # θ* in float64 with values no float32 holds: the probe must not round it.
+    ref_state = {k: v.double() + 1e-9 * (1 + torch.arange(v.numel()).reshape(v.shape)) for k, v in model.state_dict().items()}
+
+    def loop(model, opt, stepper):
+        for s in range(0, 24, 8):
+            batch = (x[s:s + 8], y[s:s + 8])
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            stepper.step(loss, batch)
+
+    rec = Recorder(model, opt)
+    loop(model, opt, rec)
+    theta_T = flat([p for p in model.parameters() if p.requires_grad])
+    model_b, opt_b = build()
+    probe = gammatrace.Probe(model_b, opt_b, loss_fn, reference=ref_state, kernel=kernel)
+    loop(model_b, opt_b, probe)
+    assert torch.equal(flat(model_b.parameters()), flat(model.parameters()))
+    _compare(probe.steps(), brute_force(rec, model, loss_fn, theta_T, ref_state))
+    assert (probe.steps()["grad_sq"] > 0).all()
+    if kernel == "fused":  # the float64 θ* is kept in float64, a float32 one would be narrowed
+        assert {a.dtype for a in probe.kernel.anchor} == {torch.float64}
+
+
+def test_probe_kernels_agree_in_record_mode():
+    """Record mode (anchor θ_0) gives the same rows from both kernels, to float64 round-off."""
+    g = torch.Generator().manual_seed(5)
+    data = (torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g))
+    tables = []
+    for kernel in KERNELS:
+        model = _user_model()
+        opt, sched = _user_opt(model)
+        probe = gammatrace.Probe(model, opt, kernel=kernel)
+        _user_loop(model, opt, data, probe=probe, sched=sched)
+        tables.append(probe.steps())
+    fused, torch_ = tables
+    assert list(fused.columns) == list(torch_.columns)
+    np.testing.assert_array_equal(fused["loss"], torch_["loss"])
+    for col in ("update_sq", "grad_sq", "dist0_sq"):
+        np.testing.assert_allclose(fused[col], torch_[col], rtol=1e-13)
+    assert fused["dist0_sq"].iloc[0] == 0.0 and (fused["dist0_sq"].iloc[1:] > 0).all()
+
+
+def test_probe_kernel_choice():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert type(gammatrace.Probe(model, opt).kernel).__name__ == "FusedKernel"
+    half = nn.Linear(3, 2).to(torch.bfloat16)
+    assert type(gammatrace.Probe(half, torch.optim.SGD(half.parameters(), lr=0.1)).kernel).__name__ == "TorchKernel"
+    with pytest.raises(ValueError, match="fused"):
+        gammatrace.Probe(half, torch.optim.SGD(half.parameters(), lr=0.1), kernel="fused")
+    with pytest.raises(ValueError, match="unknown probe kernel 'cuda'"):
+        gammatrace.Probe(model, opt, kernel="cuda")
 
 
 def test_reference_errors():

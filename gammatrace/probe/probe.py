@@ -10,13 +10,15 @@ whatever the optimizer (DESIGN.md §1), and every inner product the principles n
 
 Why the arithmetic looks the way it does:
 
-* θ_k − θ*, g_k, Δ_k and θ_{k+1} live in one (4, d) float64 block. A float32 value is exact in
-  float64 and the difference of two float32 values is exact in float64, so Δ_k and
-  θ_k − θ* carry no rounding; inner products accumulate in float64. P_k is formed from Δ_k,
-  never as ½(d_k² − d_{k+1}²), which cancels catastrophically when steps are small.
-* Per-step scalars stay on the device in a list and are moved to the host once per
-  :meth:`Probe.flush` (the trainer flushes once per epoch), so a CUDA run is not
-  synchronised every step.
+* A float32 value is exact in float64 and so is the difference of two float32 values, so
+  Δ_k and θ_k − θ* carry no rounding; inner products accumulate in float64. P_k is formed
+  from Δ_k, never as ½(d_k² − d_{k+1}²), which cancels catastrophically when steps are
+  small. The arithmetic is a kernel (:mod:`gammatrace.probe.kernels`): a fused Numba loop
+  on CPU, which holds only θ_k and the anchor in the parameters' dtype, and float64
+  torch buffers elsewhere; both yield the same per-tensor inner products.
+* Per-step values stay where the kernel made them (a list of device tensors on GPU) and
+  are moved to the host once per :meth:`Probe.flush` (the trainer flushes once per
+  epoch), so a CUDA run is not synchronised every step.
 * The reference forward runs on a private copy of the model under ``no_grad`` and a
   forked RNG: batch-norm running statistics and dropout streams of the trained model
   are untouched, so probing never changes the trajectory it measures.
@@ -33,6 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from gammatrace.probe.kernels import make_kernel
 
 RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq"]
 REFERENCE_COLUMNS = ["loss", "loss_ref", "progress", "dist_sq", "update_sq", "grad_dot", "grad_sq"]
@@ -80,6 +84,9 @@ class Probe:
         step, epoch: the counters of the first step (a resumed run or a replay segment).
         origin: θ_0 for the record-mode distance ‖θ_k − θ_0‖² (default: the current
             parameters, i.e. the probe is attached before the first step).
+        kernel: the arithmetic, ``"fused"`` (CPU float32/float64) or ``"torch"`` (any
+            device); ``None`` picks ``fused`` where it applies. Both give the same
+            numbers to float64 round-off.
 
     Example:
         >>> import torch, gammatrace
@@ -112,6 +119,7 @@ class Probe:
         step: int = 0,
         epoch: int = 0,
         origin: Mapping[str, torch.Tensor] | None = None,
+        kernel: str | None = None,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.per_tensor, self.lr_group = per_tensor, lr_group
@@ -124,26 +132,18 @@ class Probe:
         self.n_params = sum(self.sizes)
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
-        # One (4, d) float64 block: row 0 = θ_k − anchor, row 1 = g_k, row 2 = θ_k, then
-        # Δ_k, row 3 = θ_{k+1}. Preallocated: a mixed-dtype in-place subtraction would
-        # allocate (and page-fault) a d-sized float64 temporary every step.
-        self._block = torch.zeros(4, self.n_params, dtype=torch.float64, device=self.device)
-        self._e_views, self._g_views, self._d_views, self._next_views = (self._views(row) for row in self._block)
-        ends = torch.tensor(self.sizes).cumsum(0).tolist()
-        self._bounds = list(zip([0, *ends[:-1]], ends))
         self._ref_model: nn.Module | None = None
         if reference is None:
             self.mode = "record"
-            self._anchor = self._flat()  # θ_0
-            start = [p.detach() for p in self.params] if origin is None else self._pick(dict(origin), "origin")
-            torch._foreach_copy_(self._views(self._anchor), start)
+            anchor = [p.detach() for p in self.params] if origin is None else self._pick(dict(origin), "origin")  # θ_0
         else:
             self.mode = "reference"
             if loss_fn is None:
                 raise ValueError("reference mode needs loss_fn(model, batch) to evaluate the reference loss")
-            self._anchor = self._set_reference(load_reference(reference, self.device))
-        self._pending: list[torch.Tensor] = []
-        self._pending_tensor: list[torch.Tensor] = []
+            anchor = self._set_reference(load_reference(reference, self.device))
+        self.kernel = make_kernel(kernel, self.params, anchor)
+        # Per step: (loss, reference loss or None, the kernel's (n_tensors, 5) products).
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, np.ndarray | torch.Tensor]] = []
         self._pending_meta: list[tuple[int, int, float]] = []
         self._pending_samples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self._frames: list[pd.DataFrame] = []
@@ -151,12 +151,6 @@ class Probe:
         self._sample_frames: list[pd.DataFrame] = []
 
     # ------------------------------------------------------------------ buffers
-    def _flat(self) -> torch.Tensor:
-        return torch.zeros(self.n_params, dtype=torch.float64, device=self.device)
-
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)]
-
     def _pick(self, state: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in state]
         if missing:
@@ -166,9 +160,8 @@ class Probe:
             raise ReferenceError_(f"{what} shapes differ from the model for {bad[:3]}")
         return [state[n].to(self.device) for n in self.names]
 
-    def _set_reference(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        anchor = self._flat()
-        torch._foreach_copy_(self._views(anchor), self._pick(state, "reference"))
+    def _set_reference(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        anchor = self._pick(state, "reference")
         ref = copy.deepcopy(self.model)
         own = ref.state_dict()
         # Buffers the reference file does not carry (e.g. θ* given as parameters only)
@@ -204,49 +197,21 @@ class Probe:
         unreduced losses) additionally record per-sample losses at each visit, for
         the per-sample convergence check of Theorem 1.
         """
-        group = self.optimizer.param_groups[self.lr_group]
-        lr = float(group["lr"])
-        params = [p.detach() for p in self.params]
-        block, anchor = self._block, self._anchor
-        torch._foreach_copy_(self._d_views, params)  # θ_k, exact in float64
-        have = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if len(have) < len(self.params):  # a tensor the loss did not reach has g = 0
-            for i in set(range(len(self.params))) - set(have):
-                self._g_views[i].zero_()
-        if have:
-            torch._foreach_copy_([self._g_views[i] for i in have], [self.params[i].grad.detach() for i in have])
-        ref_samples = None
+        lr = float(self.optimizer.param_groups[self.lr_group]["lr"])
+        # θ_k and g_k are read before the step: what the optimizer then does to .grad
+        # (in-place weight decay, clipping, sign flips) cannot leak into the measurement.
+        self.kernel.before(self.params, [p.grad for p in self.params])
+        loss_ref = ref_samples = None
         if self.mode == "reference":
             ref_out = self._reference_loss(batch)
             if ref_out.dim() > 0:
                 ref_samples, loss_ref = ref_out, ref_out.mean()
             else:
                 loss_ref = ref_out
-        torch.sub(block[2], anchor, out=block[0])
 
         self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
-        torch._foreach_copy_(self._next_views, params)  # θ_{k+1}, exact in float64
-        torch.sub(block[2], block[3], out=block[2])  # Δ_k = θ_k − θ_{k+1}, exact
-        loss64 = loss.detach().reshape(()).to(torch.float64)
-        e, g, d = block[0], block[1], block[2]
-        # Plain float64 dots: for a (3, d) block, BLAS's skinny GEMM measured 2-3x slower
-        # than the few dot products a step needs (memory-bound either way).
-        if self.mode == "reference" and self.per_tensor:
-            ed = torch.stack([e[a:b].dot(d[a:b]) for a, b in self._bounds])
-            dd = torch.stack([d[a:b].dot(d[a:b]) for a, b in self._bounds])
-            self._pending_tensor.append(ed - 0.5 * dd)
-            ed_sum, dd_sum = ed.sum(), dd.sum()
-        else:
-            ed_sum, dd_sum = (e.dot(d) if self.mode == "reference" else None), d.dot(d)
-        if self.mode == "record":
-            row = torch.stack([loss64, dd_sum, g.dot(g), e.dot(e)])
-        else:
-            row = torch.stack([
-                loss64, loss_ref.reshape(()).to(torch.float64), ed_sum - 0.5 * dd_sum,
-                e.dot(e), dd_sum, e.dot(g), g.dot(g),
-            ])
-        self._pending.append(row)
+        self._pending.append((loss.detach().reshape(()), loss_ref, self.kernel.after(self.params)))
         self._pending_meta.append((self.step_index, self.epoch, lr))
         if indices is not None and sample_losses is not None:
             self._pending_samples.append(
@@ -265,15 +230,24 @@ class Probe:
         """Move pending per-step values to the host (one synchronisation) and return them raw."""
         if not self._pending:
             return pd.DataFrame(columns=["step", "epoch", "lr", *self.columns])
-        values = torch.stack(self._pending).cpu().numpy()
+        losses = torch.stack([loss for loss, _, _ in self._pending]).to(torch.float64).cpu().numpy()
+        # (steps, tensors, QUANTITIES); a device kernel's values cross to the host here, once.
+        parts = [part for _, _, part in self._pending]
+        parts = torch.stack(parts).cpu().numpy() if isinstance(parts[0], torch.Tensor) else np.stack(parts)
+        ee, eg, gg, ed, dd = np.moveaxis(parts.sum(axis=1), 1, 0)
+        if self.mode == "record":
+            values = {"loss": losses, "update_sq": dd, "grad_sq": gg, "dist0_sq": ee}
+        else:
+            loss_ref = torch.stack([ref.reshape(()) for _, ref, _ in self._pending]).to(torch.float64).cpu().numpy()
+            # P_k from Δ_k, never as ½(d_k² − d_{k+1}²), which cancels when steps are small.
+            values = {"loss": losses, "loss_ref": loss_ref, "progress": ed - 0.5 * dd,
+                      "dist_sq": ee, "update_sq": dd, "grad_dot": eg, "grad_sq": gg}
         meta = np.array(self._pending_meta, dtype=np.float64)
-        frame = pd.DataFrame(values, columns=self.columns)
-        frame.insert(0, "step", meta[:, 0].astype(np.int64))
-        frame.insert(1, "epoch", meta[:, 1].astype(np.int64))
-        frame.insert(2, "lr", meta[:, 2])
+        frame = pd.DataFrame({"step": meta[:, 0].astype(np.int64), "epoch": meta[:, 1].astype(np.int64),
+                              "lr": meta[:, 2], **{c: values[c] for c in self.columns}})
         self._frames.append(frame)
-        if self._pending_tensor:
-            per = torch.stack(self._pending_tensor).cpu().numpy()
+        if self.mode == "reference" and self.per_tensor:
+            per = parts[:, :, 3] - 0.5 * parts[:, :, 4]
             n_steps, n_t = per.shape
             self._tensor_frames.append(pd.DataFrame({
                 "step": np.repeat(frame["step"].to_numpy(), n_t),
@@ -290,7 +264,7 @@ class Probe:
                     part["loss_ref"] = refs.to(torch.float64).cpu().numpy()
                 parts.append(pd.DataFrame(part))
             self._sample_frames.append(pd.concat(parts, ignore_index=True))
-        self._pending, self._pending_tensor, self._pending_meta, self._pending_samples = [], [], [], []
+        self._pending, self._pending_meta, self._pending_samples = [], [], []
         return frame
 
     @property
