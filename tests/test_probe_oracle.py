@@ -323,6 +323,30 @@ def test_probe_kernels_agree_in_record_mode():
     assert fused["dist0_sq"].iloc[0] == 0.0 and (fused["dist0_sq"].iloc[1:] > 0).all()
 
 
+def test_bfloat16_model_takes_torch_kernel_and_stays_exact():
+    """bfloat16 parameters (no NumPy dtype): the torch kernel, still exact in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    probe = gammatrace.Probe(model, opt)
+    assert type(probe.kernel).__name__ == "TorchKernel"
+    x, y = torch.randn(16, 5, dtype=torch.bfloat16), torch.randn(16, 2, dtype=torch.bfloat16)
+    thetas, grads = [], []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        thetas.append(flat(model.parameters()))
+        grads.append(flat(p.grad for p in model.parameters()))
+        probe.step(loss)
+    thetas.append(flat(model.parameters()))
+    steps = probe.steps()
+    np.testing.assert_allclose(steps["update_sq"], [float((a - b) @ (a - b)) for a, b in zip(thetas, thetas[1:])], rtol=1e-12)
+    np.testing.assert_allclose(steps["grad_sq"], [float(g @ g) for g in grads], rtol=1e-12)
+    np.testing.assert_allclose(steps["dist0_sq"], [float((t - thetas[0]) @ (t - thetas[0])) for t in thetas[:-1]], rtol=1e-12)
+    assert (steps["update_sq"] > 0).all()
+
+
 def test_probe_kernel_choice():
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

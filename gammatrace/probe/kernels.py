@@ -123,7 +123,7 @@ class TorchKernel:
         ends = np.cumsum(sizes).tolist()
         self._bounds = list(zip([0, *ends[:-1]], ends))
         # (row, column) of ee, eg, gg, ed, dd in the Gram matrix of the rows (e, g, Δ).
-        self._pick = (torch.tensor([0, 0, 1, 0, 2]), torch.tensor([0, 1, 1, 2, 2]))
+        self._pick = (torch.tensor([0, 0, 1, 0, 2], device=device), torch.tensor([0, 1, 1, 2, 2], device=device))
 
     def before(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         torch._foreach_copy_(self._theta, [p.detach() for p in params])
