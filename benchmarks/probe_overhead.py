@@ -16,8 +16,8 @@ One run prints, side by side, for each model x mode:
 Timing discipline: fixed ``torch.set_num_threads``; the same data for every mode; each
 mode keeps its own model/optimizer/probe, warmed up first; the probe is flushed once
 per "epoch" (``--epoch-len`` steps) and the flush is timed too. Modes are interleaved
-epoch by epoch (the order rotates every epoch) within each of ``--rounds`` rounds, so
-load from other processes hits every mode alike. The reported per-step time is the
+step by step (the order rotates every step) within each of ``--rounds`` rounds, so load
+from other processes and drifts of the machine's speed hit every mode alike. The reported per-step time is the
 median single-step time over all rounds plus the median flush time / epoch length (the
 flush amortised); the ratio's spread across rounds (the same estimate within each
 round) is shown too.
@@ -140,21 +140,25 @@ class Runner:
         else:
             self.probe.step(loss, batch)
 
-    def epoch(self, epoch_len: int, timed: bool = True) -> None:
-        """Run one epoch (steps, then the flush), timing each step and the flush into the current round."""
+    def timed_step(self, epoch_len: int, timed: bool = True) -> None:
+        """One step, timed into the current round; after every ``epoch_len`` steps, the flush too."""
         clock = time.perf_counter
-        steps = []
-        for _ in range(epoch_len):
-            t0 = clock()
-            self.step()
-            steps.append((clock() - t0) * 1e3)
         t0 = clock()
-        if self.probe is not None:
-            self.probe.flush()
-        flush = (clock() - t0) * 1e3
+        self.step()
+        step = (clock() - t0) * 1e3
         if timed:
-            self.step_ms[-1].extend(steps)
-            self.flush_ms[-1].append(flush)
+            self.step_ms[-1].append(step)
+        if self.i % epoch_len == 0:
+            t0 = clock()
+            if self.probe is not None:
+                self.probe.flush()
+            if timed:
+                self.flush_ms[-1].append((clock() - t0) * 1e3)
+
+    def epoch(self, epoch_len: int, timed: bool = True) -> None:
+        """Run ``epoch_len`` steps (the flush included)."""
+        for _ in range(epoch_len):
+            self.timed_step(epoch_len, timed)
 
 
 def per_step_ms(step_ms: list[float], flush_ms: list[float], epoch_len: int) -> float:
@@ -346,18 +350,18 @@ def time_model(model_name: str, args, data) -> dict[str, Runner]:
     for r in runners.values():  # warm-up: allocator, autograd, lazy inits, first flush
         for _ in range(max(1, args.warmup // args.epoch_len)):
             r.epoch(args.epoch_len, timed=False)
-    blocks = max(1, args.steps // args.epoch_len)
+    steps = max(1, args.steps // args.epoch_len) * args.epoch_len
     for rnd in range(args.rounds):
         for r in runners.values():
             r.step_ms.append([])
             r.flush_ms.append([])
-        for b in range(blocks):
-            # Interleave at epoch granularity and rotate the order, so that no mode is always
-            # first and a burst of load from other processes lands on every mode alike.
-            k = (rnd * blocks + b) % len(MODES)
+        for i in range(steps):
+            # Interleave step by step and rotate the order: the shared machine's speed drifts
+            # over seconds (epoch-level interleaving measured ratio spreads of ±25%), so each
+            # mode must sample the same moments; no mode always runs first or after another.
+            k = (rnd * steps + i) % len(MODES)
             for mode in MODES[k:] + MODES[:k]:
-                r = runners[mode]
-                r.epoch(args.epoch_len)
+                runners[mode].timed_step(args.epoch_len)
     return runners
 
 
