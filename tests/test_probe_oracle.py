@@ -370,3 +370,17 @@ def test_reference_errors():
         gammatrace.Probe(model, opt, lambda m, b: m(b).sum(), reference={"weight": torch.zeros(3, 3), "bias": torch.zeros(2)})
     with pytest.raises(ValueError, match="does not exist"):
         gammatrace.Probe(model, opt, lambda m, b: m(b).sum(), reference="/nonexistent/theta.pt")
+
+
+def test_fused_kernels_compile_where_no_cache_can_be_written():
+    """Numba refuses cache=True where it finds no writable cache location (here: code without a
+    source file, the same error a read-only install gives); the kernels then compile per process."""
+    from numba import njit
+
+    from gammatrace.probe import _fused
+
+    namespace: dict = {}
+    exec("def f(x):\n    return x + 1", namespace)
+    with pytest.raises(RuntimeError, match="no locator"):
+        njit(cache=True)(namespace["f"])
+    assert _fused._jit(namespace["f"])(1) == 2

@@ -17,10 +17,18 @@ from __future__ import annotations
 import numpy as np
 from numba import float64, njit
 
-_OPTIONS = dict(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
+_OPTIONS = dict(nogil=True, boundscheck=False, fastmath={"reassoc"})
 
 
-@njit(**_OPTIONS)
+def _jit(fn):
+    """Compile lazily, cached on disk where Numba finds a writable place (else ~1 s per process)."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only installs)
+        return njit(cache=False, **_OPTIONS)(fn)
+
+
+@_jit
 def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """snap ← θ_k; out[0:3] = ‖θ_k − a‖², ⟨θ_k − a, g_k⟩, ‖g_k‖²."""
     ee = eg = gg = 0.0
@@ -37,7 +45,7 @@ def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: n
     out[2] = gg
 
 
-@njit(**_OPTIONS)
+@_jit
 def before_step_no_grad(theta: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """:func:`before_step` for a tensor the loss did not reach (g_k = 0)."""
     ee = 0.0
@@ -51,7 +59,7 @@ def before_step_no_grad(theta: np.ndarray, anchor: np.ndarray, snap: np.ndarray,
     out[2] = 0.0
 
 
-@njit(**_OPTIONS)
+@_jit
 def after_step(theta_next: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """out[3:5] = ⟨θ_k − a, Δ_k⟩, ‖Δ_k‖² with θ_k = snap and Δ_k = θ_k − θ_{k+1}."""
     ed = dd = 0.0
