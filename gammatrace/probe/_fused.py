@@ -46,20 +46,6 @@ def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: n
 
 
 @_jit
-def before_step_no_grad(theta: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
-    """:func:`before_step` for a tensor the loss did not reach (g_k = 0)."""
-    ee = 0.0
-    for i in range(theta.shape[0]):
-        x = theta[i]
-        snap[i] = x
-        e = float64(x) - float64(anchor[i])
-        ee += e * e
-    out[0] = ee
-    out[1] = 0.0
-    out[2] = 0.0
-
-
-@_jit
 def after_step(theta_next: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """out[3:5] = ⟨θ_k − a, Δ_k⟩, ‖Δ_k‖² with θ_k = snap and Δ_k = θ_k − θ_{k+1}."""
     ed = dd = 0.0

@@ -89,14 +89,18 @@ class FusedKernel:
         self._snap_np = [s.numpy() for s in self.snap]
         self._anchor_np = [a.numpy() for a in self.anchor]
         self._out = np.zeros((len(self.snap), len(QUANTITIES)))
+        self._zero_grads: dict[int, np.ndarray] = {}  # g = 0 for tensors the loss did not reach
 
     def before(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         self._out = out = np.empty((len(self.snap), len(QUANTITIES)))
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
-                self._k.before_step_no_grad(_flat_numpy(p), self._anchor_np[i], self._snap_np[i], out[i])
+                if i not in self._zero_grads:
+                    self._zero_grads[i] = np.zeros_like(self._snap_np[i])
+                g_np = self._zero_grads[i]
             else:
-                self._k.before_step(_flat_numpy(p), self._anchor_np[i], _flat_numpy(g), self._snap_np[i], out[i])
+                g_np = _flat_numpy(g)
+            self._k.before_step(_flat_numpy(p), self._anchor_np[i], g_np, self._snap_np[i], out[i])
 
     def after(self, params: Sequence[torch.Tensor]) -> np.ndarray:
         out = self._out
@@ -105,7 +109,8 @@ class FusedKernel:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.snap, *self.anchor])
+        return (sum(t.numel() * t.element_size() for t in [*self.snap, *self.anchor])
+                + sum(z.nbytes for z in self._zero_grads.values()))
 
 
 @KERNELS.register("torch")
@@ -143,6 +148,10 @@ class TorchKernel:
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
+def _fused_applies(params: Sequence[torch.Tensor]) -> bool:
+    return all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params)
+
+
 def choose_kernel(params: Sequence[torch.Tensor]) -> str:
     """``fused`` for CPU float32/float64 parameters when Numba is installed, else ``torch``.
 
@@ -153,7 +162,7 @@ def choose_kernel(params: Sequence[torch.Tensor]) -> str:
         >>> choose_kernel([torch.zeros(3, dtype=torch.bfloat16)])
         'torch'
     """
-    if not all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params):
+    if not _fused_applies(params):
         return "torch"
     if importlib.util.find_spec("numba") is None:
         warnings.warn("numba is not installed: the probe falls back to its slower 'torch' kernel on CPU",
@@ -166,6 +175,6 @@ def make_kernel(name: str | None, params: Sequence[torch.Tensor], anchor: Sequen
     """Build kernel ``name`` (``None``: :func:`choose_kernel`) over ``params`` with ``anchor``."""
     name = name or choose_kernel(params)
     cls = KERNELS.get(name)
-    if name == "fused" and not all(p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params):
+    if name == "fused" and not _fused_applies(params):
         raise ValueError("the 'fused' probe kernel needs CPU float32/float64 parameters; use kernel='torch'")
     return cls(params, anchor)

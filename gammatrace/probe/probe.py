@@ -128,8 +128,6 @@ class Probe:
             raise ValueError("the model has no trainable parameters")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.sizes = [p.numel() for p in self.params]
-        self.n_params = sum(self.sizes)
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
         self._ref_model: nn.Module | None = None
