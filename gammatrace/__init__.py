@@ -3,24 +3,53 @@
 The public API (DESIGN.md §3): :class:`Probe`, :func:`train`, :func:`analyze`,
 :func:`load_run`, :func:`report`, and the typed :class:`RunConfig`.
 
+Attributes are resolved on first use (PEP 562), so ``import gammatrace`` loads neither
+matplotlib nor the report: a replay worker that imports the package pays only for what it
+runs. No subpackage shares a name with these functions (the trainer is ``engine/``, the
+report ``reporting/``), so a lazy attribute is never shadowed by a submodule.
+
 Example:
-    >>> import gammatrace
+    >>> import gammatrace, sys
     >>> sorted(gammatrace.__all__)[:3]
     ['Probe', 'RunConfig', '__version__']
+    >>> "matplotlib" in sys.modules or gammatrace.report.__module__
+    'gammatrace.reporting.build'
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# Imported eagerly: the functions `train` and `report` share their names with the
-# subpackages that hold them, and a lazy attribute would be shadowed by the submodule
-# as soon as anything imports it.
-from gammatrace.analysis import analyze  # noqa: E402
-from gammatrace.config import RunConfig  # noqa: E402
-from gammatrace.probe import Probe  # noqa: E402
-from gammatrace.report import report  # noqa: E402
-from gammatrace.store import load_run  # noqa: E402
-from gammatrace.train import train  # noqa: E402
+from gammatrace._version import __version__
+
+# public name -> defining module
+_API = {
+    "Probe": "gammatrace.probe",
+    "RunConfig": "gammatrace.config",
+    "load_run": "gammatrace.store",
+    "analyze": "gammatrace.analysis",
+    "train": "gammatrace.analysis",
+    "report": "gammatrace.reporting.build",
+}
 
 __all__ = ["Probe", "RunConfig", "__version__", "analyze", "load_run", "report", "train"]
+
+if TYPE_CHECKING:  # static checkers see the real objects
+    from gammatrace.analysis import analyze, train
+    from gammatrace.config import RunConfig
+    from gammatrace.probe import Probe
+    from gammatrace.reporting.build import report
+    from gammatrace.store import load_run
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'gammatrace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

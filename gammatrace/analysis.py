@@ -13,7 +13,10 @@ from typing import Any
 import pandas as pd
 
 from gammatrace import principles as P
-from gammatrace.store.run import Run, StoreError, shard
+from gammatrace.config import RunConfig
+from gammatrace.engine.replay import replay
+from gammatrace.engine.trainer import train_pass
+from gammatrace.store.run import Run, Status, StoreError
 
 
 def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | None = None,
@@ -28,53 +31,80 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
         >>> summary = gammatrace.analyze("runs/quickstart/relu", tail=50)  # doctest: +SKIP
         >>> summary["gamma_min"], summary["gamma_frac_positive"]           # doctest: +SKIP
     """
-    from gammatrace.train.replay import replay
-
     run = run if isinstance(run, Run) else Run(run)
     cfg = run.config
-    if run.status == "diverged":
-        raise StoreError(f"{run.path} diverged at step {run.meta.get('diverged_at_step')}; "
+    if run.status == Status.DIVERGED:
+        raise StoreError(f"{run.path} diverged at step {run.meta.diverged_at_step}; "
                          "there is no final point to analyse against")
     tail = cfg.analysis.tail if tail is None else tail
     ell_inf = cfg.analysis.ell_inf if ell_inf is None else ell_inf
     ref_name = replay(run.path, reference, workers=workers, progress=progress)
-    store, base = run.store, f"analysis/{ref_name}"
+    store = run.store
 
-    raw = store.read_shards(f"{base}/steps")
+    def at(*parts: str) -> str:
+        return store.analysis(ref_name, *parts)
+
+    raw = store.read_shards(at("steps"))
     steps = P.derive(raw, ell_inf=ell_inf, eps=cfg.analysis.eps)
     for epoch, frame in steps.groupby("epoch", sort=True):
-        store.write_parquet(shard(f"{base}/steps", int(epoch)), frame)
+        store.write_parquet(store.shard(at("steps"), int(epoch)), frame)
 
     summary: dict[str, Any] = {"reference": ref_name, "ell_inf": ell_inf}
-    summary.update(P.summarize(steps, tail=tail, ell_inf=ell_inf, displacement=run.meta.get("displacement"),
+    summary.update(P.summarize(steps, tail=tail, ell_inf=ell_inf, displacement=run.meta.displacement,
                                eps=cfg.analysis.eps))
-    summary["cos_null_scale"] = P.null_cos_scale(int(run.meta["n_params"]))
+    summary["cos_null_scale"] = P.null_cos_scale(int(run.meta.n_params))
 
     per_epoch = pd.concat({c: P.per_epoch(steps, c, tail=tail) for c in ("gamma", "gamma_rp", "gamma_rc")},
                           axis=1)
     per_epoch.columns = [f"{a}_{b}" for a, b in per_epoch.columns]
-    store.write_parquet(f"{base}/per_epoch.parquet", per_epoch.reset_index())
+    store.write_parquet(at("per_epoch.parquet"), per_epoch.reset_index())
 
     rate = P.rate_bound(steps.iloc[: len(steps) - tail] if tail else steps, gamma=summary["gamma_min"])
-    store.write_parquet(f"{base}/rate.parquet", rate["table"])
+    store.write_parquet(at("rate.parquet"), rate["table"])
 
-    tensors = store.read_shards(f"{base}/tensors")
+    tensors = store.read_shards(at("tensors"))
     if len(tensors):
-        store.write_parquet(f"{base}/layers.parquet", P.layer_shares(tensors).reset_index())
-        store.write_parquet(f"{base}/modules.parquet", P.module_shares(tensors).reset_index())
-    samples = store.read_shards(f"{base}/samples")
+        store.write_parquet(at("layers.parquet"), P.layer_shares(tensors).reset_index())
+        store.write_parquet(at("modules.parquet"), P.module_shares(tensors).reset_index())
+    samples = store.read_shards(at("samples"))
     if len(samples):
         sample_summary, sample_epochs = P.per_sample_convergence(samples)
         summary.update({f"sample_{k}": v for k, v in sample_summary.items()})
-        store.write_parquet(f"{base}/samples_per_epoch.parquet", sample_epochs.reset_index())
+        store.write_parquet(at("samples_per_epoch.parquet"), sample_epochs.reset_index())
 
     epochs = run.epochs()
-    main = epochs[epochs["epoch"] < run.meta["horizon_epochs"]] if len(epochs) else epochs
+    main = epochs[epochs["epoch"] < run.meta.horizon_epochs] if len(epochs) else epochs
     if len(main):
         last = main.iloc[-1]
         summary.update({k: float(last[k]) for k in ("train_loss", "train_acc", "test_loss", "test_acc") if k in last})
-    summary["reached_target"] = run.meta.get("reached_target")
-    summary["epochs"] = run.meta["horizon_epochs"]
-    store.write_json(f"{base}/summary.json", summary)
-    store.update_json("run.json", status="complete")
+    summary["reached_target"] = run.meta.reached_target
+    summary["epochs"] = run.meta.horizon_epochs
+    store.write_json(at("summary.json"), summary)
+    store.update_meta(status=Status.COMPLETE)
     return summary
+
+
+# train() lives here, not in the engine: it is pass 1 *and* the analysis, and the analysis
+# layer sits above the engine.
+def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: bool = True,
+          workers: int = 1, progress: bool = True) -> Run:
+    """Train a run deterministically, then replay it to measure the principles exactly.
+
+    Pass 1 trains and checkpoints every epoch; pass 2 replays each epoch in reference
+    mode with θ* from ``config.reference`` (default: the last iterate θ_T), verifying
+    every step against the recording, and writes the analysis. Rerunning the same
+    command resumes whatever was interrupted.
+
+    Example:
+        >>> import gammatrace
+        >>> run = gammatrace.train({"name": "demo", "epochs": 2,
+        ...                         "data": {"name": "digits", "n_train": 256},
+        ...                         "model": {"name": "mlp", "width": 32}},
+        ...                        out="runs/demo", progress=False)   # doctest: +SKIP
+        >>> run.summary()["gamma_min"]                                 # doctest: +SKIP
+    """
+    run = train_pass(config, out, progress=progress)
+    if replay and run.status.finished_training:
+        analyze(run.path, workers=workers, progress=progress)
+        run = Run(run.path)
+    return run

@@ -19,7 +19,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gammatrace.config import RunConfig, load_yaml, merge_config
+import yaml
+from pydantic import ValidationError
+
+from gammatrace.analysis import analyze
+from gammatrace.config import RunConfig, error_location, load_yaml, merge_config
+from gammatrace.data.base import DataError
+from gammatrace.engine import ReplayMismatchError, RunConflictError, train_pass
+from gammatrace.engine.session import build_session
+from gammatrace.models import MODELS, build, count_params
+from gammatrace.models.inspect import inspect_init, plot_inspect
+from gammatrace.probe.probe import ReferenceError_
+from gammatrace.registry import UnknownNameError
+from gammatrace.reporting import report
+from gammatrace.store.run import Status, StoreError
+from gammatrace.techniques import per_sample_loss
 
 
 def _preset_path(name: str) -> Path:
@@ -51,9 +65,6 @@ def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gammatrace.analysis import analyze
-    from gammatrace.train import train_pass
-
     configs = expand_runs(load_yaml(_preset_path(args.config)))
     for cfg in configs.values():
         cfg.check_names()  # every run's names before the first one trains
@@ -64,8 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = out if single else out / name
         print(f"[{i}/{len(configs)}] {name}: training -> {path}", file=sys.stderr)
         run = train_pass(cfg, path, progress=not args.quiet)
-        if run.status == "diverged":
-            print(f"[{i}/{len(configs)}] {name}: diverged at step {run.meta.get('diverged_at_step')}", file=sys.stderr)
+        if run.status == Status.DIVERGED:
+            print(f"[{i}/{len(configs)}] {name}: diverged at step {run.meta.diverged_at_step}", file=sys.stderr)
         else:
             print(f"[{i}/{len(configs)}] {name}: replaying and analysing", file=sys.stderr)
             analyze(path, workers=args.workers, progress=not args.quiet)
@@ -73,16 +84,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_report:
         print(out)
         return 0
-    from gammatrace.report import report
-
     where = report(paths, out / "report", title=f"gammatrace: {Path(args.config).stem}")
     print(f"report: {where}")
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from gammatrace.analysis import analyze
-
     s = analyze(args.run, args.reference, tail=args.tail, ell_inf=args.ell_inf, workers=args.workers,
                 progress=not args.quiet)
     keys = ["reference", "n_steps", "gamma_min", "gamma_certified", "gamma_frac_positive", "gamma_median",
@@ -96,16 +103,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from gammatrace.report import report
-
     print(f"report: {report(args.runs, args.out, reference=args.reference)}")
     return 0
 
 
 def _parse_switches(tokens: list[str]) -> dict[str, Any]:
     """``--width 0.5 --norm first`` -> {"width": 0.5, "norm": "first"} (YAML scalars)."""
-    import yaml
-
     out: dict[str, Any] = {}
     it = iter(tokens)
     for tok in it:
@@ -120,8 +123,6 @@ def _parse_switches(tokens: list[str]) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
-    from gammatrace.models import MODELS, build, count_params
-
     switches = _parse_switches(extra)
     names = [args.name] if args.name else MODELS.names()
     shape = tuple(args.input_shape) if args.input_shape else None
@@ -140,10 +141,6 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from gammatrace.models.inspect import inspect_init, plot_inspect
-    from gammatrace.train.optim import per_sample_loss
-    from gammatrace.train.session import build_session
-
     configs = expand_runs(load_yaml(_preset_path(args.config)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,10 +211,8 @@ PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identit
 
 
 def _one_line(exc: BaseException) -> str:
-    from pydantic import ValidationError
-
     if isinstance(exc, ValidationError):
-        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        parts = [f"{error_location(e['loc'])}: {e['msg']}" for e in exc.errors()]
         return "invalid config: " + "; ".join(parts)
     return " ".join(str(exc).split()) or exc.__class__.__name__
 
@@ -227,14 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from pydantic import ValidationError
-
-    from gammatrace.data.base import DataError
-    from gammatrace.probe.probe import ReferenceError_
-    from gammatrace.registry import UnknownNameError
-    from gammatrace.store.run import StoreError
-    from gammatrace.train import ReplayMismatchError, RunConflictError
-
     user_errors = (ValidationError, UnknownNameError, DataError, StoreError, RunConflictError,
                    ReplayMismatchError, ReferenceError_, FileNotFoundError, ValueError)
     try:

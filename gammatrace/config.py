@@ -10,8 +10,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,9 +21,15 @@ from pydantic import (
     Field,
     PositiveFloat,
     PositiveInt,
+    TypeAdapter,
     field_validator,
     model_validator,
 )
+
+from gammatrace.data import AUGMENTATIONS, DATASETS
+from gammatrace.models import ACTIVATIONS, MODELS
+from gammatrace.models.init import INITS
+from gammatrace.techniques import LOSSES, OPTIMIZERS, SCHEDULES
 
 
 class _Strict(BaseModel):
@@ -52,14 +59,88 @@ class ModelConfig(_Open):
     init_from: str | None = None  # a saved initial point (models.init.save_init), loaded where shapes allow
 
 
-class OptimConfig(_Strict):
-    name: str = "sgd"
+class _OptimBase(_Strict):
+    """Arguments every optimizer takes. Each variant below adds exactly the arguments its
+    ``torch.optim`` class uses (``gammatrace.techniques`` registers the same signatures), so
+    an argument an optimizer would ignore is a validation error, not a silent no-op."""
+
     lr: PositiveFloat = 0.05  # base learning rate η
-    momentum: float = Field(0.9, ge=0, lt=1)  # used by momentum/nesterov/rmsprop
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam-family β1, β2
-    eps: PositiveFloat = 1e-8  # Adam-family / RMSProp / AdaGrad ε
     weight_decay: float = Field(0.0, ge=0)
-    clip_grad_norm: PositiveFloat | None = None  # max global gradient norm, if clipping
+    clip_grad_norm: PositiveFloat | None = None  # max global gradient norm, if clipping (not an optimizer argument)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the optimizer factory (everything but name and clipping)."""
+        return self.model_dump(exclude={"name", "clip_grad_norm"})
+
+
+class SGDConfig(_OptimBase):
+    name: Literal["sgd"] = "sgd"
+
+
+class MomentumConfig(_OptimBase):
+    name: Literal["momentum", "nesterov"] = "momentum"
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class AdamConfig(_OptimBase):
+    name: Literal["adam", "amsgrad", "adamw"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)  # β1, β2
+    eps: PositiveFloat = 1e-8
+
+
+class AdagradConfig(_OptimBase):
+    name: Literal["adagrad"] = "adagrad"
+    eps: PositiveFloat = 1e-8
+
+
+class RMSpropConfig(_OptimBase):
+    name: Literal["rmsprop"] = "rmsprop"
+    alpha: float = Field(0.99, gt=0, lt=1)  # smoothing constant of the squared-gradient average
+    momentum: float = Field(0.0, ge=0, lt=1)
+    eps: PositiveFloat = 1e-8
+
+
+OptimConfig = Annotated[SGDConfig | MomentumConfig | AdamConfig | AdagradConfig | RMSpropConfig,
+                        Field(discriminator="name")]
+OPTIM_VARIANTS: tuple[type[_OptimBase], ...] = (SGDConfig, MomentumConfig, AdamConfig, AdagradConfig, RMSpropConfig)
+_OPTIM_ADAPTER: TypeAdapter[Any] = TypeAdapter(OptimConfig)
+
+
+def optim_config(**fields: Any) -> _OptimBase:
+    """The optimizer config for ``fields`` (``name`` defaults to sgd).
+
+    Example:
+        >>> optim_config(name="adam", lr=1e-3).optimizer_kwargs()
+        {'lr': 0.001, 'weight_decay': 0.0, 'betas': (0.9, 0.999), 'eps': 1e-08}
+    """
+    return _OPTIM_ADAPTER.validate_python({"name": "sgd", **fields})
+
+
+# The format before optimizer variants: every run.json held all of these, whatever the optimizer.
+_LEGACY_OPTIM_KEYS = {"name", "lr", "momentum", "betas", "eps", "weight_decay", "clip_grad_norm"}
+
+
+def upgrade_legacy_optim(optim: dict[str, Any]) -> dict[str, Any]:
+    """A run.json ``optim`` section of the flat format (one config for all optimizers) as
+    the variant that reproduces the optimizer that run actually used: fields its optimizer
+    ignored are dropped, and rmsprop keeps what the flat format gave it (alpha = betas[1],
+    no momentum). Sections in the current format are returned unchanged.
+
+    Example:
+        >>> upgrade_legacy_optim({"name": "rmsprop", "lr": 0.01, "momentum": 0.9, "betas": [0.9, 0.999],
+        ...                       "eps": 1e-08, "weight_decay": 0.0, "clip_grad_norm": None})["alpha"]
+        0.999
+    """
+    if set(optim) != _LEGACY_OPTIM_KEYS:
+        return optim
+    name = optim["name"]
+    variant = _optim_variant(name)
+    if variant is None:
+        return optim  # an unknown name: let validation report it
+    out = {k: v for k, v in optim.items() if k in variant.model_fields}
+    if name == "rmsprop":
+        out.update(alpha=optim["betas"][1], momentum=0.0)
+    return out
 
 
 class ScheduleConfig(_Strict):
@@ -70,6 +151,17 @@ class ScheduleConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up, composes with any schedule
     cycle_epochs: PositiveFloat = 4.0  # cyclical: length of one triangle
     max_ratio: float = Field(4.0, gt=0)  # cyclical: peak lr / base lr
+
+    def options(self) -> dict[str, Any]:
+        """The fields the named schedule's factory takes (its keyword-only parameters), so
+        each schedule gets its own options and nothing else.
+
+        Example:
+            >>> ScheduleConfig(name="step", factor=0.5).options()
+            {'step_epochs': 30, 'factor': 0.5}
+        """
+        params = inspect.signature(SCHEDULES.get(self.name)).parameters
+        return {k: getattr(self, k) for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
 
 
 class ReferenceConfig(_Strict):
@@ -104,7 +196,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    optim: OptimConfig = OptimConfig()
+    optim: OptimConfig = Field(default_factory=SGDConfig)
     schedule: ScheduleConfig = ScheduleConfig()
     epochs: PositiveInt = 10  # the cap when target_loss is set
     batch_size: PositiveInt = 128
@@ -121,26 +213,36 @@ class RunConfig(_Strict):
             raise ValueError(f"device must be cpu, cuda[:i] or mps, got {v!r}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_optimizer(cls, data: Any) -> Any:
+        # The optimizer variant is chosen by its name; a section without one is plain SGD.
+        if isinstance(data, dict) and isinstance(data.get("optim"), dict):
+            if "name" not in data["optim"]:
+                data = {**data, "optim": {"name": "sgd", **data["optim"]}}
+            OPTIMIZERS.get(data["optim"]["name"])  # "unknown optimizer 'x'; choose one of: ..."
+        return data
+
     def check_names(self) -> None:
         """Fail early, before anything is written, on names no registry knows."""
-        from gammatrace.data import AUGMENTATIONS, DATASETS
-        from gammatrace.models import MODELS
-        from gammatrace.train.optim import LOSSES, OPTIMIZERS, SCHEDULES
-
         DATASETS.get(self.data.name)
         AUGMENTATIONS.get(self.data.augment)
         MODELS.get(self.model.name)
         OPTIMIZERS.get(self.optim.name)
         SCHEDULES.get(self.schedule.name)
         LOSSES.get(self.loss)
-        from gammatrace.models.init import INITS
-
         INITS.get(self.model.init)
-        acts = [v for k, v in self.model.switches().items() if k == "activation"]
-        if acts:
-            from gammatrace.models import ACTIVATIONS
+        activation = self.model.switches().get("activation")
+        if activation is not None:
+            ACTIVATIONS.get(activation)
 
-            ACTIVATIONS.get(acts[0])
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> RunConfig:
+        """A config as a run.json stores it, of this format or an older one (flat optimizer
+        fields: see :func:`upgrade_legacy_optim`)."""
+        if isinstance(data, dict) and isinstance(data.get("optim"), dict):
+            data = {**data, "optim": upgrade_legacy_optim(data["optim"])}
+        return cls.model_validate(data)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
@@ -149,6 +251,20 @@ class RunConfig(_Strict):
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with nested keys replaced, e.g. ``{"model": {"activation": "tanh"}}``."""
         return RunConfig.model_validate(deep_merge(self.model_dump(), overrides))
+
+
+def error_location(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the user wrote it: ``optim.lr``, not the
+    ``optim.sgd.lr`` of pydantic's tagged union.
+
+    Example:
+        >>> error_location(("optim", "momentum", "lr"))
+        'optim.lr'
+    """
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] == "optim" and parts[1] in OPTIMIZERS:
+        del parts[1]
+    return ".".join(map(str, parts))
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -163,19 +279,32 @@ def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     except that a ``data`` or ``model`` section naming another dataset or network than
     ``base`` starts afresh: options are per dataset/network (an MNIST-1D
     ``num_samples`` means nothing to a synthetic image set, an MLP's ``width`` is a
-    channel multiplier to a conv net).
+    channel multiplier to a conv net). An ``optim`` section naming another optimizer keeps
+    the base's arguments that the new optimizer also takes (a study's common ``lr``) and
+    drops the others (SGD's ``momentum`` means nothing to Adam).
 
     Example:
         >>> merge_config({"data": {"name": "mnist1d", "num_samples": 1000}, "epochs": 5},
         ...              {"data": {"name": "digits"}})
         {'data': {'name': 'digits'}, 'epochs': 5}
+        >>> merge_config({"optim": {"name": "momentum", "lr": 0.01, "momentum": 0.9}},
+        ...              {"optim": {"name": "adam", "eps": 0.01}})
+        {'optim': {'name': 'adam', 'lr': 0.01, 'eps': 0.01}}
     """
     out = deep_merge(base, over)
-    for section in ("data", "model"):
+    for section in ("data", "model", "optim"):
         b, o = base.get(section), over.get(section)
-        if isinstance(b, dict) and isinstance(o, dict) and "name" in b and "name" in o and b["name"] != o["name"]:
-            out[section] = copy.deepcopy(o)
+        if isinstance(b, dict) and isinstance(o, dict) and "name" in o and b.get("name", o["name"]) != o["name"]:
+            if section == "optim":
+                fields = _optim_variant(o["name"]).model_fields if _optim_variant(o["name"]) else {}
+                out[section] = {k: v for k, v in out[section].items() if k in fields or k in o}
+            else:
+                out[section] = copy.deepcopy(o)
     return out
+
+
+def _optim_variant(name: str) -> type[_OptimBase] | None:
+    return next((v for v in OPTIM_VARIANTS if name in v.model_fields["name"].annotation.__args__), None)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

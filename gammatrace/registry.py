@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -29,15 +31,19 @@ class UnknownNameError(KeyError, ValueError):
         return str(self.args[0])
 
 
-class Registry:
-    """A mapping name -> factory with a clear error for unknown names."""
+class Registry(Generic[F]):
+    """A mapping name -> factory with a clear error for unknown names.
+
+    Typed by the factory's Protocol (``Registry[OptimizerFactory]``), so each extension
+    point states its own signature instead of one shared catch-all.
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._entries: dict[str, Callable[..., Any]] = {}
+        self._entries: dict[str, F] = {}
 
-    def register(self, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def register(self, *names: str) -> Callable[[F], F]:
+        def deco(fn: F) -> F:
             for name in names or (fn.__name__,):
                 if name in self._entries:
                     raise ValueError(f"{self.kind} '{name}' is registered twice")
@@ -46,7 +52,7 @@ class Registry:
 
         return deco
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str) -> F:
         try:
             return self._entries[name]
         except KeyError:

@@ -17,8 +17,8 @@ import torch
 
 import gammatrace
 from gammatrace.store.run import RunStore, shard
-from gammatrace.train import ReplayMismatchError, replay, train_pass
-from gammatrace.train.session import Session
+from gammatrace.engine import ReplayMismatchError, replay, train_pass
+from gammatrace.engine.session import Session
 from tests.conftest import tiny_config
 
 
@@ -83,7 +83,7 @@ def test_resume_after_interrupt_mid_epoch(tmp_path, monkeypatch):
 
 _KILL_SCRIPT = """
 import sys, torch
-from gammatrace.train import train_pass
+from gammatrace.engine import train_pass
 sys.path.insert(0, {root!r})
 from tests.conftest import tiny_config
 train_pass(tiny_config(epochs=40, data={{"n_train": 256}}), {out!r}, progress=False)
@@ -148,13 +148,13 @@ def test_stop_at_target_and_continuation_reference(tmp_path):
     cfg = tiny_config(epochs=30, target_loss=1.5, optim={"lr": 0.5}, reference={"kind": "continuation", "extra_epochs": 2})
     run = gammatrace.train(cfg, tmp_path / "r", progress=False)
     meta = run.meta
-    assert meta["reached_target"] is True and meta["horizon_epochs"] < 30
-    assert meta["epochs_done"] == meta["horizon_epochs"] + 2
+    assert meta.reached_target is True and meta.horizon_epochs < 30
+    assert meta.epochs_done == meta.horizon_epochs + 2
     epochs = run.epochs()
-    assert epochs.loc[epochs.epoch == meta["horizon_epochs"] - 1, "train_loss"].item() <= 1.5
-    assert (epochs.loc[epochs.epoch < meta["horizon_epochs"] - 1, "train_loss"] > 1.5).all()
+    assert epochs.loc[epochs.epoch == meta.horizon_epochs - 1, "train_loss"].item() <= 1.5
+    assert (epochs.loc[epochs.epoch < meta.horizon_epochs - 1, "train_loss"] > 1.5).all()
     steps = run.steps("continuation")
-    assert len(steps) == meta["horizon_steps"]
+    assert len(steps) == meta.horizon_steps
     # θ* beyond the horizon: the progress no longer telescopes to ½D_0².
     d_T = run.store.read_torch("final.pt")["model"]
     ref = run.store.read_torch("reference.pt")["model"]
@@ -177,7 +177,7 @@ def test_tail_exclusion(tmp_path):
 
 def test_fixed_initial_point_and_file_reference(tmp_path):
     from gammatrace.models.init import save_init
-    from gammatrace.train.session import build_session
+    from gammatrace.engine.session import build_session
 
     cfg = tiny_config(model={"init": "orthogonal"})
     sess = build_session(gammatrace.RunConfig.model_validate(cfg))

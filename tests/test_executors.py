@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from gammatrace.experiments.executors import (
+from gammatrace.executors import (
     EXECUTORS,
     MissingDependencyError,
     RayExecutor,

@@ -20,8 +20,8 @@ from gammatrace.cli import main
 from gammatrace.landscape import compute_landscape, landscape, path_pca
 from gammatrace.landscape.evaluate import evaluation_subset
 from gammatrace.store.run import Run
-from gammatrace.train import train_pass
-from gammatrace.train.session import build_session
+from gammatrace.engine import train_pass
+from gammatrace.engine.session import build_session
 from tests.conftest import tiny_config
 
 # ----------------------------------------------------------------------------- PCA

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import gammatrace
-from gammatrace.train.session import build_session
+from gammatrace.engine.session import build_session
 from tests.conftest import tiny_config
 
 

@@ -1,4 +1,4 @@
-"""gammatrace.report on real small runs: files, numbers read back, flags, embedded figures.
+"""gammatrace.reporting on real small runs: files, numbers read back, flags, embedded figures.
 
 The runs are trained once per module (digits, 256 samples, width 16): one that trains
 (Adam), one that barely moves (SGD on a sigmoid net), one that diverges (MSE, lr 1e4).
@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gammatrace.report import report
-from gammatrace.report.collect import collect
-from gammatrace.report.content import caveats, fmt, ordering
-from gammatrace.report.document import md_unescape, to_markdown
-from gammatrace.report.figures import NEGATIVE, layers_figure
+from gammatrace.reporting import report
+from gammatrace.reporting.collect import collect
+from gammatrace.reporting.content import caveats, fmt, ordering
+from gammatrace.reporting.document import md_unescape, to_markdown
+from gammatrace.reporting.figures import NEGATIVE, layers_figure
 from gammatrace.store import load_run
-from gammatrace.train import train
+from gammatrace.analysis import train
 
 IMG = '<img src="data:image/png;base64,'
 # summary.md prints 4 significant digits: a value read back is within half a unit of
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
     paths = {
         "adam": train(_config("adam"), out=root / "adam", progress=False).path,
         "sigmoid": train(_config("sigmoid", model={"name": "mlp", "width": 16, "depth": 2, "activation": "sigmoid"},
-                                 optim={"name": "sgd", "lr": 0.05, "momentum": 0.0}),
+                                 optim={"name": "sgd", "lr": 0.05}),
                          out=root / "sigmoid", progress=False).path,
         "div": train(_config("div", loss="mse", optim={"name": "sgd", "lr": 1e4}), out=root / "div",
                      progress=False).path,
@@ -185,7 +185,7 @@ def test_numbers_equal_run_summaries(full):
 
 def test_diverged_run_is_listed_with_its_step(full):
     out, html, paths = full
-    step = load_run(paths["div"]).meta["diverged_at_step"]
+    step = load_run(paths["div"]).meta.diverged_at_step
     assert isinstance(step, int)
     rows = {r["run"]: r for r in md_table((out / "summary.md").read_text(), "## Runs")}
     assert rows["div"]["status"] == f"diverged at step {step}"
@@ -290,8 +290,8 @@ def test_layers_negative_share_in_distinct_colour(runs, tmp_path):
 
 
 def test_docstring_examples():
-    from gammatrace.report import build, content, document, figures
-    from gammatrace.report import collect as collect_mod
+    from gammatrace.reporting import build, content, document, figures
+    from gammatrace.reporting import collect as collect_mod
 
     for module in (build, collect_mod, content, document, figures):
         result = doctest.testmod(module)

@@ -22,10 +22,10 @@ import yaml
 from gammatrace.experiments import STUDIES, run_study, study_from_yaml
 from gammatrace.experiments.presets import PRESETS
 from gammatrace.experiments.study import Claim, grid_study, make_study, prepare_init, run_task
-from gammatrace.report import study as S
-from gammatrace.report.study import RunPoint, check_claim, null_baseline
+from gammatrace.reporting import study as S
+from gammatrace.reporting.study import RunPoint, check_claim, null_baseline
 from gammatrace.store import load_run
-from gammatrace.train import train_pass
+from gammatrace.engine import train_pass
 from tests.test_report import assert_cell, md_table
 
 TARGET = 1.0
@@ -50,7 +50,7 @@ def study(tmp_path_factory):
     html = run_study(grid_study(SPEC), out, progress=False)
     for name in ("relu", "tanh"):  # the fixture must hold what the tests rely on
         run = load_run(out / name)
-        assert run.status == "complete" and run.meta["reached_target"] is True
+        assert run.status == "complete" and run.meta.reached_target is True
         assert set(run.references()) == {"last", "continuation"}
     return out, html
 
@@ -140,8 +140,8 @@ def test_exact_null_fraction_matches_sampling():
 
 
 def test_seeded_figure_draws_mean_and_band(study, tmp_path):
-    from gammatrace.report.collect import collect
-    from gammatrace.report.figures import trajectory_figure
+    from gammatrace.reporting.collect import collect
+    from gammatrace.reporting.figures import trajectory_figure
 
     out, _ = study
     entries = collect([out / "relu", out / "tanh"], "last")
@@ -223,7 +223,7 @@ def test_every_study_and_preset_builds_valid_configs(name, preset):
 
 @pytest.mark.parametrize("name", STUDIES.names())
 def test_every_quick_cell_builds_its_data_and_model(name):
-    from gammatrace.train.session import build_session
+    from gammatrace.engine.session import build_session
 
     for cell, cfg in STUDIES.get(name)("quick", None).cells.items():
         sess = build_session(cfg)
@@ -276,7 +276,7 @@ def test_study_yaml_grid_and_cell_forms(tmp_path):
 
 def test_shared_init_covers_every_cell_where_shapes_allow(tmp_path):
     from gammatrace.models.init import load_init
-    from gammatrace.train.session import build_session
+    from gammatrace.engine.session import build_session
 
     # Skip quick: a U-Net without skips has narrower decoder convs than with them.
     study = STUDIES.get("skip")("quick", None)
@@ -321,7 +321,7 @@ def test_interrupted_training_resumes_inside_the_study(tmp_path):
     run_task(configs["relu"].model_dump(mode="json"), str(out / "relu"))
     train_pass(configs["tanh"], out / "tanh", progress=False, stop_after=1)
     relu_before = _mtimes(out / "relu")
-    assert load_run(out / "tanh").meta["epochs_done"] == 1
+    assert load_run(out / "tanh").meta.epochs_done == 1
     run_study(study, out, progress=False)
     assert _mtimes(out / "relu") == relu_before
     assert load_run(out / "tanh").status == "complete"
@@ -337,7 +337,7 @@ def test_another_study_in_the_same_folder_is_refused(study):
 
 def test_report_only_and_auto_detected_study(study, tmp_path):
     out, _ = study
-    from gammatrace.report import report
+    from gammatrace.reporting import report
 
     html = report([out / "relu", out / "tanh"], tmp_path / "r")  # study.json found beside the runs
     assert "## Claim check" in (tmp_path / "r" / "summary.md").read_text()
@@ -361,7 +361,7 @@ def test_cli_study_yaml(tmp_path, capsys):
 
 def test_docstring_examples():
     from gammatrace.experiments import cli, executors, presets, study
-    from gammatrace.report import study as report_study
+    from gammatrace.reporting import study as report_study
 
     for module in (study, presets, executors, cli, report_study):
         assert doctest.testmod(module).failed == 0, module.__name__

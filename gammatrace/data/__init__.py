@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 from gammatrace.data.augment import AUGMENTATIONS, Augment, augment_batch, augment_params
-from gammatrace.data.base import DATASETS, DataError, Dataset, load_dataset
+from gammatrace.data.base import DATASETS, DataError, Dataset
+from gammatrace.data.load import load_dataset
 from gammatrace.data.loader import epoch_batches, epoch_permutation
 from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
 

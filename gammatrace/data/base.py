@@ -1,14 +1,30 @@
-"""The in-memory dataset type, the dataset registry and the options every dataset shares."""
+"""The in-memory dataset type and the dataset registry.
+
+Example:
+    >>> import torch
+    >>> ds = Dataset("toy", torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(2, 3),
+    ...              torch.zeros(2, dtype=torch.long), "classification", 2)
+    >>> ds.input_shape, ds.n_train
+    ((3,), 4)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from gammatrace.registry import Registry
 
-DATASETS = Registry("dataset")
+
+class DatasetFactory(Protocol):
+    """``factory(**its_own_options) -> Dataset`` (the data section's switches)."""
+
+    def __call__(self, **options: Any) -> Dataset: ...
+
+
+DATASETS: Registry[DatasetFactory] = Registry("dataset")
 
 
 class DataError(ValueError):
@@ -39,60 +55,3 @@ class Dataset:
     @property
     def n_train(self) -> int:
         return int(self.x_train.shape[0])
-
-
-def _take(x: torch.Tensor, y: torch.Tensor, n: int | None, what: str) -> tuple:
-    if n is None:
-        return x, y
-    if n <= 0 or n > len(x):
-        raise DataError(f"{what}={n} is out of range: the split has {len(x)} samples")
-    return x[:n], y[:n]
-
-
-def _keep_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple:
-    mask = torch.zeros_like(y, dtype=torch.bool)
-    for c in classes:
-        mask |= y == c
-    x, y = x[mask], y[mask]
-    # relabel to 0..len(classes)-1 so the head has exactly len(classes) outputs
-    remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long)
-    for new, c in enumerate(classes):
-        if c < len(remap):
-            remap[c] = new
-    return x, remap[y]
-
-
-def load_dataset(
-    name: str,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    classes: list[int] | None = None,
-    **options,
-) -> Dataset:
-    """Build dataset ``name`` and apply the options every dataset shares.
-
-    ``n_train``/``n_test`` keep the first samples of each split (the generators and
-    the standard files are already shuffled); ``classes`` keeps a subset of classes
-    and relabels them 0..len(classes)-1; ``downscale``/``normalize`` (see
-    :func:`gammatrace.data.transforms.apply_options`) apply last, so normalization
-    statistics describe the training subset actually used. Other keyword options go
-    to the dataset.
-    """
-    from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
-
-    transforms = {k: options.pop(k) for k in TRANSFORM_OPTIONS if k in options}
-    ds: Dataset = DATASETS.get(name)(**options)
-    if classes is not None:
-        if ds.task != "classification":
-            raise DataError(f"'classes' applies to classification datasets; {name} is {ds.task}")
-        bad = [c for c in classes if not 0 <= c < ds.num_classes]
-        if bad or len(set(classes)) != len(classes):
-            raise DataError(f"classes={classes} must be distinct labels in 0..{ds.num_classes - 1}")
-        ds.x_train, ds.y_train = _keep_classes(ds.x_train, ds.y_train, classes)
-        ds.x_test, ds.y_test = _keep_classes(ds.x_test, ds.y_test, classes)
-        ds.num_classes = len(classes)
-    ds.x_train, ds.y_train = _take(ds.x_train, ds.y_train, n_train, "n_train")
-    ds.x_test, ds.y_test = _take(ds.x_test, ds.y_test, n_test, "n_test")
-    ds = apply_options(ds, **transforms)
-    ds.x_train, ds.x_test = ds.x_train.contiguous(), ds.x_test.contiguous()
-    return ds

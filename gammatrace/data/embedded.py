@@ -37,6 +37,8 @@ def _mnist1d_arrays(num_samples: int, seed: int, train_split: float) -> dict:
     # Generation costs seconds; the result is a pure function of the arguments (and the
     # mnist1d version), so it is cached on disk, written atomically.
     import mnist1d
+
+    # mnist1d's generator (and its scipy) load only when MNIST-1D is built
     from mnist1d.data import get_dataset_args, make_dataset
 
     version = getattr(mnist1d, "__version__", "0")
@@ -73,6 +75,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
     Pixels scaled to [0, 1]; a seeded shuffle splits train/test. Inputs (N, 1, 8, 8).
     """
+    # scikit-learn loads only when digits is built
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

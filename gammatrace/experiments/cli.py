@@ -15,11 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from gammatrace.executors import EXECUTORS, MissingDependencyError
+from gammatrace.experiments.presets import PRESETS
+from gammatrace.experiments.study import STUDIES, run_study, study_from_yaml
+
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from gammatrace.experiments.executors import MissingDependencyError
-    from gammatrace.experiments.study import STUDIES, run_study, study_from_yaml
-
     if Path(args.name).suffix in (".yaml", ".yml") or Path(args.name).is_file():
         study = study_from_yaml(args.name)
     else:
@@ -36,9 +37,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from gammatrace.experiments.executors import EXECUTORS
-    from gammatrace.experiments.presets import PRESETS
-
     s = sub.add_parser("study", help="run a named study (or a YAML grid) and report its claim checks")
     s.add_argument("name", help="a registered study (activation, batchnorm, skip, optimizer, init) or a study YAML")
     s.add_argument("--preset", default="quick", choices=list(PRESETS),

@@ -14,13 +14,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
+
+from gammatrace.experiments.identity_mapping import PRESETS, run_identity_mapping
 
 
 def cmd_identity_mapping(args: argparse.Namespace) -> int:
-    import json
-
-    from gammatrace.experiments.identity_mapping import run_identity_mapping
-
     summary = run_identity_mapping(args.out, preset=args.preset, workers=args.workers, progress=not args.quiet)
     data = json.loads((summary.parent / "identity_mapping.json").read_text())
     print(data["headline"]["sentence"])
@@ -33,8 +32,6 @@ def cmd_identity_mapping(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``identity-mapping`` subcommand to the main parser's subparsers."""
-    from gammatrace.experiments.identity_mapping import PRESETS
-
     p = subparsers.add_parser("identity-mapping",
                               help="teacher–student study with a known minimizer: identity mapping, "
                                    "one-point convexity, and γ against W* vs the last iterate")

@@ -61,7 +61,11 @@ import torch
 
 from gammatrace import principles as P
 from gammatrace.data.loader import epoch_batches, stream_seed
+from gammatrace.executors import make_executor
+from gammatrace.models import build
+from gammatrace.models.teacher import make_teacher, teacher_targets
 from gammatrace.registry import Registry
+from gammatrace.store.run import RunStore
 
 PRESETS = Registry("identity-mapping preset")
 
@@ -174,8 +178,6 @@ def problem(preset: Preset, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, tor
         >>> tuple(x.shape), tuple(y.shape), x.dtype
         ((100, 4), (100, 1), torch.float64)
     """
-    from gammatrace.models.teacher import make_teacher, teacher_targets
-
     g = torch.Generator().manual_seed(stream_seed(preset.seed, 0, _X_STREAM))
     x = torch.randn(preset.n, preset.d, generator=g, dtype=torch.float64)
     W_star = make_teacher(preset.d, cell.norm(preset), preset.seed, identity=cell.identity).double()
@@ -191,8 +193,6 @@ def student(preset: Preset, cell: Cell) -> torch.nn.Module:
         >>> student(PRESETS.get("tiny")(), CELL_BY_NAME["id-bounded-zero"]).linear.weight.abs().sum().item()
         0.0
     """
-    from gammatrace.models import build
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(preset.seed, 0, _INIT_STREAM))
         model = build("teacher_student", input_shape=(preset.d,), identity=cell.identity, activation="leaky_relu",
@@ -707,9 +707,6 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
         >>> path = run_identity_mapping("out/im", preset="quick", workers=2)   # doctest: +SKIP
         >>> json.loads((path.parent / "identity_mapping.json").read_text())["headline"]["sentence"]  # doctest: +SKIP
     """
-    from gammatrace.experiments.executors import make_executor
-    from gammatrace.store.run import RunStore
-
     t0 = time.perf_counter()
     pre = PRESETS.get(preset)()
     out = Path(out)

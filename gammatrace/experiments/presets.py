@@ -33,7 +33,9 @@ import copy
 from functools import partial
 from typing import Any
 
+from gammatrace.config import deep_merge
 from gammatrace.experiments.study import STUDIES, Study, grid_study
+from gammatrace.models.init import INITS
 
 PRESETS = ("quick", "paper", "paper100")
 # What the placeholders of a spec become in each preset (data_dir is the user's).
@@ -62,8 +64,6 @@ _NET = {
 
 def _net(name: str, **over: Any) -> dict[str, Any]:
     """A paper network's overrides (model, loss, data), with ``over`` merged in."""
-    from gammatrace.config import deep_merge
-
     out = copy.deepcopy(_NET[name])
     return deep_merge(out, over)
 
@@ -167,8 +167,6 @@ SPECS["optimizer"] = {
 
 
 def _inits() -> dict[str, dict[str, Any]]:
-    from gammatrace.models.init import INITS
-
     return {name: {"model": {"init": name}} for name in INITS.names()}
 
 

@@ -26,9 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gammatrace.analysis import analyze
 from gammatrace.config import RunConfig, load_yaml
 from gammatrace.config import merge_config as merge
+from gammatrace.data import load_dataset
+from gammatrace.engine import train_pass
+from gammatrace.engine.session import build_session
+from gammatrace.executors import make_executor
 from gammatrace.registry import Registry
+from gammatrace.reporting import report
+from gammatrace.store.run import RunStore
 
 STUDIES = Registry("study")
 
@@ -218,10 +225,6 @@ def prepare_init(study: Study, init_dir: str | Path, seeds: int = 1) -> list[Pat
         >>> prepare_init(study, "out/init", seeds=2)   # doctest: +SKIP
         [PosixPath('out/init/mlp-s0.pt'), PosixPath('out/init/mlp-s1.pt')]
     """
-    from gammatrace.data import load_dataset
-    from gammatrace.store.run import RunStore
-    from gammatrace.train.session import build_session
-
     store = RunStore(Path(init_dir).resolve())
     datasets: dict[str, Any] = {}
     paths = []
@@ -257,10 +260,6 @@ def run_task(config: dict[str, Any], path: str) -> dict[str, Any]:
     analysis whose ``summary.json`` is on disk (written last) is skipped, so rerunning
     a finished study rewrites none of its run files.
     """
-    from gammatrace.analysis import analyze
-    from gammatrace.store.run import RunStore
-    from gammatrace.train import train_pass
-
     run = train_pass(config, path, progress=False)
     if run.status == "diverged":
         return {"path": path, "status": "diverged"}
@@ -288,9 +287,6 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
         >>> run_study(STUDIES.get("activation")("quick", None), "studies/activation", workers=2)  # doctest: +SKIP
         PosixPath('studies/activation/report/report.html')
     """
-    from gammatrace.experiments.executors import make_executor
-    from gammatrace.store.run import RunStore
-
     out = Path(out)
     meta = study.meta(seeds)
     store = RunStore(out)
@@ -315,7 +311,6 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
             run_task, tasks, desc=study.name, progress=progress)
     elif not store.exists("study.json"):
         raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
-    from gammatrace.report import report
 
     return report([out / name for name in runs], out / "report", title=f"gammatrace study: {study.name}",
                   study=out / "study.json")

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gammatrace.landscape import landscape
+from gammatrace.landscape.evaluate import BN_MODES
+
 
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from gammatrace.landscape import landscape
-
     if not args.quiet:
         print(f"landscape of {len(args.runs)} run(s) -> {args.out}", file=sys.stderr)
     files = landscape(args.runs, args.out, grid=args.grid, extent=args.extent, samples=args.samples, bn=args.bn,
@@ -30,8 +31,6 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``landscape`` subcommand to the main parser's subparsers."""
-    from gammatrace.landscape.evaluate import BN_MODES
-
     p = subparsers.add_parser("landscape", help="loss contours on the PCA plane of trained paths, and θ_0→θ_T interpolation")
     p.add_argument("runs", nargs="+", help="trained run directories; the first run's θ_T is the plane's origin")
     p.add_argument("--out", required=True, help="output folder (figures and the stored grid)")

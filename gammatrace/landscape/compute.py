@@ -9,7 +9,7 @@ What is computed, for runs R_1 … R_m that share a model (and usually θ_0):
   the same projected point.
 * the **loss grid** L(origin + a·u + b·v) over a ∈ [−A, A], b ∈ [−B, B] where A (B) is
   ``extent`` times the largest |coordinate| of any path point on u (v); grid rows are
-  independent tasks for :func:`~gammatrace.experiments.executors.make_executor`.
+  independent tasks for :func:`~gammatrace.executors.make_executor`.
   Grid points use the origin's buffers (batch-norm running statistics).
 * at every checkpoint θ_e (e < E) of every run: the plain gradient-descent direction
   −∇L(θ_e) on the evaluation subset and the optimizer's actual epoch step
@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gammatrace.landscape.evaluate import LossEvaluator, Trajectory, load_trajectory
+from gammatrace.executors import make_executor
+from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, Trajectory, load_trajectory
 from gammatrace.landscape.pca import path_pca
 from gammatrace.store.run import Run, RunStore
 
@@ -134,7 +135,7 @@ def _fingerprint(runs: list[Run]) -> list[dict[str, Any]]:
     # The path's end points pin the trajectory down: a retrained or resumed-differently
     # run changes final.pt or checkpoint 0 (the rest is a deterministic function of them
     # and the config, which is part of the fingerprint too).
-    return [{"path": str(r.path.resolve()), "horizon": r.meta.get("horizon_epochs"), "config": r.meta.get("config"),
+    return [{"path": str(r.path.resolve()), "horizon": r.meta.horizon_epochs, "config": r.meta.config,
              "final": _sha256(r.path / "final.pt"), "start": _sha256(r.path / "checkpoints" / "epoch_0000.pt")}
             for r in runs]
 
@@ -142,7 +143,7 @@ def _fingerprint(runs: list[Run]) -> list[dict[str, Any]]:
 def _evaluator(run_path: str, samples: int, bn: str, seed: int) -> LossEvaluator:
     # The run's config is part of the key: a run directory retrained with another
     # config in the same process must not get the old data and model.
-    config = json.dumps(Run(run_path).meta.get("config"), sort_keys=True)
+    config = json.dumps(Run(run_path).meta.config, sort_keys=True)
     return _cached_evaluator(run_path, samples, bn, seed, config)
 
 
@@ -248,9 +249,6 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
         >>> ls.loss.shape, ls.reused                                                  # doctest: +SKIP
         ((5, 5), False)
     """
-    from gammatrace.experiments.executors import make_executor
-    from gammatrace.landscape.evaluate import BN_MODES
-
     if not runs:
         raise ValueError("give at least one run")
     if grid < 2:

@@ -1,7 +1,7 @@
 """Loss and gradient of a run's model at arbitrary parameter points, and its stored path.
 
 :class:`LossEvaluator` rebuilds a run's data and model from its config
-(:func:`~gammatrace.train.session.build_session`), fixes an evaluation subset of the
+(:func:`~gammatrace.engine.session.build_session`), fixes an evaluation subset of the
 training set, and evaluates the run's own per-sample loss (mean over the subset,
 accumulated in float64) at any flat float64 parameter vector. Parameters are written
 into the model in place and buffers are reset before every forward, so evaluations
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gammatrace.data.loader import stream_seed
+from gammatrace.engine.session import build_session
 from gammatrace.registry import Registry
 from gammatrace.store.run import Run, StoreError, shard
 
@@ -108,14 +109,12 @@ def load_trajectory(run: str | Path | Run, names: list[str] | None = None) -> Tr
         (41, 133898)
     """
     run = run if isinstance(run, Run) else Run(run)
-    horizon = run.meta.get("horizon_epochs")
+    horizon = run.meta.horizon_epochs
     if horizon is None or not run.store.exists("final.pt"):
         raise StoreError(f"{run.path} has no final point yet (status {run.status}); train it first")
     states = [run.store.read_torch(shard("checkpoints", e, "pt"))["model"] for e in range(int(horizon))]
     states.append(run.store.read_torch("final.pt")["model"])
     if names is None:
-        from gammatrace.train.session import build_session
-
         names = trainable_names(build_session(run.config).model)
     points = np.stack([flatten(s, names) for s in states])
     keep = set(names)
@@ -139,8 +138,6 @@ class LossEvaluator:
     """
 
     def __init__(self, run: str | Path | Run, samples: int = 512, bn: str = "train", seed: int = 0):
-        from gammatrace.train.session import build_session
-
         run = run if isinstance(run, Run) else Run(run)
         self.run_path, self.samples, self.bn, self.seed = run.path, samples, bn, seed
         self._set_mode: Callable[[nn.Module], nn.Module] = BN_MODES.get(bn)

@@ -31,6 +31,7 @@ MAX_ARROWS_PER_RUN = 12
 
 
 def _colors(n: int) -> list:
+    # matplotlib loads only when a figure is drawn
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"]

@@ -88,6 +88,7 @@ def inspect_init(
         >>> df[["name", "type"]].values.tolist()
         [['0', 'Linear'], ['2', 'Linear']]
     """
+    # pandas loads on first use: importing the model zoo stays light
     import pandas as pd
 
     layers = weighted_layers(model)
@@ -151,6 +152,7 @@ def plot_inspect(df: pd.DataFrame, path: str | os.PathLike, title: str | None = 
         >>> plot_inspect(df, Path(tempfile.mkdtemp()) / "inspect.png").stat().st_size > 0
         True
     """
+    # matplotlib loads only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

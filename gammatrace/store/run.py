@@ -28,12 +28,61 @@ import json
 import math
 import os
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gammatrace.config import RunConfig
 
 FORMAT_VERSION = 1
+
+
+class Status(StrEnum):
+    """Where a run is in its life; a str, so it compares equal to the name in run.json."""
+
+    RUNNING = "running"  # pass 1 in progress (or interrupted: rerun to resume)
+    TRAINED = "trained"  # pass 1 done: horizon (and continuation) trained, final.pt written
+    COMPLETE = "complete"  # analysed at least once
+    DIVERGED = "diverged"  # the loss became NaN/inf during pass 1
+
+    @property
+    def finished_training(self) -> bool:
+        return self in (Status.TRAINED, Status.COMPLETE)
+
+
+class RunMeta(BaseModel):
+    """run.json: a run's identity (config, provenance) and progress, typed.
+
+    Example:
+        >>> meta = RunMeta(config=RunConfig().model_dump(mode="json"))
+        >>> meta.status, meta.status == "running", meta.epochs_done
+        (<Status.RUNNING: 'running'>, True, 0)
+    """
+
+    # Fields written by later versions are kept, not lost, when an older one rewrites the file.
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    config: dict[str, Any]  # as stored; :meth:`run_config` gives the typed (upgraded) config
+    status: Status = Status.RUNNING
+    provenance: dict[str, Any] = {}
+    created: str | None = None
+    epochs_done: int = 0
+    horizon_epochs: int | None = None  # epochs in the analysed horizon, once reached
+    horizon_steps: int | None = None
+    reached_target: bool | None = None
+    steps_per_epoch: int | None = None
+    n_params: int | None = None
+    displacement: float | None = None  # ‖θ_0 − θ_T‖
+    diverged_at_step: int | None = None
+    error: str | None = None
+
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_stored(self.config)
 
 
 class StoreError(RuntimeError):
@@ -54,10 +103,58 @@ def _jsonable(obj: Any) -> Any:
 
 
 class RunStore:
-    """Atomic file access below one run directory."""
+    """Atomic file access below one run directory, and where each file lives (DESIGN §4):
+    every module asks the store for a path instead of spelling it.
+
+    Example:
+        >>> store = RunStore("runs/a")
+        >>> store.checkpoint(3), store.analysis("last", "steps"), store.shard("steps", 2)
+        ('checkpoints/epoch_0003.pt', 'analysis/last/steps', 'steps/epoch_0002.parquet')
+    """
+
+    META = "run.json"
+    EPOCHS = "epochs.parquet"
+    FINAL = "final.pt"  # θ_T
+    REFERENCE = "reference.pt"  # θ* of a continuation reference
+    STEPS = "steps"  # pass-1 step shards
+    SAMPLES = "samples"  # pass-1 per-sample shards
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @staticmethod
+    def shard(folder: str, epoch: int, suffix: str = "parquet") -> str:
+        return shard(folder, epoch, suffix)
+
+    @staticmethod
+    def checkpoint(epoch: int) -> str:
+        """The state at the *start* of ``epoch``."""
+        return shard("checkpoints", epoch, "pt")
+
+    @staticmethod
+    def analysis(reference: str, *parts: str) -> str:
+        """A path below the analysis of one reference, e.g. ``analysis("last", "summary.json")``."""
+        return "/".join(("analysis", reference, *parts))
+
+    # ---------------------------------------------------------------- run.json
+    def read_meta(self) -> RunMeta:
+        data = self.read_json(self.META)
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.path(self.META)} is damaged: expected a JSON object, got {type(data).__name__}")
+        try:
+            return RunMeta.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            raise StoreError(f"{self.path(self.META)} is damaged: field '{field}': {err['msg']}") from None
+
+    def write_meta(self, meta: RunMeta) -> None:
+        self.write_json(self.META, meta.model_dump(mode="json"))
+
+    def update_meta(self, **fields: Any) -> RunMeta:
+        meta = self.read_meta().model_copy(update=fields)
+        self.write_meta(RunMeta.model_validate(meta.model_dump()))  # validate the update too
+        return self.read_meta()
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -123,13 +220,9 @@ class RunStore:
 
     # --------------------------------------------------------------- torch
     def write_torch(self, rel: str, obj: Any) -> None:
-        import torch
-
         self._atomic(rel, lambda p: torch.save(obj, p))
 
     def read_torch(self, rel: str, map_location: Any = "cpu") -> Any:
-        import torch
-
         path = self.path(rel)
         if not path.is_file():
             raise StoreError(f"{path} does not exist")
@@ -157,34 +250,38 @@ class Run:
     def __init__(self, path: str | Path):
         self.store = RunStore(path)
         self.path = self.store.root
-        if not self.store.exists("run.json"):
+        if not self.store.exists(RunStore.META):
             raise StoreError(f"{self.path} is not a gammatrace run (no run.json)")
-        self.meta = self.store.read_json("run.json")
-        version = self.meta.get("format_version")
+        raw = self.store.read_json(RunStore.META)
+        version = raw.get("format_version") if isinstance(raw, dict) else None
         if version != FORMAT_VERSION:
             raise StoreError(f"{self.path}: run format {version} is not supported (expected {FORMAT_VERSION})")
+        self.meta = self.store.read_meta()
 
     @property
     def name(self) -> str:
-        return self.meta.get("config", {}).get("name") or self.path.name
+        return self.meta.config.get("name") or self.path.name
 
     @property
-    def config(self):
-        from gammatrace.config import RunConfig
-
-        return RunConfig.model_validate(self.meta["config"])
+    def config(self) -> RunConfig:
+        try:
+            return self.meta.run_config()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"])
+            raise StoreError(f"{self.store.path(RunStore.META)} is damaged: config field '{field}': {err['msg']}") from None
 
     @property
-    def status(self) -> str:
-        return self.meta.get("status", "unknown")
+    def status(self) -> Status:
+        return self.meta.status
 
     def record_steps(self) -> pd.DataFrame:
         """Pass-1 rows (record mode): step, epoch, lr, loss, update_sq, grad_sq, dist0_sq."""
-        return self.store.read_shards("steps")
+        return self.store.read_shards(RunStore.STEPS)
 
     def epochs(self) -> pd.DataFrame:
         """One row per epoch: full-dataset train/test loss and accuracy after the epoch."""
-        return self.store.read_parquet("epochs.parquet") if self.store.exists("epochs.parquet") else pd.DataFrame()
+        return self.store.read_parquet(RunStore.EPOCHS) if self.store.exists(RunStore.EPOCHS) else pd.DataFrame()
 
     def references(self) -> list[str]:
         d = self.path / "analysis"
@@ -202,16 +299,16 @@ class Run:
 
     def steps(self, reference: str | None = None) -> pd.DataFrame:
         """The DESIGN.md §6 per-step table for a reference (default: 'last')."""
-        return self.store.read_shards(f"analysis/{self._ref(reference)}/steps")
+        return self.store.read_shards(RunStore.analysis(self._ref(reference), "steps"))
 
     def tensor_steps(self, reference: str | None = None) -> pd.DataFrame:
-        return self.store.read_shards(f"analysis/{self._ref(reference)}/tensors")
+        return self.store.read_shards(RunStore.analysis(self._ref(reference), "tensors"))
 
     def sample_steps(self, reference: str | None = None) -> pd.DataFrame:
-        return self.store.read_shards(f"analysis/{self._ref(reference)}/samples")
+        return self.store.read_shards(RunStore.analysis(self._ref(reference), "samples"))
 
     def summary(self, reference: str | None = None) -> dict:
-        return self.store.read_json(f"analysis/{self._ref(reference)}/summary.json")
+        return self.store.read_json(RunStore.analysis(self._ref(reference), "summary.json"))
 
 
 def load_run(path: str | Path) -> Run:

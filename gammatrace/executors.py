@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from gammatrace.registry import Registry
 
 EXECUTORS = Registry("executor")
@@ -29,9 +31,7 @@ class MissingDependencyError(ImportError):
     """An executor needs an optional package that is not installed."""
 
 
-def _bar(n: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
+def _bar(n: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=n, desc=desc, disable=not progress or not n, leave=False)
 
 
@@ -104,6 +104,7 @@ class RayExecutor:
     @staticmethod
     def _ray():
         try:
+            # ray is an optional extra
             import ray
         except ImportError:
             raise MissingDependencyError(

@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from gammatrace.report.collect import RunEntry, main_epochs
-from gammatrace.report.content import GAMMA_EFF_LOSS_LABEL, MISSING, fmt
-from gammatrace.report.document import Block, Bullets, Heading, Table, Text
+from gammatrace.reporting.collect import RunEntry, main_epochs
+from gammatrace.reporting.content import GAMMA_EFF_LOSS_LABEL, MISSING, fmt
+from gammatrace.reporting.document import Block, Bullets, Heading, Table, Text
+from gammatrace.store.run import Run, RunStore
 
 # |ρ| at or above this is a rank agreement (or disagreement) worth a verdict; with 3
 # cells it allows one swapped pair (ρ = 0.5), with 4 cells ρ ≥ 0.6 means at most one.
@@ -73,7 +74,6 @@ class StudyInfo:
             return study
         if isinstance(study, dict):
             return cls.from_dict(study)
-        from gammatrace.store.run import RunStore
 
         path = Path(study)
         return cls.from_dict(RunStore(path.parent).read_json(path.name))
@@ -92,8 +92,6 @@ def find_study(runs: Sequence[Any]) -> Path | None:
         >>> find_study(["studies/activation/relu", "studies/activation/tanh"])   # doctest: +SKIP
         PosixPath('studies/activation/study.json')
     """
-    from gammatrace.store.run import Run
-
     paths = [Path(r.path if isinstance(r, Run) else r).resolve() for r in runs]
     parents = {p.parent for p in paths}
     if len(parents) != 1:
@@ -142,7 +140,7 @@ def exclusion(entry: RunEntry) -> str | None:
     s = entry.summary
     if entry.no_progress:
         return f"no progress (mean batch loss fell by only {_num(s.get('loss_rel_drop')):.1%})"
-    if target_of(entry) is not None and entry.run.meta.get("reached_target") is False:
+    if target_of(entry) is not None and entry.run.meta.reached_target is False:
         return (f"missed the target loss {fmt(target_of(entry))} (final train loss {fmt(entry.final_train_loss)} "
                 f"after {entry.n_epochs} epochs)")
     if not math.isfinite(_num(s.get("gamma_median"))):
@@ -192,6 +190,7 @@ class ClaimResult:
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    # scipy loads only when a rank correlation is computed
     from scipy.stats import spearmanr
 
     if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
@@ -219,6 +218,7 @@ def check_claim(order: Sequence[str], points: Sequence[RunPoint]) -> ClaimResult
         >>> check_claim(["a", "b", "c"], pts).text
         'not consistent (ρ(claimed order, γ) = -1, ρ(γ, speed) = -1)'
     """
+    # scipy loads only when a rank correlation is computed
     excluded: dict[str, str] = {}
     stats: list[CellStat] = []
     for cell in order:
@@ -410,7 +410,7 @@ def runs_table(runs: Sequence[StudyRun]) -> list[Block]:
                 flags.append("not analysed")
             if e.no_progress:
                 flags.append("no progress")
-            if target_of(e) is not None and e.run.meta.get("reached_target") is False:
+            if target_of(e) is not None and e.run.meta.reached_target is False:
                 flags.append("missed target")
             mse = e.run.config.loss == "mse"
             test = e.final("test_loss" if mse else "test_acc")
@@ -447,9 +447,10 @@ def null_baseline(entry: RunEntry) -> dict[str, float]:
         >>> null_baseline(entry)["frac_progress_null"] < 0.5   # doctest: +SKIP
         True
     """
+    # scipy loads only when the null baseline is computed
     from scipy.stats import beta
 
-    n = entry.run.meta.get("n_params")
+    n = entry.run.meta.n_params
     st = entry.steps
     out = {k: math.nan for k in ("cos_mean", "cos_null_sd", "cos_null_sd_mean", "cos_z", "frac_progress",
                                  "frac_progress_null")}

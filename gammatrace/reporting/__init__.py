@@ -2,11 +2,11 @@
 layer figures, ``summary.md`` and a self-contained ``report.html`` (DESIGN §3).
 
 Example:
-    >>> from gammatrace.report import report
+    >>> from gammatrace.reporting import report
     >>> report(["runs/relu", "runs/sigmoid"], out="report")   # doctest: +SKIP
     PosixPath('report/report.html')
 """
 
-from gammatrace.report.build import report
+from gammatrace.reporting.build import report
 
 __all__ = ["report"]

@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gammatrace.report import study as S
-from gammatrace.report.collect import RunEntry, collect
-from gammatrace.report.content import (
+from gammatrace.reporting import study as S
+from gammatrace.reporting.collect import RunEntry, collect
+from gammatrace.reporting.content import (
     GAMMA_EFF_LOSS_LABEL,
     caveats,
     ordering,
     principles_table,
     runs_table,
 )
-from gammatrace.report.document import Block, Figure, Heading, Text, to_html, to_markdown
-from gammatrace.report.figures import layers_figure, trajectory_figure
+from gammatrace.reporting.document import Block, Figure, Heading, Text, to_html, to_markdown
+from gammatrace.reporting.figures import layers_figure, trajectory_figure
 from gammatrace.store.run import Run
 
 FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf")

@@ -6,7 +6,7 @@ Figures are drawn on :class:`matplotlib.figure.Figure` objects, which render wit
 Agg canvas and never touch pyplot's global state or a display.
 
 Example:
-    >>> from gammatrace.report.collect import collect
+    >>> from gammatrace.reporting.collect import collect
     >>> entries = collect(["runs/relu", "runs/sigmoid"])          # doctest: +SKIP
     >>> notes = []
     >>> trajectory_figure(entries, "out", notes)                  # doctest: +SKIP
@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gammatrace import principles as P
-from gammatrace.report.collect import RunEntry, main_epochs
+from gammatrace.reporting.collect import RunEntry, main_epochs
 
 POSITIVE, NEGATIVE = "#4C72B0", "#C44E52"
 
@@ -72,6 +72,7 @@ def run_colors(n: int) -> list:
         >>> len(run_colors(3)), run_colors(12)[0] == run_colors(12)[0]
         (3, True)
     """
+    # matplotlib loads only when a figure is drawn
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]

@@ -51,7 +51,7 @@ class RunEntry:
 
     @property
     def diverged_at_step(self) -> int | None:
-        step = self.run.meta.get("diverged_at_step")
+        step = self.run.meta.diverged_at_step
         return int(step) if step is not None else None
 
     @property
@@ -68,7 +68,7 @@ class RunEntry:
 
     @property
     def steps_per_epoch(self) -> int | None:
-        spe = self.run.meta.get("steps_per_epoch")
+        spe = self.run.meta.steps_per_epoch
         if spe:
             return int(spe)
         if len(self.steps) and "epoch" in self.steps:
@@ -97,7 +97,7 @@ class RunEntry:
     def n_epochs(self) -> int | None:
         if self.summary and self.summary.get("epochs") is not None:
             return int(self.summary["epochs"])
-        done = self.run.meta.get("epochs_done")
+        done = self.run.meta.epochs_done
         return int(done) if done is not None else None
 
 
@@ -112,7 +112,7 @@ def main_epochs(entry: RunEntry) -> pd.DataFrame:
         return ep
     if "phase" in ep:
         ep = ep[ep["phase"] == "main"]
-    horizon = entry.run.meta.get("horizon_epochs")
+    horizon = entry.run.meta.horizon_epochs
     if horizon is not None and "epoch" in ep:
         ep = ep[ep["epoch"] < horizon]
     return ep.reset_index(drop=True)
@@ -157,7 +157,7 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
         try:
             summary = run.summary(reference)
         except StoreError as exc:
-            problem = (f"diverged at step {run.meta.get('diverged_at_step')}; no final point to analyse against"
+            problem = (f"diverged at step {run.meta.diverged_at_step}; no final point to analyse against"
                        if run.status == "diverged" else str(exc))
             entries.append(RunEntry(label, run, None, problem, epochs=epochs))
             continue

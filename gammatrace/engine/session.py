@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
+from gammatrace._version import __version__
 from gammatrace.config import RunConfig
 from gammatrace.data import AUGMENTATIONS, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
 from gammatrace.models import build
+from gammatrace.models.init import apply_init, load_init
 from gammatrace.probe import Probe
-from gammatrace.train.optim import make_optimizer, make_schedule, per_sample_loss
+from gammatrace.techniques import make_optimizer, make_schedule, per_sample_loss
 
 _INIT_STREAM = 0x1417
 
@@ -49,10 +52,6 @@ def configure_determinism(cfg: RunConfig) -> None:
 
 def provenance(cfg: RunConfig) -> dict[str, Any]:
     """Versions, device, threads and commit: what a trajectory depends on besides the config."""
-    import numpy
-
-    import gammatrace
-
     commit = None
     try:
         root = Path(__file__).resolve().parents[2]
@@ -64,7 +63,7 @@ def provenance(cfg: RunConfig) -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return {
-        "gammatrace": gammatrace.__version__, "commit": commit, "torch": torch.__version__,
+        "gammatrace": __version__, "commit": commit, "torch": torch.__version__,
         "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "cuda": torch.version.cuda, "device": device, "threads": cfg.threads,
     }
@@ -168,24 +167,22 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     torch.manual_seed(stream_seed(cfg.seed, 0, _INIT_STREAM))
     model = build(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.switches())
     if cfg.model.init != "default":
-        from gammatrace.models.init import apply_init
-
         apply_init(model, cfg.model.init, x=data.x_train[: cfg.batch_size])
     if cfg.model.init_from is not None:
         # The papers compare techniques from one saved initial point where shapes allow.
-        from gammatrace.models.init import load_init
-
         path = Path(cfg.model.init_from)
         if not path.is_file():
             raise FileNotFoundError(f"initial point {path} does not exist")
         if not load_init(model, path).loaded:
             raise ValueError(f"initial point {path} shares no tensor of matching name and shape with the model")
     model.to(device)
-    optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim)
+    optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim.name,
+                               **cfg.optim.optimizer_kwargs())
     n = data.n_train
     spe = n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
     if spe == 0:
         raise ValueError(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} samples")
-    schedule = make_schedule(cfg.schedule, spe, cfg.epochs * spe)
+    schedule = make_schedule(cfg.schedule.name, spe, cfg.epochs * spe, warmup_epochs=cfg.schedule.warmup_epochs,
+                             **cfg.schedule.options())
     return Session(cfg, data, model, optimizer, device, data.x_train.to(device), data.y_train.to(device), schedule,
                    spe, augment if augment.active else None)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from gammatrace.report.collect import RunEntry
-from gammatrace.report.document import Block, Bullets, Heading, Table, Text
+from gammatrace.reporting.collect import RunEntry
+from gammatrace.reporting.document import Block, Bullets, Heading, Table, Text
 
 # Final train losses further apart than this factor end at different points, so γ
 # normalized by each run's own θ_T is not comparable across them (DESIGN §1).
@@ -209,7 +209,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
     for e in analysed:
         s = e.summary
         mean, null = _num(s.get("cos_align_mean")), _num(s.get("cos_null_scale"))
-        n = e.run.meta.get("n_params")
+        n = e.run.meta.n_params
         items.append(f"{e.label}: mean cos_align {fmt(mean)} = {fmt(mean / null, 3)} × the null scale "
                      f"1/√n = {fmt(null)}" + (f" (n = {n} parameters)" if n else "") + ".")
     blocks.append(Text(
@@ -223,6 +223,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
 # ---------------------------------------------------------------------------- ordering
 def ordering(entries: Sequence[RunEntry]) -> list[Block]:
     """Runs that trained by median γ_k next to their ordering by convergence, with Spearman ρ."""
+    # scipy loads only when a rank correlation is computed
     from scipy.stats import spearmanr
 
     blocks: list[Block] = [Heading("Ordering", 2)]

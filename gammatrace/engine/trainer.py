@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from gammatrace.config import RunConfig
+from gammatrace.engine.session import DivergedError, build_session, provenance
 from gammatrace.probe import Probe
-from gammatrace.store.run import FORMAT_VERSION, Run, RunStore, shard
-from gammatrace.train.session import DivergedError, build_session, provenance
+from gammatrace.store.run import Run, RunMeta, RunStore, Status
 
 
 class RunConflictError(RuntimeError):
@@ -35,26 +36,23 @@ def _coerce(config: RunConfig | dict | str | Path) -> RunConfig:
     return RunConfig.from_yaml(config)
 
 
-def _open(store: RunStore, cfg: RunConfig) -> dict[str, Any]:
+def _open(store: RunStore, cfg: RunConfig) -> RunMeta:
     """Create run.json, or check that an existing run has the same config (resume)."""
     wanted = cfg.model_dump(mode="json")
-    if store.exists("run.json"):
-        meta = store.read_json("run.json")
-        if meta.get("config") != wanted:
+    if store.exists(RunStore.META):
+        meta = store.read_meta()
+        # Compared as typed configs, so a run.json of an older format resumes.
+        if meta.run_config().model_dump(mode="json") != wanted:
             raise RunConflictError(
                 f"{store.root} holds a run with a different config; choose another --out or remove it"
             )
         return meta
-    meta = {"format_version": FORMAT_VERSION, "config": wanted, "status": "running",
-            "provenance": provenance(cfg), "epochs_done": 0, "horizon_epochs": None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    store.write_json("run.json", meta)
+    meta = RunMeta(config=wanted, provenance=provenance(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    store.write_meta(meta)
     return meta
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
+def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, desc=desc, unit="epoch", disable=not enabled, leave=False)
 
 
@@ -65,26 +63,26 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
     cfg = _coerce(config)
     cfg.check_names()
     store = RunStore(out)
-    if store.exists("run.json") and store.read_json("run.json").get("status") in ("trained", "complete", "diverged"):
+    if store.exists(RunStore.META) and store.read_meta().status != Status.RUNNING:
         _open(store, cfg)  # still refuses a different config
         return Run(store.root)
     # Data and model are built before anything is written: a bad dataset path or
     # switch fails with the output folder untouched.
     sess = build_session(cfg)
     meta = _open(store, cfg)
-    if "n_params" not in meta:
-        meta = store.update_json("run.json", n_params=sum(p.numel() for p in sess.model.parameters() if p.requires_grad))
-    done = meta["epochs_done"]
+    if meta.n_params is None:
+        meta = store.update_meta(n_params=sum(p.numel() for p in sess.model.parameters() if p.requires_grad))
+    done = meta.epochs_done
     if done == 0:
-        store.write_torch(shard("checkpoints", 0, "pt"), sess.state(0))
+        store.write_torch(store.checkpoint(0), sess.state(0))
     else:
-        sess.load_state(store.read_torch(shard("checkpoints", done, "pt"), map_location=sess.device))
-    origin = store.read_torch(shard("checkpoints", 0, "pt"), map_location=sess.device)["model"]
+        sess.load_state(store.read_torch(store.checkpoint(done), map_location=sess.device))
+    origin = store.read_torch(store.checkpoint(0), map_location=sess.device)["model"]
     probe = Probe(sess.model, sess.optimizer, per_tensor=False, step=done * sess.steps_per_epoch,
                   epoch=done, origin=origin)
-    epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") and done else pd.DataFrame()
+    epochs = store.read_parquet(RunStore.EPOCHS) if store.exists(RunStore.EPOCHS) and done else pd.DataFrame()
     epochs = epochs[epochs["epoch"] < done] if len(epochs) else epochs
-    horizon = meta.get("horizon_epochs")
+    horizon = meta.horizon_epochs
     cap = (horizon if horizon is not None else cfg.epochs) + cfg.reference.extra_epochs
     bar = _progress(cap, done, cfg.name, progress)
     check_each_step = sess.device.type == "cpu"
@@ -107,12 +105,12 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
             return Run(store.root)
         metrics = {"epoch": e, **sess.evaluate(), "mean_batch_loss": float(steps["loss"].mean()),
                    "seconds": time.perf_counter() - t0, "phase": "main" if horizon is None or e < horizon else "continuation"}
-        store.write_parquet(shard("steps", e), steps)
+        store.write_parquet(store.shard(RunStore.STEPS, e), steps)
         if len(samples):
-            store.write_parquet(shard("samples", e), samples)
-        store.write_torch(shard("checkpoints", e + 1, "pt"), sess.state(e + 1))
+            store.write_parquet(store.shard(RunStore.SAMPLES, e), samples)
+        store.write_torch(store.checkpoint(e + 1), sess.state(e + 1))
         epochs = pd.concat([epochs, pd.DataFrame([metrics])], ignore_index=True)
-        store.write_parquet("epochs.parquet", epochs)
+        store.write_parquet(RunStore.EPOCHS, epochs)
         e += 1
         ran += 1
         updates: dict[str, Any] = {"epochs_done": e}
@@ -122,24 +120,24 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
                 horizon = e
                 updates.update(horizon_epochs=e, horizon_steps=e * sess.steps_per_epoch,
                                reached_target=reached if cfg.target_loss is not None else None)
-                store.write_torch("final.pt", {"model": sess.model.state_dict()})
+                store.write_torch(RunStore.FINAL, {"model": sess.model.state_dict()})
                 cap = horizon + cfg.reference.extra_epochs
                 bar.total = cap
-        meta = store.update_json("run.json", **updates)
+        meta = store.update_meta(**updates)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
     bar.close()
     if cfg.reference.extra_epochs:
-        store.write_torch("reference.pt", {"model": sess.model.state_dict()})
-    store.update_json("run.json", status="trained", steps_per_epoch=sess.steps_per_epoch,
+        store.write_torch(RunStore.REFERENCE, {"model": sess.model.state_dict()})
+    store.update_meta(status=Status.TRAINED, steps_per_epoch=sess.steps_per_epoch,
                       displacement=_displacement(store))
     return Run(store.root)
 
 
 def _displacement(store: RunStore) -> float:
     """‖θ_0 − θ_T‖ in float64, from the first checkpoint and final.pt."""
-    a = store.read_torch(shard("checkpoints", 0, "pt"))["model"]
-    b = store.read_torch("final.pt")["model"]
+    a = store.read_torch(store.checkpoint(0))["model"]
+    b = store.read_torch(RunStore.FINAL)["model"]
     total = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b if b[k].is_floating_point()
                 and k in a and not k.endswith(("running_mean", "running_var")))
     return math.sqrt(total)
@@ -150,34 +148,8 @@ def _record_divergence(store: RunStore, probe: Probe, epoch: int, exc: DivergedE
     steps, _, samples = probe.take()
     steps = steps[steps["step"] <= exc.step]
     if len(steps):
-        store.write_parquet(shard("steps", epoch), steps)
+        store.write_parquet(store.shard(RunStore.STEPS, epoch), steps)
     if len(samples):
-        store.write_parquet(shard("samples", epoch), samples[samples["step"] <= exc.step])
-    store.update_json("run.json", status="diverged", diverged_at_step=exc.step,
+        store.write_parquet(store.shard(RunStore.SAMPLES, epoch), samples[samples["step"] <= exc.step])
+    store.update_meta(status=Status.DIVERGED, diverged_at_step=exc.step,
                       error=str(exc))
-
-
-def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: bool = True,
-          workers: int = 1, progress: bool = True) -> Run:
-    """Train a run deterministically, then replay it to measure the principles exactly.
-
-    Pass 1 trains and checkpoints every epoch; pass 2 replays each epoch in reference
-    mode with θ* from ``config.reference`` (default: the last iterate θ_T), verifying
-    every step against the recording, and writes the analysis. Rerunning the same
-    command resumes whatever was interrupted.
-
-    Example:
-        >>> import gammatrace
-        >>> run = gammatrace.train({"name": "demo", "epochs": 2,
-        ...                         "data": {"name": "digits", "n_train": 256},
-        ...                         "model": {"name": "mlp", "width": 32}},
-        ...                        out="runs/demo", progress=False)   # doctest: +SKIP
-        >>> run.summary()["gamma_min"]                                 # doctest: +SKIP
-    """
-    run = train_pass(config, out, progress=progress)
-    if replay and run.status in ("trained", "complete"):
-        from gammatrace.analysis import analyze
-
-        analyze(run.path, workers=workers, progress=progress)
-        run = Run(run.path)
-    return run
