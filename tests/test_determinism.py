@@ -3,6 +3,7 @@ replay is verified and a perturbation is caught at the right step."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import gammatrace
-from gammatrace.store.run import RunStore, shard
+from gammatrace.store.run import RunStore, load_run, shard
 from gammatrace.engine import ReplayMismatchError, replay, train_pass
 from gammatrace.engine.session import Session
 from tests.conftest import tiny_config
@@ -197,3 +198,30 @@ def test_fixed_initial_point_and_file_reference(tmp_path):
     steps = gammatrace.load_run(run.path).steps("file-epoch_0001")
     first_of_epoch1 = steps[steps.epoch == 1].iloc[0]
     assert first_of_epoch1["dist_sq"] == 0.0  # θ_k = θ* at the start of epoch 1
+
+
+def test_run_folder_of_the_flat_optimizer_format_loads_resumes_and_analyses(tmp_path):
+    """tests/fixtures/legacy_rmsprop_run was written by gammatrace 0.1.0 before optimizer
+    configs became variants (run.json's optim section held every optimizer's fields, and
+    rmsprop took alpha from betas[1]), stopped after epoch 1 of 3. Resumed and analysed by
+    today's code, it must end on the final point and the step table that 0.1.0 produced
+    for the uninterrupted run (also stored, beside it)."""
+    import shutil
+
+    fixtures = Path(__file__).parent / "fixtures"
+    run_dir = tmp_path / "legacy"
+    shutil.copytree(fixtures / "legacy_rmsprop_run", run_dir)
+    stored = json.loads((run_dir / "run.json").read_text())["config"]["optim"]
+    assert set(stored) == {"name", "lr", "momentum", "betas", "eps", "weight_decay", "clip_grad_norm"}
+
+    run = load_run(run_dir)
+    assert run.status == "running" and run.meta.epochs_done == 1
+    assert (run.config.optim.alpha, run.config.optim.momentum) == (0.999, 0.0)
+    resumed = gammatrace.train(run.config, run_dir, progress=False)
+    assert resumed.status == "complete" and resumed.meta.epochs_done == 3
+    expected = torch.load(fixtures / "legacy_rmsprop_expected_final.pt", weights_only=True)["model"]
+    final = torch.load(run_dir / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    steps = resumed.steps()
+    want = pd.read_parquet(fixtures / "legacy_rmsprop_expected_steps.parquet")
+    pd.testing.assert_frame_equal(steps[want.columns].reset_index(drop=True), want, check_exact=True)

@@ -1,0 +1,352 @@
+"""Issue 10: never a silent wrong number. One test per audited failure (table-driven where
+alike); each was written before its fix and failed on the code as it was.
+
+Every error a user can fix is one line on stderr with exit status 2, names the file or
+field and the fix, and leaves what is on disk untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import gammatrace
+from gammatrace.cli import main
+from gammatrace.engine import train_pass
+from gammatrace.store.run import RunStore, StoreError, load_run
+from tests.conftest import tiny_config
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("gammatrace: error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny analysed run with a continuation reference, shared read-only by the tests
+    (each copies it before changing anything)."""
+    out = tmp_path_factory.mktemp("shared") / "run"
+    gammatrace.train(tiny_config(epochs=3, reference={"kind": "continuation", "extra_epochs": 1}), out,
+                     progress=False)
+    return out
+
+
+def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ------------------------------------------------------------ 1. reference identity
+def test_analysis_against_another_reference_file_is_a_new_analysis(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    # two different θ* files with the same stem, one after the other
+    a, b = tmp_path / "x" / "theta.pt", tmp_path / "y" / "theta.pt"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    shutil.copy(run / "final.pt", a)
+    shutil.copy(run / "reference.pt", b)
+    sa = gammatrace.analyze(run, str(a), progress=False)
+    sb = gammatrace.analyze(run, str(b), progress=False)
+    assert sa["reference"] != sb["reference"]
+    fresh = gammatrace.analyze(_copy(trained, tmp_path, "fresh"), str(b), progress=False)
+    assert sb["gamma_median"] == fresh["gamma_median"]
+    assert sa["gamma_median"] == gammatrace.analyze(run, "last", progress=False)["gamma_median"]
+
+
+def test_reference_file_changed_in_place_is_a_new_analysis(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    ref = tmp_path / "theta.pt"
+    shutil.copy(run / "final.pt", ref)
+    first = gammatrace.analyze(run, str(ref), progress=False)
+    shutil.copy(run / "reference.pt", ref)
+    second = gammatrace.analyze(run, str(ref), progress=False)
+    assert first["reference"] != second["reference"]
+    assert second["gamma_median"] == gammatrace.analyze(run, "continuation", progress=False)["gamma_median"]
+
+
+# -------------------------------------------------------------- 2. θ_T is checked
+@pytest.mark.parametrize("target", ["final.pt", "reference.pt"])
+def test_replaced_final_point_is_refused(trained, tmp_path, capsys, target):
+    run = _copy(trained, tmp_path)
+    other = tmp_path / "other"
+    gammatrace.train(tiny_config(epochs=3, seed=99, reference={"kind": "continuation", "extra_epochs": 1}),
+                     other, progress=False)
+    shutil.copy(other / target, run / target)
+    shutil.rmtree(run / "analysis")
+    before = _tree_hashes(run)
+    ref = "last" if target == "final.pt" else "continuation"
+    assert main(["analyze", str(run), "--reference", ref, "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert target in line and "SHA-256" in line
+    assert _tree_hashes(run) == before
+
+
+# ---------------------------------------------------------- 3. names escape --out
+@pytest.mark.parametrize("name", ["../../ESCAPED", "/tmp/ESCAPED_abs", "a/b", "..", ".hidden", ""])
+def test_run_names_are_confined_to_out(tmp_path, capsys, name):
+    cfg = tmp_path / "runs.yaml"
+    cfg.write_text(json.dumps({"base": tiny_config(epochs=1), "runs": {name: {}}}))
+    out = tmp_path / "deep" / "out"
+    assert main(["run", str(cfg), "--out", str(out), "--no-report", "--quiet"]) == 2
+    assert "name" in _one_error_line(capsys)
+    assert not (tmp_path / "ESCAPED").exists() and not Path("/tmp/ESCAPED_abs").exists()
+    assert not out.exists()
+
+
+def test_store_refuses_a_path_outside_its_root(tmp_path):
+    store = RunStore(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "link").symlink_to(tmp_path / "elsewhere")
+    for rel in ("../x.json", "link/x.json", "/abs.json"):
+        with pytest.raises(StoreError, match="outside"):
+            store.write_json(rel, {})
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+# ------------------------------------------------------------------- 4. the lock
+_HOLD = """
+import sys, time
+from gammatrace.store.run import RunStore
+with RunStore(sys.argv[1]).lock():
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_second_writer_is_refused_while_a_live_holder_exists(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(json.dumps(tiny_config()))
+        assert main(["run", str(cfg), "--out", str(out), "--no-report", "--quiet"]) == 2
+        line = _one_error_line(capsys)
+        assert str(holder.pid) in line and "in use" in line
+        assert not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead: its lock went with it, and the run trains
+    assert main(["run", str(cfg), "--out", str(out), "--no-report", "--quiet"]) == 0
+
+
+def test_two_processes_with_different_configs_never_mix_one_folder(tmp_path):
+    out = tmp_path / "r"
+    code = ("import sys, json; from gammatrace.engine import train_pass; from gammatrace.errors import UserError\n"
+            "try:\n    train_pass(json.loads(sys.argv[1]), sys.argv[2], progress=False); print('trained')\n"
+            "except UserError as e:\n    print('refused', e)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(tiny_config(epochs=6, seed=s)), str(out)],
+                              stdout=subprocess.PIPE, text=True) for s in (1, 2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert sorted(o.split()[0] for o in outs) == ["refused", "trained"], outs
+    run = load_run(out)
+    seed = run.config.seed
+    ref = gammatrace.train(tiny_config(epochs=6, seed=seed), tmp_path / "alone", replay=False, progress=False)
+    pd.testing.assert_frame_equal(run.record_steps(), ref.record_steps())
+
+
+# ------------------------------------------------ 5. diverged continuation
+def test_diverged_continuation_leaves_the_horizon_analysable(tmp_path, capsys):
+    # lr x1e6 from epoch 3 on (step schedule): the horizon (3 epochs) trains, the continuation diverges
+    cfg = tiny_config(epochs=3, optim={"lr": 0.05}, schedule={"name": "step", "step_epochs": 3, "factor": 1e6},
+                      reference={"kind": "continuation", "extra_epochs": 2})
+    run = gammatrace.train(cfg, tmp_path / "r", progress=False)
+    assert run.status == "complete" and (tmp_path / "r" / "final.pt").exists()
+    assert run.meta.continuation_error and "diverged" in run.meta.continuation_error
+    assert len(run.steps("last")) == 9
+    assert main(["analyze", str(tmp_path / "r"), "--reference", "continuation", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "continuation" in line and "diverged" in line
+
+
+# -------------------------------------------------------- 6. silent acceptance
+def test_shard_missing_a_column_is_refused(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    shard = run / "analysis" / "last" / "steps" / "epoch_0001.parquet"
+    pd.read_parquet(shard).drop(columns=["loss_ref"]).to_parquet(shard, index=False)
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "epoch_0001.parquet" in line and "loss_ref" in line
+    assert _tree_hashes(run) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tail", "100000"], "--tail"),
+    (["--tail", "-1"], "--tail"),
+    (["--ell-inf", "nan"], "--ell-inf"),
+    (["--ell-inf", "inf"], "--ell-inf"),
+    (["--workers", "0"], "--workers"),
+])
+def test_bad_analysis_options_are_refused_before_work(trained, tmp_path, capsys, args, words):
+    run = _copy(trained, tmp_path)
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet", *args]) == 2
+    assert words in _one_error_line(capsys)
+    assert _tree_hashes(run) == before
+
+
+def test_workers_zero_is_refused_before_training(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config()))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]) == 2
+    assert "--workers" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------ 7. one-line errors
+def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochs: 3\nmodel: {name: mlp\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys)
+    assert "bad.yaml" in line and "line" in line
+
+
+def test_misspelt_model_switch_names_the_switches(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config(model={"widht": 8})))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "widht" in line and "width" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("make_out", [
+    lambda tmp: (tmp / "file").write_text("x") or tmp / "file",
+    lambda tmp: (tmp / "file").write_text("x") or tmp / "file" / "below",
+])
+def test_out_that_is_a_file_or_below_one(tmp_path, capsys, make_out):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config()))
+    out = make_out(tmp_path)
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "file" in _one_error_line(capsys)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config()))
+    assert main(["run", str(cfg), "--out", str(ro / "o"), "--quiet"]) == 2
+    assert "permission" in _one_error_line(capsys).lower()
+
+
+@pytest.mark.parametrize("content, field", [
+    ("[1, 2, 3]", "run.json"),
+    ("{broken", "run.json"),
+])
+def test_damaged_run_json_is_one_line_naming_the_file(trained, tmp_path, capsys, content, field):
+    run = _copy(trained, tmp_path)
+    (run / "run.json").write_text(content)
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet"]) == 2
+    assert field in _one_error_line(capsys)
+    assert _tree_hashes(run) == before
+
+
+def test_null_horizon_in_run_json_names_the_field(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    meta["horizon_epochs"] = None
+    (run / "run.json").write_text(json.dumps(meta))
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "run.json" in line and "horizon_epochs" in line
+    assert _tree_hashes(run) == before
+
+
+def test_reference_that_is_a_text_file(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    ref = tmp_path / "notes.txt"
+    ref.write_text("hello")
+    assert main(["analyze", str(run), "--reference", str(ref), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "notes.txt" in line and "weights_only=False" not in line
+
+
+def test_malicious_init_from_is_one_line(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    bad = tmp_path / "init.pt"
+    bad.write_bytes(pickle.dumps(Evil()))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config(model={"init_from": str(bad)})))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "init.pt" in line and "weights_only=False" not in line
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------- 8. advice that works
+def test_corrupt_checkpoint_advice_works(tmp_path, capsys):
+    cfg = tiny_config(epochs=4)
+    out = tmp_path / "r"
+    train_pass(cfg, out, progress=False, stop_after=3)
+    (out / "checkpoints" / "epoch_0003.pt").write_bytes(b"garbage")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(json.dumps(cfg))
+    assert main(["run", str(cfg_file), "--out", str(out), "--no-report", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "epoch_0003.pt" in line
+    # follow the advice literally
+    advice = line.split("remove it", 1)
+    assert len(advice) == 2, line
+    (out / "checkpoints" / "epoch_0003.pt").unlink()
+    assert main(["run", str(cfg_file), "--out", str(out), "--no-report", "--quiet"]) == 0
+    ref = gammatrace.train(cfg, tmp_path / "ref", replay=False, progress=False)
+    pd.testing.assert_frame_equal(load_run(out).record_steps(), ref.record_steps())
+
+
+# ------------------------------------------------------------ 9. small things
+def test_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        store = RunStore(tmp_path / "r")
+        store.write_json("a/x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r" / "a" / "x.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r" / "a").stat().st_mode & 0o777 == 0o755
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_under_the_lock(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    stale = run / "steps" / ".epoch_0000.parquet.abc123.tmp"
+    stale.write_bytes(b"partial")
+    old = time.time() - 10
+    os.utime(stale, (old, old))
+    with RunStore(run).lock():
+        pass
+    assert not stale.exists()
