@@ -7,6 +7,8 @@ Re-analysing with another ``tail`` or ``ell_inf`` reuses the replay.
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,12 @@ from gammatrace import principles as P
 from gammatrace.config import RunConfig
 from gammatrace.engine.replay import replay
 from gammatrace.engine.trainer import train_pass
+from gammatrace.errors import UserError
+from gammatrace.probe.probe import REFERENCE_COLUMNS
 from gammatrace.store.run import Run, Status, StoreError
+
+# What every analysed step shard must hold (a shard without one is damaged, never NaN).
+RAW_STEP_COLUMNS = ("step", "epoch", "lr", *REFERENCE_COLUMNS)
 
 
 def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | None = None,
@@ -36,15 +43,39 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
     if run.status == Status.DIVERGED:
         raise StoreError(f"{run.path} diverged at step {run.meta.diverged_at_step}; "
                          "there is no final point to analyse against")
+    if reference is None and cfg.reference.kind == "continuation" and run.meta.continuation_error:
+        # The horizon is intact: analyse it against θ_T, and say why not the continuation.
+        print(f"gammatrace: {run.path}: {run.meta.continuation_error}", file=sys.stderr)
+        reference = "last"
     tail = cfg.analysis.tail if tail is None else tail
     ell_inf = cfg.analysis.ell_inf if ell_inf is None else ell_inf
+    check_options(run, tail=tail, ell_inf=ell_inf, workers=workers)
+    with run.store.lock():
+        return _analyze_locked(run, cfg, reference, tail, ell_inf, workers, progress)
+
+
+def check_options(run: Run, *, tail: int, ell_inf: float, workers: int) -> None:
+    """Options that would make every summary NaN, refused before any work (one line each)."""
+    n = run.meta.horizon_steps or (run.meta.horizon_epochs or 0) * (run.meta.steps_per_epoch or 0)
+    if not isinstance(tail, int) or tail < 0 or (n and tail >= n):
+        raise UserError(f"tail={tail} (--tail) must be an integer in 0..{max(n - 1, 0)}: the run has {n} steps "
+                        "and the summaries need at least one")
+    if not math.isfinite(ell_inf):
+        raise UserError(f"ell_inf={ell_inf} (--ell-inf) must be a finite number")
+    if workers < 1:
+        raise UserError(f"workers={workers} (--workers) must be at least 1")
+
+
+def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, ell_inf: float, workers: int,
+                    progress: bool) -> dict[str, Any]:
     ref_name = replay(run.path, reference, workers=workers, progress=progress)
+    run = Run(run.path)  # replay may have recorded a hash in run.json
     store = run.store
 
     def at(*parts: str) -> str:
         return store.analysis(ref_name, *parts)
 
-    raw = store.read_shards(at("steps"))
+    raw = store.read_shards(at("steps"), required=RAW_STEP_COLUMNS)
     steps = P.derive(raw, ell_inf=ell_inf, eps=cfg.analysis.eps)
     for epoch, frame in steps.groupby("epoch", sort=True):
         store.write_parquet(store.shard(at("steps"), int(epoch)), frame)

@@ -27,12 +27,13 @@ from gammatrace.config import RunConfig, error_location, load_yaml, merge_config
 from gammatrace.data.base import DataError
 from gammatrace.engine import ReplayMismatchError, RunConflictError, train_pass
 from gammatrace.engine.session import build_session
+from gammatrace.errors import UserError, os_error
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
 from gammatrace.probe.probe import ReferenceError_
 from gammatrace.registry import UnknownNameError
 from gammatrace.reporting import report
-from gammatrace.store.run import Status, StoreError
+from gammatrace.store.run import Status, StoreError, check_out_folder
 from gammatrace.techniques import per_sample_loss
 
 
@@ -64,21 +65,33 @@ def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
             for name, over in runs.items()}
 
 
+def _note(args: argparse.Namespace, text: str, always: bool = False) -> None:
+    """Progress on stderr; ``--quiet`` keeps stderr for errors and warnings only."""
+    if always or not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_workers(args.workers)
     configs = expand_runs(load_yaml(_preset_path(args.config)))
     for cfg in configs.values():
         cfg.check_names()  # every run's names before the first one trains
-    out = Path(args.out)
+    out = check_out_folder(args.out)
     single = len(configs) == 1 and "runs" not in load_yaml(_preset_path(args.config))
     paths = []
     for i, (name, cfg) in enumerate(configs.items(), 1):
         path = out if single else out / name
-        print(f"[{i}/{len(configs)}] {name}: training -> {path}", file=sys.stderr)
+        _note(args, f"[{i}/{len(configs)}] {name}: training -> {path}")
         run = train_pass(cfg, path, progress=not args.quiet)
         if run.status == Status.DIVERGED:
-            print(f"[{i}/{len(configs)}] {name}: diverged at step {run.meta.diverged_at_step}", file=sys.stderr)
+            _note(args, f"[{i}/{len(configs)}] {name}: diverged at step {run.meta.diverged_at_step}", always=True)
         else:
-            print(f"[{i}/{len(configs)}] {name}: replaying and analysing", file=sys.stderr)
+            _note(args, f"[{i}/{len(configs)}] {name}: replaying and analysing")
             analyze(path, workers=args.workers, progress=not args.quiet)
         paths.append(path)
     if args.no_report:
@@ -207,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identity_cli", "gammatrace.landscape.cli")
+PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identity.cli", "gammatrace.landscape.cli")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -222,12 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    user_errors = (ValidationError, UnknownNameError, DataError, StoreError, RunConflictError,
+    user_errors = (UserError, ValidationError, UnknownNameError, DataError, StoreError, RunConflictError,
                    ReplayMismatchError, ReferenceError_, FileNotFoundError, ValueError)
     try:
         return args.fn(args, extra) if getattr(args, "takes_extra", False) else args.fn(args)
     except user_errors as exc:
         print(f"gammatrace: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        mapped = os_error(exc, str(exc.filename or "writing the output"))
+        if mapped is None:
+            raise
+        print(f"gammatrace: error: {_one_line(mapped)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gammatrace: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,9 +27,11 @@ from pydantic import (
     model_validator,
 )
 
-from gammatrace.data import AUGMENTATIONS, DATASETS
+from gammatrace.data import AUGMENTATIONS, DATASETS, TRANSFORM_OPTIONS
+from gammatrace.errors import UserError
 from gammatrace.models import ACTIVATIONS, MODELS
 from gammatrace.models.init import INITS
+from gammatrace.registry import UnknownNameError
 from gammatrace.techniques import LOSSES, OPTIMIZERS, SCHEDULES
 
 
@@ -193,6 +196,9 @@ class RunConfig(_Strict):
     seed: int = 0
     threads: PositiveInt = 1  # torch intra-op threads; part of the trajectory's identity
     device: str = "cpu"
+    # Floating dtype of the parameters and data. float64 for problems whose loss gaps fall
+    # below float32 round-off (a realizable teacher–student converges to loss 0).
+    dtype: Literal["float32", "float64"] = "float32"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
@@ -205,6 +211,11 @@ class RunConfig(_Strict):
     reference: ReferenceConfig = ReferenceConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     eval_batch_size: PositiveInt = 1024
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
 
     @field_validator("device")
     @classmethod
@@ -235,6 +246,10 @@ class RunConfig(_Strict):
         activation = self.model.switches().get("activation")
         if activation is not None:
             ACTIVATIONS.get(activation)
+        _check_switches("model", self.model.name, MODELS.get(self.model.name), self.model.switches(),
+                        builder_args={"input_shape", "num_classes"})
+        _check_switches("data", self.data.name, DATASETS.get(self.data.name), self.data.switches(),
+                        builder_args=set(), shared=set(TRANSFORM_OPTIONS))
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> RunConfig:
@@ -251,6 +266,42 @@ class RunConfig(_Strict):
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with nested keys replaced, e.g. ``{"model": {"activation": "tanh"}}``."""
         return RunConfig.model_validate(deep_merge(self.model_dump(), overrides))
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+,@-]*$")
+
+
+def check_name(name: str, what: str = "run") -> str:
+    """A run, cell or group name that is safe as one folder name: no path separators,
+    no ``..``, not absolute, not hidden.
+
+    Example:
+        >>> check_name("relu-s0")
+        'relu-s0'
+        >>> check_name("../x")
+        Traceback (most recent call last):
+        ...
+        gammatrace.errors.UserError: run name '../x' is not a plain folder name (letters, digits and _ . = + , @ -, not starting with '.'; no '/', no '..')
+    """
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise UserError(f"{what} name {name!r} is not a plain folder name (letters, digits and _ . = + , @ -, "
+                        "not starting with '.'; no '/', no '..')")
+    return name
+
+
+def _check_switches(section: str, name: str, factory: Any, switches: dict[str, Any], *,
+                    builder_args: set[str], shared: set[str] = frozenset()) -> None:
+    """Unknown switches of a registry entry are refused before anything runs, naming the
+    switches it has (a misspelt ``widht`` would otherwise surface as a TypeError deep in
+    the model's constructor, or not at all)."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # the entry forwards options it does not name; it checks them itself
+    known = {k for k in params if k not in builder_args} | set(shared)
+    unknown = sorted(set(switches) - known)
+    if unknown:
+        raise UnknownNameError(f"{section} '{name}' has no switch {', '.join(map(repr, unknown))}; "
+                               f"its switches: {', '.join(sorted(known)) or 'none'}")
 
 
 def error_location(loc: tuple[int | str, ...]) -> str:
@@ -308,11 +359,21 @@ def _optim_variant(name: str) -> type[_OptimBase] | None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict; a missing file, a YAML syntax error or a non-mapping is
+    one :class:`~gammatrace.errors.UserError` naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise UserError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read as a config ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+        raise UserError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     return data

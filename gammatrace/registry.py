@@ -21,10 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from gammatrace.errors import UserError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(UserError, KeyError, ValueError):
     """A config named something no registry entry provides."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import gammatrace
-from gammatrace.store.run import RunStore, load_run, shard
 from gammatrace.engine import ReplayMismatchError, replay, train_pass
 from gammatrace.engine.session import Session
+from gammatrace.store.run import RunStore, load_run, shard
 from tests.conftest import tiny_config
 
 
@@ -177,8 +177,8 @@ def test_tail_exclusion(tmp_path):
 
 
 def test_fixed_initial_point_and_file_reference(tmp_path):
-    from gammatrace.models.init import save_init
     from gammatrace.engine.session import build_session
+    from gammatrace.models.init import save_init
 
     cfg = tiny_config(model={"init": "orthogonal"})
     sess = build_session(gammatrace.RunConfig.model_validate(cfg))
@@ -194,8 +194,11 @@ def test_fixed_initial_point_and_file_reference(tmp_path):
     # θ* from a user file: the checkpoint of epoch 1.
     ref = run.path / shard("checkpoints", 1, "pt")
     s = gammatrace.analyze(run.path, str(ref), progress=False)
-    assert s["reference"] == "file-epoch_0001"
-    steps = gammatrace.load_run(run.path).steps("file-epoch_0001")
+    # the analysis is named by the file's stem and its content's SHA-256 (issue 10)
+    from gammatrace.store.run import params_sha256
+
+    assert s["reference"] == "file-epoch_0001-" + params_sha256(torch.load(ref, weights_only=True)["model"])[:16]
+    steps = gammatrace.load_run(run.path).steps(s["reference"])
     first_of_epoch1 = steps[steps.epoch == 1].iloc[0]
     assert first_of_epoch1["dist_sq"] == 0.0  # θ_k = θ* at the start of epoch 1
 

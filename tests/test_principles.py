@@ -8,8 +8,6 @@ computation: explicit loops over the iterates and explicit norms.
 from __future__ import annotations
 
 import ast
-import doctest
-import importlib
 import json
 import math
 import pathlib
@@ -683,22 +681,10 @@ def test_no_progress_flag(epoch_factors, min_rel_drop, ell_inf):
     assert s["no_progress"] == (ml - ell_inf > (1 - min_rel_drop) * (mf - ell_inf))
 
 
-# ----------------------------------------------------------------------------- doctests
-
-
-@pytest.mark.parametrize(
-    "module", ["", ".series", ".certificates", ".theorem1", ".geometry", ".layers", ".summary"]
-)
-def test_docstring_examples_run(module):
-    mod = importlib.import_module("gammatrace.principles" + module)
-    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_principles_import_only_numpy_pandas_and_stdlib():
     """No torch, directly or through another gammatrace subpackage (static check:
     importing the package itself runs gammatrace/__init__, which is not ours)."""
-    allowed = {"__future__", "math", "typing", "dataclasses", "numpy", "pandas"}
+    allowed = {"__future__", "math", "typing", "dataclasses", "collections", "itertools", "functools", "numpy", "pandas"}
     for path in pathlib.Path(pr.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

@@ -9,7 +9,6 @@ ordering) are copies of these folders, so only three runs are ever trained.
 from __future__ import annotations
 
 import base64
-import doctest
 import io
 import json
 import math
@@ -21,13 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gammatrace.analysis import train
 from gammatrace.reporting import report
 from gammatrace.reporting.collect import collect
 from gammatrace.reporting.content import caveats, fmt, ordering
 from gammatrace.reporting.document import md_unescape, to_markdown
 from gammatrace.reporting.figures import NEGATIVE, layers_figure
 from gammatrace.store import load_run
-from gammatrace.analysis import train
 
 IMG = '<img src="data:image/png;base64,'
 # summary.md prints 4 significant digits: a value read back is within half a unit of
@@ -208,8 +207,12 @@ def test_no_progress_flag_and_caveats(full):
     assert f"= {fmt(a['gamma_eff'])}; the table's γ_eff = {fmt(a['gamma_eff'])}." in section
     assert f"mean cos_align {fmt(a['cos_align_mean'])}" in section and "null scale" in section
     ordering = md[md.index("## Ordering"):]
-    assert "inconclusive (fewer than 3 comparable runs)" in ordering
-    assert "sigmoid" in ordering.split("Not in the ordering")[1]  # kept out, named
+    # One run may be compared (sigmoid made no progress, div diverged): the shared rule says so
+    # with the count (the single-run report used to print the same reason without it).
+    assert "inconclusive (fewer than 3 comparable runs (1))" in ordering
+    left_out = ordering.split("Not in the ordering")[1]
+    assert "sigmoid (no progress (mean batch loss fell by only" in left_out  # kept out, named, with the reason
+    assert f"div (diverged at step {load_run(paths['div']).meta.diverged_at_step})" in left_out
 
 
 def test_html_embeds_every_figure(full):
@@ -277,6 +280,13 @@ def test_ordering_with_three_comparable_runs(runs, tmp_path):
     assert "differ by 3.5× (more than 2×): a ends at 0.2, c at 0.7" in md
     assert "inconclusive (final train losses differ by 3.5×" in md
 
+    # ρ = 0.4: the single-run report once called any ρ > 0 "consistent"; it now applies the
+    # study's rule (claims module), for which |ρ| < 0.5 is a weak rank correlation.
+    md = md_unescape(ordering_md([variant("a", 3.0, 0.5), variant("b", 2.0, 0.6), variant("c", 4.0, 0.7),
+                                  variant("d", 1.0, 0.8)]))
+    assert ("Spearman ρ(median γ_k, convergence speed) = 0.4 over 4 runs; inconclusive (weak rank correlation "
+            "(|ρ| < 0.5): ρ(γ, speed) = 0.4).") in md
+
 
 def test_layers_negative_share_in_distinct_colour(runs, tmp_path):
     _, paths = runs
@@ -287,12 +297,3 @@ def test_layers_negative_share_in_distinct_colour(runs, tmp_path):
     pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
     red = tuple(int(NEGATIVE[i:i + 2], 16) for i in (1, 3, 5))
     assert (np.abs(pixels.astype(int) - red).sum(axis=1) < 12).sum() > 500
-
-
-def test_docstring_examples():
-    from gammatrace.reporting import build, content, document, figures
-    from gammatrace.reporting import collect as collect_mod
-
-    for module in (build, collect_mod, content, document, figures):
-        result = doctest.testmod(module)
-        assert result.failed == 0, module.__name__

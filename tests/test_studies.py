@@ -8,7 +8,6 @@ target loss in a few epochs, plus one epoch of continuation) is run once per mod
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 import shutil
@@ -19,13 +18,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from gammatrace.engine import train_pass
 from gammatrace.experiments import STUDIES, run_study, study_from_yaml
 from gammatrace.experiments.presets import PRESETS
 from gammatrace.experiments.study import Claim, grid_study, make_study, prepare_init, run_task
+from gammatrace.principles.claims import RunPoint, check_claim
 from gammatrace.reporting import study as S
-from gammatrace.reporting.study import RunPoint, check_claim, null_baseline
-from gammatrace.store import load_run
-from gammatrace.engine import train_pass
+from gammatrace.reporting.claims import null_baseline
+from gammatrace.store import StoreError, StudyMeta, load_run
 from tests.test_report import assert_cell, md_table
 
 TARGET = 1.0
@@ -69,6 +69,29 @@ def test_study_writes_report_and_init(study):
     for f in ("trajectory_tiny.png", "trajectory_tiny.pdf", "layers_tiny.png", "summary.md", "report.html"):
         assert (out / "report" / f).stat().st_size > 1000, f
     assert html.read_text().count('<img src="data:image/png;base64,') == 2
+
+
+def test_study_json_is_one_typed_model(study, tmp_path):
+    out, _ = study
+    # Written by run_study, read back as the model the report reads: equal to what the study states.
+    meta = StudyMeta.load(out / "study.json")
+    assert meta == grid_study(SPEC).meta(seeds=1)
+    assert meta.name == "tiny" and meta.cell("relu") == "relu" and meta.group("tanh") == "tiny"
+    assert meta.claims == [Claim("ReLU first", ("relu", "tanh"), "tiny")]
+    # The file of the previous (untyped) writer, key for key, loads unchanged.
+    old = {"study": "activation", "question": "q", "preset": "quick", "seeds": 2, "shared_init": True,
+           "runs": {"relu-s0": "relu", "relu-s1": "relu"}, "seed_of": {"relu-s0": 0, "relu-s1": 1},
+           "groups": {"relu-s0": "mlp_bn", "relu-s1": "mlp_bn"},
+           "claims": [{"text": "t", "order": ["relu", "tanh"], "group": "mlp_bn"}]}
+    (tmp_path / "study.json").write_text(json.dumps(old))
+    loaded = StudyMeta.load(tmp_path / "study.json")
+    assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0]}]}
+    assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == ("relu", "tanh")
+    # A damaged file names its field, and a report of its runs falls back to the plain layout.
+    (tmp_path / "study.json").write_text(json.dumps({**old, "seeds": "many"}))
+    with pytest.raises(StoreError, match="field 'seeds'"):
+        StudyMeta.load(tmp_path / "study.json")
+    assert S.find_study([tmp_path / "relu-s0"]) is None
 
 
 def test_report_numbers_equal_the_runs_tables(study):
@@ -133,7 +156,7 @@ def test_exact_null_fraction_matches_sampling():
         steps.append((float(v @ v), upd**2, float((progress > 0).mean())))
     table = pd.DataFrame({"dist_sq": [s[0] for s in steps], "update_sq": [s[1] for s in steps],
                           "progress": [1.0, 1.0, 1.0], "cos_align": [0.0, 0.0, 0.0]})
-    entry = SimpleNamespace(run=SimpleNamespace(meta={"n_params": n}), steps=table)
+    entry = SimpleNamespace(run=SimpleNamespace(meta=SimpleNamespace(n_params=n)), steps=table)
     exact = null_baseline(entry)["frac_progress_null"]
     sampled = float(np.mean([s[2] for s in steps]))
     assert abs(exact - sampled) < 0.01, (exact, sampled)
@@ -275,8 +298,8 @@ def test_study_yaml_grid_and_cell_forms(tmp_path):
 
 
 def test_shared_init_covers_every_cell_where_shapes_allow(tmp_path):
-    from gammatrace.models.init import load_init
     from gammatrace.engine.session import build_session
+    from gammatrace.models.init import load_init
 
     # Skip quick: a U-Net without skips has narrower decoder convs than with them.
     study = STUDIES.get("skip")("quick", None)
@@ -304,8 +327,9 @@ def test_rerun_redoes_nothing_and_resumes_what_is_missing(study, tmp_path):
     shutil.rmtree(out / "tanh" / "analysis" / "continuation")
     run_study(grid_study(SPEC), out, progress=False)
     after = _mtimes(out)
-    # Re-analysing tanh legitimately rewrites its status in run.json and the report.
-    untouched = [k for k in before if not k.startswith(("report/", "tanh/analysis/continuation", "tanh/run.json"))]
+    # Re-analysing tanh legitimately rewrites its status in run.json, takes its lock, and the report.
+    untouched = [k for k in before if not k.startswith(("report/", "tanh/analysis/continuation", "tanh/run.json",
+                                                        "tanh/.lock"))]
     changed = [k for k in untouched if after.get(k) != before[k]]
     assert not changed, changed  # relu, tanh's training and its 'last' analysis, study.json, init
     assert "tanh/analysis/continuation/summary.json" in after
@@ -357,11 +381,3 @@ def test_cli_study_yaml(tmp_path, capsys):
     md = (tmp_path / "o" / "report" / "summary.md").read_text()
     # No continuation analysis: that side of the check says so, and no target: final loss.
     assert "no continuation analysis" in md and "final train loss (lowest first)" in md
-
-
-def test_docstring_examples():
-    from gammatrace.experiments import cli, executors, presets, study
-    from gammatrace.reporting import study as report_study
-
-    for module in (study, presets, executors, cli, report_study):
-        assert doctest.testmod(module).failed == 0, module.__name__

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gammatrace.errors import UserError
 from gammatrace.registry import Registry
 
 
@@ -27,7 +28,7 @@ class DatasetFactory(Protocol):
 DATASETS: Registry[DatasetFactory] = Registry("dataset")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset could not be built or read (missing folder, bad format, bad option)."""
 
 

@@ -4,15 +4,17 @@ recorded one bit for bit (DESIGN.md §2), not a re-implementation of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy
+import pandas as pd
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from gammatrace._version import __version__
 from gammatrace.config import RunConfig
 from gammatrace.data import AUGMENTATIONS, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
+from gammatrace.errors import UserError
 from gammatrace.models import build
 from gammatrace.models.init import apply_init, load_init
 from gammatrace.probe import Probe
@@ -48,6 +51,32 @@ def configure_determinism(cfg: RunConfig) -> None:
     torch.set_num_threads(cfg.threads)
     if torch.get_num_threads() != cfg.threads:
         raise RuntimeError(f"could not set {cfg.threads} torch threads (got {torch.get_num_threads()})")
+
+
+class StepHook(Protocol):
+    """An extra measurement at every step of an epoch, made at θ_k: after the backward
+    pass, before the probe and the optimizer step (so the model holds θ_k and ``.grad``
+    holds g_k). It returns columns for the step's row; the engine adds ``step`` and
+    ``epoch``. Values may be device tensors: they are read to the host once per epoch.
+
+    A hook must leave the trajectory alone: no change to parameters, ``.grad`` or buffers
+    (the engine forks the RNG around it). Replay checks this: a hook that moved the
+    trajectory fails pass 2's verification. Example: :class:`~gammatrace.engine.hooks.OnePointConvexity`.
+    """
+
+    name: str  # its table's folder: analysis/<reference>/<name>/ (an identifier)
+
+    def __call__(self, batch: Any) -> Mapping[str, float | torch.Tensor]: ...
+
+
+class StepHookFactory(Protocol):
+    """Builds a replay segment's hook from the segment's session and θ* (a picklable
+    callable, so segments can run in worker processes; a :class:`StepHook` class whose
+    constructor takes ``(session, reference)`` is one). ``name`` is the hook's name."""
+
+    name: str
+
+    def __call__(self, session: Session, reference: Mapping[str, torch.Tensor]) -> StepHook: ...
 
 
 def provenance(cfg: RunConfig) -> dict[str, Any]:
@@ -101,8 +130,13 @@ class Session:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def run_epoch(self, epoch: int, probe: Probe, check_finite: bool) -> None:
-        """One epoch of training, measured by ``probe``. Raises DivergedError on a NaN loss."""
+    def run_epoch(self, epoch: int, probe: Probe, check_finite: bool,
+                  hooks: Sequence[StepHook] = ()) -> dict[str, pd.DataFrame]:
+        """One epoch of training, measured by ``probe``. Raises DivergedError on a NaN loss.
+
+        ``hooks`` measure at every θ_k too (:class:`StepHook`); returns their rows, one
+        table per hook name (an empty dict without hooks).
+        """
         cfg, model, opt = self.cfg, self.model, self.optimizer
         seed_epoch_rng(cfg.seed, epoch)
         # The counters are functions of the epoch, whichever way the process got here.
@@ -110,6 +144,8 @@ class Session:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = self.loss_fn
+        rows: dict[str, list[tuple[int, Mapping[str, Any]]]] = {h.name: [] for h in hooks}
+        rng_devices = [self.device] if self.device.type == "cuda" else []
         for i, idx in enumerate(self.batches(epoch)):
             k = epoch * self.steps_per_epoch + i
             lr = cfg.optim.lr * self.schedule(k)
@@ -126,11 +162,18 @@ class Session:
             loss.backward()
             if cfg.optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+            if hooks:
+                # A forked RNG: a hook's own draws (dropout in an extra forward) must not
+                # shift the stream the step itself uses.
+                with torch.random.fork_rng(devices=rng_devices):
+                    for hook in hooks:
+                        rows[hook.name].append((k, hook(batch)))
             probe.step(loss, batch, indices=idx, sample_losses=per)
             # On the CPU .item() costs nothing; on accelerators the epoch-end check
             # of the flushed rows catches divergence without a sync every step.
             if check_finite and not torch.isfinite(loss).item():
                 raise DivergedError(k, loss.item())
+        return {name: _hook_table(part, epoch) for name, part in rows.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -156,24 +199,65 @@ class Session:
         return out
 
 
+def _hook_table(rows: list[tuple[int, Mapping[str, Any]]], epoch: int) -> pd.DataFrame:
+    # One host read per value, at the end of the epoch rather than at every step.
+    columns = list(rows[0][1]) if rows else []
+    return pd.DataFrame({"step": numpy.array([k for k, _ in rows], dtype=numpy.int64),
+                         "epoch": numpy.full(len(rows), epoch, dtype=numpy.int64),
+                         **{c: numpy.array([float(r[c]) for _, r in rows], dtype=numpy.float64) for c in columns}})
+
+
+def _as_dtype(data: Dataset, dtype: torch.dtype) -> Dataset:
+    """The dataset with its floating tensors in ``dtype`` (the same object when they are)."""
+    fields = ("x_train", "y_train", "x_test", "y_test")
+    cast = {f: getattr(data, f).to(dtype) for f in fields
+            if getattr(data, f).is_floating_point() and getattr(data, f).dtype != dtype}
+    return dataclasses.replace(data, **cast) if cast else data
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
-    """Data, model (seeded initialization), optimizer and schedule for a config."""
+    """Data, model (seeded initialization), optimizer and schedule for a config.
+
+    Model and data are in ``cfg.dtype``; integer targets (class labels) stay integers.
+
+    Example:
+        >>> cfg = RunConfig.model_validate({"dtype": "float64", "batch_size": 32,
+        ...                                 "data": {"name": "digits", "n_train": 64, "n_test": 32},
+        ...                                 "model": {"name": "mlp", "width": 8, "depth": 1}})
+        >>> sess = build_session(cfg)
+        >>> next(sess.model.parameters()).dtype, sess.x.dtype, sess.y.dtype, sess.steps_per_epoch
+        (torch.float64, torch.float64, torch.int64, 2)
+    """
     configure_determinism(cfg)
     if data is None:
         data = load_dataset(cfg.data.name, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
                             classes=cfg.data.classes, **cfg.data.switches())
+    dtype = DTYPES[cfg.dtype]
+    data = _as_dtype(data, dtype)
     augment = AUGMENTATIONS.get(cfg.data.augment)()
     device = torch.device(cfg.device)
     torch.manual_seed(stream_seed(cfg.seed, 0, _INIT_STREAM))
     model = build(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.switches())
+    # Cast before any data-dependent initialization (LSUV) runs on the data in this dtype;
+    # the random draws above are the same in every dtype.
+    model.to(dtype=dtype)
     if cfg.model.init != "default":
         apply_init(model, cfg.model.init, x=data.x_train[: cfg.batch_size])
     if cfg.model.init_from is not None:
         # The papers compare techniques from one saved initial point where shapes allow.
         path = Path(cfg.model.init_from)
         if not path.is_file():
-            raise FileNotFoundError(f"initial point {path} does not exist")
-        if not load_init(model, path).loaded:
+            raise UserError(f"initial point {path} (model.init_from) does not exist")
+        try:
+            loaded = load_init(model, path).loaded
+        except Exception as exc:  # torch raises several types for damaged or unsafe files
+            raise UserError(f"initial point {path} (model.init_from) cannot be read as a tensor file "
+                            f"({exc.__class__.__name__}); save it with gammatrace's save_init or torch.save of a "
+                            "state dict") from None
+        if not loaded:
             raise ValueError(f"initial point {path} shares no tensor of matching name and shape with the model")
     model.to(device)
     optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim.name,

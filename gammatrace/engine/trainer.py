@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 
 from gammatrace.config import RunConfig
 from gammatrace.engine.session import DivergedError, build_session, provenance
+from gammatrace.errors import UserError
 from gammatrace.probe import Probe
-from gammatrace.store.run import Run, RunMeta, RunStore, Status
+from gammatrace.store.run import Run, RunMeta, RunStore, Status, check_out_folder, params_sha256
 
 
-class RunConflictError(RuntimeError):
+class RunConflictError(UserError, RuntimeError):
     """The output directory holds a different run."""
 
 
@@ -62,21 +63,43 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
     after that many epochs, as a kill would (used by the resume tests)."""
     cfg = _coerce(config)
     cfg.check_names()
-    store = RunStore(out)
+    store = RunStore(check_out_folder(out))
     if store.exists(RunStore.META) and store.read_meta().status != Status.RUNNING:
         _open(store, cfg)  # still refuses a different config
         return Run(store.root)
     # Data and model are built before anything is written: a bad dataset path or
     # switch fails with the output folder untouched.
     sess = build_session(cfg)
+    with store.lock():
+        return _train_locked(store, cfg, sess, progress, stop_after)
+
+
+def _resume_epoch(store: RunStore, done: int) -> int:
+    """The epoch to resume from: ``done``, or the last earlier one whose checkpoint is
+    still there (the advice for a damaged checkpoint is to remove it)."""
+    e = done
+    while e > 0 and not store.exists(store.checkpoint(e)):
+        e -= 1
+    return e
+
+
+def _train_locked(store: RunStore, cfg: RunConfig, sess, progress: bool, stop_after: int | None) -> Run:
     meta = _open(store, cfg)
+    if meta.status != Status.RUNNING:  # finished by another process while we waited
+        return Run(store.root)
     if meta.n_params is None:
         meta = store.update_meta(n_params=sum(p.numel() for p in sess.model.parameters() if p.requires_grad))
-    done = meta.epochs_done
+    done = _resume_epoch(store, meta.epochs_done)
+    if done < meta.epochs_done:
+        rollback: dict[str, Any] = {"epochs_done": done}
+        if meta.horizon_epochs is not None and meta.horizon_epochs > done:
+            rollback.update(horizon_epochs=None, horizon_steps=None, reached_target=None, final_sha256=None)
+        meta = store.update_meta(**rollback)
+    advice = "remove it and rerun the same command to resume from the checkpoint before it"
     if done == 0:
         store.write_torch(store.checkpoint(0), sess.state(0))
     else:
-        sess.load_state(store.read_torch(store.checkpoint(done), map_location=sess.device))
+        sess.load_state(store.read_torch(store.checkpoint(done), map_location=sess.device, advice=advice))
     origin = store.read_torch(store.checkpoint(0), map_location=sess.device)["model"]
     probe = Probe(sess.model, sess.optimizer, per_tensor=False, step=done * sess.steps_per_epoch,
                   epoch=done, origin=origin)
@@ -100,6 +123,12 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
             if len(bad):
                 raise DivergedError(int(steps["step"].iloc[bad[0]]), float(steps["loss"].iloc[bad[0]]))
         except DivergedError as exc:
+            if horizon is not None and e >= horizon:
+                # The analysed horizon is intact: only the continuation reference is lost.
+                store.update_meta(continuation_error=(
+                    f"the continuation beyond the horizon diverged at step {exc.step} (loss {exc.loss}); "
+                    "analyse against θ_T ('last'), or retrain with a smaller lr or fewer extra_epochs"))
+                break
             _record_divergence(store, probe, e, exc)
             bar.close()
             return Run(store.root)
@@ -120,15 +149,19 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
                 horizon = e
                 updates.update(horizon_epochs=e, horizon_steps=e * sess.steps_per_epoch,
                                reached_target=reached if cfg.target_loss is not None else None)
-                store.write_torch(RunStore.FINAL, {"model": sess.model.state_dict()})
+                final = {"model": sess.model.state_dict()}
+                store.write_torch(RunStore.FINAL, final)
+                updates["final_sha256"] = params_sha256(final["model"])
                 cap = horizon + cfg.reference.extra_epochs
                 bar.total = cap
         meta = store.update_meta(**updates)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
     bar.close()
-    if cfg.reference.extra_epochs:
-        store.write_torch(RunStore.REFERENCE, {"model": sess.model.state_dict()})
+    if cfg.reference.extra_epochs and not store.read_meta().continuation_error:
+        reference = {"model": sess.model.state_dict()}
+        store.write_torch(RunStore.REFERENCE, reference)
+        store.update_meta(reference_sha256=params_sha256(reference["model"]))
     store.update_meta(status=Status.TRAINED, steps_per_epoch=sess.steps_per_epoch,
                       displacement=_displacement(store))
     return Run(store.root)

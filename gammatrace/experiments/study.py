@@ -36,20 +36,13 @@ from gammatrace.executors import make_executor
 from gammatrace.registry import Registry
 from gammatrace.reporting import report
 from gammatrace.store.run import RunStore
+from gammatrace.store.study import Claim, StudyMeta
 
 STUDIES = Registry("study")
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A paper's claim about a set of cells: ``order`` lists them from the claimed
-    largest γ (and fastest convergence) to the smallest."""
-
-    text: str
-    order: tuple[str, ...]
-    group: str | None = None
-
-
+# Claim (a paper's claim: its text, its cells from the claimed largest γ to the smallest, its
+# group) is part of study.json's schema, so it is defined with StudyMeta and used from there.
 @dataclass
 class Study:
     name: str
@@ -100,15 +93,22 @@ class Study:
     def cell_of(self, run_name: str) -> str:
         return run_name if run_name in self.cells else run_name.rsplit("-s", 1)[0]
 
-    def meta(self, seeds: int) -> dict[str, Any]:
-        """What ``study.json`` records: the report reads cells, groups and claims from it."""
+    def meta(self, seeds: int) -> StudyMeta:
+        """What ``study.json`` records: the report reads cells, groups and claims from it.
+
+        Example:
+            >>> s = make_study("demo", "?", {}, {"a": {}, "b": {}}, [Claim("a first", ("a", "b"))])
+            >>> m = s.meta(seeds=2)
+            >>> m.runs, m.seed_of["b-s1"], m.group("a-s0"), m.claims[0].order
+            ({'a-s0': 'a', 'a-s1': 'a', 'b-s0': 'b', 'b-s1': 'b'}, 1, 'all', ('a', 'b'))
+        """
         names = self.run_names(seeds)
-        return {"study": self.name, "question": self.question, "preset": self.preset, "seeds": seeds,
-                "shared_init": self.shared_init,
-                "runs": {name: cell for name, (cell, _) in names.items()},
-                "seed_of": {name: i for name, (_, i) in names.items()},
-                "groups": {name: self.group_of(cell) for name, (cell, _) in names.items()},
-                "claims": [{"text": c.text, "order": list(c.order), "group": c.group} for c in self.claims]}
+        return StudyMeta(study=self.name, question=self.question, preset=self.preset, seeds=seeds,
+                         shared_init=self.shared_init,
+                         runs={name: cell for name, (cell, _) in names.items()},
+                         seed_of={name: i for name, (_, i) in names.items()},
+                         groups={name: self.group_of(cell) for name, (cell, _) in names.items()},
+                         claims=list(self.claims))
 
 
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
@@ -289,28 +289,28 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
     """
     out = Path(out)
     meta = study.meta(seeds)
-    store = RunStore(out)
-    if store.exists("study.json"):
-        old = store.read_json("study.json")
-        if old.get("study") != meta["study"]:
-            raise ValueError(f"{out} holds another study ({old.get('study')}); choose another --out")
-        if old.get("runs") != meta["runs"]:
-            raise ValueError(f"{out} holds study {meta['study']} with other runs ({len(old.get('runs') or {})} "
-                             f"vs {len(meta['runs'])}: another preset or --seeds {old.get('seeds')}?); "
+    path = StudyMeta.path(out)
+    old = StudyMeta.load(path) if path.exists() else None
+    if old is not None:
+        if old.study != meta.study:
+            raise ValueError(f"{out} holds another study ({old.study}); choose another --out")
+        if old.runs != meta.runs:
+            raise ValueError(f"{out} holds study {meta.study} with other runs ({len(old.runs)} "
+                             f"vs {len(meta.runs)}: another preset or --seeds {old.seeds}?); "
                              "choose another --out")
     runs = study.runs(seeds, init_dir=out / "init")
     if not report_only:
         for cfg in runs.values():
             cfg.check_names()
-        if not store.exists("study.json") or store.read_json("study.json") != meta:
-            store.write_json("study.json", meta)  # unchanged on resume: finished work keeps its mtimes
+        if old != meta:
+            meta.write(out)  # unchanged on resume: finished work keeps its mtimes
         if study.shared_init:
             prepare_init(study, out / "init", seeds)
         tasks = [(cfg.model_dump(mode="json"), str(out / name)) for name, cfg in runs.items()]
         make_executor(executor, workers=workers, address=address, num_gpus=gpus_per_task).map(
             run_task, tasks, desc=study.name, progress=progress)
-    elif not store.exists("study.json"):
+    elif old is None:
         raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
 
     return report([out / name for name in runs], out / "report", title=f"gammatrace study: {study.name}",
-                  study=out / "study.json")
+                  study=path)

@@ -10,6 +10,8 @@ update_sq, grad_dot`` (some may be absent; what needs them is NaN).
 - geometry: :func:`path_geometry`, :func:`null_cos_scale`
 - layers:   :func:`layer_shares`, :func:`module_shares`
 - summary:  :func:`summarize`
+- claims:   :func:`check_claim` (the one verdict rule of every report), :func:`spearman`,
+            :func:`epochs_to_loss`, :func:`null_alignment`
 
 Example:
     >>> from gammatrace.principles import derive, example_steps, summarize
@@ -20,6 +22,14 @@ Example:
 """
 
 from gammatrace.principles.certificates import certify, gamma_eff, gamma_eff_curve, per_epoch
+from gammatrace.principles.claims import (
+    ClaimResult,
+    RunPoint,
+    check_claim,
+    epochs_to_loss,
+    null_alignment,
+    spearman,
+)
 from gammatrace.principles.geometry import null_cos_scale, path_geometry
 from gammatrace.principles.layers import layer_shares, module_of, module_shares
 from gammatrace.principles.series import (
@@ -39,12 +49,16 @@ from gammatrace.principles.theorem1 import (
 )
 
 __all__ = [
+    "ClaimResult",
     "DERIVED_COLUMNS",
     "RAW_COLUMNS",
+    "RunPoint",
     "STEP_COLUMNS",
     "certify",
+    "check_claim",
     "cos_align",
     "derive",
+    "epochs_to_loss",
     "example_steps",
     "gamma_eff",
     "gamma_eff_curve",
@@ -53,10 +67,12 @@ __all__ = [
     "module_shares",
     "monotone_distance",
     "next_dist_sq",
+    "null_alignment",
     "null_cos_scale",
     "path_geometry",
     "per_epoch",
     "per_sample_convergence",
     "rate_bound",
+    "spearman",
     "summarize",
 ]

@@ -22,6 +22,7 @@ from gammatrace.reporting.content import (
 from gammatrace.reporting.document import Block, Figure, Heading, Text, to_html, to_markdown
 from gammatrace.reporting.figures import layers_figure, trajectory_figure
 from gammatrace.store.run import Run
+from gammatrace.store.study import StudyMeta
 
 FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf")
 TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, γ_k per "
@@ -34,7 +35,7 @@ LAYERS_CAPTION = ("Per-tensor share of the total progress Σ_k P_k (red: the ten
 
 
 def report(runs: list[str | Path | Run], out: str | Path, reference: str | None = None,
-           title: str = "gammatrace report", study: str | Path | dict[str, Any] | None = None) -> Path:
+           title: str = "gammatrace report", study: str | Path | dict[str, Any] | StudyMeta | None = None) -> Path:
     """Write the report of ``runs`` into ``out`` and return the path of ``report.html``.
 
     ``out`` receives ``trajectory.png``/``.pdf`` (d_k/D_0, training loss and γ_k per
@@ -43,7 +44,7 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     diverged or have no analysis for ``reference`` (default: each run's own, 'last'
     if present) are listed and flagged, not dropped.
 
-    ``study`` (a ``study.json`` path or its dict; found automatically when every run
+    ``study`` (a ``study.json`` path, its dict or a :class:`StudyMeta`; found automatically when every run
     sits in one folder with a ``study.json`` naming it) gives the study layout instead:
     the claim check with θ* = θ_T and the continuation reference side by side, one
     row per run, the null baseline, and ``trajectory_<group>.png`` /
@@ -65,7 +66,7 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     if study is None:
         study = S.find_study(runs)
     if study is not None:
-        blocks = _study_blocks(runs, out, S.StudyInfo.load(study), title)
+        blocks = _study_blocks(runs, out, StudyMeta.load(study), title)
     else:
         blocks = _plain_blocks(collect(runs, reference), out, title)
     (out / "summary.md").write_text(to_markdown(blocks), encoding="utf-8")
@@ -110,7 +111,7 @@ def _plain_blocks(entries: list[RunEntry], out: Path, title: str) -> list[Block]
     return blocks + [Heading("Figures", 2), *figure_blocks]
 
 
-def _study_blocks(runs: list[str | Path | Run], out: Path, info: S.StudyInfo, title: str) -> list[Block]:
+def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, title: str) -> list[Block]:
     last = collect(runs, "last")
     cont = collect([e.run for e in last], "continuation")
     members = S.study_runs(info, last, cont)

@@ -14,14 +14,18 @@ Example:
 from __future__ import annotations
 
 import math
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from gammatrace import principles as P
-from gammatrace.store.run import Run, StoreError
+from gammatrace.config import RunConfig
+from gammatrace.store.run import Run, RunMeta, RunStore, Status, StoreError
 
 
 @dataclass(eq=False)  # identity: entries hold DataFrames, which have no truth value
@@ -105,6 +109,16 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def num(x: Any) -> float:
+    """A summary value as float; NaN for None/absent/flags (JSON stores NaN as null).
+
+    Example:
+        >>> num(0.25), num(None), num(True)
+        (0.25, nan, nan)
+    """
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
 def main_epochs(entry: RunEntry) -> pd.DataFrame:
     """The epochs of the analysed horizon (a continuation reference trains beyond it)."""
     ep = entry.epochs
@@ -167,3 +181,43 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
         entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
                                 layers=layers, layers_note=note))
     return entries
+
+
+@cache
+def _examples_folder() -> tempfile.TemporaryDirectory:
+    # One folder for every example run of the process, removed when the interpreter exits.
+    return tempfile.TemporaryDirectory(prefix="gammatrace-examples-")
+
+
+def example_entry(label: str = "run", gamma_median: float = 0.3, losses: Sequence[float] = (1.2, 0.5, 0.12),
+                  target_loss: float | None = None, no_progress: bool = False, analysed: bool = True,
+                  n_params: int = 100) -> RunEntry:
+    """A small analysed run for examples and tests, without training one.
+
+    ``run.json`` goes to a fresh folder, removed when the interpreter exits (the run's config, its target loss,
+    whether the last of ``losses`` reached it, ``n_params``); the per-epoch full train
+    losses are ``losses``; the summary holds ``gamma_median``, the final train loss and
+    ``no_progress``; the step table has three steps (two toward θ*, one away).
+    ``analysed=False`` gives the entry of a run without an analysis.
+
+    Example:
+        >>> e = example_entry("relu", 0.29, [1.0, 0.2, 0.1], target_loss=0.15)
+        >>> e.label, e.final_train_loss, e.run.meta.reached_target, e.n_epochs
+        ('relu', 0.1, True, 3)
+    """
+    folder = Path(tempfile.mkdtemp(dir=_examples_folder().name))
+    reached = None if target_loss is None else bool(losses[-1] <= target_loss)
+    config = RunConfig(name=label, target_loss=target_loss).model_dump(mode="json")
+    RunStore(folder).write_meta(RunMeta(config=config, status=Status.COMPLETE if analysed else Status.TRAINED,
+                                        epochs_done=len(losses), horizon_epochs=len(losses), steps_per_epoch=2,
+                                        n_params=n_params, reached_target=reached))
+    epochs = pd.DataFrame({"epoch": range(len(losses)), "train_loss": [float(x) for x in losses]})
+    if not analysed:
+        return RunEntry(label, Run(folder), None, "no analysis yet", epochs=epochs)
+    steps = pd.DataFrame({"step": [0, 1, 2], "epoch": [0, 0, 1], "dist_sq": [1.0, 0.81, 0.64],
+                          "update_sq": [0.01, 0.01, 0.01], "progress": [0.095, -0.01, 0.075],
+                          "cos_align": [0.95, -0.05, 0.9]})
+    drop = 1.0 - losses[-1] / losses[0] if losses[0] else math.nan
+    summary = {"reference": "last", "gamma_median": gamma_median, "train_loss": float(losses[-1]),
+               "epochs": len(losses), "no_progress": no_progress, "loss_rel_drop": drop}
+    return RunEntry(label, Run(folder), summary, None, steps=steps, epochs=epochs)

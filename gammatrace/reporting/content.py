@@ -2,11 +2,17 @@
 
 Every number shown is read from a run's own summary (or, for the γ_eff identity, summed
 from its own step table) — the report adds no measurement, only presentation and the
-checks DESIGN §1 says a reader needs before comparing runs.
+checks DESIGN §1 says a reader needs before comparing runs. Which runs may be compared,
+and the verdict of the ordering, come from :mod:`gammatrace.reporting.claims`, the rule
+the study report uses too.
 
 Example:
-    >>> blocks = build(collect(["runs/relu", "runs/sigmoid"]), figures=[])   # doctest: +SKIP
-    >>> print(to_markdown(blocks))                                          # doctest: +SKIP
+    >>> from gammatrace.reporting.collect import example_entry
+    >>> from gammatrace.reporting.document import to_markdown
+    >>> md = to_markdown(ordering([example_entry("relu", 0.3, [1, 0.10]), example_entry("tanh", 0.2, [1, 0.11]),
+    ...                            example_entry("sigmoid", 0.1, [1, 0.12])]))
+    >>> "ρ(median γ_k, convergence speed) = 1 over 3 runs; consistent." in md
+    True
 """
 
 from __future__ import annotations
@@ -17,37 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from gammatrace.reporting.collect import RunEntry
-from gammatrace.reporting.document import Block, Bullets, Heading, Table, Text
+from gammatrace.principles.claims import CONSISTENT, NOT_CONSISTENT, RHO_MIN
+from gammatrace.reporting.claims import (
+    LOSS_RATIO_LIMIT,
+    check_runs,
+    eligible,
+    exclusion,
+    loss_spread,
+)
+from gammatrace.reporting.collect import RunEntry, num
+from gammatrace.reporting.document import MISSING, Block, Bullets, Heading, Table, Text, fmt
 
-# Final train losses further apart than this factor end at different points, so γ
-# normalized by each run's own θ_T is not comparable across them (DESIGN §1).
-LOSS_RATIO_LIMIT = 2.0
 GAMMA_EFF_LOSS_LABEL = "γ_eff (loss-determined)"
-MISSING = "—"
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """A table cell: ``digits`` significant digits, yes/no for flags, — for absent/NaN.
-
-    Example:
-        >>> fmt(0.0123456), fmt(True), fmt(None), fmt(float("nan")), fmt(12)
-        ('0.01235', 'yes', '—', '—', '12')
-    """
-    if x is None:
-        return MISSING
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else "no"
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    if isinstance(x, (float, np.floating)):
-        return f"{float(x):.{digits}g}" if math.isfinite(x) else MISSING
-    return str(x)
-
-
-def _num(x: Any) -> float:
-    """A summary value as float; NaN for None/absent (JSON stores NaN as null)."""
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
 
 
 # ------------------------------------------------------------------------------ tables
@@ -56,7 +43,7 @@ def runs_table(entries: Sequence[RunEntry]) -> Table:
     rows = []
     for e in entries:
         s = e.summary or {}
-        drop = _num(s.get("loss_rel_drop"))
+        drop = num(s.get("loss_rel_drop"))
         rows.append([
             e.label, e.status_text, fmt(e.n_epochs), fmt(e.final_train_loss), fmt(e.final("test_acc")),
             f"{drop:.1%}" if math.isfinite(drop) else MISSING,
@@ -73,7 +60,7 @@ def principle_columns(gamma_eff_label: str) -> list[tuple[str, Callable[[dict], 
         return lambda s: s.get(k)
 
     def null_ratio(s: dict) -> float:
-        return _num(s.get("cos_align_mean")) / _num(s.get("cos_null_scale"))
+        return num(s.get("cos_align_mean")) / num(s.get("cos_null_scale"))
 
     return [
         ("certified γ_min", key("gamma_min")),
@@ -141,22 +128,6 @@ def gamma_eff_items(entries: Sequence[RunEntry]) -> list[str]:
     return items
 
 
-def trained(entries: Sequence[RunEntry]) -> list[RunEntry]:
-    """Runs that may enter an ordering: analysed, not flagged no-progress, finite numbers."""
-    return [e for e in entries if e.analysed and not e.no_progress
-            and math.isfinite(_num(e.summary.get("gamma_median"))) and math.isfinite(e.final_train_loss)]
-
-
-def loss_spread(runs: Sequence[RunEntry]) -> tuple[float, RunEntry | None, RunEntry | None]:
-    """Ratio of the largest to the smallest final train loss, and the two runs."""
-    if len(runs) < 2:
-        return math.nan, None, None
-    lo = min(runs, key=lambda e: e.final_train_loss)
-    hi = max(runs, key=lambda e: e.final_train_loss)
-    ratio = hi.final_train_loss / lo.final_train_loss if lo.final_train_loss > 0 else math.inf
-    return ratio, lo, hi
-
-
 def caveats(entries: Sequence[RunEntry]) -> list[Block]:
     """The section DESIGN §1 requires, in plain words and with this run set's numbers."""
     blocks: list[Block] = [Heading("What these numbers can and cannot say", 2)]
@@ -180,7 +151,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
         items = []
         for e in flagged:
             s = e.summary
-            items.append(f"{e.label}: the mean batch loss fell by only {_num(s.get('loss_rel_drop')):.1%} "
+            items.append(f"{e.label}: the mean batch loss fell by only {num(s.get('loss_rel_drop')):.1%} "
                          f"(first epoch {fmt(s.get('loss_first_epoch'))} → last epoch {fmt(s.get('loss_last_epoch'))}); "
                          f"its D_0² = {fmt(s.get('d0_sq'))} and its loss gaps are near 0, so its γ_k are noise.")
         blocks.append(Text("Runs flagged \"no progress\" are kept out of every ordering:"))
@@ -188,7 +159,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
     else:
         blocks.append(Text("No analysed run is flagged \"no progress\" (every run's loss fell enough to measure γ)."))
 
-    ordered = trained(entries)
+    ordered = eligible(entries)
     ratio, lo, hi = loss_spread(ordered)
     if lo is None:
         blocks.append(Text("Comparability across runs: fewer than two runs trained, so no cross-run comparison."))
@@ -208,7 +179,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
     items = []
     for e in analysed:
         s = e.summary
-        mean, null = _num(s.get("cos_align_mean")), _num(s.get("cos_null_scale"))
+        mean, null = num(s.get("cos_align_mean")), num(s.get("cos_null_scale"))
         n = e.run.meta.n_params
         items.append(f"{e.label}: mean cos_align {fmt(mean)} = {fmt(mean / null, 3)} × the null scale "
                      f"1/√n = {fmt(null)}" + (f" (n = {n} parameters)" if n else "") + ".")
@@ -222,52 +193,48 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
 
 # ---------------------------------------------------------------------------- ordering
 def ordering(entries: Sequence[RunEntry]) -> list[Block]:
-    """Runs that trained by median γ_k next to their ordering by convergence, with Spearman ρ."""
-    # scipy loads only when a rank correlation is computed
-    from scipy.stats import spearmanr
+    """Runs that may be compared, by median γ_k next to their ordering by convergence, with
+    Spearman ρ and the verdict of :func:`~gammatrace.reporting.claims.check_runs` (the rule
+    of the study report; each run a cell of its own, no claimed order).
 
+    Example:
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> [type(b).__name__ for b in ordering([example_entry("relu")])]
+        ['Heading', 'Table', 'Text']
+    """
     blocks: list[Block] = [Heading("Ordering", 2)]
-    runs = trained(entries)
+    check = check_runs(entries)
+    runs, r = check.runs, check.result
+    conv = {id(e): c for e, c in zip(runs, check.conv.values, strict=True)}
     kept = {id(e) for e in runs}
-    left_out = [e.label for e in entries if id(e) not in kept]
-    by_gamma = sorted(runs, key=lambda e: -_num(e.summary["gamma_median"]))
-    # With a target loss every run that reached it ends at the same loss; convergence
+    left_out = [f"{e.label} ({exclusion(e)})" for e in entries if id(e) not in kept]
+    by_gamma = sorted(runs, key=lambda e: -num(e.summary["gamma_median"]))
+    # With a common target loss every run that may be compared reached it; convergence
     # is then how many epochs it took. Otherwise: where each run got to.
-    by_epochs = bool(runs) and all(e.summary.get("reached_target") is True for e in runs)
-    if by_epochs:
-        speed = {e.label: (e.n_epochs, e.final_train_loss) for e in runs}
-        by_conv = sorted(runs, key=lambda e: speed[e.label])
+    by_conv = sorted(runs, key=lambda e: (conv[id(e)], e.final_train_loss))
+    if check.conv.by_epochs:
         conv_text = "by convergence (fewest epochs to the target loss first)"
-        conv_value = [-float(e.n_epochs) for e in runs]
-        conv_cell = [f"{e.label} ({e.n_epochs} epochs)" for e in by_conv]
+        conv_cell = [f"{e.label} ({fmt(conv[id(e)])} epochs)" if math.isfinite(conv[id(e)])
+                     else f"{e.label} (not reached)" for e in by_conv]
     else:
-        by_conv = sorted(runs, key=lambda e: e.final_train_loss)
         conv_text = "by convergence (lowest final train loss first)"
-        conv_value = [-e.final_train_loss for e in runs]
         conv_cell = [f"{e.label} ({fmt(e.final_train_loss)})" for e in by_conv]
 
     if runs:
         blocks.append(Table(["rank", "by median γ_k (largest first)", conv_text],
                             [[str(i + 1), f"{g.label} ({fmt(g.summary['gamma_median'])})", c]
-                             for i, (g, c) in enumerate(zip(by_gamma, conv_cell))]))
+                             for i, (g, c) in enumerate(zip(by_gamma, conv_cell, strict=True))]))
     if left_out:
-        blocks.append(Text("Not in the ordering (not analysed, flagged no progress, or without a final loss): "
-                           + ", ".join(left_out) + "."))
+        blocks.append(Text("Not in the ordering: " + "; ".join(left_out) + "."))
 
-    ratio, _, _ = loss_spread(runs)
-    if len(runs) < 3:
-        verdict, rho_text = "inconclusive (fewer than 3 comparable runs)", ""
-    else:
-        rho = float(spearmanr([_num(e.summary["gamma_median"]) for e in runs], conv_value).statistic)
-        rho_text = f"Spearman ρ(median γ_k, convergence speed) = {fmt(rho, 3)} over {len(runs)} runs; "
-        if ratio > LOSS_RATIO_LIMIT:
-            verdict = f"inconclusive (final train losses differ by {ratio:.3g}×, more than {LOSS_RATIO_LIMIT:g}×)"
-        elif not math.isfinite(rho) or rho == 0:
-            verdict = "inconclusive (no rank correlation)"
-        else:
-            verdict = "consistent" if rho > 0 else "not consistent"
+    rho_text = (f"Spearman ρ(median γ_k, convergence speed) = {fmt(r.rho_speed, 3)} over {r.n_runs} runs; "
+                if math.isfinite(r.rho_speed) else "")
+    # A decided verdict's reason is the ρ just printed; an inconclusive one says why.
+    verdict = r.verdict if r.verdict in (CONSISTENT, NOT_CONSISTENT) else r.text
     blocks.append(Text(
         f"Larger median γ_k ⇔ faster convergence: {rho_text}{verdict}. "
-        "(ρ > 0: consistent; ρ < 0: not consistent; convergence speed is the negated final train loss, "
-        "or the negated epochs to the target when every run reached it.)"))
+        f"(The rule of every report, the study's too: consistent when ρ ≥ {RHO_MIN:g}, not consistent when "
+        f"ρ ≤ −{RHO_MIN:g}, inconclusive otherwise, with fewer than 3 comparable runs, or when their final train "
+        f"losses differ by more than {LOSS_RATIO_LIMIT:g}×. Convergence speed is the negated final train loss, or "
+        "the negated epochs to the target loss when every run shares one.)"))
     return blocks

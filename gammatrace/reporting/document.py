@@ -4,6 +4,7 @@ The report's content is built once as a list of blocks; each renderer only decid
 block looks. Text is plain (no inline markup), so nothing written for one format can
 leak markup into the other: the Markdown renderer escapes what CommonMark would
 interpret, the HTML renderer escapes what HTML would.
+Numbers become cell text through one formatter, :func:`fmt`.
 
 Example:
     >>> doc = [Heading("Runs"), Table(["run", "loss"], [["relu", "0.25"]])]
@@ -22,8 +23,32 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MISSING = "—"  # a table cell whose number is absent or undefined
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A table cell: ``digits`` significant digits, yes/no for flags, — for absent/NaN.
+
+    Example:
+        >>> fmt(0.0123456), fmt(True), fmt(None), fmt(float("nan")), fmt(12)
+        ('0.01235', 'yes', '—', '—', '12')
+    """
+    if x is None:
+        return MISSING
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return f"{float(x):.{digits}g}" if math.isfinite(x) else MISSING
+    return str(x)
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,25 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from gammatrace.config import RunConfig
+from gammatrace.errors import RunInUseError, UserError, os_error
 
 FORMAT_VERSION = 1
 
@@ -80,13 +86,78 @@ class RunMeta(BaseModel):
     displacement: float | None = None  # ‖θ_0 − θ_T‖
     diverged_at_step: int | None = None
     error: str | None = None
+    # SHA-256 of θ_T and of a continuation θ* as pass 1 wrote them (see params_sha256):
+    # every analysis checks final.pt / reference.pt against them before use.
+    final_sha256: str | None = None
+    reference_sha256: str | None = None
+    continuation_error: str | None = None  # why a continuation reference is unavailable
+
+    @model_validator(mode="after")
+    def _complete_when_trained(self) -> RunMeta:
+        if self.status.finished_training:
+            for name in ("horizon_epochs", "steps_per_epoch", "n_params"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"a {self.status.value} run needs '{name}', which is missing or null")
+        return self
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_stored(self.config)
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A run directory is missing, of another format, or holds a damaged file."""
+
+
+def params_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a set of parameters: SHA-256 of the sorted (name, dtype, shape,
+    bytes) of every floating-point tensor it supplies. Two files with the same numbers
+    under the same names have the same identity, whatever else they hold.
+
+    Example:
+        >>> a = {"w": torch.ones(2), "b": torch.zeros(1)}
+        >>> params_sha256(a) == params_sha256(dict(reversed(a.items()))), len(params_sha256(a))
+        (True, 64)
+        >>> params_sha256(a) == params_sha256({"w": torch.ones(2), "b": torch.ones(1)})
+        False
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    # Read without changing it where Linux allows (os.umask is process-wide and racy).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as an output folder: refused (one line) when it, or a folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"lies below the file {p}"
+            raise UserError(f"{flag} {path} {where}; choose a folder")
+    return path
+
+
+# Locks this process holds, by lock-file path: POSIX record locks never conflict inside one
+# process, so re-entry (train -> analyze on one run) is counted here instead.
+_HELD: dict[str, list] = {}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -162,19 +233,96 @@ class RunStore:
     def exists(self, rel: str) -> bool:
         return self.path(rel).exists()
 
-    def _atomic(self, rel: str, write) -> None:
+    def _inside(self, rel: str) -> Path:
+        """The path of ``rel``, refused when it resolves (symlinks included) outside the root."""
         target = self.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
+        root = self.root.resolve()
+        if not target.resolve().is_relative_to(root):
+            raise StoreError(f"{target} lies outside the run folder {self.root}; refusing to write there")
+        return target
+
+    def _atomic(self, rel: str, write) -> None:
+        target = self._inside(rel)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            # mkstemp creates 0600; a run folder on a shared disk must follow the umask.
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError as exc:
+            raise (os_error(exc, f"writing {target}") or exc) from None
         try:
             # No fsync: rename is atomic against a killed process (the failure resume
             # handles); fsync per file would cost more than a small run's training.
             write(tmp)
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and os_error(exc, f"writing {target}") is not None:
+                raise os_error(exc, f"writing {target}") from None
+            if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+                # torch.save reports a short write (a full disk) this way
+                raise StoreError(f"writing {target}: the write was cut short (no space left on device?); "
+                                 "free some space and rerun the same command to resume") from None
             raise
+
+    # ---------------------------------------------------------------- lock
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder's lock (``.lock``, an ``fcntl`` lock that dies with its process).
+
+        A second writer is refused while a live holder exists, with the holder's PID; the
+        lock is released when the holder exits, however it exits. Temporary files left
+        by a killed writer are removed once the lock is held.
+
+        Example:
+            >>> store = RunStore(tempfile.mkdtemp())
+            >>> with store.lock():
+            ...     with store.lock():   # re-entrant within one process
+            ...         "held"
+            'held'
+        """
+        key = str(self._inside(".lock").resolve())
+        if key in _HELD:
+            _HELD[key][1] += 1
+            try:
+                yield
+            finally:
+                _HELD[key][1] -= 1
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            f = open(key, "a+")
+        except OSError as exc:
+            raise (os_error(exc, f"locking {self.root}") or exc) from None
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunInUseError(
+                    f"{self.root} is in use by process {holder}; wait for it to finish, or stop it "
+                    f"(kill {holder}) and rerun the same command to resume") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = [f, 1]
+        try:
+            self._remove_stale_temporaries()
+            yield
+        finally:
+            del _HELD[key]
+            f.close()  # releases the lock
+
+    def _remove_stale_temporaries(self) -> None:
+        # Only under the lock: no live writer of this folder can own one of these.
+        for tmp in self.root.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     # ---------------------------------------------------------------- JSON
     def write_json(self, rel: str, obj: Any) -> None:
@@ -200,21 +348,28 @@ class RunStore:
     def write_parquet(self, rel: str, frame: pd.DataFrame) -> None:
         self._atomic(rel, lambda p: frame.to_parquet(p, index=False))
 
-    def read_parquet(self, rel: str) -> pd.DataFrame:
+    def read_parquet(self, rel: str, required: Iterable[str] = ()) -> pd.DataFrame:
+        """A table; ``required`` columns missing is a damaged file, never a NaN column."""
         try:
-            return pd.read_parquet(self.path(rel))
+            frame = pd.read_parquet(self.path(rel))
         except FileNotFoundError:
             raise StoreError(f"{self.path(rel)} does not exist") from None
         except Exception as exc:
             raise StoreError(f"{self.path(rel)} is damaged ({exc.__class__.__name__}: {exc})") from None
+        missing = [c for c in required if c not in frame.columns]
+        if missing:
+            raise StoreError(f"{self.path(rel)} is damaged: column(s) {', '.join(missing)} missing; "
+                             "remove the file and rerun the same command to recompute it")
+        return frame
 
     def shard_paths(self, folder: str) -> list[str]:
         d = self.path(folder)
         return sorted(f"{folder}/{p.name}" for p in d.glob("epoch_*.parquet")) if d.is_dir() else []
 
-    def read_shards(self, folder: str) -> pd.DataFrame:
+    def read_shards(self, folder: str, required: Iterable[str] = ()) -> pd.DataFrame:
         """Concatenate the per-epoch shards of a folder in epoch order."""
-        frames = [self.read_parquet(rel) for rel in self.shard_paths(folder)]
+        required = tuple(required)
+        frames = [self.read_parquet(rel, required) for rel in self.shard_paths(folder)]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -222,17 +377,18 @@ class RunStore:
     def write_torch(self, rel: str, obj: Any) -> None:
         self._atomic(rel, lambda p: torch.save(obj, p))
 
-    def read_torch(self, rel: str, map_location: Any = "cpu") -> Any:
+    def read_torch(self, rel: str, map_location: Any = "cpu", *, advice: str = "") -> Any:
+        """A file saved by :meth:`write_torch`, loaded with ``weights_only=True`` (no
+        arbitrary objects are ever unpickled). ``advice`` ends the message of a damaged file."""
         path = self.path(rel)
         if not path.is_file():
             raise StoreError(f"{path} does not exist")
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:
-            raise StoreError(
-                f"{path} is corrupt or truncated ({exc.__class__.__name__}); "
-                "nothing was changed - remove it to resume from the previous epoch"
-            ) from None
+            # torch's own message suggests weights_only=False: never pass that on.
+            raise StoreError(f"{path} is corrupt, truncated or not a tensor file ({exc.__class__.__name__})"
+                             + (f"; {advice}" if advice else "")) from None
 
 
 def shard(folder: str, epoch: int, suffix: str = "parquet") -> str:
@@ -253,7 +409,10 @@ class Run:
         if not self.store.exists(RunStore.META):
             raise StoreError(f"{self.path} is not a gammatrace run (no run.json)")
         raw = self.store.read_json(RunStore.META)
-        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if not isinstance(raw, dict):
+            raise StoreError(f"{self.store.path(RunStore.META)} is damaged: expected a JSON object, "
+                             f"got {type(raw).__name__}")
+        version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(f"{self.path}: run format {version} is not supported (expected {FORMAT_VERSION})")
         self.meta = self.store.read_meta()

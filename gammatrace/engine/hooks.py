@@ -1,0 +1,82 @@
+"""Per-step hooks of the engine (:class:`~gammatrace.engine.session.StepHook`): measurements
+a replay makes at every θ_k besides the probe's, stored as an extra per-step table
+``analysis/<reference>/<name>/``.
+
+Example:
+    >>> import torch
+    >>> from gammatrace.config import RunConfig
+    >>> from gammatrace.engine.session import build_session
+    >>> sess = build_session(RunConfig.model_validate({
+    ...     "loss": "mse", "batch_size": 8, "data": {"name": "teacher", "num_train": 16, "num_test": 4, "dim": 3},
+    ...     "model": {"name": "mlp", "width": 4, "depth": 1}}))
+    >>> theta_star = {k: torch.zeros_like(v) for k, v in sess.model.state_dict().items()}
+    >>> row = OnePointConvexity(sess, theta_star)(batch=None)
+    >>> sorted(row), bool(row["dist_sq"] > 0)
+    (['delta', 'dist_sq', 'full_loss', 'grad_dot'], True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from gammatrace.engine.session import Session
+from gammatrace.models.init import preserved_buffers
+
+
+class OnePointConvexity:
+    """One-point strong convexity along the path (Li & Yuan 2017): with ∇L the gradient of
+    the *full* training loss at θ_k,
+
+        δ_k = ⟨∇L(θ_k), θ_k − θ*⟩ / ‖θ_k − θ*‖²,
+
+    and the condition ⟨−∇L(θ), θ* − θ⟩ > δ‖θ* − θ‖² holds at step k with δ = δ_k when
+    δ_k > 0. Row columns: ``delta`` (NaN where θ_k = θ*), ``grad_dot``, ``dist_sq``
+    (float64) and ``full_loss`` (L(θ_k), the mean per-sample loss over the training set).
+
+    Costs one forward and backward over the training set per step (in chunks of
+    ``eval_batch_size``), in the model's mode (train), without augmentation.
+    ``torch.autograd.grad`` leaves ``.grad`` — the step's own gradient — untouched, and
+    buffers (batch-norm statistics) are restored after the extra forward.
+    """
+
+    name = "one_point"
+
+    def __init__(self, session: Session, reference: Mapping[str, torch.Tensor]):
+        self.session = session
+        named = [(n, p) for n, p in session.model.named_parameters() if p.requires_grad]
+        missing = [n for n, _ in named if n not in reference]
+        if missing:
+            raise ValueError(f"the reference lacks trainable tensor(s) {missing[:3]}")
+        self.params = [p for _, p in named]
+        self.reference = [reference[n].detach().to(device=p.device, dtype=torch.float64) for n, p in named]
+
+    def full_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(L(θ), ∇L(θ)) of the full training loss at the current parameters."""
+        sess = self.session
+        n, chunk = len(sess.x), sess.cfg.eval_batch_size
+        total = torch.zeros((), dtype=torch.float64, device=sess.device)
+        grads: list[torch.Tensor] | None = None
+        loss_fn = sess.loss_fn
+        with preserved_buffers(sess.model):
+            for s in range(0, n, chunk):
+                part = loss_fn(sess.model, (sess.x[s:s + chunk], sess.y[s:s + chunk])).sum() / n
+                g = torch.autograd.grad(part, self.params)
+                grads = list(g) if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+                total += part.detach().double()
+        assert grads is not None
+        return total, grads
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        loss, grads = self.full_gradient()
+        dot = torch.zeros((), dtype=torch.float64, device=loss.device)
+        dist = torch.zeros_like(dot)
+        for p, g, ref in zip(self.params, grads, self.reference, strict=True):
+            diff = p.detach().double() - ref
+            dot += (g.double() * diff).sum()
+            dist += (diff * diff).sum()
+        delta = torch.where(dist > 0, dot / dist, torch.full_like(dot, math.nan))
+        return {"delta": delta, "grad_dot": dot, "dist_sq": dist, "full_loss": loss}

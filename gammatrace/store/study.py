@@ -1,0 +1,118 @@
+"""``study.json``: what a study folder holds, typed once for its writer and its readers.
+
+A study folder is one run folder per cell × seed beside ``study.json``, which names the
+study, maps every run to its cell, seed and group, and lists the claims the report
+checks. :mod:`gammatrace.experiments.study` writes it, :mod:`gammatrace.reporting`
+reads it; both go through :class:`StudyMeta`, so neither spells a key.
+
+Example:
+    >>> import tempfile
+    >>> meta = StudyMeta(study="s", runs={"a-s0": "a"}, groups={"a-s0": "g"},
+    ...                  claims=[Claim("a first", ("a", "b"), "g")])
+    >>> folder = tempfile.mkdtemp()
+    >>> meta.write(folder)
+    >>> back = StudyMeta.load(StudyMeta.path(folder))
+    >>> back == meta, back.cell("a-s0"), back.group("a-s0"), back.cell("other")
+    (True, 'a', 'g', 'other')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gammatrace.store.run import RunStore, StoreError
+
+
+class Claim(BaseModel):
+    """A paper's claim about a set of cells: ``order`` lists them from the claimed
+    largest γ (and fastest convergence) to the smallest; ``group`` is the network /
+    dataset it is checked in (None: the study's only group).
+
+    Example:
+        >>> Claim("ReLU first", ["relu", "tanh"]).order
+        ('relu', 'tanh')
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+    order: tuple[str, ...]
+    group: str | None = None
+
+    # Positional construction, Claim(text, order, group), reads like the claim it states.
+    def __init__(self, text: str, order: Sequence[str], group: str | None = None) -> None:
+        super().__init__(text=text, order=tuple(order), group=group)
+
+
+class StudyMeta(BaseModel):
+    """``study.json``: the study's name, question and preset, its runs' cells, seeds and
+    groups (by run name), and its claims.
+
+    Example:
+        >>> meta = StudyMeta.load({"study": "s", "runs": {"a-s0": "a"}, "claims": [{"text": "t", "order": ["a"]}]})
+        >>> meta.cell("a-s0"), meta.group("a-s0"), meta.claims[0].order
+        ('a', 'all', ('a',))
+    """
+
+    # Fields written by later versions are kept, not lost, when an older one reads the file.
+    model_config = ConfigDict(extra="allow")
+
+    FILE: ClassVar[str] = "study.json"
+
+    study: str = "study"  # the study's name
+    question: str = ""
+    preset: str = ""
+    seeds: int = Field(1, ge=1)
+    shared_init: bool = False
+    runs: dict[str, str] = {}  # run name -> cell
+    seed_of: dict[str, int] = {}  # run name -> seed index
+    groups: dict[str, str] = {}  # run name -> group
+    claims: list[Claim] = []
+
+    @property
+    def name(self) -> str:
+        """The study's name (``study`` in the file)."""
+        return self.study
+
+    def cell(self, run: str) -> str:
+        """The cell of ``run`` (a run the study does not name is a cell of its own)."""
+        return self.runs.get(run, run)
+
+    def group(self, run: str) -> str:
+        """The group of ``run`` ('all' when the study has none for it)."""
+        return self.groups.get(run, "all")
+
+    @classmethod
+    def path(cls, folder: str | Path) -> Path:
+        """Where a study folder keeps its ``study.json``."""
+        return Path(folder) / cls.FILE
+
+    @classmethod
+    def load(cls, source: str | Path | dict[str, Any] | StudyMeta) -> StudyMeta:
+        """A ``study.json`` file, its parsed dict, or a StudyMeta (returned as is).
+
+        A damaged file raises :class:`StoreError` naming the field.
+        """
+        if isinstance(source, StudyMeta):
+            return source
+        where = "study meta"
+        if not isinstance(source, dict):
+            path = Path(source)
+            where = str(path)
+            source = RunStore(path.parent).read_json(path.name)
+            if not isinstance(source, dict):
+                raise StoreError(f"{where} is damaged: expected a JSON object, got {type(source).__name__}")
+        try:
+            return cls.model_validate(source)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            raise StoreError(f"{where} is damaged: field '{field}': {err['msg']}") from None
+
+    def write(self, folder: str | Path) -> None:
+        """Write ``folder/study.json`` atomically."""
+        RunStore(folder).write_json(self.FILE, self.model_dump(mode="json"))
