@@ -15,7 +15,12 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any
@@ -33,6 +38,36 @@ class MissingDependencyError(ImportError):
 
 def _bar(n: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=n, desc=desc, disable=not progress or not n, leave=False)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this worker process end when ``parent`` dies (even by ``kill -9``): a spawned
+    worker would otherwise keep training and writing after the command that owns the run
+    folder's lock is gone. Linux: the kernel's parent-death signal; elsewhere a thread
+    that polls the parent.
+
+    Example:
+        >>> import subprocess, sys
+        >>> code = "import os; from gammatrace.executors import die_with_parent; die_with_parent(os.getppid()); print('armed')"
+        >>> subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+        'armed\n'
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 @EXECUTORS.register("local")
@@ -60,7 +95,8 @@ class LocalExecutor:
                     bar.update(1)
                 return out
             # spawn: a forked child would inherit torch's thread pools and locks.
-            pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=mp.get_context("spawn"))
+            pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=mp.get_context("spawn"),
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
             try:
                 futures = [pool.submit(fn, *t) for t in tasks]
                 pending = set(futures)
@@ -89,7 +125,10 @@ class RayExecutor:
     instance (CPUs); on a cluster Ray schedules by the resources each task asks for.
 
     Example:
-        >>> RayExecutor(workers=2).map(pow, [(2, 3), (3, 2)], progress=False)   # doctest: +SKIP
+        >>> ex = make_executor("ray", workers=2)  # building it needs no Ray; map() does
+        >>> type(ex).__name__, ex.workers, ex.address
+        ('RayExecutor', 2, None)
+        >>> ex.map(pow, [(2, 3), (3, 2)], progress=False)  # starts a Ray instance: seconds  # doctest: +SKIP
         [8, 9]
     """
 

@@ -349,3 +349,45 @@ def test_temporary_files_of_a_killed_writer_are_removed_under_the_lock(trained, 
     with RunStore(run).lock():
         pass
     assert not stale.exists()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the workers")
+def test_workers_end_when_the_parent_is_killed(tmp_path):
+    # The parent maps a long task over two spawned workers, then is killed with SIGKILL.
+    code = ("import time; from gammatrace.executors import make_executor\n"
+            "make_executor('local', workers=2).map(time.sleep, [(120,), (120,)], progress=False)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 60
+        workers: list[int] = []
+        while time.time() < deadline and len(workers) < 2:
+            # spawn starts a resource tracker too: keep the processes that run the pool's workers
+            workers = [c for c in _children(parent.pid)
+                       if "spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace")]
+            time.sleep(0.2)
+        assert len(workers) == 2, workers
+        time.sleep(2.0)  # let the workers arm their parent-death signal
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        parent.kill()
+        for w in _children(parent.pid):
+            os.kill(w, 9)

@@ -327,9 +327,10 @@ def test_rerun_redoes_nothing_and_resumes_what_is_missing(study, tmp_path):
     shutil.rmtree(out / "tanh" / "analysis" / "continuation")
     run_study(grid_study(SPEC), out, progress=False)
     after = _mtimes(out)
-    # Re-analysing tanh legitimately rewrites its status in run.json, takes its lock, and the report.
+    # Re-analysing tanh legitimately rewrites its status in run.json, takes its lock, and the report;
+    # the command takes the study folder's lock (its PID is written into .lock).
     untouched = [k for k in before if not k.startswith(("report/", "tanh/analysis/continuation", "tanh/run.json",
-                                                        "tanh/.lock"))]
+                                                        "tanh/.lock")) and k != ".lock"]
     changed = [k for k in untouched if after.get(k) != before[k]]
     assert not changed, changed  # relu, tanh's training and its 'last' analysis, study.json, init
     assert "tanh/analysis/continuation/summary.json" in after

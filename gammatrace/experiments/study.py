@@ -35,7 +35,7 @@ from gammatrace.engine.session import build_session
 from gammatrace.executors import make_executor
 from gammatrace.registry import Registry
 from gammatrace.reporting import report
-from gammatrace.store.run import RunStore
+from gammatrace.store.run import RunStore, check_out_folder
 from gammatrace.store.study import Claim, StudyMeta
 
 STUDIES = Registry("study")
@@ -263,7 +263,9 @@ def run_task(config: dict[str, Any], path: str) -> dict[str, Any]:
     run = train_pass(config, path, progress=False)
     if run.status == "diverged":
         return {"path": path, "status": "diverged"}
-    refs = ["last"] + (["continuation"] if run.config.reference.extra_epochs else [])
+    # A diverged continuation leaves only θ_T; the report says why (run.json's continuation_error).
+    refs = ["last"] + (["continuation"] if run.config.reference.extra_epochs and not run.meta.continuation_error
+                       else [])
     store = RunStore(path)
     done = []
     for ref in refs:
@@ -302,13 +304,15 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
     if not report_only:
         for cfg in runs.values():
             cfg.check_names()
-        if old != meta:
-            meta.write(out)  # unchanged on resume: finished work keeps its mtimes
-        if study.shared_init:
-            prepare_init(study, out / "init", seeds)
-        tasks = [(cfg.model_dump(mode="json"), str(out / name)) for name, cfg in runs.items()]
-        make_executor(executor, workers=workers, address=address, num_gpus=gpus_per_task).map(
-            run_task, tasks, desc=study.name, progress=progress)
+        executor_ = make_executor(executor, workers=workers, address=address, num_gpus=gpus_per_task)
+        # The study folder's lock is held by this command; each task holds its run's lock.
+        with RunStore(check_out_folder(out)).lock():
+            if old != meta:
+                meta.write(out)  # unchanged on resume: finished work keeps its mtimes
+            if study.shared_init:
+                prepare_init(study, out / "init", seeds)
+            tasks = [(cfg.model_dump(mode="json"), str(out / name)) for name, cfg in runs.items()]
+            executor_.map(run_task, tasks, desc=study.name, progress=progress)
     elif old is None:
         raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
 
