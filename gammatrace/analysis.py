@@ -35,8 +35,17 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
     the run config's. ``tail`` ignores the last m steps in the summaries.
 
     Example:
-        >>> summary = gammatrace.analyze("runs/quickstart/relu", tail=50)  # doctest: +SKIP
-        >>> summary["gamma_min"], summary["gamma_frac_positive"]           # doctest: +SKIP
+        >>> import tempfile, gammatrace
+        >>> run = gammatrace.train({"name": "demo", "seed": 3, "epochs": 2, "batch_size": 32,
+        ...                         "data": {"name": "digits", "n_train": 96, "n_test": 64},
+        ...                         "model": {"name": "mlp", "width": 8, "depth": 2},
+        ...                         "optim": {"name": "sgd", "lr": 0.2}},
+        ...                        out=tempfile.mkdtemp() + "/demo", replay=False, progress=False)
+        >>> run.status.value, run.references()  # pass 1 only: nothing measured yet
+        ('trained', [])
+        >>> summary = gammatrace.analyze(run.path, tail=2, progress=False)
+        >>> summary["reference"], summary["n_steps"], summary["gamma_frac_positive"]
+        ('last', 4, 1.0)
     """
     run = run if isinstance(run, Run) else Run(run)
     cfg = run.config
@@ -127,12 +136,19 @@ def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: boo
     command resumes whatever was interrupted.
 
     Example:
-        >>> import gammatrace
-        >>> run = gammatrace.train({"name": "demo", "epochs": 2,
-        ...                         "data": {"name": "digits", "n_train": 256},
-        ...                         "model": {"name": "mlp", "width": 32}},
-        ...                        out="runs/demo", progress=False)   # doctest: +SKIP
-        >>> run.summary()["gamma_min"]                                 # doctest: +SKIP
+        >>> import tempfile, gammatrace
+        >>> run = gammatrace.train({"name": "demo", "seed": 3, "epochs": 2, "batch_size": 32,
+        ...                         "data": {"name": "digits", "n_train": 96, "n_test": 64},
+        ...                         "model": {"name": "mlp", "width": 8, "depth": 2},
+        ...                         "optim": {"name": "sgd", "lr": 0.2}},
+        ...                        out=tempfile.mkdtemp() + "/demo", progress=False)
+        >>> run.status.value, run.meta.steps_per_epoch, run.references()
+        ('complete', 3, ['last'])
+        >>> steps = run.steps()  # one row per step, measured against θ* = θ_T
+        >>> len(steps), bool((steps["dist_sq"].diff().dropna() < 0).all())
+        (6, True)
+        >>> run.summary()["gamma_frac_positive"]
+        1.0
     """
     run = train_pass(config, out, progress=progress)
     if replay and run.status.finished_training:

@@ -8,6 +8,19 @@
 
 Errors a user can fix (bad config, unknown name, missing data, damaged file) are one
 line on stderr and exit status 2; nothing already on disk is touched.
+
+Example (``main`` takes the arguments the ``gammatrace`` command would; unknown
+``--flags`` of ``models`` are the network's switches):
+    >>> main(["models", "mlp", "--input-shape", "64", "--width", "8", "--depth", "2"])
+    mlp                             682
+    0
+    >>> import tempfile
+    >>> main(["analyze", tempfile.mkdtemp()])  # an empty folder is no run: one line on stderr
+    2
+    >>> configs = expand_runs({"base": {"data": {"name": "digits"}},
+    ...                        "runs": {"fast": {"optim": {"lr": 0.5}}, "slow": {"optim": {"lr": 0.01}}}})
+    >>> {name: (cfg.name, cfg.data.name, cfg.optim.lr) for name, cfg in configs.items()}
+    {'fast': ('fast', 'digits', 0.5), 'slow': ('slow', 'digits', 0.01)}
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ def die_with_parent(parent: int) -> None:
     Example:
         >>> import subprocess, sys
         >>> code = "import os; from gammatrace.executors import die_with_parent; die_with_parent(os.getppid()); print('armed')"
-        >>> subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
-        'armed\n'
+        >>> subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+        'armed'
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)

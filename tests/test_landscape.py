@@ -17,11 +17,11 @@ import torch
 
 import gammatrace.landscape.compute as compute_mod
 from gammatrace.cli import main
+from gammatrace.engine import train_pass
+from gammatrace.engine.session import build_session
 from gammatrace.landscape import compute_landscape, landscape, path_pca
 from gammatrace.landscape.evaluate import evaluation_subset
 from gammatrace.store.run import Run
-from gammatrace.engine import train_pass
-from gammatrace.engine.session import build_session
 from tests.conftest import tiny_config
 
 # ----------------------------------------------------------------------------- PCA
@@ -195,7 +195,7 @@ def test_stored_grid_is_reused_and_invalidated_by_new_settings(runs, computed, m
     again = compute_landscape(runs, work, grid=5, extent=1.2, samples=48, bn="train", progress=False)
     assert again.reused and not ls.reused
     np.testing.assert_array_equal(again.loss, ls.loss)
-    for a, b in zip(again.interp_loss, ls.interp_loss):
+    for a, b in zip(again.interp_loss, ls.interp_loss, strict=True):
         np.testing.assert_array_equal(a, b)
     files = landscape(runs, work, grid=5, extent=1.2, samples=48, bn="train", progress=False)  # re-plot only
     assert files["landscape"].stat().st_size > 10_000 and files["interpolation"].is_file()

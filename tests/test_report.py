@@ -101,7 +101,7 @@ def md_table(md: str, heading: str) -> list[dict[str, str]]:
             break
         block.append(line)
     header = _cells(block[0])
-    return [dict(zip(header, _cells(row))) for row in block[2:]]
+    return [dict(zip(header, _cells(row), strict=True)) for row in block[2:]]
 
 
 class _Tables(HTMLParser):
@@ -179,7 +179,7 @@ def test_numbers_equal_run_summaries(full):
     tables = html_tables(html.read_text())
     md_rows = md_table(md, "## Trajectory principles")
     principles = next(t for t in tables if "median γ_k" in t[0])
-    assert [dict(zip(principles[0], r)) for r in principles[1:]] == md_rows
+    assert [dict(zip(principles[0], r, strict=True)) for r in principles[1:]] == md_rows
 
 
 def test_diverged_run_is_listed_with_its_step(full):

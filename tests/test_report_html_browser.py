@@ -68,7 +68,7 @@ def test_every_figure_renders(browser, study_report, tmp_path):
     assert found, f"no image record in the dumped DOM (rc {result.returncode}): {result.stderr[-500:]}"
     images = json.loads(found.group(1))
     assert len(images) == len(figures)
-    for (complete, width, height, shown), name in zip(images, figures):
+    for (complete, width, height, shown), name in zip(images, figures, strict=True):
         with Image.open(study_report.parent / name) as png:
             # Decoded at the PNG's own size, and laid out on the page with a width.
             assert complete and (width, height) == png.size and shown > 100, (name, width, height, shown)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from gammatrace.data.synthetic import planted_teacher, teacher_student_targets
 from gammatrace.models import build
 from gammatrace.models.activations import ACTIVATIONS, make_activation
 from gammatrace.models.chain import ScalarChain, chain_objective
 from gammatrace.models.init import INITS, apply_init, load_init, save_init
 from gammatrace.models.inspect import inspect_init, plot_inspect
 from gammatrace.models.norms import NORMS, apply_weight_norm, make_norm, uses_weight_norm
-from gammatrace.models.teacher import make_teacher, teacher_targets
 from gammatrace.registry import UnknownNameError
 
 
@@ -299,13 +299,13 @@ def test_save_load_init_round_trip_and_partial(tmp_path):
 
 
 def test_teacher_norm_bound_and_identity_switch():
-    W = make_teacher(6, norm_bound=0.4, seed=3)
+    W = planted_teacher(6, norm_bound=0.4, seed=3)
     assert torch.linalg.matrix_norm(W, ord=2).item() == pytest.approx(0.4, rel=1e-5)
-    assert torch.equal(W, make_teacher(6, norm_bound=0.4, seed=3))  # seeded, global RNG unused
-    W_off = make_teacher(6, norm_bound=0.4, seed=3, identity=False)
+    assert torch.equal(W, planted_teacher(6, norm_bound=0.4, seed=3))  # seeded, global RNG unused
+    W_off = planted_teacher(6, norm_bound=0.4, seed=3, identity=False)
     x = torch.randn(50, 6)
     # Same teacher function written for a student with / without the identity mapping.
-    torch.testing.assert_close(teacher_targets(x, W), teacher_targets(x, W_off, identity=False))
+    torch.testing.assert_close(teacher_student_targets(x, W), teacher_student_targets(x, W_off, identity=False))
 
 
 @pytest.fixture
@@ -320,9 +320,9 @@ def one_thread():
 
 def test_teacher_student_gd_converges_to_w_star(one_thread):
     d, n = 5, 500
-    W_star = make_teacher(d, norm_bound=0.5, seed=0)
+    W_star = planted_teacher(d, norm_bound=0.5, seed=0)
     x = torch.randn(n, d)
-    t = teacher_targets(x, W_star)
+    t = teacher_student_targets(x, W_star)
     student = build("teacher_student", input_shape=(d,), num_classes=1, init="zero")
     W = student.linear.weight
     assert W.abs().max().item() == 0
@@ -377,7 +377,7 @@ def test_scalar_chain_objective_and_gradient():
     values = [0.9, 1.3, -0.7, 1.1, 0.8, 2.0]
     chain = build("scalar_chain", input_shape=(3,), num_classes=7, depth=6)
     with torch.no_grad():
-        for p, v in zip(chain.parameters(), values):
+        for p, v in zip(chain.parameters(), values, strict=True):
             p.fill_(v)
     prod = math.prod(values)
     F = 0.5 * (prod - 1) ** 2

@@ -6,9 +6,28 @@ folder searched, the files expected and where to get the archive. The folder is 
 ``data_dir`` option, else ``$GAMMATRACE_DATA``, else ``./data``; either that folder or
 the dataset's own subfolder (``cifar-10-batches-py/``, ``mnist/``, ...) may be given.
 
-Example:
+Example: a folder holding the four MNIST IDX files (here six white 28x28 training images
+and two test images, written to a temporary folder) loads as a dataset:
+
+    >>> import struct, tempfile
+    >>> from pathlib import Path
+    >>> import numpy as np
     >>> from gammatrace.data import load_dataset
-    >>> ds = load_dataset("cifar10", data_dir="/datasets")  # doctest: +SKIP
+    >>> folder = Path(tempfile.mkdtemp()) / "mnist"
+    >>> folder.mkdir()
+    >>> def write_idx(path, a):  # IDX header: 0, 0, type 0x08 (uint8), ndim, then each dim
+    ...     header = struct.pack(">HBB", 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+    ...     path.write_bytes(header + a.tobytes())
+    >>> for split, n in [("train", 6), ("t10k", 2)]:
+    ...     write_idx(folder / f"{split}-images-idx3-ubyte", np.full((n, 28, 28), 255, np.uint8))
+    ...     write_idx(folder / f"{split}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8))
+    >>> ds = load_dataset("mnist", data_dir=folder.parent)
+    >>> tuple(ds.x_train.shape), ds.x_train.max().item(), ds.y_test.tolist()
+    ((6, 1, 28, 28), 1.0, [0, 1])
+
+    With the real CIFAR-10 archive unpacked under ``/datasets``:
+
+    >>> ds = load_dataset("cifar10", data_dir="/datasets")  # needs CIFAR-10 in /datasets  # doctest: +SKIP
     >>> tuple(ds.x_train.shape), ds.x_train.dtype, ds.num_classes  # doctest: +SKIP
     ((50000, 3, 32, 32), torch.float32, 10)
 """
@@ -139,8 +158,18 @@ CIFAR_FORMATS = {
 def read_cifar_batch(path: str | os.PathLike, label_key: bytes = b"labels") -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR "python version" batch file as (uint8 images (N, 3, 32, 32), int64 labels (N,)).
 
-    Example:
-        >>> x, y = read_cifar_batch("data/cifar-10-batches-py/test_batch")  # doctest: +SKIP
+    Example: a batch of two black images, pickled the way the archive's files are:
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "test_batch"
+        >>> _ = path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 8]}))
+        >>> x, y = read_cifar_batch(path)
+        >>> x.shape, x.dtype, y
+        ((2, 3, 32, 32), dtype('uint8'), array([3, 8]))
+
+        The archive's own test batch:
+
+        >>> x, y = read_cifar_batch("data/cifar-10-batches-py/test_batch")  # needs CIFAR-10 in ./data  # doctest: +SKIP
         >>> x.shape, y[:3]  # doctest: +SKIP
         ((10000, 3, 32, 32), array([3, 8, 8]))
     """
@@ -228,8 +257,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     The header is two zero bytes, a type byte, the number of dimensions, then one
     big-endian uint32 per dimension; the payload must have exactly the size it declares.
 
-    Example:
-        >>> x = read_idx("data/mnist/t10k-images-idx3-ubyte.gz")  # doctest: +SKIP
+    Example: a gzipped 2x3 uint8 array (type byte 0x08, two dimensions):
+
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "tiny-idx2-ubyte.gz"
+        >>> header = bytes([0, 0, 0x08, 2]) + struct.pack(">2I", 2, 3)
+        >>> _ = path.write_bytes(gzip.compress(header + bytes(range(6))))
+        >>> read_idx(path)
+        array([[0, 1, 2],
+               [3, 4, 5]], dtype=uint8)
+
+        The MNIST test images:
+
+        >>> x = read_idx("data/mnist/t10k-images-idx3-ubyte.gz")  # needs MNIST in ./data/mnist  # doctest: +SKIP
         >>> x.shape, x.dtype  # doctest: +SKIP
         ((10000, 28, 28), dtype('uint8'))
     """

@@ -1,6 +1,8 @@
-"""Synthetic datasets generated from a seed: a Gaussian teacher–student regression
-problem (where the global minimum is known to be interpolating) and small image
-tasks so the CIFAR-shaped networks (and the U-Net) run on CPU without any files.
+"""Synthetic datasets generated from a seed: Gaussian teacher–student regression problems
+(``teacher``: a random linear or tanh network, where the global minimum is known to be
+interpolating; ``teacher_student``: Li & Yuan's two-layer network at a planted W*, where
+the minimizer itself is known) and small image tasks so the CIFAR-shaped networks (and
+the U-Net) run on CPU without any files.
 
 Every random draw comes from its own ``torch.Generator`` seeded through
 :func:`~gammatrace.data.loader.stream_seed`, so generation never touches the global
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gammatrace.data.base import DATASETS, DataError, Dataset
 from gammatrace.data.loader import stream_seed
@@ -30,6 +33,7 @@ _TEACHER_STREAM = 0x5EED_7EAC
 _INPUT_STREAM = 0x5EED_1A9E
 _NOISE_STREAM = 0x5EED_0153
 _PATTERN_STREAM = 0x5EED_9A77
+_PLANTED_INPUT_STREAM = 0x1D_0A7A
 _SPLITS = {"train": 0, "test": 1}
 
 
@@ -122,6 +126,89 @@ def teacher(num_train: int = 1024, num_test: int = 256, dim: int = 32, out_dim: 
     x_train, y_train = split(num_train, "train")
     x_test, y_test = split(num_test, "test")
     return Dataset("teacher", x_train, y_train, x_test, y_test, task="regression", num_classes=out_dim)
+
+
+# --------------------------------------------------------------------------- planted teacher
+
+
+def planted_teacher(dim: int, norm_bound: float, seed: int, identity: bool = True) -> torch.Tensor:
+    """The planted W* of the ``teacher_student`` problem, for the student parametrization
+    chosen by ``identity`` (the ``teacher_student`` model's switch of the same name).
+
+    The teacher function is f*(x) = ‖σ((I + Δ) x)‖₁ with Δ Gaussian, rescaled to
+    *spectral* norm ‖Δ‖₂ = ``norm_bound`` (Li & Yuan bound the spectral norm), drawn from
+    its own generator seeded by ``seed`` (the global RNG is untouched). ``identity=True``
+    returns W* = Δ (so ‖W*‖₂ = norm_bound); ``identity=False`` returns W* = I + Δ, the same
+    teacher function written for a student without the identity mapping — so on/off runs
+    with one seed learn the same target. Returned in float32, which float32 and float64
+    runs both represent exactly.
+
+    Example:
+        >>> a, b = planted_teacher(4, 0.3, seed=1), planted_teacher(4, 0.3, seed=1, identity=False)
+        >>> torch.allclose(b - a, torch.eye(4)), round(torch.linalg.matrix_norm(a.double(), ord=2).item(), 4)
+        (True, 0.3)
+    """
+    if norm_bound < 0:
+        raise DataError(f"norm_bound must be >= 0, got {norm_bound}")
+    _check(dim > 0, f"teacher_student: dim must be positive, got {dim}")
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    delta *= norm_bound / torch.linalg.matrix_norm(delta, ord=2)
+    W_star = delta if identity else delta + torch.eye(dim, dtype=torch.float64)
+    return W_star.to(torch.float32)
+
+
+def teacher_student_targets(x: torch.Tensor, W_star: torch.Tensor, identity: bool = True,
+                            negative_slope: float = 0.0) -> torch.Tensor:
+    """y = ‖σ(W* x + x)‖₁ (``identity``) or ‖σ(W* x)‖₁ as an (N, 1) tensor in ``x``'s dtype,
+    σ the leaky ReLU of slope ``negative_slope`` (0: ReLU, Li & Yuan's; a PReLU student's
+    teacher uses its initial slope, 0.25). The same operations as the ``teacher_student``
+    model's forward pass, so that model at W* reproduces the targets bit for bit.
+
+    Example:
+        >>> teacher_student_targets(torch.tensor([[1.0, -1.0]]), torch.zeros(2, 2))
+        tensor([[1.]])
+    """
+    x = x.flatten(1)
+    z = F.linear(x, W_star.to(x.dtype))
+    if identity:
+        z = z + x
+    return F.leaky_relu(z, negative_slope).abs().sum(dim=1, keepdim=True)
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@DATASETS.register("teacher_student")
+def teacher_student(num_train: int = 1000, num_test: int = 200, dim: int = 10, norm_bound: float = 0.5,
+                    identity: bool = True, negative_slope: float = 0.0, seed: int = 0,
+                    dtype: str = "float32") -> Dataset:
+    """Li & Yuan's teacher–student problem: x ~ N(0, I_dim), y = the ``teacher_student``
+    network at the planted W* of :func:`planted_teacher` (the minimizer is known).
+
+    Generated in float64 and returned in ``dtype``. The problem is realizable: with
+    ``dtype="float64"`` (for a run with ``RunConfig.dtype`` float64) the targets are
+    exact, computed in the student parametrization ``identity`` so that the student at
+    W* has loss exactly 0. Inputs (N, 1, dim), targets (N, 1).
+
+    Example:
+        >>> ds = teacher_student(num_train=8, num_test=2, dim=3, negative_slope=0.25, dtype="float64")
+        >>> tuple(ds.x_train.shape), tuple(ds.y_train.shape), ds.x_train.dtype, ds.task
+        ((8, 1, 3), (8, 1), torch.float64, 'regression')
+    """
+    _check(num_train > 0 and num_test > 0, f"teacher_student: num_train and num_test must be positive, "
+                                           f"got {num_train}, {num_test}")
+    _check(dtype in _DTYPES, f"teacher_student: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    W_star = planted_teacher(dim, norm_bound, seed, identity)
+
+    def split(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn((n, 1, dim), generator=_generator(seed, _PLANTED_INPUT_STREAM, name), dtype=torch.float64)
+        y = teacher_student_targets(x, W_star, identity, negative_slope)
+        return x.to(_DTYPES[dtype]), y.to(_DTYPES[dtype])
+
+    x_train, y_train = split(num_train, "train")
+    x_test, y_test = split(num_test, "test")
+    return Dataset("teacher_student", x_train, y_train, x_test, y_test, task="regression", num_classes=1)
 
 
 # --------------------------------------------------------------------------- images

@@ -67,7 +67,7 @@ def downscale_dataset(ds: Dataset, spec: int | Sequence[int]) -> Dataset:
         return _map_inputs(ds, lambda t: pool(t, spec)) if spec > 1 else ds
     size = tuple(spec) if isinstance(spec, Sequence) and not isinstance(spec, str) else None
     if (size is None or len(size) != len(spatial)
-            or not all(isinstance(s, int) and 0 < s <= full for s, full in zip(size, spatial))):
+            or not all(isinstance(s, int) and 0 < s <= full for s, full in zip(size, spatial, strict=True))):
         raise DataError(f"downscale={spec!r} must be an integer factor or a target size of "
                         f"{len(spatial)} positive ints no larger than the input size {list(spatial)}")
     return _map_inputs(ds, lambda t: adaptive(t, size))

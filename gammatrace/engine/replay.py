@@ -5,6 +5,16 @@ segments fan out over workers. Replay is verified, not assumed: every replayed s
 loss must equal the recorded one exactly, and the parameters at the end of the segment
 must equal the next checkpoint exactly; otherwise :class:`ReplayMismatchError` names the
 first diverging step.
+
+Example:
+    >>> import tempfile
+    >>> from gammatrace.engine.trainer import train_pass
+    >>> cfg = {"name": "demo", "seed": 3, "epochs": 2, "batch_size": 32, "data": {"name": "digits", "n_train": 96, "n_test": 64}, "model": {"name": "mlp", "width": 8, "depth": 2}, "optim": {"name": "sgd", "lr": 0.2}}
+    >>> run = train_pass(cfg, tempfile.mkdtemp() + "/demo", progress=False)
+    >>> reference_source(run, "last")[0], replay(run.path, "last", progress=False)
+    ('last', 'last')
+    >>> sorted(p.name for p in (run.path / "analysis" / "last" / "steps").iterdir())
+    ['epoch_0000.parquet', 'epoch_0001.parquet']
 """
 
 from __future__ import annotations

@@ -5,6 +5,15 @@ its step shard, sample shard, metrics and the next checkpoint are on disk *and*
 run.json says so. A process killed anywhere resumes from the last done epoch and,
 because data order and RNG are functions of (seed, epoch), produces the same
 trajectory as an uninterrupted run.
+
+Example:
+    >>> import tempfile
+    >>> cfg = {"name": "demo", "seed": 3, "epochs": 2, "batch_size": 32, "data": {"name": "digits", "n_train": 96, "n_test": 64}, "model": {"name": "mlp", "width": 8, "depth": 2}, "optim": {"name": "sgd", "lr": 0.2}}
+    >>> out = tempfile.mkdtemp() + "/demo"
+    >>> train_pass(cfg, out, progress=False, stop_after=1).meta.epochs_done   # as if killed after epoch 0
+    1
+    >>> train_pass(cfg, out, progress=False).meta.epochs_done                  # the same command resumes
+    2
 """
 
 from __future__ import annotations

@@ -1,4 +1,14 @@
-"""Studies, sweeps and the executors that run their tasks."""
+"""Studies: grids of runs that share a base config, their built-in presets, and the claims
+their report checks (the executors that run their tasks are :mod:`gammatrace.executors`).
+
+Example:
+    >>> from gammatrace.experiments import STUDIES
+    >>> STUDIES.names()
+    ['activation', 'batchnorm', 'init', 'optimizer', 'skip']
+    >>> study = STUDIES.get("activation")("quick", None)
+    >>> study.name, study.preset
+    ('activation', 'quick')
+"""
 
 from gammatrace.experiments import presets  # noqa: F401  (registers the built-in studies)
 from gammatrace.experiments.study import (

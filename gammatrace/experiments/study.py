@@ -191,7 +191,16 @@ def study_from_yaml(path: str | Path) -> Study:
     {group: [cells]}``.
 
     Example:
-        >>> study_from_yaml("my_study.yaml").cells   # doctest: +SKIP
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "acts.yaml"
+        >>> _ = path.write_text("base: {data: {name: digits}, model: {name: mlp, width: 8}}\\n"
+        ...                     "variants: {relu: {model: {activation: relu}}, tanh: {model: {activation: tanh}}}\\n"
+        ...                     "claims: [{text: ReLU first, order: [relu, tanh]}]\\n")
+        >>> study = study_from_yaml(path)  # grid form; named after the file
+        >>> study.name, sorted(study.cells), study.cells["tanh"].model.switches()
+        ('acts', ['relu', 'tanh'], {'width': 8, 'activation': 'tanh'})
+        >>> study.claims
+        [Claim(text='ReLU first', order=('relu', 'tanh'), group='acts')]
     """
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)
@@ -222,8 +231,17 @@ def prepare_init(study: Study, init_dir: str | Path, seeds: int = 1) -> list[Pat
     distinct data config. Returns the paths.
 
     Example:
-        >>> prepare_init(study, "out/init", seeds=2)   # doctest: +SKIP
-        [PosixPath('out/init/mlp-s0.pt'), PosixPath('out/init/mlp-s1.pt')]
+        >>> import tempfile
+        >>> study = make_study("demo", "?", {"data": {"name": "digits", "n_train": 96, "n_test": 64},
+        ...                                  "model": {"name": "mlp", "width": 8}},
+        ...                    {"relu": {"model": {"activation": "relu"}}, "tanh": {"model": {"activation": "tanh"}}},
+        ...                    shared_init=True)
+        >>> init_dir = tempfile.mkdtemp()
+        >>> [p.name for p in prepare_init(study, init_dir, seeds=2)]  # one group, 'all'
+        ['all-s0.pt', 'all-s1.pt']
+        >>> runs = study.runs(seeds=2, init_dir=init_dir)  # every run of a seed starts there
+        >>> Path(runs["relu-s1"].model.init_from) == Path(runs["tanh-s1"].model.init_from) == init_path(init_dir, "all", 1)
+        True
     """
     store = RunStore(Path(init_dir).resolve())
     datasets: dict[str, Any] = {}
@@ -286,7 +304,7 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
     sees. ``report_only`` re-renders the report of the runs on disk.
 
     Example:
-        >>> run_study(STUDIES.get("activation")("quick", None), "studies/activation", workers=2)  # doctest: +SKIP
+        >>> run_study(STUDIES.get("activation")("quick", None), "studies/activation", workers=2)  # trains and analyses 4 runs: minutes  # doctest: +SKIP
         PosixPath('studies/activation/report/report.html')
     """
     out = Path(out)

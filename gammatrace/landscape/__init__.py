@@ -12,11 +12,22 @@ step — so SGD, momentum and Adam runs from one θ_0 compare on one figure — 
 - :class:`~gammatrace.landscape.evaluate.LossEvaluator`, :func:`~gammatrace.landscape.evaluate.load_trajectory`
 - :func:`~gammatrace.landscape.plot.plot_landscape`, :func:`~gammatrace.landscape.plot.plot_interpolation`
 
-Example:
+Example: SGD and Adam from one θ_0 (same seed) for three epochs on 96 digits (pass 1
+only: the landscape needs the checkpoints, not the analysis), then both figures:
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import gammatrace
     >>> from gammatrace.landscape import landscape
-    >>> files = landscape(["runs/sgd", "runs/adam"], "out/landscape", grid=21)   # doctest: +SKIP
-    >>> sorted(files)                                                            # doctest: +SKIP
-    ['basis', 'grid', 'interpolation', 'landscape', 'meta']
+    >>> root = Path(tempfile.mkdtemp())
+    >>> tiny = {"seed": 0, "epochs": 3, "batch_size": 32, "data": {"name": "digits", "n_train": 96, "n_test": 64},
+    ...         "model": {"name": "mlp", "width": 8, "depth": 2}}
+    >>> optims = {"sgd": {"name": "sgd", "lr": 0.2}, "adam": {"name": "adam", "lr": 0.01}}
+    >>> runs = [gammatrace.train({**tiny, "name": name, "optim": optim}, out=root / name,
+    ...                          replay=False, progress=False).path for name, optim in optims.items()]
+    >>> files = landscape(runs, root / "landscape", grid=5, samples=64, progress=False)
+    >>> sorted(files), files["landscape"].name
+    (['basis', 'grid', 'interpolation', 'landscape', 'meta'], 'landscape.png')
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ def landscape(runs: list[str | Path], out: str | Path, **options) -> dict[str, P
     ``interpolation.png`` and the stored arrays.
 
     Example:
-        >>> landscape(["runs/quickstart/relu"], "out", grid=11)["landscape"]   # doctest: +SKIP
+        >>> landscape(["runs/quickstart/relu"], "out", grid=11)["landscape"]   # needs the README's quickstart run  # doctest: +SKIP
         PosixPath('out/landscape.png')
     """
     out = Path(out)

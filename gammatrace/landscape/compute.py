@@ -23,10 +23,16 @@ runs, explained variance, a fingerprint of the inputs); the basis u, v and the o
 in ``out/landscape_basis.npz``. A second call with the same settings on the same run
 files loads them instead of recomputing.
 
-Example:
-    >>> ls = compute_landscape(["runs/sgd", "runs/adam"], "out/ls", grid=11)  # doctest: +SKIP
+Example (a full run from training to figures is :mod:`gammatrace.landscape`'s example):
+    >>> ls = compute_landscape(["runs/sgd", "runs/adam"], "out/ls", grid=11)  # needs trained runs in runs/  # doctest: +SKIP
     >>> ls.loss.shape, ls.explained.round(2)                                  # doctest: +SKIP
     ((11, 11), array([0.83, 0.09]))
+
+    What it stores, on the synthetic :func:`example_landscape` (no run needed):
+
+    >>> ls = example_landscape()
+    >>> ls.loss.shape, ls.coords[0].shape, ls.step_proj[0].shape
+    ((7, 7), (3, 2), (2, 2))
 """
 
 from __future__ import annotations
@@ -106,6 +112,37 @@ class Landscape:
                    files=_files(out), **per_run)
 
 
+def example_landscape() -> Landscape:
+    """A small synthetic :class:`Landscape` for examples of the figures: no run, no model.
+
+    The bowl L(a, b) = a² + 4b² + 0.1 on a 7×7 grid, and one path of three points
+    (θ_0, θ_1, θ_T = the origin) descending into it, with the exact −∇L at θ_0 and θ_1.
+
+    Example:
+        >>> ls = example_landscape()
+        >>> ls.run_names, float(ls.loss.min()), ls.path_loss[0].round(2).tolist()
+        (['demo'], 0.1, [3.5, 0.39, 0.1])
+        >>> ls.interp_loss[0][[5, 25]].round(2).tolist()  # α = 0 (θ_0) and α = 1 (θ_T)
+        [3.5, 0.1]
+    """
+    def bowl(xy: np.ndarray) -> np.ndarray:
+        return xy[..., 0] ** 2 + 4 * xy[..., 1] ** 2 + 0.1
+
+    alphas = betas = np.linspace(-1.5, 1.5, 7)
+    coords = np.array([[-1.2, 0.7], [-0.5, 0.1], [0.0, 0.0]])
+    steps = np.diff(coords, axis=0)
+    grads = -np.column_stack([2 * coords[:-1, 0], 8 * coords[:-1, 1]])
+    interp_alpha = interpolation_alphas()
+    line = (1.0 - interp_alpha[:, None]) * coords[0]  # θ(α) from θ_0 to θ_T = 0
+    settings = {"version": LANDSCAPE_VERSION, "grid": len(alphas), "extent": 1.2, "samples": 0, "bn": "train",
+                "seed": 0, "origin": "theta_T of demo", "inputs": []}
+    return Landscape(settings=settings, run_names=["demo"], run_paths=[""], explained=np.array([0.9, 0.1]),
+                     alphas=alphas, betas=betas, loss=bowl(np.stack(np.meshgrid(alphas, betas), axis=-1)),
+                     coords=[coords], step_proj=[steps], grad_proj=[grads],
+                     cos_full=[np.array([_cos(g, s) for g, s in zip(grads, steps, strict=True)])],
+                     path_loss=[bowl(coords)], interp_alpha=interp_alpha, interp_loss=[bowl(line)])
+
+
 def _files(out: Path) -> dict[str, Path]:
     return {"grid": out / GRID_FILE, "meta": out / META_FILE, "basis": out / BASIS_FILE}
 
@@ -163,8 +200,8 @@ def grid_rows_task(basis_file: str, run_path: str, samples: int, bn: str, seed: 
 
     Example:
         >>> grid_rows_task("out/landscape_basis.npz", "runs/sgd", 512, "train", 0,
-        ...                np.linspace(-1, 1, 5), np.array([0.0]))   # doctest: +SKIP
-        array([[0.91, 0.52, 0.31, 0.48, 0.88]])
+        ...                np.linspace(-1, 1, 5), np.array([0.0])).shape  # needs a computed landscape of runs/sgd  # doctest: +SKIP
+        (1, 5)
     """
     ev = _evaluator(run_path, samples, bn, seed)
     with np.load(basis_file) as z:
@@ -218,7 +255,7 @@ def interpolate_state(theta0: np.ndarray, theta1: np.ndarray, buf0: dict[str, to
 
 def _check_compatible(runs: list[Run], trajs: list[Trajectory]) -> None:
     first = runs[0].config
-    for run, traj in zip(runs[1:], trajs[1:]):
+    for run, traj in zip(runs[1:], trajs[1:], strict=True):
         cfg = run.config
         if (cfg.data, cfg.loss) != (first.data, first.loss):
             raise ValueError(f"{run.path} trains on other data or another loss than {runs[0].path}; "
@@ -245,9 +282,11 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
     same run files (``Landscape.reused`` says which happened).
 
     Example:
-        >>> ls = compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64)  # doctest: +SKIP
+        >>> ls = compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64)  # needs a trained run  # doctest: +SKIP
         >>> ls.loss.shape, ls.reused                                                  # doctest: +SKIP
         ((5, 5), False)
+        >>> compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64).reused  # doctest: +SKIP
+        True
     """
     if not runs:
         raise ValueError("give at least one run")
@@ -297,8 +336,8 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
             if len(steps) else np.zeros((0, t.points.shape[1]))
         step_proj.append(pca.project(steps))
         grad_proj.append(pca.project(grads))
-        cos_full.append(np.array([_cos(g, s) for g, s in zip(grads, steps)]))
-        path_loss.append(np.array([ev.loss(p, b) for p, b in zip(t.points, t.buffers)]))
+        cos_full.append(np.array([_cos(g, s) for g, s in zip(grads, steps, strict=True)]))
+        path_loss.append(np.array([ev.loss(p, b) for p, b in zip(t.points, t.buffers, strict=True)]))
         interp_loss.append(np.array([
             ev.loss(*interpolate_state(t.points[0], t.points[-1], t.buffers[0], t.buffers[-1], a))
             for a in alpha_1d]))

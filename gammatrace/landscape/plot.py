@@ -5,8 +5,17 @@ Drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state)
 stored arrays only, so a re-plot never touches a model.
 
 Example:
+    >>> import tempfile
+    >>> from gammatrace.landscape.compute import example_landscape
+    >>> out = Path(tempfile.mkdtemp())
+    >>> png = plot_interpolation(example_landscape(), out / "interpolation.png")
+    >>> png.name, png.stat().st_size > 0
+    ('interpolation.png', True)
+
+    A stored landscape (``compute_landscape``'s output folder) re-plots without a model:
+
     >>> from gammatrace.landscape.compute import Landscape
-    >>> ls = Landscape.load(Path("out/ls"))            # doctest: +SKIP
+    >>> ls = Landscape.load(Path("out/ls"))            # needs a computed landscape in out/ls  # doctest: +SKIP
     >>> plot_landscape(ls, "out/ls/landscape.png")     # doctest: +SKIP
     PosixPath('out/ls/landscape.png')
 """
@@ -60,8 +69,11 @@ def plot_landscape(ls: Landscape, path: str | Path) -> Path:
     right: the cosine of the two in the full parameter space, per epoch.
 
     Example:
-        >>> plot_landscape(Landscape.load(Path("out")), "out/landscape.png")   # doctest: +SKIP
-        PosixPath('out/landscape.png')
+        >>> import tempfile
+        >>> from gammatrace.landscape.compute import example_landscape
+        >>> png = plot_landscape(example_landscape(), Path(tempfile.mkdtemp()) / "landscape.png")
+        >>> png.name, png.is_file()
+        ('landscape.png', True)
     """
     path = Path(path)
     fig = Figure(figsize=(13.5, 6.0), layout="constrained")
@@ -85,7 +97,7 @@ def plot_landscape(ls: Landscape, path: str | Path) -> Path:
 
     span = np.array([np.ptp(ls.alphas), np.ptp(ls.betas)])
     handles = []
-    for r, (name, c) in enumerate(zip(ls.run_names, _colors(len(ls.run_names)))):
+    for r, (name, c) in enumerate(zip(ls.run_names, _colors(len(ls.run_names)), strict=True)):
         xy = ls.coords[r]
         ax.plot(xy[:, 0], xy[:, 1], "-", color=c, lw=1.6, zorder=3)
         ax.plot(xy[:-1, 0], xy[:-1, 1], "o", color=c, ms=2.5, zorder=3)
@@ -102,7 +114,7 @@ def plot_landscape(ls: Landscape, path: str | Path) -> Path:
             ax.quiver(xy[at, 0], xy[at, 1], grad[:, 0], grad[:, 1], color=GRADIENT_COLOR, alpha=0.8, **kw)
             epochs = np.arange(n)
             axc.plot(epochs, ls.cos_full[r], "-o", ms=3, color=c, label=name)
-            plane = np.array([_cos2(g, s) for g, s in zip(ls.grad_proj[r], ls.step_proj[r])])
+            plane = np.array([_cos2(g, s) for g, s in zip(ls.grad_proj[r], ls.step_proj[r], strict=True)])
             axc.plot(epochs, plane, ":", color=c, alpha=0.7)
         final = ls.path_loss[r][-1]
         handles.append(Line2D([], [], color=c, marker="o", label=f"{name} (θ_T loss {final:.3g})"))
@@ -138,14 +150,17 @@ def plot_interpolation(ls: Landscape, path: str | Path) -> Path:
     """Loss along θ(α) = (1 − α)·θ_0 + α·θ_T for each run, α from −0.25 to 1.25.
 
     Example:
-        >>> plot_interpolation(Landscape.load(Path("out")), "out/interpolation.png")   # doctest: +SKIP
-        PosixPath('out/interpolation.png')
+        >>> import tempfile
+        >>> from gammatrace.landscape.compute import example_landscape
+        >>> png = plot_interpolation(example_landscape(), Path(tempfile.mkdtemp()) / "interpolation.png")
+        >>> png.name, png.is_file()
+        ('interpolation.png', True)
     """
     path = Path(path)
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     lo, hi = np.inf, 0.0
-    for r, (name, c) in enumerate(zip(ls.run_names, _colors(len(ls.run_names)))):
+    for r, (name, c) in enumerate(zip(ls.run_names, _colors(len(ls.run_names)), strict=True)):
         y = ls.interp_loss[r]
         finite = y[np.isfinite(y)]
         if len(finite):

@@ -111,7 +111,7 @@ def inspect_init(
             wanted = [w for w in weights if w.requires_grad]
             grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True)) if wanted else iter(())
             grad_norm = {}
-            for m, w in zip(order, weights):
+            for m, w in zip(order, weights, strict=True):
                 g = next(grads) if w.requires_grad else None
                 grad_norm[id(m)] = float(g.norm()) if g is not None else math.nan
     finally:
@@ -133,7 +133,7 @@ def inspect_init(
         df["backward_ratio"] = df.grad_norm / last_grad
     df["forward_flag"] = [_flag(r, low, high) for r in df.forward_ratio]
     df["backward_flag"] = [_flag(r, low, high) for r in df.backward_ratio]
-    df["flag"] = [",".join(sorted({f, b} - {""})) for f, b in zip(df.forward_flag, df.backward_flag)]
+    df["flag"] = [",".join(sorted({f, b} - {""})) for f, b in zip(df.forward_flag, df.backward_flag, strict=True)]
     return df
 
 
@@ -161,7 +161,7 @@ def plot_inspect(df: pd.DataFrame, path: str | os.PathLike, title: str | None = 
     FigureCanvasAgg(fig)
     panels = (("act_var", "forward_flag", "output variance (forward signal)"),
               ("grad_norm", "backward_flag", "‖∂loss/∂W‖ (backward signal)"))
-    for ax, (col, flag_col, label) in zip(fig.subplots(1, 2), panels):
+    for ax, (col, flag_col, label) in zip(fig.subplots(1, 2), panels, strict=True):
         ax.plot(df.depth, df[col], marker="o", color="tab:blue")
         bad = df[df[flag_col] != ""]
         if len(bad):

@@ -20,7 +20,15 @@ def mlp(
     activation_options: dict | None = None,
     batchnorm: bool = False,
 ) -> nn.Module:
-    """``depth`` hidden layers of ``width`` units: Linear -> [BatchNorm1d] -> activation."""
+    """``depth`` hidden layers of ``width`` units: Linear -> [BatchNorm1d] -> activation.
+
+    Example:
+        >>> net = mlp((1, 4), num_classes=3, width=5, depth=1, activation="tanh", batchnorm=True)
+        >>> [type(m).__name__ for m in net]
+        ['Flatten', 'Linear', 'BatchNorm1d', 'Tanh', 'Linear']
+        >>> net[1].in_features, net[-1].out_features
+        (4, 3)
+    """
     if depth < 0 or width <= 0:
         raise ValueError(f"mlp needs depth >= 0 and width > 0, got depth={depth}, width={width}")
     layers: list[nn.Module] = [nn.Flatten()]

@@ -116,7 +116,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(conv, nrm, act())
         block_norm = partial(keep_norm, n=3)  # norm1, norm2, projection norm
         stages = []
-        for s, (n_blocks, out) in enumerate(zip(blocks, widths)):
+        for s, (n_blocks, out) in enumerate(zip(blocks, widths, strict=True)):
             out = scaled(out, width)
             stage = []
             for b in range(n_blocks):

@@ -9,7 +9,8 @@ Student, for x ∈ R^d and W ∈ R^{d×d}::
 fixed slope, ``activation_options={"negative_slope": a}``) or ``prelu`` (a learned
 slope). ‖·‖₁ is taken literally, Σ|σ(z)_i|, so it equals Σσ(z)_i for ReLU.
 
-The teacher is the same function at a known W*, so the true minimizer of the
+The teacher is the same function at a known W* (the ``teacher_student`` dataset,
+:func:`gammatrace.data.synthetic.planted_teacher`), so the true minimizer of the
 population loss is known and the engine can use θ* = W* instead of the last iterate:
 :meth:`TeacherStudent.reference_state` gives it as a state dict of the student.
 
@@ -23,17 +24,15 @@ a zero init without identity starts at a saddle where ReLU gets no gradient at a
 Example:
     >>> import torch
     >>> from gammatrace.models import build
-    >>> from gammatrace.models.teacher import make_teacher, teacher_targets
-    >>> W_star = make_teacher(d=5, norm_bound=0.5, seed=0)
-    >>> round(torch.linalg.matrix_norm(W_star, ord=2).item(), 4)
-    0.5
+    >>> from gammatrace.data.synthetic import planted_teacher, teacher_student_targets
+    >>> W_star = planted_teacher(5, norm_bound=0.5, seed=0)
     >>> x = torch.randn(8, 5)
     >>> student = build("teacher_student", input_shape=(5,), num_classes=1, init="zero")
-    >>> student(x).shape, teacher_targets(x, W_star).shape
-    (torch.Size([8, 1]), torch.Size([8, 1]))
+    >>> student(x).shape
+    torch.Size([8, 1])
     >>> student.load_state_dict(student.reference_state(W_star))
     <All keys matched successfully>
-    >>> torch.allclose(student(x), teacher_targets(x, W_star))
+    >>> torch.equal(student(x), teacher_student_targets(x, W_star))
     True
 """
 
@@ -70,8 +69,8 @@ class TeacherStudent(nn.Module):
 
     W is ``self.linear.weight`` (an ``nn.Linear(d, d, bias=False)``, so the generic
     init, weight-norm and inspect tools apply to it). The output is (N, 1) whatever
-    ``num_classes`` says: one regression channel, as an ``MSELoss`` against (N, 1)
-    targets from :func:`teacher_targets` expects.
+    ``num_classes`` says: one regression channel, as an ``MSELoss`` against the (N, 1)
+    targets of the ``teacher_student`` dataset expects.
 
     Example:
         >>> import torch
@@ -145,52 +144,3 @@ def teacher_student(
     with torch.no_grad():
         STUDENT_INITS.get(init)(model.linear.weight, init_scale)
     return model
-
-
-def make_teacher(d: int, norm_bound: float, seed: int, identity: bool = True) -> torch.Tensor:
-    """The teacher's W* for the student parametrization chosen by ``identity``.
-
-    The teacher function is f*(x) = ‖σ((I + Δ) x)‖₁ with Δ Gaussian, rescaled to
-    *spectral* norm ‖Δ‖₂ = ``norm_bound`` (Li & Yuan bound the spectral norm), drawn
-    from its own generator seeded by ``seed`` (the global RNG is untouched).
-    ``identity=True`` returns W* = Δ (so ‖W*‖₂ = norm_bound); ``identity=False``
-    returns W* = I + Δ, the same teacher function written for a student without the
-    identity mapping — so on/off runs with one seed learn the same target.
-
-    Example:
-        >>> import torch
-        >>> a, b = make_teacher(4, 0.3, seed=1), make_teacher(4, 0.3, seed=1, identity=False)
-        >>> torch.allclose(b - a, torch.eye(4))
-        True
-    """
-    if norm_bound < 0:
-        raise ValueError(f"norm_bound must be >= 0, got {norm_bound}")
-    gen = torch.Generator().manual_seed(seed)
-    delta = torch.randn(d, d, generator=gen, dtype=torch.float64)
-    delta *= norm_bound / torch.linalg.matrix_norm(delta, ord=2)
-    W_star = delta if identity else delta + torch.eye(d, dtype=torch.float64)
-    return W_star.to(torch.float32)
-
-
-def teacher_targets(
-    x: torch.Tensor,
-    W_star: torch.Tensor,
-    identity: bool = True,
-    activation: str = "relu",
-    activation_options: dict | None = None,
-) -> torch.Tensor:
-    """Teacher outputs y*(x) = ‖σ(W* x [+ x])‖₁ as an (N, 1) tensor, no graph.
-
-    Pass the same ``identity``/``activation`` as the student (and ``make_teacher``).
-
-    Example:
-        >>> import torch
-        >>> teacher_targets(torch.tensor([[1.0, -1.0]]), torch.zeros(2, 2))
-        tensor([[1.]])
-    """
-    d = W_star.shape[0]
-    teacher = TeacherStudent(d, identity=identity, activation=activation,
-                             activation_options=activation_options).to(x.dtype)
-    with torch.no_grad():
-        teacher.linear.weight.copy_(W_star)
-        return teacher(x)

@@ -137,7 +137,7 @@ class UNet(nn.Module):
             features.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, feature in zip(self.decoder, reversed(features)):
+        for up, feature in zip(self.decoder, reversed(features), strict=True):
             x = up(x, feature)
         return self.out(x)
 

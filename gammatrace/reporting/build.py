@@ -50,10 +50,16 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     row per run, the null baseline, and ``trajectory_<group>.png`` /
     ``layers_<group>.png`` per group (a line per cell; seeds as mean and min–max band).
 
-    Example:
-        >>> import gammatrace
-        >>> gammatrace.report(["runs/relu", "runs/sigmoid"], out="report")   # doctest: +SKIP
-        PosixPath('report/report.html')
+    Example (runs without an analysis are listed and flagged; see :func:`gammatrace.train`
+    for an analysed run):
+        >>> import tempfile, gammatrace
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> runs = [example_entry("relu").run.path, example_entry("tanh", analysed=False).run.path]
+        >>> out = Path(tempfile.mkdtemp()) / "report"
+        >>> gammatrace.report(runs, out=out) == out / "report.html"
+        True
+        >>> [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| tanh")]
+        ['| tanh | trained (not analysed) | 3 | — | — | — | — | — |']
     """
     if not runs:
         raise ValueError("report() needs at least one run")

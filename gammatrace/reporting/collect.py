@@ -5,10 +5,10 @@ reference) is still an entry: it is listed and flagged, only its measured tables
 empty. Nothing here computes a new number the analysis did not; the report shows the
 runs' own summaries.
 
-Example:
-    >>> entries = collect(["runs/quickstart/relu"])   # doctest: +SKIP
-    >>> entries[0].status_text, entries[0].summary["gamma_median"]   # doctest: +SKIP
-    ('complete', 0.021)
+Example (:func:`example_entry` writes a run folder with no analysis on disk):
+    >>> entries = collect([example_entry("relu").run.path, example_entry("tanh", analysed=False).run])
+    >>> [(e.label, e.status_text, e.analysed, e.summary) for e in entries]
+    [('relu', 'complete (not analysed)', False, None), ('tanh', 'trained (not analysed)', False, None)]
 """
 
 from __future__ import annotations
@@ -159,8 +159,13 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
     """Open each run and read its summary, step table, epochs and per-tensor shares.
 
     Example:
-        >>> [e.status_text for e in collect(["runs/a", "runs/b"])]   # doctest: +SKIP
-        ['complete', 'diverged at step 412']
+        >>> run = example_entry("relu").run  # a run folder without an analysis
+        >>> [entry] = collect([run.path])
+        >>> entry.problem == f"{run.path} has no analysis yet; run `gammatrace analyze {run.path}`"
+        True
+        >>> first, second = collect([run.path, run.path])  # one name twice: told apart
+        >>> first.label, second.label == f"relu ({run.path.parent.name}/{run.path.name})"
+        ('relu', True)
     """
     entries: list[RunEntry] = []
     seen: dict[str, int] = {}

@@ -6,11 +6,14 @@ Figures are drawn on :class:`matplotlib.figure.Figure` objects, which render wit
 Agg canvas and never touch pyplot's global state or a display.
 
 Example:
-    >>> from gammatrace.reporting.collect import collect
-    >>> entries = collect(["runs/relu", "runs/sigmoid"])          # doctest: +SKIP
+    >>> import tempfile
+    >>> from gammatrace.reporting.collect import example_entry
+    >>> entries = [example_entry("relu", 0.29, [1.0, 0.2, 0.1]), example_entry("sigmoid", 0.05, [1.0, 0.9, 0.85])]
     >>> notes = []
-    >>> trajectory_figure(entries, "out", notes)                  # doctest: +SKIP
-    PosixPath('out/trajectory.png')
+    >>> trajectory_figure(entries, tempfile.mkdtemp(), notes).name
+    'trajectory.png'
+    >>> notes  # the example entries have no γ_k column: that row is left out
+    ['relu: γ row skipped (missing steps.gamma)', 'sigmoid: γ row skipped (missing steps.gamma)']
 """
 
 from __future__ import annotations
@@ -156,10 +159,14 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     Appends to ``notes`` why a run or row was left out; returns None when nothing is
     drawable.
 
-    Example:
+    Example (the module's example draws one; here nothing is drawable):
+        >>> import tempfile
+        >>> from gammatrace.reporting.collect import example_entry
         >>> notes = []
-        >>> trajectory_figure(entries, "report", notes)   # doctest: +SKIP
-        PosixPath('report/trajectory.png')
+        >>> print(trajectory_figure([example_entry("relu", analysed=False)], tempfile.mkdtemp(), notes))
+        None
+        >>> notes[-1]
+        'trajectory figure not drawn: no analysed run'
     """
     out = Path(out)
     if cells is None:
@@ -167,7 +174,7 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     seeded = any(len(runs) > 1 for runs in cells.values())
     colors = run_colors(len(cells))
     drawable = []
-    for (name, runs), color in zip(cells.items(), colors):
+    for (name, runs), color in zip(cells.items(), colors, strict=True):
         for e in runs:
             if not e.analysed:
                 notes.append(f"{e.label} not drawn: {e.problem}")
@@ -310,13 +317,20 @@ def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]
     run has the table.
 
     Example:
-        >>> layers_figure(entries, "report", notes := [])   # doctest: +SKIP
-        PosixPath('report/layers.png')
+        >>> import tempfile
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> relu, tanh = example_entry("relu"), example_entry("tanh")
+        >>> relu.layers = pd.DataFrame({"tensor": ["0.weight", "0.bias"], "share": [1.1, -0.1],
+        ...                             "frac_negative": [0.2, 0.6]})
+        >>> layers_figure([relu, tanh], tempfile.mkdtemp(), notes := []).name
+        'layers.png'
+        >>> notes
+        ['tanh: no layer panel (missing layers.tensor, layers.share, layers.frac_negative)']
     """
     out = Path(out)
     colors = run_colors(len(entries))
     panels = []
-    for e, color in zip(entries, colors):
+    for e, color in zip(entries, colors, strict=True):
         if not e.analysed:
             continue
         miss = LAYERS.missing(_tables(e))
@@ -333,7 +347,7 @@ def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]
     most = max(len(e.layers) for e, _ in panels)
     fig = Figure(figsize=(4.2 * ncols, nrows * (0.28 * most + 1.2)))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for ax, (e, color) in zip(axes, panels):
+    for ax, (e, color) in zip(axes[: len(panels)], panels, strict=True):
         t = e.layers
         share = t["share"].to_numpy(float)
         y = np.arange(len(t))
@@ -341,7 +355,7 @@ def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]
         ax.set_yticks(y, [str(n) for n in t["tensor"]], fontsize=7)
         ax.invert_yaxis()  # model order, input layer on top
         ax.axvline(0.0, color="0.3", lw=0.6)
-        for yi, s, f in zip(y, share, t["frac_negative"].to_numpy(float)):
+        for yi, s, f in zip(y, share, t["frac_negative"].to_numpy(float), strict=True):
             if np.isfinite(s) and np.isfinite(f):
                 ax.annotate(f"{f:.0%}", (s, yi), xytext=(3 if s >= 0 else -3, 0), textcoords="offset points",
                             ha="left" if s >= 0 else "right", va="center", fontsize=6, color="0.35")

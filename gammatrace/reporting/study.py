@@ -61,8 +61,13 @@ def find_study(runs: Sequence[Any]) -> Path | None:
     """``study.json`` of the folder holding every run, when each run is one of its runs.
 
     Example:
-        >>> find_study(["studies/activation/relu", "studies/activation/tanh"])   # doctest: +SKIP
-        PosixPath('studies/activation/study.json')
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> StudyMeta(study="activation", runs={"relu-s0": "relu", "tanh-s0": "tanh"}).write(folder)
+        >>> find_study([folder / "relu-s0", folder / "tanh-s0"]) == folder / "study.json"
+        True
+        >>> print(find_study([folder / "relu-s0", folder / "other"]))  # not a run of the study
+        None
     """
     paths = [Path(r.path if isinstance(r, Run) else r).resolve() for r in runs]
     parents = {p.parent for p in paths}

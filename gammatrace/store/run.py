@@ -399,8 +399,19 @@ class Run:
     """A run on disk, read-only: config, status, and the measured tables.
 
     Example:
-        >>> run = load_run("runs/quickstart/relu")            # doctest: +SKIP
-        >>> run.steps()[["step", "gamma", "dist_sq"]].head()  # doctest: +SKIP
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> RunStore(folder).write_meta(RunMeta(config=RunConfig(name="demo").model_dump(mode="json")))
+        >>> run = load_run(folder)
+        >>> run.name, run.status.value, run.config.epochs
+        ('demo', 'running', 10)
+        >>> run.summary()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gammatrace.store.run.StoreError: ... has no analysis yet; run `gammatrace analyze ...`
+
+    A trained and analysed run (:func:`gammatrace.train`) has the measured tables:
+    ``run.steps()[["step", "gamma", "dist_sq"]]``, one row per step.
     """
 
     def __init__(self, path: str | Path):
