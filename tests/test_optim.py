@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 import gammatrace
-from gammatrace.config import OPTIM_VARIANTS, RunConfig, ScheduleConfig, optim_config, upgrade_legacy_optim
+from gammatrace.config import (
+    OPTIM_VARIANTS,
+    RunConfig,
+    ScheduleConfig,
+    optim_config,
+    upgrade_legacy_optim,
+)
 from gammatrace.techniques import LOSSES, OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from tests.conftest import tiny_config
 
