@@ -5,7 +5,9 @@ One run prints, side by side, for each model x mode:
 * the median per-step time (ms) of the plain loop (zero_grad, forward, loss, backward,
   ``optimizer.step()``), of record mode (``Probe(model, opt)``; ``probe.step`` instead of
   ``opt.step()``) and of reference mode (``Probe(model, opt, loss_fn, reference=...)``),
-  the ratio to the plain loop, the target and PASS/MISS, and the probe-only cost in ms;
+  each also on the hook path (``/hook``: ``probe.batch(batch, loss)`` and the loop's own
+  ``opt.step()``, measured through the optimizer's step hooks), the ratio to the plain
+  loop, the target and PASS/MISS, and the probe-only cost in ms;
 * the probe's extra memory: bytes of the tensors it allocates (its kernel's buffers:
   θ_k and the anchor; and, in reference mode, its private copy of the model), that figure over d x 8 bytes,
   and the process peak-RSS delta measured in a fresh child process;
@@ -72,8 +74,11 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "mlp": ("mlp", {"width": 524, "depth": 2}),
     "cnn1d": ("cnn1d", {}),
 }
-MODES = ("plain", "record", "reference")
-# (model, mode) -> target on the ratio step time / plain step time
+# "<mode>/hook": the same probe on the hook path, the loop's own ``opt.step()`` after
+# ``probe.batch(batch, loss)``; plain "record"/"reference" call ``probe.step(loss, batch)``.
+MODES = ("plain", "record", "record/hook", "reference", "reference/hook")
+MEMORY_MODES = ("plain", "record", "reference")  # the hook path holds the same buffers
+# (model, mode) -> target on the ratio step time / plain step time (both paths)
 TARGETS = {
     ("cnn1d", "record"): 1.05,
     ("mlp", "record"): 1.15,
@@ -87,6 +92,7 @@ KERNEL: str | None = None  # --kernel: the probe's arithmetic (None: the probe's
 
 def make_probe(mode: str, model: nn.Module, opt: torch.optim.Optimizer, reference: dict[str, torch.Tensor] | None) -> Probe | None:
     """No probe (plain), a record-mode probe, or a reference-mode probe against ``reference``."""
+    mode = mode.split("/")[0]
     if mode == "plain":
         return None
     return Probe(model, opt, loss_fn, reference=reference if mode == "reference" else None, kernel=KERNEL)
@@ -136,6 +142,9 @@ class Runner:
         loss = loss_fn(self.model, batch)
         loss.backward()
         if self.probe is None:
+            self.opt.step()
+        elif self.mode.endswith("/hook"):
+            self.probe.batch(batch, loss)
             self.opt.step()
         else:
             self.probe.step(loss, batch)
@@ -406,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t_start = time.perf_counter()
 
-    mem_jobs = [(m, mode, alloc) for alloc in ALLOCATORS for m in models for mode in MODES]
+    mem_jobs = [(m, mode, alloc) for alloc in ALLOCATORS for m in models for mode in MEMORY_MODES]
     mem_proc_results: dict | None = None
     if args.quick and not args.no_memory:
         # Smoke run: one child (each costs a torch import, seconds), overlapped with the
@@ -443,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# --quick: smoke run, numbers are NOT meaningful")
     print()
 
-    hdr = (f"{'model':<6} {'d':>8} {'mode':<9} {'ms/step':>8} {'ratio':>6} {'rounds min-max':>14} {'target':>7} "
+    hdr = (f"{'model':<6} {'d':>8} {'mode':<14} {'ms/step':>8} {'ratio':>6} {'rounds min-max':>14} {'target':>7} "
            f"{'':>4} {'probe ms':>8} {'buffers MB':>10} {'/(8d)':>6} {'RSS dMB':>8} {'pinned':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -456,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
             mode: per_step_ms([x for rnd in r.step_ms for x in rnd], [x for rnd in r.flush_ms for x in rnd], el)
             for mode, r in runners.items()
         }
-        per_round = {mode: [per_step_ms(a, b, el) for a, b in zip(r.step_ms, r.flush_ms)] for mode, r in runners.items()}
+        per_round = {mode: [per_step_ms(a, b, el) for a, b in zip(r.step_ms, r.flush_ms, strict=True)] for mode, r in runners.items()}
         for mode in MODES:
             r = runners[mode]
             ratio = med[mode] / med["plain"]
-            rr = [a / b for a, b in zip(per_round[mode], per_round["plain"])]
-            target = TARGETS.get((m, mode))
+            rr = [a / b for a, b in zip(per_round[mode], per_round["plain"], strict=True)]
+            target = TARGETS.get((m, mode.split("/")[0]))
             verdict = "" if target is None else ("PASS" if ratio <= target else "MISS")
             if verdict == "MISS":
                 misses.append((m, mode, ratio, target))
@@ -470,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             for alloc in ALLOCATORS:
                 if mem_proc_results and (m, mode, alloc) in mem_proc_results:
                     rss[alloc] = mem_proc_results[(m, mode, alloc)]["points"][0]["rss_delta"]
-            print(f"{m:<6} {d:>8,} {mode:<9} {med[mode]:>8.3f} {ratio:>6.3f} "
+            print(f"{m:<6} {d:>8,} {mode:<14} {med[mode]:>8.3f} {ratio:>6.3f} "
                   f"{f'{min(rr):.2f}-{max(rr):.2f}':>14} {'' if target is None else f'<={target:.2f}':>7} {verdict:>4} "
                   f"{med[mode] - med['plain']:>8.3f} {fmt_mb(buf):>10} {buf / (8 * d):>6.2f} "
                   f"{fmt_mb(rss.get('default')):>8} {fmt_mb(rss.get('fixed')):>7}")

@@ -1,5 +1,11 @@
-"""The online instrument: :class:`Probe` wraps ``optimizer.step()`` in any PyTorch loop."""
+"""The online instrument: :class:`Probe` measures ``optimizer.step()`` in any PyTorch loop."""
 
-from gammatrace.probe.probe import Probe, ReferenceError_, load_reference
+from gammatrace.probe.probe import (
+    ConsistencyError,
+    Probe,
+    ProbeUsageError,
+    ReferenceError_,
+    load_reference,
+)
 
-__all__ = ["Probe", "ReferenceError_", "load_reference"]
+__all__ = ["ConsistencyError", "Probe", "ProbeUsageError", "ReferenceError_", "load_reference"]

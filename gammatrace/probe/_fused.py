@@ -14,21 +14,33 @@ fast-math flag is set: no FMA contraction, NaN and Inf propagate.
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import numpy as np
-from numba import float64, njit
+from numpy import float64
 
 _OPTIONS = dict(nogil=True, boundscheck=False, fastmath={"reassoc"})
 
 
 def _jit(fn):
-    """Compile lazily, cached on disk where Numba finds a writable place (else ~1 s per process)."""
+    """Compile with Numba, cached on disk where Numba finds a writable place (else ~1 s per process)."""
+    # numba (and LLVM) load only when the fused kernel is first used
+    from numba import njit
+
     try:
         return njit(cache=True, **_OPTIONS)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available" (read-only installs)
         return njit(cache=False, **_OPTIONS)(fn)
 
 
-@_jit
+@functools.cache
+def compiled() -> SimpleNamespace:
+    """The loops below, compiled on first use. ``float64(x)`` is NumPy's cast, which Numba
+    compiles to the same register widening as its own."""
+    return SimpleNamespace(before_step=_jit(before_step), after_step=_jit(after_step))
+
+
 def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """snap ← θ_k; out[0:3] = ‖θ_k − a‖², ⟨θ_k − a, g_k⟩, ‖g_k‖²."""
     ee = eg = gg = 0.0
@@ -45,7 +57,6 @@ def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: n
     out[2] = gg
 
 
-@_jit
 def after_step(theta_next: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
     """out[3:5] = ⟨θ_k − a, Δ_k⟩, ‖Δ_k‖² with θ_k = snap and Δ_k = θ_k − θ_{k+1}."""
     ed = dd = 0.0

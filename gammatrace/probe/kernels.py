@@ -35,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gammatrace.probe import _fused
 from gammatrace.registry import Registry
 
 QUANTITIES = ("ee", "eg", "gg", "ed", "dd")
@@ -81,11 +82,9 @@ class FusedKernel:
     """Numba loops over the parameters in place (CPU, float32/float64)."""
 
     def __init__(self, params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]):
-        from gammatrace.probe import _fused  # numba is imported (and compiles) only when used
-
-        self._k = _fused
+        self._k = _fused.compiled()  # numba is imported (and compiles) only when used
         self.snap = [torch.empty(p.numel(), dtype=p.dtype) for p in params]  # θ_k
-        self.anchor = [_anchor_copy(a, p.dtype) for a, p in zip(anchor, params)]
+        self.anchor = [_anchor_copy(a, p.dtype) for a, p in zip(anchor, params, strict=True)]
         self._snap_np = [s.numpy() for s in self.snap]
         self._anchor_np = [a.numpy() for a in self.anchor]
         self._out = np.zeros((len(self.snap), len(QUANTITIES)))
@@ -93,7 +92,7 @@ class FusedKernel:
 
     def before(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         self._out = out = np.empty((len(self.snap), len(QUANTITIES)))
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             if g is None:
                 if i not in self._zero_grads:
                     self._zero_grads[i] = np.zeros_like(self._snap_np[i])
@@ -124,16 +123,19 @@ class TorchKernel:
         # value is exact in float64, and so is the difference of two of them.
         self.block = torch.zeros(3, sum(sizes), dtype=torch.float64, device=device)
         self.anchor = torch.cat([a.detach().reshape(-1).to(device=device, dtype=torch.float64) for a in anchor])
-        self._g, self._theta = ([v.view_as(p) for v, p in zip(row.split(sizes), params)] for row in self.block[1:])
+        self._g, self._theta = ([v.view_as(p) for v, p in zip(row.split(sizes), params, strict=True)] for row in self.block[1:])
         ends = np.cumsum(sizes).tolist()
-        self._bounds = list(zip([0, *ends[:-1]], ends))
+        self._bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         # (row, column) of ee, eg, gg, ed, dd in the Gram matrix of the rows (e, g, Δ).
         self._pick = (torch.tensor([0, 0, 1, 0, 2], device=device), torch.tensor([0, 1, 1, 2, 2], device=device))
 
     def before(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         torch._foreach_copy_(self._theta, [p.detach() for p in params])
-        for view, g in zip(self._g, grads):
-            view.zero_() if g is None else view.copy_(g.detach())
+        for view, g in zip(self._g, grads, strict=True):
+            if g is None:
+                view.zero_()
+            else:  # a sparse gradient (nn.Embedding(sparse=True)) cannot copy_ into a dense view
+                view.copy_(g.detach().to_dense() if g.is_sparse else g.detach())
         torch.sub(self.block[2], self.anchor, out=self.block[0])
 
     def after(self, params: Sequence[torch.Tensor]) -> torch.Tensor:

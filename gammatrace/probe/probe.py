@@ -8,6 +8,12 @@ whatever the optimizer (DESIGN.md §1), and every inner product the principles n
   P_k = ⟨θ_k − θ*, Δ_k⟩ − ½‖Δ_k‖², d_k² = ‖θ_k − θ*‖², ⟨θ_k − θ*, g_k⟩, and P_k per
   parameter tensor.
 
+How it attaches to a loop (DESIGN §6): the user tells it the batch and the loss with
+:meth:`Probe.batch`, once per micro-batch, and keeps calling the optimizer as before.
+The measurement runs in the optimizer's own step hooks, so whatever calls
+``optimizer.step()`` — the loop, ``GradScaler.step``, a framework — is measured, and the
+gradients are read as the optimizer receives them (after unscaling and clipping).
+
 Why the arithmetic looks the way it does:
 
 * A float32 value is exact in float64 and so is the difference of two float32 values, so
@@ -19,16 +25,26 @@ Why the arithmetic looks the way it does:
 * Per-step values stay where the kernel made them (a list of device tensors on GPU) and
   are moved to the host once per :meth:`Probe.flush` (the trainer flushes once per
   epoch), so a CUDA run is not synchronised every step.
-* The reference forward runs on a private copy of the model under ``no_grad`` and a
-  forked RNG: batch-norm running statistics and dropout streams of the trained model
-  are untouched, so probing never changes the trajectory it measures.
+* The reference forward runs on a private copy of the model, without autograd, under
+  the generator and autocast state captured at the training forward
+  (:mod:`gammatrace.probe.matched`), and inside ``fork_rng``: batch-norm statistics and
+  random streams of the trained model are untouched, so probing never changes the
+  trajectory it measures.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+import numbers
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -36,17 +52,53 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gammatrace.principles import derive
 from gammatrace.probe.kernels import make_kernel
+from gammatrace.probe.matched import (
+    ForwardState,
+    autocast_device_types,
+    batch_size,
+    canonical_name,
+    canonical_state,
+    capture,
+    copy_modes,
+    is_compiled,
+    module_pairs,
+    replaying,
+    unwrap,
+)
 
 RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq"]
 REFERENCE_COLUMNS = ["loss", "loss_ref", "progress", "dist_sq", "update_sq", "grad_dot", "grad_sq"]
+SKIPPED_COLUMNS = ["next_step", "epoch", "micro_batches", "loss"]
+
+# Consecutive skipped steps before the probe warns (a GradScaler skips a few at the start
+# while its scale settles; ten in a row means something else is wrong).
+SKIP_WARN = 10
+# Relative tolerance of the consistency check. On one machine the recomputation repeats the
+# training forward's kernels on the same inputs, so it agrees to a few ulps; a loss divided
+# by the accumulation steps, another batch, or float32 against bf16 is off by far more.
+CHECK_RTOL = 1e-4
+# torch.compile (inductor) fuses differently from the eager copy the probe evaluates and
+# draws dropout masks its own way: only gross mismatches are meaningful there, and they warn.
+CHECK_RTOL_COMPILED = 1e-2
 
 
 class ReferenceError_(ValueError):
     """The reference parameters do not fit the model."""
 
 
-def load_reference(reference: str | Path | Mapping[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+class ConsistencyError(ValueError):
+    """The loss given to :meth:`Probe.batch` is not ``loss_fn(model, batch)`` at θ_k."""
+
+
+class ProbeUsageError(RuntimeError):
+    """The loop calls the probe or the optimizer in an order the probe cannot measure."""
+
+
+def load_reference(
+    reference: str | Path | Mapping[str, torch.Tensor], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """A reference state dict from a mapping or a file (loaded with ``weights_only=True``).
 
     Files may hold a plain state dict or a gammatrace checkpoint (``{"model": state_dict, ...}``).
@@ -58,26 +110,174 @@ def load_reference(reference: str | Path | Mapping[str, torch.Tensor], device: t
         try:
             obj = torch.load(path, map_location=device or "cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for damaged files
-            raise ReferenceError_(f"cannot read reference file {path}: {exc.__class__.__name__}: {exc}") from None
+            raise ReferenceError_(
+                f"cannot read reference file {path}: {exc.__class__.__name__}: {exc}"
+            ) from None
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         reference = obj
     if not isinstance(reference, Mapping):
-        raise ReferenceError_(f"a reference must be a state dict or a path, got {type(reference).__name__}")
+        raise ReferenceError_(
+            f"a reference must be a state dict or a path, got {type(reference).__name__}"
+        )
     return dict(reference)
+
+
+# --------------------------------------------------------------------------- hooks
+def _noop(*_args: Any) -> None:
+    return None
+
+
+def _dead_hook() -> Callable[..., None]:
+    return _noop
+
+
+class _Hook:
+    """Calls one of the probe's methods while the probe lives.
+
+    It holds the probe weakly, so a probe the loop dropped stops measuring (and stops
+    refusing unmeasured steps) instead of being kept alive by the model; a deep copy of the
+    hooked model or optimizer shares it (the probe's methods ignore objects that are not
+    its own), and a pickled model carries a no-op in its place.
+    """
+
+    __slots__ = ("_probe", "_method")
+
+    def __init__(self, probe: Probe, method: str):
+        self._probe = weakref.ref(probe)
+        self._method = method
+
+    def __call__(self, *args: Any) -> Any:
+        probe = self._probe()
+        return None if probe is None else getattr(probe, self._method)(*args)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_dead_hook, ())
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+# Which probe measures an optimizer: a second probe on one optimizer replaces the first
+# (two would each demand their own probe.batch for every step).
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_stack(frame: FrameType | None) -> bool:
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
+def _or(a: bool | torch.Tensor | None, b: bool | torch.Tensor) -> bool | torch.Tensor:
+    if a is None or a is False:
+        return b
+    if a is True or b is True:
+        return True
+    if b is False:
+        return a
+    return a | b
+
+
+def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's ``step`` has a ``closure`` argument without default (LBFGS)."""
+    try:
+        param = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _as_loss(loss: Any, device: torch.device, what: str) -> tuple[torch.Tensor, int | None]:
+    """A detached scalar loss and, for per-sample losses, their number."""
+    if isinstance(loss, torch.Tensor):
+        value = loss.detach()
+        if value.numel() == 1:
+            return value.reshape(()), None
+        if value.numel() == 0:
+            raise ProbeUsageError(
+                f"{what}: the loss is an empty tensor; pass the micro-batch's loss"
+            )
+        return value.mean(), value.numel()
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        # A Python float is the loss's value already; float64 keeps it exact.
+        return torch.tensor(float(loss), dtype=torch.float64, device=device), None
+    raise ProbeUsageError(
+        f"{what}: the loss must be a tensor or a float, got {type(loss).__name__}; "
+        "pass the value loss_fn returned (before .backward())"
+    )
+
+
+@dataclass(eq=False, slots=True)
+class _MicroBatch:
+    """One :meth:`Probe.batch` call."""
+
+    loss: torch.Tensor | None
+    n: int
+    epoch: int
+    batch: Any = None  # kept only until a closure's first evaluation
+    loss_ref: torch.Tensor | None = None
+    ref_samples: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    sample_losses: torch.Tensor | None = None
+    # Whether the gradients were reset (None or zero) when this micro-batch's backward began:
+    # None until a backward is attributed to it; a lazy bool tensor on accelerators.
+    reset: bool | torch.Tensor | None = None
+    backward_seen: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Active:
+    """The step between the optimizer's pre- and post-hook."""
+
+    group: list[_MicroBatch]
+    lr: float
+    grad_scale: torch.Tensor | None = None
+    closure: bool = False
+    measured: bool = False
+
+
+def _weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tensor:
+    """Σ n_i v_i / Σ n_i in float64 (one micro-batch: the value itself, untouched)."""
+    if len(values) == 1:
+        return values[0]
+    total = sum(weights)
+    acc = values[0].to(torch.float64) * weights[0]
+    for v, n in zip(values[1:], weights[1:], strict=True):
+        acc = acc + v.to(torch.float64).to(acc.device) * n
+    return acc / total
 
 
 class Probe:
     """Measure the trajectory principles of a training loop, exactly and online.
 
+    Attach it to the model and optimizer, tell it each micro-batch with :meth:`batch`
+    (between the forward and the step), and step as usual: ``optimizer.step()``,
+    ``optimizer.step(closure)``, ``scaler.step(optimizer)`` are measured through the
+    optimizer's step hooks. :meth:`step` is shorthand for ``batch`` + ``optimizer.step()``.
+
     Args:
-        model: the module being trained. Its trainable parameters (``requires_grad``)
-            define θ; buffers (batch-norm statistics) are not parameters.
-        optimizer: any ``torch.optim`` optimizer; :meth:`step` calls its ``step()``.
+        model: the module being trained (a ``torch.compile``-d one too). Its trainable
+            parameters (``requires_grad`` when the probe is created) define θ; buffers
+            (batch-norm statistics) are not parameters. Changing ``requires_grad`` later
+            is refused at the next step.
+        optimizer: any ``torch.optim`` optimizer; the probe registers step hooks on it
+            (until :meth:`close`, or until the probe is garbage-collected).
         loss_fn: ``loss_fn(model, batch) -> loss``, the same loss the loop minimises;
-            needed in reference mode to evaluate ℓ(θ*; B_k). It may return per-sample
-            losses (a vector); their mean is the batch loss.
-        reference: θ* as a state dict or a path; ``None`` selects record mode.
+            needed in reference mode to evaluate ℓ(θ*; B_k), and for the consistency
+            check. It may return per-sample losses (a vector); their mean is the batch
+            loss. It is evaluated under the generator and autocast state captured at the
+            model's training forward, so dropout masks and autocast dtype match.
+        reference: θ* as a state dict or a path; ``None`` selects record mode. Names with
+            or without torch.compile's ``_orig_mod.`` prefix are accepted.
         per_tensor: also record P_k per parameter tensor (reference mode).
         lr_group: the parameter group whose learning rate is η_k. Updates are measured,
             not re-derived, so this only sets the normalisation of γ.
@@ -87,6 +287,21 @@ class Probe:
         kernel: the arithmetic, ``"fused"`` (CPU float32/float64) or ``"torch"`` (any
             device); ``None`` picks ``fused`` where it applies. Both give the same
             numbers to float64 round-off.
+        check: recompute ℓ(θ_k; B_k) with ``loss_fn`` on a private copy of the model (never
+            the model itself) and compare it with the loss given to :meth:`batch`:
+            ``True`` at the first step, an int N also every N-th step, ``False`` never.
+            A mismatch raises :class:`ConsistencyError` naming the likely cause. Needs
+            ``loss_fn``; costs one copy of the model and one forward per checked step.
+
+    Gradient accumulation: call :meth:`batch` once per micro-batch; ℓ_k and ℓ*_k are the
+    sample-weighted means over the micro-batches of the step. A step that never happens
+    (GradScaler skipping an overflow) is recognised when the next micro-batch starts
+    from reset gradients: it gets no step index and no row, and is listed by
+    :meth:`skipped`.
+
+    With ``torch.compile``'s default (inductor) backend the reference forward runs on an
+    eager copy, whose dropout masks and rounding differ from the compiled forward's
+    (``torch._inductor.config.fallback_random = True`` makes the masks match).
 
     Example:
         >>> import torch, gammatrace
@@ -102,7 +317,8 @@ class Probe:
         ...     opt.zero_grad()
         ...     loss = loss_fn(model, (x, y))
         ...     loss.backward()
-        ...     probe.step(loss, (x, y))
+        ...     probe.batch((x, y), loss)
+        ...     opt.step()
         >>> list(probe.steps().columns[:6])
         ['step', 'epoch', 'lr', 'loss', 'loss_ref', 'progress']
     """
@@ -120,102 +336,661 @@ class Probe:
         epoch: int = 0,
         origin: Mapping[str, torch.Tensor] | None = None,
         kernel: str | None = None,
+        check: bool | int = True,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.per_tensor, self.lr_group = per_tensor, lr_group
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self._frozen = [
+            (canonical_name(n), p) for n, p in model.named_parameters() if not p.requires_grad
+        ]
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
+        self._eager = unwrap(model)
+        self._compiled = any(is_compiled(m) for m in model.modules())
+        self._autocast_types = autocast_device_types(self.device)
+        self._cuda_index = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if self.device.type == "cuda"
+            else None
+        )
+        if isinstance(check, bool):
+            self._check_every = 0 if check else None
+        elif isinstance(check, int) and check >= 1:
+            self._check_every = check
+        else:
+            raise ValueError(f"check must be True, False or a positive int, got {check!r}")
         self._ref_model: nn.Module | None = None
+        self._ref_pairs: list[tuple[nn.Module, nn.Module]] = []
         if reference is None:
             self.mode = "record"
-            anchor = [p.detach() for p in self.params] if origin is None else self._pick(dict(origin), "origin")  # θ_0
+            anchor = (
+                [p.detach() for p in self.params]
+                if origin is None
+                else self._pick(canonical_state(origin), "origin")
+            )  # θ_0
         else:
             self.mode = "reference"
             if loss_fn is None:
-                raise ValueError("reference mode needs loss_fn(model, batch) to evaluate the reference loss")
-            anchor = self._set_reference(load_reference(reference, self.device))
+                raise ValueError(
+                    "reference mode needs loss_fn(model, batch) to evaluate the reference loss"
+                )
+            anchor = self._set_reference(canonical_state(load_reference(reference, self.device)))
         self.kernel = make_kernel(kernel, self.params, anchor)
         # Per step: (loss, reference loss or None, the kernel's (n_tensors, 5) products).
-        self._pending: list[tuple[torch.Tensor, torch.Tensor | None, np.ndarray | torch.Tensor]] = []
+        self._pending: list[
+            tuple[torch.Tensor, torch.Tensor | None, np.ndarray | torch.Tensor]
+        ] = []
         self._pending_meta: list[tuple[int, int, float]] = []
-        self._pending_samples: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._pending_samples: list[
+            tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]
+        ] = []
         self._frames: list[pd.DataFrame] = []
         self._tensor_frames: list[pd.DataFrame] = []
         self._sample_frames: list[pd.DataFrame] = []
+        # Hook-side state: micro-batches told since the last step, the forward state of the
+        # current micro-batch, the step in progress.
+        self._micro: list[_MicroBatch] = []
+        self._skips: list[tuple[int, int, int, torch.Tensor | None]] = []
+        self._skip_streak = 0
+        self._steps_measured = 0
+        self._fwd: ForwardState | None = None
+        self._fwd_stale = False
+        self._reset_since_batch: bool | torch.Tensor | None = None
+        self._fresh_now: bool | torch.Tensor | None = None
+        self._active: _Active | None = None
+        self._depth = 0
+        self._step_frame: FrameType | None = None
+        self._warned_no_forward = False
+        self._needs_closure = _requires_closure(optimizer)
+        self._attach()
 
-    # ------------------------------------------------------------------ buffers
+    # ------------------------------------------------------------------ set-up
     def _pick(self, state: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in state]
         if missing:
-            raise ReferenceError_(f"{what} lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
-        bad = [n for n, p in zip(self.names, self.params) if tuple(state[n].shape) != tuple(p.shape)]
+            raise ReferenceError_(
+                f"{what} lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}"
+            )
+        bad = [
+            n
+            for n, p in zip(self.names, self.params, strict=True)
+            if tuple(state[n].shape) != tuple(p.shape)
+        ]
         if bad:
             raise ReferenceError_(f"{what} shapes differ from the model for {bad[:3]}")
         return [state[n].to(self.device) for n in self.names]
 
-    def _set_reference(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        anchor = self._pick(state, "reference")
-        ref = copy.deepcopy(self.model)
-        own = ref.state_dict()
-        # Buffers the reference file does not carry (e.g. θ* given as parameters only)
-        # keep the model's current values; in train mode they do not affect the loss.
-        ref.load_state_dict({k: state.get(k, v) for k, v in own.items()})
-        for p in ref.parameters():
+    def _private_copy(self) -> nn.Module:
+        """A deep copy of the (eager) model without autograd state: θ, buffers and modes as now."""
+        twin = copy.deepcopy(self._eager)
+        for p in twin.parameters():
             p.requires_grad_(False)
             p.grad = None
+        return twin
+
+    def _set_reference(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        anchor = self._pick(state, "reference")
+        ref = self._private_copy()
+        # Buffers the reference file does not carry (e.g. θ* given as parameters only)
+        # keep the model's current values; in train mode they do not affect the loss.
+        ref.load_state_dict(
+            {k: state.get(canonical_name(k), v) for k, v in ref.state_dict().items()}
+        )
         self._ref_model = ref
+        self._ref_pairs = module_pairs(self._eager, ref)
         return anchor
 
-    # ---------------------------------------------------------------- the step
-    def _reference_loss(self, batch: Any) -> torch.Tensor:
-        assert self._ref_model is not None and self.loss_fn is not None
-        self._ref_model.train(self.model.training)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return self.loss_fn(self._ref_model, batch).detach()
+    def _attach(self) -> None:
+        previous = _ATTACHED.get(self.optimizer)
+        previous = previous() if previous is not None else None
+        if previous is not None:
+            warnings.warn(
+                "this optimizer already had a gammatrace Probe; the earlier one is detached",
+                stacklevel=3,
+            )
+            previous.close()
+        opt = self.optimizer
+        handles = [
+            opt.register_step_pre_hook(_Hook(self, "_before_step")),
+            opt.register_step_post_hook(_Hook(self, "_after_step")),
+        ]
+        if self.loss_fn is not None:
+            handles.append(self.model.register_forward_pre_hook(_Hook(self, "_on_forward")))
+        self._handles = handles
+        self._finalizer = weakref.finalize(self, _remove, handles)
+        self._sentinel_handles: list = []
+        self._set_sentinel(self.params[-1])
+        self._sentinel_confirmed = False
+        _ATTACHED[opt] = weakref.ref(self)
+
+    def _set_sentinel(self, param: torch.Tensor) -> None:
+        """Watch ``param``'s gradient: it tells whether a backward starts from reset gradients
+        (a new step) or accumulates (another micro-batch of the same step); see _seal."""
+        for handle in self._sentinel_handles:
+            handle.remove()
+            self._handles.remove(handle)
+        self._sentinel = param
+        self._sentinel_handles = [
+            param.register_hook(_Hook(self, "_on_grad")),
+            param.register_post_accumulate_grad_hook(_Hook(self, "_on_accumulated")),
+        ]
+        self._handles.extend(self._sentinel_handles)
+
+    def _confirm_sentinel(self) -> None:
+        # The last trainable tensor is usually the output layer's, which every loss reaches;
+        # if the first step shows it unreached (an unused branch), watch the last one reached.
+        self._sentinel_confirmed = True
+        if self._sentinel.grad is None:
+            reached = [p for p in self.params if p.grad is not None]
+            if reached:
+                self._set_sentinel(reached[-1])
+
+    def close(self) -> None:
+        """Remove the probe's hooks: the optimizer and model behave as if it never existed.
+
+        Measurements taken so far stay readable (:meth:`steps`, :meth:`skipped`).
+
+        Example:
+            >>> import torch, gammatrace
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> probe = gammatrace.Probe(model, opt)
+            >>> probe.close()
+            >>> model(torch.ones(1, 2)).sum().backward(); opt.step()  # unmeasured, allowed
+        """
+        self._finalizer()
+        if _ATTACHED.get(self.optimizer) is not None and _ATTACHED[self.optimizer]() is self:
+            del _ATTACHED[self.optimizer]
+
+    # ------------------------------------------------------------- hook bodies
+    def _on_forward(self, module: nn.Module, _args: Any) -> None:
+        # The first forward since the last probe.batch, step or backward is the one whose
+        # state ℓ(θ_k; B_k) was drawn in: a loss that calls the model twice (two views,
+        # R-Drop) replays from its first call, and a forward whose backward already ran
+        # (a diagnostic gradient) gives way to the next one. Under no_grad it cannot be
+        # a training forward (evaluation, the probe's own copies).
+        if (
+            module is self.model
+            and torch.is_grad_enabled()
+            and (self._fwd is None or self._fwd_stale)
+            and (self._ref_model is not None or self._check_due())
+        ):
+            self._fwd = capture(self._autocast_types, self._cuda_index)
+            self._fwd_stale = False
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        # Runs during backward, before the sentinel's gradient is accumulated: .grad still
+        # shows whether the loop reset the gradients since the last backward.
+        if self._depth:
+            return  # a closure's evaluations inside the step
+        self._fwd_stale = True
+        g = self._sentinel.grad
+        if g is None:
+            self._fresh_now = True
+        elif g.is_sparse:
+            self._fresh_now = g._nnz() == 0 or not bool(g._values().any())
+        elif g.device.type == "cpu":
+            self._fresh_now = not bool(g.any())
+        else:
+            self._fresh_now = ~g.any()  # resolved when needed: no device sync in backward
+        return None
+
+    def _on_accumulated(self, _param: torch.Tensor) -> None:
+        # Only a backward that accumulates into .grad counts (torch.autograd.grad does not).
+        fresh, self._fresh_now = self._fresh_now, None
+        if self._depth or fresh is None:
+            return
+        last = self._micro[-1] if self._micro else None
+        if last is not None and not last.backward_seen:
+            last.reset, last.backward_seen = (
+                _or(last.reset, fresh),
+                True,
+            )  # probe.batch came before backward
+        else:
+            self._reset_since_batch = _or(self._reset_since_batch, fresh)
+
+    def _seal(self, resolve: bool) -> None:
+        """Record the micro-batches of steps that never happened as skipped.
+
+        The rule: a micro-batch whose backward began from reset gradients (the sentinel's
+        .grad None or zero) starts a new step; accumulation never resets between its
+        micro-batches, and every loop resets after a step, taken or skipped (a skipped
+        overflow's inf gradients would poison the next step otherwise). So when micro-batches
+        are pending and a later one starts from reset gradients with no step hook between,
+        the earlier ones were a step the optimizer never made (GradScaler found an inf, or
+        the loop chose not to step). ``resolve=False`` decides only what is known without a
+        device sync and without waiting for a backward still to come.
+
+        Assumed: the loss reaches the sentinel tensor in every micro-batch (a micro-batch that
+        misses it tells nothing and counts as accumulation).
+        """
+        micro = self._micro
+        if len(micro) < 2:
+            return
+        starts = [0]
+        for i in range(1, len(micro)):
+            reset = micro[i].reset
+            if reset is None and not resolve:
+                break  # its backward is still to come
+            if isinstance(reset, torch.Tensor):
+                if not resolve:
+                    break
+                reset = micro[i].reset = bool(reset)
+            if reset:
+                starts.append(i)
+        last = starts[-1]
+        if last == 0:
+            return
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            self._record_skip(micro[a:b])
+        self._micro = micro[last:]
+
+    def _record_skip(self, group: list[_MicroBatch]) -> None:
+        losses = [mb.loss for mb in group if mb.loss is not None]
+        loss = (
+            _weighted_mean(losses, [mb.n for mb in group if mb.loss is not None])
+            if losses
+            else None
+        )
+        self._skips.append((self.step_index, group[0].epoch, len(group), loss))
+        self._skip_streak += 1
+        if self._skip_streak == SKIP_WARN:
+            warnings.warn(
+                f"{SKIP_WARN} optimizer steps in a row were skipped (probe.batch calls with reset "
+                "gradients and no optimizer.step() between): a GradScaler overflowing every step "
+                "(inf/NaN gradients), or a loop that no longer steps",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _discard_failed_step(self) -> None:
+        # The previous step raised before its post-hook: nothing of it is measured.
+        self._depth, self._step_frame, self._active = 0, None, None
+
+    def _check_parameters(self) -> None:
+        if all(p.requires_grad for p in self.params) and not any(
+            p.requires_grad for _, p in self._frozen
+        ):
+            return
+        name, now = next(
+            (
+                (n, "stopped")
+                for n, p in zip(self.names, self.params, strict=True)
+                if not p.requires_grad
+            ),
+            None,
+        ) or next((n, "started") for n, p in self._frozen if p.requires_grad)
+        raise ProbeUsageError(
+            f"parameter '{name}' {now} requiring grad after the Probe was created; θ is the set "
+            "of trainable tensors at Probe(...): create a new Probe (step=, origin= or "
+            "reference=) after changing requires_grad"
+        )
+
+    def _before_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> tuple | None:
+        if optimizer is not self.optimizer:
+            return None
+        if self._depth:
+            if _on_stack(self._step_frame):
+                self._depth += 1  # an optimizer subclass whose step() calls super().step()
+                return None
+            self._discard_failed_step()
+        self._check_parameters()
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None and self._needs_closure:
+            raise ProbeUsageError(
+                f"{type(optimizer).__name__}.step() needs a closure and was called without one "
+                "(GradScaler.step cannot pass one: PyTorch does not support closures with "
+                "GradScaler); call probe.batch(batch) and then optimizer.step(closure)"
+            )
+        self._seal(resolve=True)
+        group = self._micro
+        if not group:
+            fix = (
+                "call probe.batch(batch, loss) between the forward and the step "
+                "(or probe.step(loss, batch) instead of both)"
+            )
+            if self._steps_measured or self._skips:
+                raise ProbeUsageError(
+                    "optimizer.step() was called again with no probe.batch since the last step "
+                    f"(probe.step already steps: do not also call optimizer.step()); {fix}"
+                )
+            raise ProbeUsageError(
+                f"optimizer.step() was called with no probe.batch for this step; {fix}"
+            )
+        lr = float(optimizer.param_groups[self.lr_group]["lr"])
+        if closure is not None:
+            if len(group) > 1:
+                raise ProbeUsageError(
+                    f"optimizer.step(closure) after {len(group)} probe.batch calls: with a closure "
+                    "the step's loss and gradient are the closure's, so gradient accumulation "
+                    "cannot be measured (nor done: PyTorch re-evaluates the closure); call "
+                    "probe.batch(batch) once per step"
+                )
+            if group[0].loss is not None:
+                raise ProbeUsageError(
+                    "probe.batch was given a loss, but the step has a closure whose first "
+                    "evaluation computes it: call probe.batch(batch) with loss=None before "
+                    "optimizer.step(closure)"
+                )
+        elif any(mb.loss is None for mb in group):
+            raise ProbeUsageError(
+                "probe.batch(batch) was called without a loss, but optimizer.step() has no "
+                "closure to compute it: pass the loss, probe.batch(batch, loss)"
+            )
+        self._micro = []
+        active = _Active(group, lr)
+        new_call = None
+        if closure is not None:
+            active.closure = True
+            wrapped = self._measured_closure(closure, active)
+            new_call = (
+                (args, {**kwargs, "closure": wrapped})
+                if "closure" in kwargs
+                else ((*args[:1], wrapped, *args[2:]), kwargs)
+            )
+        else:
+            found_inf = getattr(optimizer, "found_inf", None)
+            # An optimizer that handles AMP scaling itself (fused Adam/AdamW/SGD) is stepped by
+            # GradScaler even on overflow and skips internally; its grads arrive still scaled.
+            if found_inf is not None and bool(found_inf.sum() > 0):
+                self._record_skip(group)
+                active = None
+            else:
+                if not self._sentinel_confirmed:
+                    self._confirm_sentinel()
+                scale = getattr(optimizer, "grad_scale", None)
+                active.grad_scale = scale if isinstance(scale, torch.Tensor) else None
+                self.kernel.before(self.params, [p.grad for p in self.params])
+                active.measured = True
+        self._active = active
+        # The frame of torch's step wrapper (1 is _Hook.__call__): it stays on the stack exactly
+        # while this step runs, which tells a nested super().step() from a step that raised.
+        self._depth, self._step_frame = 1, sys._getframe(2)
+        return new_call
+
+    def _measured_closure(self, closure: Callable[[], Any], active: _Active) -> Callable[[], Any]:
+        def measured() -> Any:
+            if active.measured:
+                return closure()
+            # ℓ_k and g_k are the first evaluation's: optimizers evaluate the closure before
+            # they move θ, so θ_k is still in place here.
+            before = capture(self._autocast_types, self._cuda_index)
+            self._fwd, self._fwd_stale = None, False
+            out = closure()
+            fwd, self._fwd = self._fwd, None
+            mb = active.group[0]
+            if out is None:
+                raise ProbeUsageError(
+                    "the closure returned None; return the loss from it (as LBFGS requires)"
+                )
+            mb.loss, n = _as_loss(out, self.device, "closure")
+            mb.n = n or mb.n
+            self.kernel.before(self.params, [p.grad for p in self.params])
+            active.measured = True
+            if not self._sentinel_confirmed:
+                self._confirm_sentinel()
+            if self.loss_fn is not None:
+                self._evaluate(mb, mb.batch, fwd or before)
+            mb.batch = None
+            return out
+
+        return measured
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if optimizer is not self.optimizer or not self._depth:
+            return
+        self._depth -= 1
+        if self._depth:
+            return
+        active, self._active, self._step_frame = self._active, None, None
+        self._fwd, self._reset_since_batch = None, None
+        if active is None:
+            return  # skipped inside the optimizer (fused AMP optimizer, inf found)
+        if not active.measured:
+            raise ProbeUsageError(
+                f"{type(optimizer).__name__}.step(closure) never called the closure, so the "
+                "step's loss and gradient are unknown; pass the loss to probe.batch and step "
+                "without a closure"
+            )
+        parts = self.kernel.after(self.params)
+        if active.grad_scale is not None:
+            # The fused AMP path hands the optimizer scaled gradients: g = grad / s. GradScaler's
+            # scales are powers of two, so the division is exact.
+            if isinstance(parts, torch.Tensor):
+                s = active.grad_scale.to(device=parts.device, dtype=torch.float64)
+            else:
+                s = float(active.grad_scale)
+            parts[:, 1] /= s
+            parts[:, 2] /= s * s
+        group = active.group
+        weights = [mb.n for mb in group]
+        loss = _weighted_mean([mb.loss for mb in group], weights)
+        loss_ref = (
+            None
+            if self.mode == "record"
+            else _weighted_mean([mb.loss_ref for mb in group], weights)
+        )
+        self._pending.append((loss, loss_ref, parts))
+        self._pending_meta.append((self.step_index, self.epoch, active.lr))
+        for mb in group:
+            if mb.indices is not None and mb.sample_losses is not None:
+                self._pending_samples.append(
+                    (self.step_index, self.epoch, mb.indices, mb.sample_losses, mb.ref_samples)
+                )
+        self.step_index += 1
+        self._steps_measured += 1
+        self._skip_streak = 0
+
+    # --------------------------------------------------------- reference side
+    def _check_due(self) -> bool:
+        every = self._check_every
+        if every is None or self.loss_fn is None:
+            return False
+        return self._steps_measured == 0 or (every > 0 and self._steps_measured % every == 0)
+
+    def _forward(self, model: nn.Module, batch: Any, state: ForwardState) -> torch.Tensor:
+        with replaying(state, self._cuda_index):
+            return self.loss_fn(model, batch).detach()
+
+    def _evaluate(self, mb: _MicroBatch, batch: Any, state: ForwardState) -> None:
+        """ℓ(θ*; B) for this micro-batch (reference mode) and, when due, the consistency check."""
+        if self._ref_model is not None:
+            copy_modes(self._ref_pairs)
+            out = self._forward(self._ref_model, batch, state)
+            if out.dim() > 0:
+                mb.ref_samples, mb.loss_ref = out, out.mean()
+            else:
+                mb.loss_ref = out
+        if self._check_due():
+            self._check(mb, batch, state)
+
+    def _check(self, mb: _MicroBatch, batch: Any, state: ForwardState) -> None:
+        given = float(mb.loss)
+        if not math.isfinite(given):
+            return  # a diverged step is the loop's to report
+        twin = self._private_copy()  # θ_k, the current buffers and every submodule's mode
+        value = float(self._forward(twin, batch, state).mean())
+        rtol = CHECK_RTOL_COMPILED if self._compiled else CHECK_RTOL
+        if abs(given - value) <= rtol * max(abs(given), abs(value)) + 1e-12:
+            return
+        msg = self._diagnose(given, value, twin, batch, state, rtol)
+        if self._compiled:
+            warnings.warn(
+                msg + " (the model is compiled: the probe's eager copy may legitimately differ)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        raise ConsistencyError(msg)
+
+    def _diagnose(
+        self,
+        given: float,
+        value: float,
+        twin: nn.Module,
+        batch: Any,
+        state: ForwardState,
+        rtol: float,
+    ) -> str:
+        head = (
+            f"probe.batch: the loss given ({given:.6g}) is not loss_fn(model, batch) at θ_k "
+            f"({value:.6g}, recomputed on a copy of the model under the training forward's RNG "
+            "and autocast state)"
+        )
+        if value != 0 and given != 0:
+            n = round(value / given)
+            if 2 <= n <= 256 and abs(given * n - value) <= rtol * abs(value):
+                return (
+                    f"{head}: it is 1/{n} of it — a loss divided by {n} gradient-accumulation "
+                    "steps? Pass each micro-batch's own loss to probe.batch (the probe averages "
+                    "micro-batches itself) and divide only what you backpropagate"
+                )
+        on = any(enabled for _, enabled, _ in state.autocast)
+        device_type = self._autocast_types[-1]
+        if on:
+            alternatives = [tuple((t, False, d) for t, _, d in state.autocast)]
+        else:
+            lows = (torch.bfloat16,) if device_type == "cpu" else (torch.float16, torch.bfloat16)
+            alternatives = [
+                tuple(
+                    (t, t == device_type, low if t == device_type else d)
+                    for t, _, d in state.autocast
+                )
+                for low in lows
+            ]
+        for autocast in alternatives:
+            alt = ForwardState(state.cpu_rng, state.cuda_rng, autocast)
+            other = float(self._forward(twin, batch, alt).mean())
+            if abs(given - other) <= rtol * max(abs(given), abs(other)) + 1e-12:
+                what = (
+                    "without autocast"
+                    if on
+                    else f"under autocast ({[d for t, e, d in autocast if e][0]})"
+                )
+                return (
+                    f"{head}, but it is that loss computed {what}: autocast was applied outside "
+                    "loss_fn (or the probe saw no forward of this model under it); put the "
+                    "autocast block inside loss_fn, or around the loop's whole forward and loss"
+                )
+        return (
+            f"{head}: pass probe.batch the batch this loss was computed on, and a loss_fn that "
+            "computes the loop's loss (same model call, reduction, regularisation terms, autocast)"
+        )
+
+    # ------------------------------------------------------------- the loop
+    def batch(
+        self,
+        batch: Any,
+        loss: torch.Tensor | float | None = None,
+        *,
+        indices: torch.Tensor | None = None,
+        sample_losses: torch.Tensor | None = None,
+    ) -> None:
+        """Tell the probe this micro-batch: ``batch`` is what ``loss_fn`` takes, ``loss`` its loss.
+
+        Call it anywhere between the forward and the optimizer step (before or after
+        ``backward``, inside or outside autocast), once per micro-batch when gradients
+        are accumulated. The step itself is measured when the optimizer steps. With a
+        closure (``optimizer.step(closure)``, LBFGS, Lightning) pass ``loss=None``: the
+        loss and gradient come from the closure's first evaluation.
+
+        ``indices``/``sample_losses`` (dataset indices of the batch and the unreduced
+        losses) additionally record per-sample losses at each visit, for the per-sample
+        convergence check of Theorem 1.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+            >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+            >>> probe = gammatrace.Probe(model, opt, loss_fn)
+            >>> batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(4)]
+            >>> for i, b in enumerate(batches):  # two micro-batches per step
+            ...     if i % 2 == 0:
+            ...         opt.zero_grad()
+            ...     loss = loss_fn(model, b)
+            ...     (loss / 2).backward()
+            ...     probe.batch(b, loss)
+            ...     if i % 2 == 1:
+            ...         opt.step()
+            >>> len(probe.steps())
+            2
+        """
+        if self._depth:
+            if _on_stack(self._step_frame):
+                raise ProbeUsageError(
+                    "probe.batch was called inside optimizer.step() (from the closure?); "
+                    "call probe.batch(batch) before optimizer.step(closure)"
+                )
+            self._discard_failed_step()
+        fwd, self._fwd = self._fwd, None
+        n_loss = None
+        loss_t = None
+        if loss is not None:
+            loss_t, n_loss = _as_loss(loss, self.device, "probe.batch")
+        reset = self._reset_since_batch
+        self._reset_since_batch = None
+        mb = _MicroBatch(
+            loss_t,
+            n_loss or batch_size(batch) or 1,
+            self.epoch,
+            reset=reset,
+            backward_seen=reset is not None,
+        )
+        if indices is not None and sample_losses is not None:
+            mb.indices, mb.sample_losses = indices.detach(), sample_losses.detach()
+        if loss is None:
+            mb.batch = batch  # evaluated when the closure first runs
+        elif self.loss_fn is not None and (self._ref_model is not None or self._check_due()):
+            if fwd is None:
+                if not self._warned_no_forward:
+                    self._warned_no_forward = True
+                    warnings.warn(
+                        "the probe saw no forward of its model before probe.batch: the "
+                        "reference forward uses the RNG/autocast state of now, so dropout masks "
+                        "will not match; give Probe the module the loop calls",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                fwd = capture(self._autocast_types, self._cuda_index)
+            self._evaluate(mb, batch, fwd)
+        self._micro.append(mb)
+        self._seal(resolve=False)
 
     def step(
         self,
-        loss: torch.Tensor,
+        loss: torch.Tensor | float | None,
         batch: Any = None,
         *,
         closure: Callable[[], Any] | None = None,
         indices: torch.Tensor | None = None,
         sample_losses: torch.Tensor | None = None,
-    ) -> None:
-        """Run ``optimizer.step()`` and measure around it.
+    ) -> Any:
+        """``probe.batch(batch, loss)``, then ``optimizer.step()``; returns what the step returns.
 
-        Call after ``loss.backward()``. ``batch`` is what ``loss_fn`` takes (reference
-        mode). ``indices``/``sample_losses`` (dataset indices of the batch and the
-        unreduced losses) additionally record per-sample losses at each visit, for
-        the per-sample convergence check of Theorem 1.
+        Call after ``loss.backward()``. With ``closure``, pass ``loss=None``:
+        ``probe.batch(batch)`` then ``optimizer.step(closure)``.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> probe = gammatrace.Probe(model, opt)
+            >>> loss = model(torch.ones(2, 3)).pow(2).mean()
+            >>> loss.backward()
+            >>> probe.step(loss)
+            >>> probe.steps()["step"].tolist()
+            [0]
         """
-        lr = float(self.optimizer.param_groups[self.lr_group]["lr"])
-        # θ_k and g_k are read before the step: what the optimizer then does to .grad
-        # (in-place weight decay, clipping, sign flips) cannot leak into the measurement.
-        self.kernel.before(self.params, [p.grad for p in self.params])
-        loss_ref = ref_samples = None
-        if self.mode == "reference":
-            ref_out = self._reference_loss(batch)
-            if ref_out.dim() > 0:
-                ref_samples, loss_ref = ref_out, ref_out.mean()
-            else:
-                loss_ref = ref_out
-
-        self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-
-        self._pending.append((loss.detach().reshape(()), loss_ref, self.kernel.after(self.params)))
-        self._pending_meta.append((self.step_index, self.epoch, lr))
-        if indices is not None and sample_losses is not None:
-            self._pending_samples.append(
-                (self.step_index, self.epoch, indices.detach(), sample_losses.detach(), None if ref_samples is None else ref_samples)
-            )
-        self.step_index += 1
+        self.batch(batch, loss, indices=indices, sample_losses=sample_losses)
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     # ------------------------------------------------------------ host side
     def end_epoch(self) -> pd.DataFrame:
@@ -228,40 +1003,70 @@ class Probe:
         """Move pending per-step values to the host (one synchronisation) and return them raw."""
         if not self._pending:
             return pd.DataFrame(columns=["step", "epoch", "lr", *self.columns])
-        losses = torch.stack([loss for loss, _, _ in self._pending]).to(torch.float64).cpu().numpy()
+        # Losses are float32 (one micro-batch) or float64 (a weighted mean, a Python float).
+        losses = torch.stack([loss.to(torch.float64) for loss, _, _ in self._pending]).cpu().numpy()
         # (steps, tensors, QUANTITIES); a device kernel's values cross to the host here, once.
         parts = [part for _, _, part in self._pending]
-        parts = torch.stack(parts).cpu().numpy() if isinstance(parts[0], torch.Tensor) else np.stack(parts)
+        parts = (
+            torch.stack(parts).cpu().numpy()
+            if isinstance(parts[0], torch.Tensor)
+            else np.stack(parts)
+        )
         ee, eg, gg, ed, dd = np.moveaxis(parts.sum(axis=1), 1, 0)
         if self.mode == "record":
             values = {"loss": losses, "update_sq": dd, "grad_sq": gg, "dist0_sq": ee}
         else:
-            loss_ref = torch.stack([ref.reshape(()) for _, ref, _ in self._pending]).to(torch.float64).cpu().numpy()
+            loss_ref = (
+                torch.stack([ref.reshape(()).to(torch.float64) for _, ref, _ in self._pending])
+                .cpu()
+                .numpy()
+            )
             # P_k from Δ_k, never as ½(d_k² − d_{k+1}²), which cancels when steps are small.
-            values = {"loss": losses, "loss_ref": loss_ref, "progress": ed - 0.5 * dd,
-                      "dist_sq": ee, "update_sq": dd, "grad_dot": eg, "grad_sq": gg}
+            values = {
+                "loss": losses,
+                "loss_ref": loss_ref,
+                "progress": ed - 0.5 * dd,
+                "dist_sq": ee,
+                "update_sq": dd,
+                "grad_dot": eg,
+                "grad_sq": gg,
+            }
         meta = np.array(self._pending_meta, dtype=np.float64)
-        frame = pd.DataFrame({"step": meta[:, 0].astype(np.int64), "epoch": meta[:, 1].astype(np.int64),
-                              "lr": meta[:, 2], **{c: values[c] for c in self.columns}})
+        frame = pd.DataFrame(
+            {
+                "step": meta[:, 0].astype(np.int64),
+                "epoch": meta[:, 1].astype(np.int64),
+                "lr": meta[:, 2],
+                **{c: values[c] for c in self.columns},
+            }
+        )
         self._frames.append(frame)
         if self.mode == "reference" and self.per_tensor:
             per = parts[:, :, 3] - 0.5 * parts[:, :, 4]
             n_steps, n_t = per.shape
-            self._tensor_frames.append(pd.DataFrame({
-                "step": np.repeat(frame["step"].to_numpy(), n_t),
-                "epoch": np.repeat(frame["epoch"].to_numpy(), n_t),
-                "tensor": np.tile(np.array(self.names, dtype=object), n_steps),
-                "progress": per.reshape(-1),
-            }))
+            self._tensor_frames.append(
+                pd.DataFrame(
+                    {
+                        "step": np.repeat(frame["step"].to_numpy(), n_t),
+                        "epoch": np.repeat(frame["epoch"].to_numpy(), n_t),
+                        "tensor": np.tile(np.array(self.names, dtype=object), n_steps),
+                        "progress": per.reshape(-1),
+                    }
+                )
+            )
         if self._pending_samples:
-            parts = []
-            for step, epoch, idx, losses, refs in self._pending_samples:
-                part = {"step": step, "epoch": epoch, "index": idx.cpu().numpy(),
-                        "loss": losses.to(torch.float64).cpu().numpy()}
+            sample_parts = []
+            for step, epoch, idx, sample_losses, refs in self._pending_samples:
+                part = {
+                    "step": step,
+                    "epoch": epoch,
+                    "index": idx.cpu().numpy(),
+                    "loss": sample_losses.to(torch.float64).cpu().numpy(),
+                }
                 if refs is not None:
                     part["loss_ref"] = refs.to(torch.float64).cpu().numpy()
-                parts.append(pd.DataFrame(part))
-            self._sample_frames.append(pd.concat(parts, ignore_index=True))
+                sample_parts.append(pd.DataFrame(part))
+            self._sample_frames.append(pd.concat(sample_parts, ignore_index=True))
         self._pending, self._pending_meta, self._pending_samples = [], [], []
         return frame
 
@@ -282,13 +1087,52 @@ class Probe:
 
         Derived columns (gamma, gamma_rp, gamma_rc, star, cos_align) are computed by
         :func:`gammatrace.principles.derive`; D_0² defaults to the first step's d_k².
+        Skipped steps have no row (see :meth:`skipped`).
         """
         raw = self.raw_steps()
         if self.mode == "record" or raw.empty:
             return raw
-        from gammatrace.principles import derive
-
         return derive(raw, d0_sq=d0_sq, ell_inf=ell_inf)
+
+    def skipped(self) -> pd.DataFrame:
+        """Steps the optimizer never made (a GradScaler overflow, a loop that chose not to step).
+
+        One row per skipped step: ``next_step`` (the index the next real step got: skips
+        take none), ``epoch``, ``micro_batches``, ``loss`` (their sample-weighted mean).
+        A skip is known once the next micro-batch starts from reset gradients.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> probe = gammatrace.Probe(model, opt)
+            >>> for i in range(3):
+            ...     opt.zero_grad()
+            ...     loss = model(torch.ones(2, 3)).pow(2).mean()
+            ...     loss.backward()
+            ...     probe.batch(None, loss)
+            ...     if i != 1:  # step 1 skipped, as GradScaler does on an overflow
+            ...         opt.step()
+            >>> probe.skipped()[["next_step", "micro_batches"]].values.tolist()
+            [[1, 1]]
+            >>> probe.steps()["step"].tolist()
+            [0, 1]
+        """
+        if not self._depth:
+            self._seal(resolve=True)
+        rows = [
+            (step, epoch, n, math.nan if loss is None else float(loss))
+            for step, epoch, n, loss in self._skips
+        ]
+        frame = pd.DataFrame(rows, columns=SKIPPED_COLUMNS)
+        return frame.astype(
+            {
+                "next_step": np.int64,
+                "epoch": np.int64,
+                "micro_batches": np.int64,
+                "loss": np.float64,
+            }
+        )
 
     def tensor_steps(self) -> pd.DataFrame:
         """Per-tensor progress P_k,i as a long table (step, epoch, tensor, progress)."""
