@@ -192,7 +192,7 @@ def test_probe_in_user_loop_matches_brute_force(kernel):
     probe = gammatrace.Probe(model_b, opt_b, loss_fn, reference=ref_state, kernel=kernel)
     _user_loop(model_b, opt_b, data, probe=probe, sched=sched_b)
     # Probing does not change the trajectory (BN statistics included).
-    for (k, a), b in zip(model.state_dict().items(), model_b.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     expected = brute_force(rec, model, loss_fn, theta_T, ref_state)
     steps = probe.steps()
@@ -341,7 +341,7 @@ def test_bfloat16_model_takes_torch_kernel_and_stays_exact():
         probe.step(loss)
     thetas.append(flat(model.parameters()))
     steps = probe.steps()
-    np.testing.assert_allclose(steps["update_sq"], [float((a - b) @ (a - b)) for a, b in zip(thetas, thetas[1:])], rtol=1e-12)
+    np.testing.assert_allclose(steps["update_sq"], [float((a - b) @ (a - b)) for a, b in zip(thetas[:-1], thetas[1:], strict=True)], rtol=1e-12)
     np.testing.assert_allclose(steps["grad_sq"], [float(g @ g) for g in grads], rtol=1e-12)
     np.testing.assert_allclose(steps["dist0_sq"], [float((t - thetas[0]) @ (t - thetas[0])) for t in thetas[:-1]], rtol=1e-12)
     assert (steps["update_sq"] > 0).all()
