@@ -1,5 +1,5 @@
 """``gammatrace identity-mapping --preset quick --out DIR``: the teacher–student study with a
-known minimizer (:mod:`gammatrace.experiments.identity_mapping`).
+known minimizer (:mod:`gammatrace.experiments.identity`).
 
 Registered by the main CLI through ``register(subparsers)`` (``cli.PLUGIN_COMMANDS``).
 
@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from gammatrace.experiments.identity_mapping import PRESETS, run_identity_mapping
+from gammatrace.experiments.identity import study
+from gammatrace.experiments.identity.figures import FIGURES
+from gammatrace.experiments.identity.problem import PRESETS
 
 
 def cmd_identity_mapping(args: argparse.Namespace) -> int:
-    summary = run_identity_mapping(args.out, preset=args.preset, workers=args.workers, progress=not args.quiet)
+    summary = study.run_identity_mapping(args.out, preset=args.preset, workers=args.workers,
+                                         progress=not args.quiet)
     data = json.loads((summary.parent / "identity_mapping.json").read_text())
     print(data["headline"]["sentence"])
     print(f"summary: {summary}")
+    print(f"report: {summary.parent / 'report.html'}")
     print(f"numbers: {summary.parent / 'identity_mapping.json'}")
-    for name in ("fig4_loss_distance.png", "one_point_convexity.png", "gamma_references.png"):
+    for name in FIGURES:
         print(f"figure: {summary.parent / name}")
     return 0
 
@@ -36,7 +40,8 @@ def register(subparsers) -> None:
                               help="teacher–student study with a known minimizer: identity mapping, "
                                    "one-point convexity, and γ against W* vs the last iterate")
     p.add_argument("--preset", default="quick", choices=PRESETS.names())
-    p.add_argument("--out", required=True, help="output folder (figures, summary.md, identity_mapping.json)")
+    p.add_argument("--out", required=True,
+                   help="output folder (figures, summary.md, report.html, identity_mapping.json, one run per cell)")
     p.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_identity_mapping)
