@@ -30,9 +30,14 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
             ell_inf: float | None = None, workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Replay (if needed) and analyse a run; returns the summary dict (also in summary.json).
 
-    ``reference`` is 'last' (θ* = θ_T, the papers' choice), 'continuation' (θ* from
-    epochs trained beyond the analysed horizon) or a path to a state dict; default:
-    the run config's. ``tail`` ignores the last m steps in the summaries.
+    Args:
+        run: a trained run folder
+        reference: last (θ* = θ_T, the papers' choice) | continuation (θ* from epochs trained
+            beyond the analysed horizon) | PATH to a state dict; default: the run config's
+        tail: ignore the last m steps in the summaries; default: the run config's
+        ell_inf: ℓ_inf of the regularity principle; default: the run config's
+        workers: processes for replay segments
+        progress: show progress bars
 
     Example:
         >>> import tempfile, gammatrace
@@ -134,6 +139,13 @@ def train(config: RunConfig | dict | str | Path, out: str | Path, *, replay: boo
     mode with θ* from ``config.reference`` (default: the last iterate θ_T), verifying
     every step against the recording, and writes the analysis. Rerunning the same
     command resumes whatever was interrupted.
+
+    Args:
+        config: a RunConfig, its dict, or a YAML file
+        out: the run folder
+        replay: run pass 2 and the analysis after training
+        workers: processes for replay segments
+        progress: show progress bars
 
     Example:
         >>> import tempfile, gammatrace

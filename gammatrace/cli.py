@@ -35,8 +35,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gammatrace.analysis import analyze
-from gammatrace.config import RunConfig, error_location, load_yaml, merge_config
+from gammatrace.analysis import analyze, train
+from gammatrace.cliopts import add_options, option_help
+from gammatrace.config import AnalysisConfig, RunConfig, error_location, load_yaml, merge_config
 from gammatrace.data.base import DataError
 from gammatrace.engine import ReplayMismatchError, RunConflictError, train_pass
 from gammatrace.engine.session import build_session
@@ -189,18 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train, replay exactly, analyse and report one or several runs")
     r.add_argument("config", help="a YAML config, or a packaged preset name (e.g. quickstart)")
     r.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
-    r.add_argument("--workers", type=int, default=1, help="processes for replay segments")
+    add_options(r, train, only={"workers"})
     r.add_argument("--no-report", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
 
     a = sub.add_parser("analyze", help="(re)analyse a trained run against a reference")
-    a.add_argument("run")
-    a.add_argument("--reference", default=None, help="last | continuation | PATH to a state dict")
-    a.add_argument("--tail", type=int, default=None, help="ignore the last m steps in summaries")
-    a.add_argument("--ell-inf", type=float, default=None, help="ℓ_inf of the regularity principle")
-    a.add_argument("--workers", type=int, default=1)
-    a.add_argument("--quiet", action="store_true")
+    a.add_argument("run", help=option_help(analyze).get("run"))
+    # Options, defaults and help from analyze() and AnalysisConfig: one definition each.
+    add_options(a, analyze, only={"reference", "workers"})
+    add_options(a, AnalysisConfig, only={"tail", "ell_inf"}, default=None, help_suffix="; default: the run config's")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(fn=cmd_analyze)
 
     rep = sub.add_parser("report", help="figures + markdown/HTML summary of analysed runs")

@@ -184,9 +184,9 @@ class ReferenceConfig(_Strict):
 
 
 class AnalysisConfig(_Strict):
-    tail: int = Field(0, ge=0)  # ignore the last m steps in summaries
-    ell_inf: float = 0.0  # ℓ_inf of the regularity principle
-    eps: float = Field(1e-8, ge=0)  # a loss gap ≤ eps leaves γ_k undefined
+    tail: int = Field(0, ge=0, description="ignore the last m steps in summaries")
+    ell_inf: float = Field(0.0, description="ℓ_inf of the regularity principle (the loss's infimum)")
+    eps: float = Field(1e-8, ge=0, description="a loss gap ≤ eps leaves γ_k undefined")
     per_tensor: bool = True
     per_sample: bool = True
 

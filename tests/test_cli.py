@@ -73,3 +73,48 @@ def test_inspect_flags_vanishing_sigmoid(tmp_path, capsys):
     sigmoid, relu = sections["sigmoid"], sections["relu_kaiming"]
     assert "vanishing" in sigmoid and "vanishing" not in relu
     assert (tmp_path / "insp" / "inspect_sigmoid.png").stat().st_size > 1000
+
+
+def _defaults(fn) -> dict:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+def test_cli_options_are_the_functions_own_defaults(monkeypatch):
+    """Issue 9.6: each option is defined once, by the function the command calls; the CLI
+    takes its defaults (and help) from there. Changing a default in the function changes
+    the CLI — shown by patching one."""
+    from gammatrace.analysis import analyze, train
+    from gammatrace.cli import build_parser
+    from gammatrace.experiments.identity.study import run_identity_mapping
+    from gammatrace.experiments.study import run_study
+    from gammatrace.landscape.compute import compute_landscape
+
+    p = build_parser()
+    cases = [(["landscape", "r", "--out", "o"], compute_landscape, {"progress"}),
+             (["study", "activation", "--out", "o"], run_study, {"progress"}),
+             (["identity-mapping", "--out", "o"], run_identity_mapping, {"progress"}),
+             (["analyze", "r"], analyze, {"progress", "tail", "ell_inf"}),
+             (["run", "c.yaml", "--out", "o"], train, {"progress", "replay"})]
+    for argv, fn, skip in cases:
+        ns = vars(p.parse_args(argv))
+        for name, default in _defaults(fn).items():
+            if name not in skip:
+                assert ns[name] == default, (argv[0], name)
+    # tail and ell_inf default to "the run config's" (None), their help is AnalysisConfig's
+    assert vars(p.parse_args(["analyze", "r"]))["tail"] is None
+
+    import gammatrace.landscape.compute as compute_mod
+
+    original = compute_mod.compute_landscape
+
+    def patched(runs, out, *, grid: int = 7, extent: float = 1.2, samples: int = 512, bn: str = "train",
+                seed: int = 0, workers: int = 1, executor: str = "local", progress: bool = True):
+        return original(runs, out, grid=grid, extent=extent, samples=samples, bn=bn, seed=seed, workers=workers,
+                        executor=executor, progress=progress)
+
+    import gammatrace.landscape.cli as landscape_cli
+
+    monkeypatch.setattr(landscape_cli, "compute_landscape", patched)
+    assert build_parser().parse_args(["landscape", "r", "--out", "o"]).grid == 7

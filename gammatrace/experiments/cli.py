@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gammatrace.cliopts import add_options, option_help, parsed
 from gammatrace.executors import EXECUTORS, MissingDependencyError
 from gammatrace.experiments.presets import PRESETS
 from gammatrace.experiments.study import STUDIES, run_study, study_from_yaml
@@ -26,9 +27,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     else:
         study = STUDIES.get(args.name)(args.preset, args.data_dir)
     try:
-        where = run_study(study, args.out, seeds=args.seeds, executor=args.executor, workers=args.workers,
-                          address=args.address, gpus_per_task=args.gpus_per_task, progress=not args.quiet,
-                          report_only=args.report_only)
+        where = run_study(**{**parsed(args, run_study), "study": study, "out": args.out, "progress": not args.quiet})
     except MissingDependencyError as exc:
         print(f"gammatrace: error: {exc}", file=sys.stderr)
         return 2
@@ -42,12 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--preset", default="quick", choices=list(PRESETS),
                    help="quick: CPU, minutes; paper: the papers' CIFAR-10 settings (GPU); paper100: CIFAR-100")
     s.add_argument("--data-dir", default=None, help="folder with the CIFAR/MNIST files (paper presets)")
-    s.add_argument("--seeds", type=int, default=1, help="repeat every cell with this many seeds")
-    s.add_argument("--executor", default="local", choices=EXECUTORS.names())
-    s.add_argument("--workers", type=int, default=1, help="parallel runs (local processes; Ray: local CPUs)")
-    s.add_argument("--address", default=None, help="Ray cluster address (executor ray); default: a local instance")
-    s.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs each Ray task asks for (executor ray)")
-    s.add_argument("--report-only", action="store_true", help="re-render the report of the runs on disk")
-    s.add_argument("--out", required=True)
-    s.add_argument("--quiet", action="store_true")
+    # The run options, their defaults and help come from run_study itself.
+    add_options(s, run_study, skip={"study", "out", "progress"}, choices={"executor": EXECUTORS.names()})
+    s.add_argument("--out", required=True, help=option_help(run_study).get("out"))
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_study)

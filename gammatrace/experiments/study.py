@@ -303,6 +303,17 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
     ``gpus_per_task`` GPUs; the out folder must then be on a file system every node
     sees. ``report_only`` re-renders the report of the runs on disk.
 
+    Args:
+        study: the study (cells, claims)
+        out: the study folder (one sub-folder per run, the report in report/)
+        seeds: repeat every cell with this many seeds
+        executor: where the runs go: local processes or a Ray cluster
+        workers: parallel runs (local processes; Ray: local CPUs)
+        address: Ray cluster address (executor ray); default: a local instance
+        gpus_per_task: GPUs each Ray task asks for (executor ray)
+        progress: show progress bars
+        report_only: re-render the report of the runs on disk
+
     Example:
         >>> run_study(STUDIES.get("activation")("quick", None), "studies/activation", workers=2)  # trains and analyses 4 runs: minutes  # doctest: +SKIP
         PosixPath('studies/activation/report/report.html')

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gammatrace.cliopts import add_options, option_help, parsed
+from gammatrace.executors import EXECUTORS
 from gammatrace.landscape import landscape
+from gammatrace.landscape.compute import compute_landscape
 from gammatrace.landscape.evaluate import BN_MODES
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"landscape of {len(args.runs)} run(s) -> {args.out}", file=sys.stderr)
-    files = landscape(args.runs, args.out, grid=args.grid, extent=args.extent, samples=args.samples, bn=args.bn,
-                      seed=args.seed, workers=args.workers, progress=not args.quiet)
+    files = landscape(**{**parsed(args, compute_landscape), "progress": not args.quiet})
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0
@@ -32,13 +34,10 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add the ``landscape`` subcommand to the main parser's subparsers."""
     p = subparsers.add_parser("landscape", help="loss contours on the PCA plane of trained paths, and θ_0→θ_T interpolation")
-    p.add_argument("runs", nargs="+", help="trained run directories; the first run's θ_T is the plane's origin")
-    p.add_argument("--out", required=True, help="output folder (figures and the stored grid)")
-    p.add_argument("--grid", type=int, default=21, help="grid points per axis")
-    p.add_argument("--extent", type=float, default=1.2, help="half-width of the grid / the path's reach on each axis")
-    p.add_argument("--samples", type=int, default=512, help="size of the fixed training subset the loss is evaluated on")
-    p.add_argument("--bn", choices=BN_MODES.names(), default="train", help="module mode of every evaluation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation subset (and of dropout)")
-    p.add_argument("--workers", type=int, default=1, help="processes for the grid rows")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("runs", nargs="+", help=option_help(compute_landscape).get("runs"))
+    p.add_argument("--out", required=True, help=option_help(compute_landscape).get("out"))
+    # Every other option, its type, default and help come from compute_landscape itself.
+    add_options(p, compute_landscape, skip={"runs", "out", "progress"},
+                choices={"bn": BN_MODES.names(), "executor": EXECUTORS.names()})
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_landscape)

@@ -281,6 +281,18 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
     Reuses ``out/landscape.npz`` when it was computed with the same settings from the
     same run files (``Landscape.reused`` says which happened).
 
+    Args:
+        runs: trained run directories; the first run's θ_T is the plane's origin
+        out: output folder (figures and the stored grid)
+        grid: grid points per axis
+        extent: half-width of the grid / the path's reach on each axis
+        samples: size of the fixed training subset the loss is evaluated on
+        bn: module mode of every evaluation
+        seed: seed of the evaluation subset (and of dropout)
+        workers: processes for the grid rows
+        executor: where the grid rows run (local processes or Ray)
+        progress: show a progress bar
+
     Example:
         >>> ls = compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64)  # needs a trained run  # doctest: +SKIP
         >>> ls.loss.shape, ls.reused                                                  # doctest: +SKIP

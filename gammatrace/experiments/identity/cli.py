@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from gammatrace.cliopts import add_options, parsed
+from gammatrace.executors import EXECUTORS
 from gammatrace.experiments.identity import study
 from gammatrace.experiments.identity.figures import FIGURES
 from gammatrace.experiments.identity.problem import PRESETS
 
 
 def cmd_identity_mapping(args: argparse.Namespace) -> int:
-    summary = study.run_identity_mapping(args.out, preset=args.preset, workers=args.workers,
-                                         progress=not args.quiet)
+    summary = study.run_identity_mapping(**{**parsed(args, study.run_identity_mapping), "progress": not args.quiet})
     data = json.loads((summary.parent / "identity_mapping.json").read_text())
     print(data["headline"]["sentence"])
     print(f"summary: {summary}")
@@ -39,9 +40,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("identity-mapping",
                               help="teacher–student study with a known minimizer: identity mapping, "
                                    "one-point convexity, and γ against W* vs the last iterate")
-    p.add_argument("--preset", default="quick", choices=PRESETS.names())
-    p.add_argument("--out", required=True,
-                   help="output folder (figures, summary.md, report.html, identity_mapping.json, one run per cell)")
-    p.add_argument("--workers", type=int, default=1, help="cells run in parallel processes")
-    p.add_argument("--quiet", action="store_true")
+    # Options, defaults and help from run_identity_mapping itself.
+    add_options(p, study.run_identity_mapping, skip={"progress"},
+                choices={"preset": PRESETS.names(), "executor": EXECUTORS.names()})
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_identity_mapping)

@@ -167,6 +167,13 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
                          executor: str = "local") -> Path:
     """Run the study: every cell (in parallel over ``workers``), figures, report, JSON.
 
+    Args:
+        out: output folder (figures, summary.md, report.html, identity_mapping.json, one run per cell)
+        preset: the cells and training settings
+        workers: cells run in parallel processes
+        progress: show progress bars
+        executor: where the cells run: local processes or a Ray cluster
+
     Writes ``fig4_loss_distance.png``, ``one_point_convexity.png``, ``gamma_references.png``,
     ``summary.md``, ``report.html`` and ``identity_mapping.json`` (every number, the
     headline numbers and the sentence) into ``out``, the cells' runs below it; returns
