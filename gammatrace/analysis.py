@@ -20,7 +20,8 @@ from gammatrace.engine.replay import replay
 from gammatrace.engine.trainer import train_pass
 from gammatrace.errors import UserError
 from gammatrace.probe.probe import REFERENCE_COLUMNS
-from gammatrace.store.run import Run, Status, StoreError
+from gammatrace.store.run import Run, Status, StoreError, jsonable
+from gammatrace.store.summary import RunSummary
 
 # What every analysed step shard must hold (a shard without one is damaged, never NaN).
 RAW_STEP_COLUMNS = ("step", "epoch", "lr", *REFERENCE_COLUMNS)
@@ -124,6 +125,7 @@ def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, 
         summary.update({k: float(last[k]) for k in ("train_loss", "train_acc", "test_loss", "test_acc") if k in last})
     summary["reached_target"] = run.meta.reached_target
     summary["epochs"] = run.meta.horizon_epochs
+    RunSummary.model_validate(jsonable(summary))  # the contract with every reader (store/summary.py)
     store.write_json(at("summary.json"), summary)
     store.update_meta(status=Status.COMPLETE)
     return summary

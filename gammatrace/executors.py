@@ -23,13 +23,27 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
 from gammatrace.registry import Registry
 
-EXECUTORS = Registry("executor")
+
+class Executor(Protocol):
+    """``map(fn, tasks) -> results`` in task order, raising the first failure."""
+
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "",
+            progress: bool = True) -> list[Any]: ...
+
+
+class ExecutorFactory(Protocol):
+    """``factory(workers=..., address=..., num_gpus=..., ...) -> Executor``."""
+
+    def __call__(self, **options: Any) -> Executor: ...
+
+
+EXECUTORS: Registry[ExecutorFactory] = Registry("executor")
 
 
 class MissingDependencyError(ImportError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -136,7 +137,13 @@ class Augment:
         return augment_batch(x, indices, seed, epoch, flip=self.flip, crop_pad=self.crop_pad)
 
 
-AUGMENTATIONS = Registry("augmentation")
+class AugmentFactory(Protocol):
+    """``factory() -> Augment``: a named augmentation setting."""
+
+    def __call__(self) -> Augment: ...
+
+
+AUGMENTATIONS: Registry[AugmentFactory] = Registry("augmentation")
 AUGMENTATIONS.register("none")(lambda: Augment())
 AUGMENTATIONS.register("flip")(lambda: Augment(flip=True))
 AUGMENTATIONS.register("crop")(lambda crop_pad=4: Augment(crop_pad=crop_pad))

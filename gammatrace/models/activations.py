@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from torch import nn
 
 from gammatrace.registry import Registry
 
-ACTIVATIONS = Registry("activation")
+
+class ActivationFactory(Protocol):
+    """``factory(**its_own_options) -> nn.Module`` (e.g. leaky ReLU's ``negative_slope``)."""
+
+    def __call__(self, **options: Any) -> nn.Module: ...
+
+
+ACTIVATIONS: Registry[ActivationFactory] = Registry("activation")
 
 
 @ACTIVATIONS.register("sigmoid")

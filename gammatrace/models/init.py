@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -61,7 +62,15 @@ from gammatrace.models.activations import check_options
 from gammatrace.models.norms import WEIGHTED_LAYERS
 from gammatrace.registry import Registry
 
-INITS = Registry("init")
+
+class InitScheme(Protocol):
+    """``scheme(layers, model, x) -> None``: initialize the weighted ``layers`` of ``model`` in
+    place (data-dependent schemes such as LSUV use the batch ``x``)."""
+
+    def __call__(self, layers: Layers, model: nn.Module, x: torch.Tensor | None) -> None: ...
+
+
+INITS: Registry[InitScheme] = Registry("init")
 
 # Norm layers whose affine parameters are reset to the identity map (weight 1, bias 0).
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

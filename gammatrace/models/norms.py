@@ -43,6 +43,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
@@ -50,7 +52,14 @@ from torch.nn.utils.parametrizations import weight_norm
 from gammatrace.models.activations import check_options
 from gammatrace.registry import Registry
 
-NORMS = Registry("norm")
+
+class NormFactory(Protocol):
+    """``factory(num_features, dim) -> nn.Module``: a normalization layer for ``dim``-D feature maps."""
+
+    def __call__(self, num_features: int, dim: int) -> nn.Module: ...
+
+
+NORMS: Registry[NormFactory] = Registry("norm")
 
 # The layers whose weights weight norm reparametrizes (and init.py initializes).
 WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (

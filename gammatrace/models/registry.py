@@ -11,11 +11,21 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from torch import nn
 
 from gammatrace.registry import Registry
 
-MODELS = Registry("model")
+
+class ModelFactory(Protocol):
+    """``factory(input_shape, num_classes, **its_own_switches) -> nn.Module``; the switches
+    (width, depth, activation, norm placement, ...) are the factory's own keyword arguments."""
+
+    def __call__(self, input_shape: tuple[int, ...], num_classes: int, **switches: Any) -> nn.Module: ...
+
+
+MODELS: Registry[ModelFactory] = Registry("model")
 
 
 def build(name: str, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, **switches) -> nn.Module:

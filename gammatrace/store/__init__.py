@@ -14,5 +14,6 @@ Example:
 
 from gammatrace.store.run import Run, RunMeta, RunStore, Status, StoreError, load_run
 from gammatrace.store.study import Claim, StudyMeta
+from gammatrace.store.summary import RunSummary
 
-__all__ = ["Claim", "Run", "RunMeta", "RunStore", "Status", "StoreError", "StudyMeta", "load_run"]
+__all__ = ["Claim", "Run", "RunMeta", "RunStore", "RunSummary", "Status", "StoreError", "StudyMeta", "load_run"]

@@ -43,8 +43,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from gammatrace.config import RunConfig
 from gammatrace.errors import RunInUseError, UserError, os_error
+from gammatrace.store import integrity
+from gammatrace.store.summary import RunSummary
 
 FORMAT_VERSION = 1
+# RunMeta.source of a run recorded by the user's own training loop (gammatrace.save_run):
+# its analysis is stored, not replayable; a new reference needs the two-pass again.
+OWN_LOOP = "own-loop"
 
 
 class Status(StrEnum):
@@ -91,6 +96,11 @@ class RunMeta(BaseModel):
     final_sha256: str | None = None
     reference_sha256: str | None = None
     continuation_error: str | None = None  # why a continuation reference is unavailable
+    # Who trained the run: None for the engine (from the config, replayable), OWN_LOOP for a
+    # loop gammatrace only watched; ``own_loop`` then describes it (recorded by, reference,
+    # D_0², model and optimizer classes, seed, threads, skipped steps).
+    source: str | None = None
+    own_loop: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _complete_when_trained(self) -> RunMeta:
@@ -160,16 +170,16 @@ def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
 _HELD: dict[str, list] = {}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     # NaN/inf are not JSON; store them as null so any JSON reader can load run files.
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
@@ -212,6 +222,15 @@ class RunStore:
         data = self.read_json(self.META)
         if not isinstance(data, dict):
             raise StoreError(f"{self.path(self.META)} is damaged: expected a JSON object, got {type(data).__name__}")
+        sums = data.pop(integrity.CHECKSUMS, None)
+        if sums is not None:  # absent in runs written before the seal: read unverified
+            changed = integrity.changed_fields(data, sums) if isinstance(sums, dict) else [integrity.CHECKSUMS]
+            if changed:
+                raise StoreError(
+                    f"{self.path(self.META)} is damaged: field '{changed[0]}' differs from what gammatrace wrote "
+                    f"(its checksum{' and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}); "
+                    "restore the file from a copy or retrain the run (pass --tail/--ell-inf to analyze "
+                    "instead of editing it)")
         try:
             return RunMeta.model_validate(data)
         except ValidationError as exc:
@@ -220,7 +239,9 @@ class RunStore:
             raise StoreError(f"{self.path(self.META)} is damaged: field '{field}': {err['msg']}") from None
 
     def write_meta(self, meta: RunMeta) -> None:
-        self.write_json(self.META, meta.model_dump(mode="json"))
+        data = jsonable(meta.model_dump(mode="json"))
+        data.pop(integrity.CHECKSUMS, None)
+        self.write_json(self.META, {**data, integrity.CHECKSUMS: integrity.seal(data)})
 
     def update_meta(self, **fields: Any) -> RunMeta:
         meta = self.read_meta().model_copy(update=fields)
@@ -326,7 +347,7 @@ class RunStore:
 
     # ---------------------------------------------------------------- JSON
     def write_json(self, rel: str, obj: Any) -> None:
-        text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
+        text = json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
         self._atomic(rel, lambda p: Path(p).write_text(text + "\n"))
 
     def read_json(self, rel: str) -> Any:
@@ -335,8 +356,9 @@ class RunStore:
             return json.loads(path.read_text())
         except FileNotFoundError:
             raise StoreError(f"{path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path} is damaged ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())
+            raise StoreError(f"{path} is damaged ({why}); restore it from a copy") from None
 
     def update_json(self, rel: str, **fields: Any) -> dict:
         data = self.read_json(rel) if self.exists(rel) else {}
@@ -346,20 +368,33 @@ class RunStore:
 
     # ------------------------------------------------------------- Parquet
     def write_parquet(self, rel: str, frame: pd.DataFrame) -> None:
-        self._atomic(rel, lambda p: frame.to_parquet(p, index=False))
+        """``frame`` without its index, with page CRCs and per-column checksums (see
+        :mod:`gammatrace.store.integrity`)."""
+        self._atomic(rel, lambda p: integrity.write_parquet(frame, p))
 
-    def read_parquet(self, rel: str, required: Iterable[str] = ()) -> pd.DataFrame:
-        """A table; ``required`` columns missing is a damaged file, never a NaN column."""
+    def read_parquet(self, rel: str, required: Iterable[str] | Mapping[str, str] = ()) -> pd.DataFrame:
+        """A table, verified against the checksums written with it. ``required`` columns
+        (a mapping: with their dtypes; names alone: of a real-number dtype) that are missing
+        or of another type make it a damaged file, never a NaN or truncated column."""
+        path = self.path(rel)
+        # An analysis table is recomputed from the run; a pass-1 table only by retraining.
+        fix = ("remove it and rerun the same command to recompute it" if rel.startswith("analysis/")
+               else "restore it from a copy, or retrain the run in a new folder")
+        if not path.is_file():
+            raise StoreError(f"{path} does not exist")
         try:
-            frame = pd.read_parquet(self.path(rel))
-        except FileNotFoundError:
-            raise StoreError(f"{self.path(rel)} does not exist") from None
-        except Exception as exc:
-            raise StoreError(f"{self.path(rel)} is damaged ({exc.__class__.__name__}: {exc})") from None
+            frame = integrity.read_parquet(str(path))
+        except integrity.DamagedTable as exc:
+            raise StoreError(f"{path} is damaged ({exc}); {fix}") from None
         missing = [c for c in required if c not in frame.columns]
         if missing:
-            raise StoreError(f"{self.path(rel)} is damaged: column(s) {', '.join(missing)} missing; "
-                             "remove the file and rerun the same command to recompute it")
+            raise StoreError(f"{path} is damaged: column(s) {', '.join(missing)} missing; {fix}")
+        wrong = [f"{c} is {frame[c].dtype}" for c in required
+                 if (str(frame[c].dtype) != required[c] if isinstance(required, Mapping)
+                     else frame[c].dtype.kind not in "iuf")]
+        if wrong:
+            expected = ", ".join(f"{c} {required[c]}" for c in required) if isinstance(required, Mapping) else "numbers"
+            raise StoreError(f"{path} is damaged: column {wrong[0]} (expected {expected}); {fix}")
         return frame
 
     def shard_paths(self, folder: str) -> list[str]:
@@ -478,7 +513,18 @@ class Run:
         return self.store.read_shards(RunStore.analysis(self._ref(reference), "samples"))
 
     def summary(self, reference: str | None = None) -> dict:
+        """summary.json of a reference as a dict (see :meth:`summary_model` for the typed form)."""
         return self.store.read_json(RunStore.analysis(self._ref(reference), "summary.json"))
+
+    def summary_model(self, reference: str | None = None) -> RunSummary:
+        """The typed summary; a damaged summary.json is a StoreError naming the file and field."""
+        rel = RunStore.analysis(self._ref(reference), "summary.json")
+        try:
+            return RunSummary.model_validate(self.store.read_json(rel))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise StoreError(f"{self.store.path(rel)} is damaged: field '{'.'.join(map(str, err['loc']))}': "
+                             f"{err['msg']}; rerun `gammatrace analyze` to rewrite it") from None
 
 
 def load_run(path: str | Path) -> Run:
