@@ -130,50 +130,72 @@ def teacher(num_train: int = 1024, num_test: int = 256, dim: int = 32, out_dim: 
 
 # --------------------------------------------------------------------------- planted teacher
 
+# How the planted Δ is scaled: the matrix norm set to ``norm_bound``.
+TEACHER_NORMS = {"spectral": 2, "frobenius": "fro"}  # kind -> torch.linalg.matrix_norm's ord
+# The teacher's output y = OUT(σ(z)) over the hidden units z (see teacher_student_targets).
+TEACHER_OUTPUTS = ("sum", "abs")
 
-def planted_teacher(dim: int, norm_bound: float, seed: int, identity: bool = True) -> torch.Tensor:
+
+def planted_teacher(dim: int, norm_bound: float, seed: int, identity: bool = True,
+                    norm: str = "spectral") -> torch.Tensor:
     """The planted W* of the ``teacher_student`` problem, for the student parametrization
     chosen by ``identity`` (the ``teacher_student`` model's switch of the same name).
 
-    The teacher function is f*(x) = ‖σ((I + Δ) x)‖₁ with Δ Gaussian, rescaled to
-    *spectral* norm ‖Δ‖₂ = ``norm_bound`` (Li & Yuan bound the spectral norm), drawn from
-    its own generator seeded by ``seed`` (the global RNG is untouched). ``identity=True``
-    returns W* = Δ (so ‖W*‖₂ = norm_bound); ``identity=False`` returns W* = I + Δ, the same
-    teacher function written for a student without the identity mapping — so on/off runs
-    with one seed learn the same target. Returned in float32, which float32 and float64
-    runs both represent exactly.
+    The teacher function is f*(x) = Σ_i σ((I + Δ) x)_i with Δ Gaussian, rescaled to
+    ``norm`` ‖Δ‖ = ``norm_bound``: ``"spectral"`` ‖Δ‖₂ (Li & Yuan bound the spectral norm) or
+    ``"frobenius"`` ‖Δ‖_F (the CS260 report's unbounded teacher, ‖w*‖_F = 1), drawn from its
+    own generator seeded by ``seed`` (the global RNG is untouched). ``identity=True``
+    returns W* = Δ; ``identity=False`` returns W* = I + Δ, the same teacher function written
+    for a student without the identity mapping — so on/off runs with one seed learn the
+    same target. Returned in float32, which float32 and float64 runs both represent exactly
+    (the norm is therefore exact to float32 round-off).
 
     Example:
         >>> a, b = planted_teacher(4, 0.3, seed=1), planted_teacher(4, 0.3, seed=1, identity=False)
         >>> torch.allclose(b - a, torch.eye(4)), round(torch.linalg.matrix_norm(a.double(), ord=2).item(), 4)
         (True, 0.3)
+        >>> round(planted_teacher(10, 1.0, seed=0, norm="frobenius").double().norm().item(), 5)
+        1.0
     """
     if norm_bound < 0:
         raise DataError(f"norm_bound must be >= 0, got {norm_bound}")
     _check(dim > 0, f"teacher_student: dim must be positive, got {dim}")
+    _check(norm in TEACHER_NORMS, f"teacher_student: norm must be one of {sorted(TEACHER_NORMS)}, got {norm!r}")
     gen = torch.Generator().manual_seed(seed)
     delta = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-    delta *= norm_bound / torch.linalg.matrix_norm(delta, ord=2)
+    delta *= norm_bound / torch.linalg.matrix_norm(delta, ord=TEACHER_NORMS[norm])
     W_star = delta if identity else delta + torch.eye(dim, dtype=torch.float64)
     return W_star.to(torch.float32)
 
 
 def teacher_student_targets(x: torch.Tensor, W_star: torch.Tensor, identity: bool = True,
-                            negative_slope: float = 0.0) -> torch.Tensor:
-    """y = ‖σ(W* x + x)‖₁ (``identity``) or ‖σ(W* x)‖₁ as an (N, 1) tensor in ``x``'s dtype,
-    σ the leaky ReLU of slope ``negative_slope`` (0: ReLU, Li & Yuan's; a PReLU student's
-    teacher uses its initial slope, 0.25). The same operations as the ``teacher_student``
-    model's forward pass, so that model at W* reproduces the targets bit for bit.
+                            negative_slope: float = 0.0, output: str = "sum") -> torch.Tensor:
+    """y = Σ_i σ(W* x + x)_i (``identity``) or Σ_i σ(W* x)_i as an (N, 1) tensor in ``x``'s
+    dtype, σ the leaky ReLU of slope ``negative_slope`` (0: ReLU, Li & Yuan's; a PReLU
+    student's teacher uses its initial slope, 0.25).
+
+    ``output="sum"`` (default) is the report's eq. (4), L(W) = E[(Σ_i(σ(⟨w_i + e_i, x⟩) −
+    σ(⟨w*_i + e_i, x⟩)))²]; its eq. (1) writes ‖σ(Wx + x)‖₁ but defines ‖·‖₁ as "the sum of
+    all elements", and its gradient, eq. (5)–(6), carries the PReLU's own derivative
+    (1 on ⟨e_j + w_j, x⟩ ≥ 0, α below) — the derivative of Σσ, not of Σ|σ|.
+    ``output="abs"`` is ‖·‖₁ taken literally, Σ_i |σ(·)_i|: equal for ReLU, different for a
+    PReLU output below zero. The same operations as the ``teacher_student`` model's
+    forward pass, so that model at W* reproduces the targets bit for bit.
 
     Example:
-        >>> teacher_student_targets(torch.tensor([[1.0, -1.0]]), torch.zeros(2, 2))
-        tensor([[1.]])
+        >>> x = torch.tensor([[1.0, -1.0]])
+        >>> teacher_student_targets(x, torch.zeros(2, 2)), teacher_student_targets(x, torch.zeros(2, 2), negative_slope=0.25)
+        (tensor([[1.]]), tensor([[0.7500]]))
+        >>> teacher_student_targets(x, torch.zeros(2, 2), negative_slope=0.25, output="abs")
+        tensor([[1.2500]])
     """
+    _check(output in TEACHER_OUTPUTS, f"teacher_student: output must be one of {list(TEACHER_OUTPUTS)}, got {output!r}")
     x = x.flatten(1)
     z = F.linear(x, W_star.to(x.dtype))
     if identity:
         z = z + x
-    return F.leaky_relu(z, negative_slope).abs().sum(dim=1, keepdim=True)
+    h = F.leaky_relu(z, negative_slope)
+    return (h.abs() if output == "abs" else h).sum(dim=1, keepdim=True)
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -182,14 +204,16 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 @DATASETS.register("teacher_student")
 def teacher_student(num_train: int = 1000, num_test: int = 200, dim: int = 10, norm_bound: float = 0.5,
                     identity: bool = True, negative_slope: float = 0.0, seed: int = 0,
-                    dtype: str = "float32") -> Dataset:
+                    dtype: str = "float32", norm: str = "spectral", output: str = "sum") -> Dataset:
     """Li & Yuan's teacher–student problem: x ~ N(0, I_dim), y = the ``teacher_student``
     network at the planted W* of :func:`planted_teacher` (the minimizer is known).
 
-    Generated in float64 and returned in ``dtype``. The problem is realizable: with
-    ``dtype="float64"`` (for a run with ``RunConfig.dtype`` float64) the targets are
-    exact, computed in the student parametrization ``identity`` so that the student at
-    W* has loss exactly 0. Inputs (N, 1, dim), targets (N, 1).
+    ``norm`` is the matrix norm ``norm_bound`` sets (``"spectral"`` or ``"frobenius"``);
+    ``output`` the teacher's output, Σσ (``"sum"``, the report's eq. (4)) or Σ|σ| (``"abs"``),
+    see :func:`teacher_student_targets`. Generated in float64 and returned in ``dtype``.
+    The problem is realizable: with ``dtype="float64"`` (for a run with ``RunConfig.dtype``
+    float64) the targets are exact, computed in the student parametrization ``identity`` so
+    that the student at W* has loss exactly 0. Inputs (N, 1, dim), targets (N, 1).
 
     Example:
         >>> ds = teacher_student(num_train=8, num_test=2, dim=3, negative_slope=0.25, dtype="float64")
@@ -199,11 +223,12 @@ def teacher_student(num_train: int = 1000, num_test: int = 200, dim: int = 10, n
     _check(num_train > 0 and num_test > 0, f"teacher_student: num_train and num_test must be positive, "
                                            f"got {num_train}, {num_test}")
     _check(dtype in _DTYPES, f"teacher_student: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    W_star = planted_teacher(dim, norm_bound, seed, identity)
+    _check(output in TEACHER_OUTPUTS, f"teacher_student: output must be one of {list(TEACHER_OUTPUTS)}, got {output!r}")
+    W_star = planted_teacher(dim, norm_bound, seed, identity, norm)
 
     def split(n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn((n, 1, dim), generator=_generator(seed, _PLANTED_INPUT_STREAM, name), dtype=torch.float64)
-        y = teacher_student_targets(x, W_star, identity, negative_slope)
+        y = teacher_student_targets(x, W_star, identity, negative_slope, output)
         return x.to(_DTYPES[dtype]), y.to(_DTYPES[dtype])
 
     x_train, y_train = split(num_train, "train")

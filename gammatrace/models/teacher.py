@@ -1,13 +1,20 @@
-"""The teacher–student model of the CS260 study (after Li & Yuan, NeurIPS 2017).
+"""The networks of the CS260 teacher–student report (after Li & Yuan, NeurIPS 2017).
 
-Student, for x ∈ R^d and W ∈ R^{d×d}::
+**Teacher–student** (model ``teacher_student``), for x ∈ R^d and W ∈ R^{d×d}::
 
-    y(x, W) = ‖σ(W x + x)‖₁     identity mapping on  (the residual form, (I + W) x)
-    y(x, W) = ‖σ(W x)‖₁         identity mapping off
+    y(x, W) = Σ_i σ(W x + x)_i     identity mapping on  (the residual form, (I + W) x)
+    y(x, W) = Σ_i σ(W x)_i         identity mapping off
 
-σ is any activation of the registry: ``relu`` (the paper's), ``leaky_relu`` (a
-fixed slope, ``activation_options={"negative_slope": a}``) or ``prelu`` (a learned
-slope). ‖·‖₁ is taken literally, Σ|σ(z)_i|, so it equals Σσ(z)_i for ReLU.
+σ is any activation of the registry: ``relu`` (Li & Yuan's), ``leaky_relu`` (a fixed
+slope, ``activation_options={"negative_slope": a}``) or ``prelu`` (a learned slope).
+The output Σ_i σ(·)_i (``output="sum"``, the default) is the report's eq. (4); its eq. (1)
+writes ‖σ(Wx + x)‖₁ but defines ‖·‖₁ as "the sum of all elements", and its gradient,
+eq. (5)–(6), is the derivative of Σσ: the ReLU indicator 1{⟨e_j + w_j, x⟩ ≥ 0} plus α times
+the indicator below zero (Σ|σ| would give −α there). ``output="abs"`` keeps ‖·‖₁ literally,
+Σ_i |σ(·)_i|: the same for ReLU, different for PReLU outputs below zero. One difference
+from eq. (5) remains at exactly z = 0, where eq. (5) takes slope 1 and PyTorch's leaky
+ReLU / PReLU take α; z = 0 exactly happens only at a zero init without the identity
+mapping, on its first step (same direction, α times the length).
 
 The teacher is the same function at a known W* (the ``teacher_student`` dataset,
 :func:`gammatrace.data.synthetic.planted_teacher`), so the true minimizer of the
@@ -17,9 +24,15 @@ population loss is known and the engine can use θ* = W* instead of the last ite
 Known minimizer, with care: with the identity mapping each row i of W is tied to
 input coordinate x_i, and W* is the unique minimizer near 0 (Li & Yuan's setting,
 ‖W*‖₂ small). Without it the output is invariant to permuting the rows of W, so
-W* is one of d! equivalent minimizers and the run may converge to another one;
-a zero init without identity starts at a saddle where ReLU gets no gradient at all
-(σ'(0) = 0), which is the point of that comparison, not a bug.
+W* is one of d! equivalent minimizers and the run may converge to another one.
+A zero init without identity starts where every hidden unit is the same function: with
+Σσ and a PReLU every row of W gets the same gradient, so W stays of the form 1·uᵀ (one
+hidden unit, d times) and cannot reach W*; with Σ|σ| (|·|'(0) = 0) or a ReLU (σ'(0) = 0)
+the gradient is exactly 0 and W never moves.
+
+**One hidden layer with an identity mapping** (model ``identity_mlp``, the report's MNIST
+experiment, its Fig. 3): logits = V σ((I + W) x + b) + c, or V σ(W x + b) + c without the
+identity mapping; the hidden width is the input dimension, so that I + W is defined.
 
 Example:
     >>> import torch
@@ -34,6 +47,8 @@ Example:
     <All keys matched successfully>
     >>> torch.equal(student(x), teacher_student_targets(x, W_star))
     True
+    >>> build("identity_mlp", input_shape=(1, 8, 8), num_classes=10)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ from gammatrace.registry import Registry
 
 # How the student's W starts. Each entry: fn(weight, scale) in place, under no_grad.
 STUDENT_INITS = Registry("teacher_student init")
+# The student's output over its hidden units h = σ(z): Σ_i h_i (eq. (4)) or Σ_i |h_i|.
+OUTPUTS = ("sum", "abs")
 
 
 @STUDENT_INITS.register("random")
@@ -65,7 +82,8 @@ def _zero(weight: torch.Tensor, scale: float) -> None:
 
 
 class TeacherStudent(nn.Module):
-    """y(x, W) = ‖σ(Wx + x)‖₁ (``identity=True``) or ‖σ(Wx)‖₁, output shape (N, 1).
+    """y(x, W) = Σ_i σ(Wx + x)_i (``identity=True``) or Σ_i σ(Wx)_i, output shape (N, 1);
+    ``output="abs"`` sums |σ(·)_i| instead (‖·‖₁ taken literally).
 
     W is ``self.linear.weight`` (an ``nn.Linear(d, d, bias=False)``, so the generic
     init, weight-norm and inspect tools apply to it). The output is (N, 1) whatever
@@ -77,16 +95,23 @@ class TeacherStudent(nn.Module):
         >>> m = TeacherStudent(3)
         >>> with torch.no_grad():
         ...     _ = m.linear.weight.zero_()
-        >>> m(torch.tensor([[1.0, -2.0, 3.0]]))  # ‖relu(x)‖₁ = 1 + 3
+        >>> m(torch.tensor([[1.0, -2.0, 3.0]]))  # Σ relu(x) = 1 + 3
         tensor([[4.]], grad_fn=<SumBackward1>)
+        >>> m = TeacherStudent(3, activation="leaky_relu", activation_options={"negative_slope": 0.25})
+        >>> with torch.no_grad():
+        ...     _ = m.linear.weight.zero_()
+        >>> m(torch.tensor([[1.0, -2.0, 3.0]])).item(), TeacherStudent(3, output="abs").output
+        (3.5, 'abs')
     """
 
     def __init__(self, d: int, identity: bool = True, activation: str = "relu",
-                 activation_options: dict | None = None):
+                 activation_options: dict | None = None, output: str = "sum"):
         super().__init__()
         if d <= 0:
             raise ValueError(f"teacher_student needs d > 0, got {d}")
-        self.d, self.identity = d, identity
+        if output not in OUTPUTS:
+            raise ValueError(f"teacher_student output must be one of {list(OUTPUTS)}, got {output!r}")
+        self.d, self.identity, self.output = d, identity, output
         self.activation, self.activation_options = activation, dict(activation_options or {})
         self.linear = nn.Linear(d, d, bias=False)
         self.act = make_activation(activation, **self.activation_options)
@@ -96,7 +121,8 @@ class TeacherStudent(nn.Module):
         z = self.linear(x)
         if self.identity:
             z = z + x
-        return self.act(z).abs().sum(dim=1, keepdim=True)
+        h = self.act(z)
+        return (h.abs() if self.output == "abs" else h).sum(dim=1, keepdim=True)
 
     def reference_state(self, W_star: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ* as a state dict of this student: W = W*, the activation as the teacher's.
@@ -128,10 +154,12 @@ def teacher_student(
     activation_options: dict | None = None,
     init: str = "random",
     init_scale: float = 0.1,
+    output: str = "sum",
 ) -> nn.Module:
     """The student network for inputs of shape (d,); ``num_classes`` is ignored (output (N, 1)).
 
-    ``init``: ``"random"`` (entries N(0, init_scale²/d)) or ``"zero"``.
+    ``init``: ``"random"`` (entries N(0, init_scale²/d)) or ``"zero"``. ``output``: ``"sum"``
+    (Σσ, the report's eq. (4)) or ``"abs"`` (Σ|σ|).
 
     Example:
         >>> from gammatrace.models import build
@@ -140,7 +168,67 @@ def teacher_student(
     """
     d = math.prod(input_shape)
     model = TeacherStudent(d, identity=identity, activation=activation,
-                           activation_options=activation_options)
+                           activation_options=activation_options, output=output)
     with torch.no_grad():
         STUDENT_INITS.get(init)(model.linear.weight, init_scale)
     return model
+
+
+class IdentityMLP(nn.Module):
+    """One hidden layer of width d = the input size: logits = V σ((I + W) x + b) + c with the
+    identity mapping (``identity=True``), V σ(W x + b) + c without.
+
+    ``hidden`` (d×d, with bias b) and ``out`` (d → classes, with bias c) are ordinary
+    ``nn.Linear`` layers, so the engine's init schemes (``zero`` included: every weight and
+    bias 0) apply to them; the identity mapping adds the input itself, no parameter.
+
+    Example:
+        >>> m = IdentityMLP(3, 2, activation="prelu")
+        >>> with torch.no_grad():
+        ...     _ = m.hidden.weight.zero_(), m.hidden.bias.zero_()
+        ...     m.hidden_features(torch.tensor([[1.0, -2.0, 3.0]]))  # σ(x): the identity mapping alone
+        tensor([[ 1.0000, -0.5000,  3.0000]])
+    """
+
+    def __init__(self, d: int, num_classes: int, identity: bool = True, activation: str = "prelu",
+                 activation_options: dict | None = None):
+        super().__init__()
+        if d <= 0 or num_classes <= 0:
+            raise ValueError(f"identity_mlp needs d > 0 and num_classes > 0, got {d}, {num_classes}")
+        self.identity = identity
+        self.hidden = nn.Linear(d, d)
+        self.act = make_activation(activation, **dict(activation_options or {}))
+        self.out = nn.Linear(d, num_classes)
+
+    def hidden_features(self, x: torch.Tensor) -> torch.Tensor:
+        """σ((I + W) x + b), or σ(W x + b) without the identity mapping, for (N, ...) inputs."""
+        x = x.flatten(1)
+        z = self.hidden(x)
+        if self.identity:
+            z = z + x
+        return self.act(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden_features(x))
+
+
+@MODELS.register("identity_mlp")
+def identity_mlp(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    identity: bool = True,
+    activation: str = "prelu",
+    activation_options: dict | None = None,
+) -> nn.Module:
+    """The report's MNIST network (its Fig. 3): one hidden layer as wide as the input
+    (784 for MNIST, 64 for the 8×8 digits), with or without the identity mapping, then a
+    linear output layer. ``activation``: ``prelu`` (one learned slope shared by the layer,
+    initially 0.25 — He et al. 2015's channel-shared variant) or ``relu``.
+
+    Example:
+        >>> net = identity_mlp((1, 28, 28), 10, identity=False, activation="relu")
+        >>> net.hidden.weight.shape, net.out.weight.shape, type(net.act).__name__
+        (torch.Size([784, 784]), torch.Size([10, 784]), 'ReLU')
+    """
+    return IdentityMLP(math.prod(input_shape), num_classes, identity=identity, activation=activation,
+                       activation_options=activation_options)

@@ -30,10 +30,15 @@ What it answers:
 Everything runs in float64: the problem is realizable (the loss at a minimizer is 0),
 so SGD converges linearly, and float32 round-off would otherwise dominate the loss
 gaps of exactly the late steps under study. Each cell trains until its full training
-loss is ≤ ``target_loss`` (the horizon T) or for ``max_epochs``; the continuation runs
+loss is ≤ ``target_loss`` (the horizon T) or for ``max_epochs`` (exactly, without a target:
+the paper preset trains the report's 10 epochs); the continuation runs
 ``continuation_epochs`` beyond T.
 
+The report's MNIST experiment (its Fig. 3: ReLU vs PReLU, identity mapping, zero vs random
+init) is the sibling study ``identity-mnist``, :mod:`~gammatrace.experiments.identity.mnist`.
+
 Modules: :mod:`~gammatrace.experiments.identity.problem` (presets, cells, configs),
+:mod:`~gammatrace.experiments.identity.sources` (where each paper value comes from),
 :mod:`~gammatrace.experiments.identity.study` (running it on the engine),
 :mod:`~gammatrace.experiments.identity.summary` (the analysis and the sentence),
 :mod:`~gammatrace.experiments.identity.figures`, :mod:`~gammatrace.experiments.identity.report`,
@@ -42,10 +47,11 @@ Modules: :mod:`~gammatrace.experiments.identity.problem` (presets, cells, config
 Example:
     >>> from gammatrace.experiments.identity import PRESETS
     >>> PRESETS.names()
-    ['paper', 'quick', 'tiny']
+    ['extended', 'paper', 'quick', 'quick-abs', 'tiny']
 """
 
+from gammatrace.experiments.identity.mnist import MNIST_PRESETS, run_identity_mnist
 from gammatrace.experiments.identity.problem import PRESETS
 from gammatrace.experiments.identity.study import run_identity_mapping
 
-__all__ = ["PRESETS", "run_identity_mapping"]
+__all__ = ["MNIST_PRESETS", "PRESETS", "run_identity_mapping", "run_identity_mnist"]

@@ -2,7 +2,7 @@
 (pass 1 trains and finds the horizon T; pass 2 replays it, verified step by step, once per
 reference), then the analysis, the figures and the report.
 
-Per cell, below ``out/<cell>/``:
+Per cell and repeat, below ``out/<cell>/`` (the first repeat) or ``out/<cell>-run<r>/``:
 
 - ``planted.pt`` — W* as a state dict of the student, written *before* training: the
   run's reference (``reference.kind: file``);
@@ -57,10 +57,19 @@ from gammatrace.experiments.identity.problem import (
     Cell,
     Preset,
     align_to_teacher,
+    planted_args,
+    row_spread,
     run_config,
+    run_name,
 )
 from gammatrace.experiments.identity.report import report_blocks
-from gammatrace.experiments.identity.summary import REACHED, headline, summarize_cell
+from gammatrace.experiments.identity.summary import (
+    REACHED,
+    headline,
+    loss_distance_curves,
+    summarize_cell,
+    summarize_repeats,
+)
 from gammatrace.reporting.document import to_html, to_markdown
 from gammatrace.store.run import Run, RunStore, Status
 
@@ -84,15 +93,17 @@ def _weight(state: dict[str, torch.Tensor]) -> np.ndarray:
     return state["linear.weight"].double().numpy()
 
 
-def _epoch_table(run: Run, W_star: np.ndarray) -> pd.DataFrame:
-    """Full training loss and ‖W − W*‖_F at the start of every epoch 0..T (row T is θ_T)."""
+def _epoch_table(run: Run, W_star: np.ndarray, W_found: np.ndarray | None) -> pd.DataFrame:
+    """Full training loss, ‖W − W*‖_F and ‖W − Π·W*‖_F (NaN when the run reached no
+    minimizer) at the start of every epoch 0..T (row T is θ_T)."""
     sess = build_session(run.config)
     rows = []
     for e in range(run.meta.horizon_epochs + 1):
         sess.load_state(run.store.read_torch(run.store.checkpoint(e)))
         W = _weight(sess.model.state_dict())
         rows.append({"epoch": e, "train_loss": sess.evaluate()["train_loss"],
-                     "w_dist": float(np.linalg.norm(W - W_star))})
+                     "w_dist": float(np.linalg.norm(W - W_star)),
+                     "found_dist": float(np.linalg.norm(W - W_found)) if W_found is not None else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -106,8 +117,10 @@ def _measure(run: Run, reference: str | None, hooks: tuple = ()) -> str:
     return name
 
 
-def run_cell(preset: Preset, cell: Cell, out: str | Path) -> dict[str, Any]:
-    """Train and measure one cell below ``out/<cell>/`` (a top-level task for the executors).
+def run_cell(preset: Preset, cell: Cell, out: str | Path, repeat: int = 0) -> dict[str, Any]:
+    """Train and measure one repeat of a cell below ``out/<run_name>/`` (a top-level task
+    for the executors); repeat r uses seed ``preset.seed_of(r)`` for the teacher, the
+    inputs, the init and the batch order.
 
     Pass 1 trains to the horizon T and E epochs beyond; the minimizer the run reached is
     read off θ_{T+E} (:func:`~gammatrace.experiments.identity.problem.align_to_teacher`);
@@ -121,12 +134,12 @@ def run_cell(preset: Preset, cell: Cell, out: str | Path) -> dict[str, Any]:
         ['continuation', 'found', 'last', 'planted']
     """
     t0 = time.perf_counter()
-    folder = Path(out).resolve() / cell.name
+    folder = Path(out).resolve() / run_name(cell, repeat)
     files = RunStore(folder)
-    cfg = run_config(preset, cell, files.path(PLANTED_FILE))
+    cfg = run_config(preset, cell, files.path(PLANTED_FILE), repeat)
     with _callers_threads():
         student = build_session(cfg).model
-        W_star = planted_teacher(preset.d, cell.norm(preset), preset.seed, identity=cell.identity)
+        W_star = planted_teacher(**planted_args(preset, cell, repeat))
         files.write_torch(PLANTED_FILE, student.reference_state(W_star))
         run = train_pass(cfg, folder / "run", progress=False)
         if run.status == Status.DIVERGED:
@@ -150,17 +163,17 @@ def run_cell(preset: Preset, cell: Cell, out: str | Path) -> dict[str, Any]:
         for name in ("last", "continuation"):
             measured[name] = _measure(run, name)
         run = Run(run.path)
-        epochs = _epoch_table(run, W_star)
+        epochs = _epoch_table(run, W_star, W_found if reached else None)
     steps = {name: run.steps(ref)[RAW_COLUMNS] for name, ref in measured.items()}
     delta = {name: run.store.read_shards(RunStore.analysis(measured[name], OnePointConvexity.name))
              for name in ("planted", "found") if name in measured}
-    return {"cell": cell.name, "run": str(run.path), "run_references": measured, "steps": steps,
+    return {"cell": cell.name, "repeat": repeat, "run": str(run.path), "run_references": measured, "steps": steps,
             "delta": {k: v[["step", "epoch", "delta"]] for k, v in delta.items()},
             "horizon": run.meta.horizon_epochs, "steps_per_epoch": run.meta.steps_per_epoch, "epochs": epochs,
             "perm": perm.tolist(), "found_reached": reached,
             "found_dist_final": float(np.linalg.norm(W_final - W_found)),
             "found_dist_initial": float(np.linalg.norm(W0 - W_found)),
-            "seconds": time.perf_counter() - t0}
+            "row_spread_final": row_spread(W_final), "seconds": time.perf_counter() - t0}
 
 
 def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 1, progress: bool = True,
@@ -174,10 +187,12 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
         progress: show progress bars
         executor: where the cells run: local processes or a Ray cluster
 
-    Writes ``fig4_loss_distance.png``, ``one_point_convexity.png``, ``gamma_references.png``,
-    ``summary.md``, ``report.html`` and ``identity_mapping.json`` (every number, the
-    headline numbers and the sentence) into ``out``, the cells' runs below it; returns
-    the path of ``summary.md``.
+    Every cell runs ``runs`` times (the preset's); the per-cell numbers, the γ analysis and
+    the sentence are the first repeat's, the convergence table and Fig. 4 show the mean
+    and the spread (min–max) over all. Writes ``fig4_loss_distance.png``,
+    ``one_point_convexity.png``, ``gamma_references.png``, ``summary.md``, ``report.html``
+    and ``identity_mapping.json`` (every number, the curves drawn, the headline numbers and
+    the sentence) into ``out``, the cells' runs below it; returns the path of ``summary.md``.
 
     Example:
         >>> import json
@@ -188,17 +203,24 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
     pre = PRESETS.get(preset)()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(pre, cell, str(out)) for cell in pre.selected()]
+    tasks = [(pre, cell, str(out), r) for cell in pre.selected() for r in range(pre.runs)]
     done = make_executor(executor, workers=workers).map(run_cell, tasks, desc="identity-mapping cells",
                                                         progress=progress)
-    results = {r["cell"]: r for r in done}
-    summaries = {name: summarize_cell(r, pre) for name, r in results.items()}
+    repeats: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(done, key=lambda r: r["repeat"]):
+        repeats.setdefault(r["cell"], []).append(r)
+    results = {name: rs[0] for name, rs in repeats.items()}
+    summaries = {}
+    for name, rs in repeats.items():
+        each = [summarize_cell(r, pre) for r in rs]
+        summaries[name] = {**each[0], "repeats": summarize_repeats(each)}
     head = headline(summaries, pre)
-    figures = [figure_loss_distance(results, pre, out), figure_one_point(summaries, pre, out),
+    curves = loss_distance_curves(repeats)
+    figures = [figure_loss_distance(curves, pre, out), figure_one_point(summaries, pre, out),
                figure_references(results, summaries, pre, out)]
     wall = time.perf_counter() - t0
     RunStore(out).write_json("identity_mapping.json", {"preset": preset, "settings": asdict(pre), "wall_seconds": wall,
-                                                       "headline": head, "cells": summaries})
+                                                       "headline": head, "cells": summaries, "curves": curves})
     blocks = report_blocks(summaries, head, pre, preset, wall, [p.name for p in figures])
     (out / "summary.md").write_text(to_markdown(blocks))
     (out / "report.html").write_text(to_html(blocks, title="Identity mapping: a teacher–student problem", base=out))

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -135,12 +136,14 @@ def summarize_cell(result: dict[str, Any], preset: Preset) -> dict[str, Any]:
         "init": cell.init, "w_star_norm": cell.norm(preset), "horizon_epochs": T, "n_steps": n_steps,
         "late_steps": late, "loss_initial": float(ep["train_loss"].iloc[0]),
         "loss_final": float(ep["train_loss"].iloc[T]),
-        "reached_target": bool(ep["train_loss"].iloc[T] <= preset.target_loss),
+        # None without a target: the horizon is max_epochs (the paper preset's 10 epochs).
+        "reached_target": None if preset.target_loss is None else bool(ep["train_loss"].iloc[T] <= preset.target_loss),
         "w_dist_initial": w0, "w_dist_final": wT, "w_dist_ratio": wT / w0 if w0 > 0 else math.nan,
         "reached_w_star": bool(w0 > 0 and wT < REACHED * w0),
         "found_reached": result["found_reached"], "found_is_planted": result["perm"] == sorted(result["perm"]),
         "found_dist_initial": result["found_dist_initial"], "found_dist_final": result["found_dist_final"],
-        "perm": result["perm"],
+        "perm": result["perm"], "repeat": int(result.get("repeat", 0)),
+        "row_spread_final": float(result.get("row_spread_final", math.nan)),
         "one_point": {r: one_point(d) for r, d in result["delta"].items()},
         "references": refs,
         "distortion": {r: distortion(truth, result["steps"][r], late, preset.eps) for r in PROXIES}
@@ -148,6 +151,69 @@ def summarize_cell(result: dict[str, Any], preset: Preset) -> dict[str, Any]:
         "no_progress": bool(refs["planted"]["all"]["no_progress"]),
         "run": result["run"], "run_references": result["run_references"], "seconds": float(result["seconds"]),
     }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    ok = a[np.isfinite(a)]
+    if not len(ok):
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(ok.mean()), "min": float(ok.min()), "max": float(ok.max())}
+
+
+def summarize_repeats(each: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (min–max) of a cell's convergence numbers over its repeats
+    (the :func:`summarize_cell` of each), and how many reached W* / an exact minimizer.
+
+    Example:
+        >>> rep = summarize_repeats([{"loss_final": 1.0, "w_dist_ratio": 0.5, "reached_w_star": True,
+        ...                           "found_reached": True, "row_spread_final": 0.9, "horizon_epochs": 10,
+        ...                           "one_point": {"planted": {"frac_holds": 1.0}}},
+        ...                          {"loss_final": 3.0, "w_dist_ratio": 0.7, "reached_w_star": False,
+        ...                           "found_reached": True, "row_spread_final": 0.8, "horizon_epochs": 10,
+        ...                           "one_point": {"planted": {"frac_holds": 0.5}}}])
+        >>> rep["n"], rep["loss_final"], rep["reached_w_star"], rep["found_reached"]
+        (2, {'mean': 2.0, 'min': 1.0, 'max': 3.0}, 1, 2)
+    """
+    keys = ("loss_final", "w_dist_ratio", "row_spread_final", "horizon_epochs")
+    return {"n": len(each), **{k: _spread([e[k] for e in each]) for k in keys},
+            "one_point_frac_holds": _spread([e["one_point"]["planted"]["frac_holds"] for e in each]),
+            "reached_w_star": sum(bool(e["reached_w_star"]) for e in each),
+            "found_reached": sum(bool(e["found_reached"]) for e in each)}
+
+
+# The per-epoch series Fig. 4 draws, as columns of a run_cell result's epoch table.
+CURVES = ("train_loss", "w_dist", "found_dist")
+
+
+def loss_distance_curves(repeats: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Fig. 4's numbers: per cell and per epoch 0..T, the mean, min and max over the cell's
+    repeats of the full training loss, ‖W − W*‖_F and ‖W − Π·W*‖_F (the last over the repeats
+    that reached a minimizer; NaN where none did). Repeats with a shorter horizon end early
+    (the statistics at a later epoch are over the repeats still running).
+
+    Example:
+        >>> ep = lambda *loss: {"epochs": pd.DataFrame({"epoch": range(len(loss)), "train_loss": loss,
+        ...                                               "w_dist": loss, "found_dist": [np.nan] * len(loss)})}
+        >>> c = loss_distance_curves({"id-bounded-random": [ep(4.0, 1.0), ep(2.0, 3.0, 0.5)]})["id-bounded-random"]
+        >>> c["epoch"], c["train_loss"]["mean"], c["train_loss"]["max"], c["found_dist"]["mean"]
+        ([0, 1, 2], [3.0, 2.0, 0.5], [4.0, 3.0, 0.5], [nan, nan, nan])
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in repeats.items():
+        T = max(len(r["epochs"]) for r in rs)
+        curve: dict[str, Any] = {"epoch": list(range(T)), "n": len(rs)}
+        for key in CURVES:
+            a = np.full((len(rs), T), np.nan)
+            for i, r in enumerate(rs):
+                v = r["epochs"][key].to_numpy(dtype=float)
+                a[i, : len(v)] = v
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is NaN, as meant
+                curve[key] = {"mean": np.nanmean(a, 0).tolist(), "min": np.nanmin(a, 0).tolist(),
+                              "max": np.nanmax(a, 0).tolist()}
+        out[name] = curve
+    return out
 
 
 def headline(cells: dict[str, dict[str, Any]], preset: Preset) -> dict[str, Any]:
