@@ -1,6 +1,7 @@
 """gammatrace: exact, O(model size) measurement of optimization-trajectory principles.
 
-The public API (DESIGN.md §3): :class:`Probe`, :func:`train`, :func:`analyze`,
+The public API (DESIGN.md §3): :class:`Probe`, :class:`TwoPass` and :func:`save_run` (your
+own loop, measured exactly and saved as a run), :func:`train`, :func:`analyze`,
 :func:`load_run`, :func:`report`, and the typed :class:`RunConfig`.
 
 Attributes are resolved on first use (PEP 562), so ``import gammatrace`` loads neither
@@ -10,8 +11,8 @@ report ``reporting/``), so a lazy attribute is never shadowed by a submodule.
 
 Example:
     >>> import gammatrace, subprocess, sys
-    >>> sorted(gammatrace.__all__)[:3]
-    ['Probe', 'RunConfig', '__version__']
+    >>> sorted(gammatrace.__all__)[:4]
+    ['Probe', 'RunConfig', 'TwoPass', '__version__']
     >>> gammatrace.report.__module__
     'gammatrace.reporting.build'
 
@@ -33,6 +34,8 @@ from gammatrace._version import __version__
 # public name -> defining module
 _API = {
     "Probe": "gammatrace.probe",
+    "TwoPass": "gammatrace.engine.twopass",
+    "save_run": "gammatrace.engine.twopass",
     "RunConfig": "gammatrace.config",
     "load_run": "gammatrace.store",
     "analyze": "gammatrace.analysis",
@@ -40,11 +43,12 @@ _API = {
     "report": "gammatrace.reporting.build",
 }
 
-__all__ = ["Probe", "RunConfig", "__version__", "analyze", "load_run", "report", "train"]
+__all__ = ["Probe", "RunConfig", "TwoPass", "__version__", "analyze", "load_run", "report", "save_run", "train"]
 
 if TYPE_CHECKING:  # static checkers see the real objects
     from gammatrace.analysis import analyze, train
     from gammatrace.config import RunConfig
+    from gammatrace.engine.twopass import TwoPass, save_run
     from gammatrace.probe import Probe
     from gammatrace.reporting.build import report
     from gammatrace.store import load_run

@@ -20,11 +20,12 @@ from gammatrace.engine.replay import replay
 from gammatrace.engine.trainer import train_pass
 from gammatrace.errors import UserError
 from gammatrace.probe.probe import REFERENCE_COLUMNS
-from gammatrace.store.run import Run, Status, StoreError, jsonable
+from gammatrace.store.run import OWN_LOOP, Run, Status, StoreError, jsonable
 from gammatrace.store.summary import RunSummary
 
-# What every analysed step shard must hold (a shard without one is damaged, never NaN).
-RAW_STEP_COLUMNS = ("step", "epoch", "lr", *REFERENCE_COLUMNS)
+# What every analysed step shard must hold, with its dtype (a shard without one, or with
+# another type, is damaged: never NaN, never truncated to integers).
+RAW_STEP_COLUMNS = {"step": "int64", "epoch": "int64", "lr": "float64", **dict.fromkeys(REFERENCE_COLUMNS, "float64")}
 
 
 def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | None = None,
@@ -54,6 +55,8 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
         ('last', 4, 1.0)
     """
     run = run if isinstance(run, Run) else Run(run)
+    if run.meta.source == OWN_LOOP:
+        reference = own_loop_reference(run, reference)
     cfg = run.config
     if run.status == Status.DIVERGED:
         raise StoreError(f"{run.path} diverged at step {run.meta.diverged_at_step}; "
@@ -67,6 +70,41 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
     check_options(run, tail=tail, ell_inf=ell_inf, workers=workers)
     with run.store.lock():
         return _analyze_locked(run, cfg, reference, tail, ell_inf, workers, progress)
+
+
+def own_loop_reference(run: Run, reference: str | None) -> str:
+    """The stored analysis a run recorded by the user's own loop (:func:`gammatrace.save_run`)
+    is re-summarised from: its loop cannot be replayed from a config, so a reference it was
+    not measured against is a one-line error pointing to the two-pass.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from gammatrace.engine.twopass import save_run
+        >>> from gammatrace.probe import Probe
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> probe = Probe(model, opt)  # record mode: no θ*
+        >>> loss = model(torch.ones(1, 2)).pow(2).mean(); loss.backward(); probe.step(loss)
+        >>> run = save_run(probe, tempfile.mkdtemp() + "/mine")
+        >>> own_loop_reference(run, "last")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gammatrace.errors.UserError: .../mine was recorded by your own training loop without a reference...
+    """
+    stored = run.references()
+    recorded = (run.meta.own_loop or {}).get("reference")
+    if reference is None and (recorded in stored or len(stored) == 1):
+        return recorded if recorded in stored else stored[0]
+    if reference is not None and reference in stored:
+        return reference
+    fix = ("gammatrace.TwoPass(build, train, loss_fn=..., seed=..., threads=..., reference=PATH or "
+           "continuation=...), then gammatrace.save_run")
+    if not stored:
+        raise UserError(f"{run.path} was recorded by your own training loop without a reference (record mode); "
+                        f"measuring against θ* needs the two-pass: {fix}")
+    raise UserError(f"{run.path} was recorded by your own training loop and holds the analysis against "
+                    f"{', '.join(repr(r) for r in stored)} only; measuring against '{reference}' needs the two-pass "
+                    f"again: {fix}")
 
 
 def check_options(run: Run, *, tail: int, ell_inf: float, workers: int) -> None:
@@ -83,7 +121,9 @@ def check_options(run: Run, *, tail: int, ell_inf: float, workers: int) -> None:
 
 def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, ell_inf: float, workers: int,
                     progress: bool) -> dict[str, Any]:
-    ref_name = replay(run.path, reference, workers=workers, progress=progress)
+    # An own loop's run holds its measured tables; only an engine run can be replayed.
+    ref_name = reference if run.meta.source == OWN_LOOP else replay(run.path, reference, workers=workers,
+                                                                    progress=progress)
     run = Run(run.path)  # replay may have recorded a hash in run.json
     store = run.store
 

@@ -106,12 +106,19 @@ def derive(
     need them NaN. Existing derived columns are overwritten. Pass ``d0_sq`` when the
     table is a segment that does not start at θ_0.
 
+    Public API: it is what ``Probe.steps()``, ``Probe.end_epoch()``, ``TwoPass(...).run().steps()``
+    and ``gammatrace analyze`` apply to the raw measured columns, so a table kept from any of
+    them can be re-derived with another ℓ_inf or D_0², e.g.
+    ``derive(probe.raw_steps(), d0_sq=probe.d0_sq, ell_inf=1.0)``.
+
     Example:
         >>> out = derive(example_steps())
         >>> out.gamma.round(3).tolist()
         [3.2, -1.806, 9.184, 10.0]
         >>> out.star.round(2).tolist()
         [1.0, 0.36, 0.49, 0.04]
+        >>> derive(example_steps(), ell_inf=0.1).gamma_rp.round(3).tolist()  # γ^RP / D_0² above ℓ_inf = 0.1
+        [3.2, -2.5, 7.627, 10.0]
     """
     check_sorted(df)
     out = df.copy()

@@ -81,6 +81,10 @@ def summarize(
     cosine). A ``no_progress`` run has a tiny D_0 and near-zero gaps: its γ_k are
     noise and it must be kept out of orderings, with this flag as the reason.
 
+    Public API: the summary ``gammatrace analyze`` writes, and ``TwoPass(...).run().summary()``
+    returns, for any step table — a Probe's in your own loop too:
+    ``summarize(probe.raw_steps(), tail=10, d0_sq=probe.d0_sq)``.
+
     Example:
         >>> from gammatrace.principles import example_steps, summarize
         >>> s = summarize(example_steps(), displacement=1.0)
@@ -88,6 +92,8 @@ def summarize(
         (False, 1, 3.077)
         >>> s["no_progress"], round(s["loss_rel_drop"], 3)
         (False, 0.432)
+        >>> summarize(example_steps(), tail=1)["n_steps"]  # the last step left out
+        3
     """
     tail = check_tail(tail)
     full = derive(df, d0_sq=d0_sq, ell_inf=ell_inf, eps=eps)

@@ -350,6 +350,10 @@ class Probe:
         ]
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
+        # D_0² = ‖θ_0 − θ*‖², measured at the first step when the probe counts from step 0.
+        self.d0_sq: float | None = None
+        self._start_step = step
+        self._warned_d0 = False
         self._eager = unwrap(model)
         self._compiled = any(is_compiled(m) for m in model.modules())
         self._autocast_types = autocast_device_types(self.device)
@@ -993,11 +997,60 @@ class Probe:
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
 
     # ------------------------------------------------------------ host side
-    def end_epoch(self) -> pd.DataFrame:
-        """Flush, then count following steps in the next epoch. Returns the epoch's raw rows."""
+    def end_epoch(
+        self, *, derived: bool = True, ell_inf: float = 0.0, d0_sq: float | None = None
+    ) -> pd.DataFrame:
+        """Flush, then count following steps in the next epoch. Returns the epoch's rows.
+
+        In reference mode the rows carry the derived columns (gamma, gamma_rp, gamma_rc,
+        star, cos_align) normalised by D_0² as in :meth:`steps`, so a loop can print the
+        epoch's γ_k as it trains; ``derived=False`` returns the raw measured columns only.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+            >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+            >>> probe = gammatrace.Probe(model, opt, loss_fn, reference={"weight": torch.zeros(1, 3),
+            ...                                                          "bias": torch.zeros(1)})
+            >>> for epoch in range(2):
+            ...     for _ in range(3):
+            ...         opt.zero_grad()
+            ...         loss = loss_fn(model, batch)
+            ...         loss.backward()
+            ...         probe.batch(batch, loss)
+            ...         opt.step()
+            ...     rows = probe.end_epoch()
+            >>> rows["step"].tolist(), "gamma" in rows, bool(probe.d0_sq == probe.steps()["dist_sq"][0])
+            ([3, 4, 5], True, True)
+        """
         frame = self.flush()
         self.epoch += 1
-        return frame
+        if not derived or self.mode == "record" or frame.empty:
+            return frame
+        return derive(frame, d0_sq=self._d0(d0_sq), ell_inf=ell_inf)
+
+    def _d0(self, d0_sq: float | None) -> float | None:
+        """D_0² for the derived columns: given, measured at step 0, or (with a warning) the
+        squared distance at the first step this probe measured."""
+        if d0_sq is not None or self.d0_sq is not None:
+            return d0_sq if d0_sq is not None else self.d0_sq
+        frames = [f for f in self._frames if len(f)]
+        if not frames:
+            return None
+        if not self._warned_d0:
+            self._warned_d0 = True
+            warnings.warn(
+                f"the probe started counting at step {self._start_step}, so it never saw θ_0: "
+                "γ and γ^RP are normalised by the squared distance at its first step instead "
+                "of D_0²; pass d0_sq=‖θ_0 − θ*‖²",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return float(frames[0]["dist_sq"].iloc[0])
 
     def flush(self) -> pd.DataFrame:
         """Move pending per-step values to the host (one synchronisation) and return them raw."""
@@ -1040,6 +1093,8 @@ class Probe:
                 **{c: values[c] for c in self.columns},
             }
         )
+        if self.d0_sq is None and self.mode == "reference" and self._start_step == 0 and len(frame):
+            self.d0_sq = float(frame["dist_sq"].iloc[0])
         self._frames.append(frame)
         if self.mode == "reference" and self.per_tensor:
             per = parts[:, :, 3] - 0.5 * parts[:, :, 4]
@@ -1086,13 +1141,16 @@ class Probe:
         """The per-step table of DESIGN.md §6 (reference mode) or the record-mode table.
 
         Derived columns (gamma, gamma_rp, gamma_rc, star, cos_align) are computed by
-        :func:`gammatrace.principles.derive`; D_0² defaults to the first step's d_k².
-        Skipped steps have no row (see :meth:`skipped`).
+        :func:`gammatrace.principles.derive`. D_0² is ``d0_sq`` if given, else the probe's
+        own measurement :attr:`d0_sq` — d_0² at its first step, when it counts from step 0
+        (the default ``step=0``: attach it before the first step) — and it stays known after
+        :meth:`take` hands the early rows over. A probe started later (``step=k``) warns and
+        uses its first step's d_k². Skipped steps have no row (see :meth:`skipped`).
         """
         raw = self.raw_steps()
         if self.mode == "record" or raw.empty:
             return raw
-        return derive(raw, d0_sq=d0_sq, ell_inf=ell_inf)
+        return derive(raw, d0_sq=self._d0(d0_sq), ell_inf=ell_inf)
 
     def skipped(self) -> pd.DataFrame:
         """Steps the optimizer never made (a GradScaler overflow, a loop that chose not to step).

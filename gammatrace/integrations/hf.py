@@ -1,0 +1,280 @@
+"""Hugging Face ``Trainer``: the smallest correct hook, and a verified two-pass ``train``.
+
+Install with ``pip install 'gammatrace[hf]'``. A ``TrainerCallback`` alone sees neither
+the batch nor the loss, so the hook has two parts, both in :class:`GammaTrace`:
+
+* a ``TrainerCallback`` that creates the probe on the optimizer when training begins
+  (the torch optimizer inside accelerate's wrapper: its step hooks see the step after
+  ``max_grad_norm`` clipping and, under fp16, after unscaling; a GradScaler-skipped step is
+  recorded as skipped), closes each epoch, and writes the run folder;
+* a wrapper around the Trainer's ``compute_loss`` (:meth:`GammaTrace.attach`, which works
+  for any Trainer subclass) that tells the probe every micro-batch, between the forward and
+  the step, with the micro-batch's own loss.
+
+Which loss is ℓ_k: the one whose gradient the step follows. The Trainer normalises a
+causal LM's summed token loss by the number of target tokens of the *whole* accumulated
+batch (``num_items_in_batch``), so ℓ_k is the token-weighted mean over the step's
+micro-batches: the hook hands the probe each micro-batch's per-token losses (from the
+training forward's logits; the probe weights micro-batches by their token counts). For a
+model whose ``loss_type`` is unset (GPT-2 in transformers 5), the Trainer counts the
+*unshifted* labels, so its objective is that mean times a constant (the hook warns once,
+with the factor); set ``model.loss_type = "ForCausalLM"`` and the two agree. When
+the Trainer averages micro-batch means instead (a model without loss kwargs), the hook
+hands it the model's own mean loss. ℓ(θ*; B_k) is evaluated the same way on θ*, under the
+training forward's generator and autocast state (dropout masks match).
+
+Example (a 2-layer GPT-2 built from a config — nothing is downloaded — trained twice:
+pass 1 records, pass 2 measures against θ_T and checks every step's loss):
+    >>> import os, tempfile, torch
+    >>> os.environ["HF_HUB_OFFLINE"] = "1"
+    >>> from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    >>> tokens = torch.randint(0, 32, (16, 8), generator=torch.Generator().manual_seed(0))
+    >>> data = [{"input_ids": t, "labels": t} for t in tokens]
+    >>> config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0,
+    ...                     eos_token_id=0)
+    >>> def build():
+    ...     model = GPT2LMHeadModel(config)
+    ...     model.loss_type = "ForCausalLM"  # so the Trainer counts the shifted targets (see above)
+    ...     args = TrainingArguments(tempfile.mkdtemp(), per_device_train_batch_size=4, num_train_epochs=2,
+    ...                              learning_rate=1e-3, report_to="none", use_cpu=True, save_strategy="no",
+    ...                              logging_strategy="no", disable_tqdm=True, log_level="error")
+    ...     trainer = Trainer(model=model, args=args, train_dataset=data)
+    ...     trainer.remove_callback(transformers.PrinterCallback)  # it prints the final metrics
+    ...     return trainer
+    >>> result = train(build, seed=0, out=tempfile.mkdtemp() + "/gpt2")
+    >>> len(result.steps()), result.reference_name
+    (8, 'last')
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gammatrace.engine.twopass import TwoPass, TwoPassResult, save_run
+from gammatrace.errors import UserError
+from gammatrace.integrations import ranks as D
+from gammatrace.integrations.loggers import Sink, StepLog
+from gammatrace.probe import Probe
+
+try:  # the optional extra gammatrace[hf]: this module needs it, gammatrace does not
+    import transformers
+    from transformers import TrainerCallback as _Callback
+except ImportError:  # pragma: no cover - only without the extra
+    transformers = None
+    _Callback = object
+
+IGNORE_INDEX = -100  # the label of a position without a target (padding), as in transformers
+
+
+class IntegrationError(UserError, RuntimeError):
+    """The training setup is one the integration cannot measure (the message says what to do)."""
+
+
+def _require() -> None:
+    if transformers is None:
+        raise IntegrationError("gammatrace.integrations.hf needs transformers and accelerate: "
+                               "pip install 'gammatrace[hf]'")
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    """The per-token cross-entropy of the targeted positions, in float32 (as transformers
+    upcasts): for a causal LM (``shift``) position i predicts label i+1.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)       # uniform over 4 tokens
+        >>> token_losses(logits, torch.tensor([[1, 2, -100]]), shift=True)   # one target: label 2
+        tensor([1.3863])
+    """
+    logits = logits.float()
+    if shift:
+        labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    labels = labels.reshape(-1).to(logits.device)
+    losses = nn.functional.cross_entropy(logits.reshape(labels.numel(), -1), labels, reduction="none",
+                                         ignore_index=IGNORE_INDEX)
+    return losses[labels != IGNORE_INDEX]
+
+
+def _shifts_labels(model: nn.Module) -> bool:
+    """Whether the model computes the causal-LM loss (targets shifted by one)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss  # the extra's own loss function
+
+    config = getattr(model, "config", None)
+    return (getattr(model, "loss_function", None) is ForCausalLMLoss
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+class GammaTrace(_Callback):
+    """Measure ``Trainer.train`` with a :class:`gammatrace.Probe` (see the module docstring).
+
+    Use ``GammaTrace(...).attach(trainer)`` before ``trainer.train()``.
+
+    Args:
+        reference: θ* (a state dict or file, e.g. the θ_T of an earlier run) for reference
+            mode, or ``None`` to record (pass 1). :func:`train` runs both passes for you.
+        out: write the measured run folder here when training ends (:func:`gammatrace.save_run`;
+            rank 0 only).
+        log_every: log every this many optimizer steps to ``sinks`` (:mod:`.loggers`).
+        check, per_tensor, kernel: as for :class:`gammatrace.Probe`.
+        probe: a probe made elsewhere (by :func:`train`'s :class:`gammatrace.TwoPass`) on the
+            model and the torch optimizer the Trainer will step; its ``loss_fn`` must be
+            this callback's :meth:`loss_fn`.
+    """
+
+    def __init__(self, reference: Any = None, *, out: str | Path | None = None, log_every: int = 1,
+                 sinks: Iterable[Sink] = (), check: bool | int = True, per_tensor: bool = True,
+                 kernel: str | None = None, probe: Probe | None = None):
+        _require()
+        self.reference, self.out = reference, out
+        self.log_every, self.sinks = log_every, list(sinks)
+        self.check, self.per_tensor, self.kernel = check, per_tensor, kernel
+        self.probe: Probe | None = probe
+        self._given = probe is not None
+        self._log: StepLog | None = None
+        self._per_token: bool | None = None  # decided by the first training micro-batch
+        self._shift = False
+        self._trainer: Any = None
+        self._world = 1
+        self._tokens, self._items, self._count_checked = 0, None, False
+
+    def attach(self, trainer: Any) -> Any:
+        """Add the callback to ``trainer`` and wrap its ``compute_loss``; returns the trainer."""
+        if self._trainer is not None:
+            raise IntegrationError("this GammaTrace is attached to a Trainer already; make one per Trainer")
+        self._trainer = trainer
+        trainer.add_callback(self)
+        original = trainer.compute_loss  # bound: a subclass's own compute_loss is kept
+
+        def compute_loss(model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            batch = dict(inputs)  # before the Trainer pops the labels (label smoothing, custom losses)
+            loss, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if model.training and torch.is_grad_enabled() and self.probe is not None:
+                self._tell(batch, outputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+        trainer.compute_loss = compute_loss
+        return trainer
+
+    # ---------------------------------------------------------------- the loss
+    def _value(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        """What the probe is told for one forward: per-token losses or the mean loss."""
+        if self._per_token:
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+            return token_losses(logits.detach(), batch["labels"], shift=self._shift)
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+        return loss.detach()
+
+    def loss_fn(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """ℓ(θ; B) as the hook tells it for a training forward (the probe's ``loss_fn``)."""
+        inputs = dict(batch)
+        if self._per_token:
+            inputs.pop("labels", None)  # the logits are all it needs
+        value = self._value(model(**inputs), batch)
+        return D.global_mean(value) if self._world > 1 else value
+
+    def _tell(self, batch: dict, outputs: Any, num_items: Any) -> None:
+        if self._per_token is None:
+            self._per_token = num_items is not None and "labels" in batch
+            self._shift = self._per_token and _shifts_labels(self.probe.model)
+        value = self._value(outputs, batch)
+        if self._per_token:
+            self._tokens += value.numel()
+            self._items = num_items
+        self.probe.batch(batch, D.global_mean(value) if self._world > 1 else value)
+
+    # ---------------------------------------------------------------- callback events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        if self._trainer is None:
+            raise IntegrationError("GammaTrace was added as a callback but not attached: use "
+                                   "GammaTrace(...).attach(trainer), which also hooks compute_loss")
+        if self._trainer.compute_loss_func is not None or self._trainer.label_smoother is not None:
+            raise IntegrationError("the Trainer computes its own loss (compute_loss_func or label smoothing): "
+                                   "the hook evaluates ℓ(θ*; B_k) with the model's loss only; measure this "
+                                   "training with gammatrace.Probe and your loss function in your own loop")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        self._world = D.world_size()
+        if self.probe is None:
+            self.probe = Probe(model, optimizer, self.loss_fn, reference=self.reference,
+                               per_tensor=self.per_tensor, kernel=self.kernel, check=self.check)
+        elif self.probe.optimizer is not optimizer:
+            raise IntegrationError("the probe given to GammaTrace measures another optimizer than the Trainer "
+                                   "steps (create it with trainer.create_optimizer() before train())")
+        self._log = StepLog(self.probe, self.sinks, log_every=max(self.log_every, 1)) if self.sinks else None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._per_token and not self._count_checked and self._items is not None and self._world == 1:
+            self._count_checked = True
+            items = int(self._items)
+            if items != self._tokens:
+                warnings.warn(
+                    f"the Trainer divides the step's summed token loss by {items} target tokens, but the "
+                    f"step has {self._tokens} (transformers counts unshifted labels when the model's "
+                    "loss_type is unset): ℓ_k is the mean token loss, and the Trainer's objective is that "
+                    f"times {self._tokens / items:.4g}; set model.loss_type = 'ForCausalLM'",
+                    RuntimeWarning, stacklevel=2)
+        self._tokens, self._items = 0, None
+        if self._log is not None:
+            self._log.update()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._log is not None:
+            self._log.update()
+        self.probe.end_epoch()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._log is not None:
+            self._log.close()
+        if not self._given:
+            self.probe.close()
+            if self.out is not None and D.is_writer():
+                save_run(self.probe, self.out)
+
+    # ---------------------------------------------------------------- results
+    def steps(self, ell_inf: float = 0.0) -> pd.DataFrame:
+        """Every measured step: the DESIGN §6 table (reference mode) or the record-mode rows."""
+        return self.probe.steps(ell_inf) if self.probe is not None else pd.DataFrame()
+
+
+def train(build: Callable[[], Any], *, seed: int, threads: int | None = None, out: str | Path | None = None,
+          reference: Any = None, log_every: int = 1, sinks: Iterable[Sink] = (), check: bool | int = True,
+          per_tensor: bool = True, kernel: str | None = None) -> TwoPassResult:
+    """Two verified passes of ``Trainer.train`` (:class:`gammatrace.TwoPass`): record, then measure
+    against θ_T (or ``reference``); returns the result and writes the run folder ``out``.
+
+    ``build()`` returns a fresh ``Trainer`` (model, arguments, data). TwoPass calls it once per
+    pass after seeding torch, NumPy and ``random`` with ``seed`` and setting ``threads`` torch
+    threads and deterministic algorithms, so both passes train the same trajectory; it
+    compares them step by step (loss, update, gradient norm, learning rate, the batch, the
+    random state) and θ_T, bit for bit. The optimizer is created in ``build``'s place
+    (``trainer.create_optimizer()``) so the probe can be made on it; ``train()`` then uses it.
+    ``sinks`` get pass 2's quantities every ``log_every`` steps.
+    """
+    _require()
+    callbacks: list[GammaTrace] = []
+
+    def build_for_two_pass() -> tuple:
+        trainer = build()
+        callback = GammaTrace(log_every=log_every, sinks=sinks if callbacks else ())
+        callbacks.append(callback)
+        return trainer.model, trainer.create_optimizer(), trainer, callback
+
+    def run(model: nn.Module, optimizer: Any, probe: Probe, trainer: Any, callback: GammaTrace) -> None:
+        callback.probe, callback._given = probe, True
+        callback.attach(trainer).train()
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        return callbacks[-1].loss_fn(model, batch)  # this pass's callback decides what ℓ is
+
+    result = TwoPass(build_for_two_pass, run, loss_fn=loss_fn, seed=seed, threads=threads or torch.get_num_threads(),
+                     reference=reference, check=check, per_tensor=per_tensor, kernel=kernel).run()
+    if out is not None and D.is_writer():
+        save_run(result, out)
+    return result
