@@ -306,6 +306,12 @@ def test_teacher_norm_bound_and_identity_switch():
     x = torch.randn(50, 6)
     # Same teacher function written for a student with / without the identity mapping.
     torch.testing.assert_close(teacher_student_targets(x, W), teacher_student_targets(x, W_off, identity=False))
+    W_F = planted_teacher(6, norm_bound=1.0, seed=3, norm="frobenius")
+    assert torch.linalg.matrix_norm(W_F).item() == pytest.approx(1.0, rel=1e-5)
+    # Σσ and Σ|σ| agree for ReLU and differ for a leaky slope wherever some σ(z_i) < 0.
+    torch.testing.assert_close(teacher_student_targets(x, W), teacher_student_targets(x, W, output="abs"))
+    s, a = (teacher_student_targets(x, W, negative_slope=0.25, output=o) for o in ("sum", "abs"))
+    assert (a >= s).all() and (a > s).any()
 
 
 @pytest.fixture
@@ -340,21 +346,24 @@ def test_teacher_student_gd_converges_to_w_star(one_thread):
 
 @pytest.mark.parametrize("identity", [True, False])
 @pytest.mark.parametrize("activation,options,slope", [("relu", {}, 0.0), ("leaky_relu", {"negative_slope": 0.2}, 0.2)])
-def test_teacher_student_gradient_formula(identity, activation, options, slope):
+@pytest.mark.parametrize("output", ["sum", "abs"])
+def test_teacher_student_gradient_formula(identity, activation, options, slope, output):
     d = 4
     model = build("teacher_student", input_shape=(d,), num_classes=1, identity=identity,
-                  activation=activation, activation_options=options, init="random", init_scale=0.5)
+                  activation=activation, activation_options=options, init="random", init_scale=0.5, output=output)
     x, t = torch.randn(30, d), torch.randn(30, 1)
     out = model(x)
     assert out.shape == (30, 1)
     loss = 0.5 * (out - t).square().mean()
     (g,) = torch.autograd.grad(loss, [model.linear.weight])
-    # By hand: y = Σ_i |σ(z_i)|, z = Wx (+ x); d|σ(z)|/dz = 1 for z > 0, -slope for z < 0.
+    # By hand: y = Σ_i σ(z_i) (the report's eq. (4); its eq. (5) gradient: 1 for z > 0, slope
+    # below) or Σ_i |σ(z_i)| (d|σ(z)|/dz = -slope below zero), z = Wx (+ x).
     W = model.linear.weight.detach()
     z = x @ W.T + (x if identity else 0)
-    y = torch.where(z > 0, z, -slope * z).sum(dim=1, keepdim=True)
+    below = -slope if output == "abs" else slope
+    y = torch.where(z > 0, z, below * z).sum(dim=1, keepdim=True)
     torch.testing.assert_close(out.detach(), y)
-    dy_dz = torch.where(z > 0, 1.0, -slope)
+    dy_dz = torch.where(z > 0, 1.0, below)
     expected = ((y - t) * dy_dz).T @ x / len(x)
     torch.testing.assert_close(g, expected, atol=1e-6, rtol=1e-5)
 
