@@ -1,6 +1,7 @@
 """The command line: a thin layer over the Python API.
 
     gammatrace run CONFIG.yaml --out runs/NAME     train + replay + analyse (+ report)
+                   [--dry-run] [--max-disk GiB] [--prune-checkpoints]   (--out may be s3://...)
     gammatrace analyze RUN [--reference R] [--tail m]
     gammatrace report RUN... --out DIR
     gammatrace models [NAME] [--num-classes N] [--SWITCH VALUE ...]
@@ -39,14 +40,14 @@ from gammatrace.analysis import analyze, train
 from gammatrace.cliopts import add_options, option_help
 from gammatrace.config import AnalysisConfig, RunConfig, error_location, load_yaml, merge_config
 from gammatrace.data.base import DataError
-from gammatrace.engine import ReplayMismatchError, RunConflictError, train_pass
+from gammatrace.engine import ReplayMismatchError, RunConflictError, budget, train_pass
 from gammatrace.engine.session import build_session
 from gammatrace.errors import UserError, os_error
+from gammatrace.experiments.remote import report_to
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
 from gammatrace.probe.probe import ReferenceError_
 from gammatrace.registry import UnknownNameError
-from gammatrace.reporting import report
 from gammatrace.store.run import Status, StoreError, check_out_folder
 from gammatrace.techniques import per_sample_loss
 
@@ -97,9 +98,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.check_names()  # every run's names before the first one trains
     out = check_out_folder(args.out)
     single = len(configs) == 1 and "runs" not in load_yaml(_preset_path(args.config))
+    where_of = {name: out if single else out / name for name in configs}
+    # The disk estimate before anything is trained (and all of it for --dry-run).
+    plan = budget.plan_disk({where_of[n].name if single else n: c for n, c in configs.items()}, out,
+                            max_disk=args.max_disk, prune_checkpoints=args.prune_checkpoints,
+                            check_free=args.check_free)
+    budget.announce(plan, dry_run=args.dry_run, quiet=args.quiet)
+    if args.dry_run:
+        return 0
+    spacing = [r.checkpoint_every for r in plan.runs]
     paths = []
-    for i, (name, cfg) in enumerate(configs.items(), 1):
-        path = out if single else out / name
+    for i, ((name, cfg), every) in enumerate(zip(configs.items(), spacing, strict=True), 1):
+        path = where_of[name]
+        if cfg.checkpoint_every == "auto":
+            cfg = cfg.model_copy(update={"checkpoint_every": every})
         _note(args, f"[{i}/{len(configs)}] {name}: training -> {path}")
         run = train_pass(cfg, path, progress=not args.quiet)
         if run.status == Status.DIVERGED:
@@ -107,11 +119,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             _note(args, f"[{i}/{len(configs)}] {name}: replaying and analysing")
             analyze(path, workers=args.workers, progress=not args.quiet)
+            if plan.prune and not run.meta.checkpoints_pruned:
+                freed = budget.prune_checkpoints(path)
+                _note(args, f"[{i}/{len(configs)}] {name}: checkpoints pruned ({freed / budget.GiB:.3f} GiB freed)")
         paths.append(path)
     if args.no_report:
         print(out)
         return 0
-    where = report(paths, out / "report", title=f"gammatrace: {Path(args.config).stem}")
+    where = report_to(paths, out / "report", title=f"gammatrace: {Path(args.config).stem}")
     print(f"report: {where}")
     return 0
 
@@ -130,7 +145,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    print(f"report: {report(args.runs, args.out, reference=args.reference)}")
+    print(f"report: {report_to(args.runs, args.out, reference=args.reference)}")
     return 0
 
 
@@ -191,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="a YAML config, or a packaged preset name (e.g. quickstart)")
     r.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
     add_options(r, train, only={"workers"})
+    # The disk budget's options, their help and defaults from the function that plans it.
+    add_options(r, budget.plan_disk, only={"max_disk", "prune_checkpoints", "dry_run", "check_free"})
     r.add_argument("--no-report", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)

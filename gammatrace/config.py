@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,13 +39,14 @@ from gammatrace.techniques import LOSSES, OPTIMIZERS, SCHEDULES
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/NaN are refused by name: an lr of 1e400 (YAML reads it as text) must not train
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """A section whose unknown keys are passed to a registry entry as options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     def switches(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -189,6 +193,12 @@ class AnalysisConfig(_Strict):
     eps: float = Field(1e-8, ge=0, description="a loss gap ≤ eps leaves γ_k undefined")
     per_tensor: bool = True
     per_sample: bool = True
+    # ℓ(θ*; z) looked up from one pass over the training set at θ* instead of a forward per
+    # step, where the loss of a sample does not depend on its batch (no batch norm in train
+    # mode, no dropout, no augmentation; checked, and verified at each replay segment's
+    # first step): "auto" uses it where it applies, "off" never.
+    reference_cache: Literal["auto", "off"] = Field(
+        "auto", description="cached reference losses where the loss is batch-independent (auto) or never (off)")
 
 
 class RunConfig(_Strict):
@@ -211,6 +221,10 @@ class RunConfig(_Strict):
     reference: ReferenceConfig = ReferenceConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     eval_batch_size: PositiveInt = 1024
+    # Epochs between checkpoints: replay segments are this many epochs long. Larger saves
+    # disk (see `gammatrace run --dry-run`) at the price of replay parallelism; "auto" takes
+    # the densest spacing whose estimate fits the disk budget (resolved before training).
+    checkpoint_every: PositiveInt | Literal["auto"] = 1
 
     @field_validator("name")
     @classmethod
@@ -223,6 +237,17 @@ class RunConfig(_Strict):
         if not (v == "cpu" or v.startswith("cuda") or v == "mps"):
             raise ValueError(f"device must be cpu, cuda[:i] or mps, got {v!r}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_in_range(cls, data: Any) -> Any:
+        # Switches too (free-form): an integer beyond 64 bits or a non-finite number would
+        # otherwise fail deep inside torch ("Overflow when unpacking long"), naming nothing.
+        bad = _out_of_range(data)
+        if bad:
+            raise UserError(f"invalid config: {bad[0]}: {bad[1]!r:.60} is not a finite number in the "
+                            "64-bit range")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -293,7 +318,8 @@ def _check_switches(section: str, name: str, factory: Any, switches: dict[str, A
                     builder_args: set[str], shared: set[str] = frozenset()) -> None:
     """Unknown switches of a registry entry are refused before anything runs, naming the
     switches it has (a misspelt ``widht`` would otherwise surface as a TypeError deep in
-    the model's constructor, or not at all)."""
+    the model's constructor, or not at all); so is a switch whose value is not of the
+    plain type (int, float, str, bool) its parameter declares."""
     params = inspect.signature(factory).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return  # the entry forwards options it does not name; it checks them itself
@@ -302,6 +328,45 @@ def _check_switches(section: str, name: str, factory: Any, switches: dict[str, A
     if unknown:
         raise UnknownNameError(f"{section} '{name}' has no switch {', '.join(map(repr, unknown))}; "
                                f"its switches: {', '.join(sorted(known)) or 'none'}")
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+        hints = {}
+    for key, value in switches.items():
+        accepted = _plain_types(hints.get(key))
+        if accepted and not (isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted)):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in accepted if t is not int or
+                               float not in accepted)
+            raise UserError(f"invalid config: {section}.{key} ({section} '{name}') must be {want}, "
+                            f"got {type(value).__name__} {value!r:.60}")
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The Python types a plain annotation (int, float, str, bool, optionally | None)
+    accepts, an int being a float; None for any other annotation (not checked here)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    if not args or not all(a in (int, float, str, bool, type(None)) for a in args):
+        return None
+    return tuple(args) + ((int,) if float in args else ())
+
+
+def _out_of_range(data: Any, where: str = "") -> tuple[str, Any] | None:
+    """(field, value) of the first int beyond 64 bits or non-finite float in ``data``."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found = _out_of_range(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            found = _out_of_range(v, f"{where}[{i}]")
+            if found:
+                return found
+    elif (isinstance(data, int) and not isinstance(data, bool) and not -2**63 <= data < 2**63) or \
+            (isinstance(data, float) and not math.isfinite(data)):
+        return where or "(top level)", data
+    return None
 
 
 def error_location(loc: tuple[int | str, ...]) -> str:
@@ -366,7 +431,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -374,6 +441,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot be read as a config ({exc.__class__.__name__}: {exc})") from None
+    if data is None:  # an empty (truncated, unsaved) file must not train the defaults
+        raise UserError(f"{path} holds no settings (it is empty or all comments); write `{{}}` "
+                        "to mean every default")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     return data

@@ -134,9 +134,11 @@ class RayExecutor:
     """One Ray task per item: ``ray.remote(num_cpus, num_gpus)``, on the cluster at
     ``address`` or on a local instance started for this call (and stopped after it).
 
-    A task's files are written by the task itself, so on a cluster every node must see
-    the study's output folder (a shared file system). ``workers`` sizes the local
-    instance (CPUs); on a cluster Ray schedules by the resources each task asks for.
+    A task's files are written by the task itself: on a cluster the output folder must be
+    one every node reaches — object storage (``--out s3://bucket/study``: tasks read inputs
+    from it and write results to it, no shared file system needed) or a shared file
+    system. ``workers`` sizes the local instance (CPUs); on a cluster Ray schedules by the
+    resources each task asks for. A local instance listens on 127.0.0.1 only.
 
     Example:
         >>> ex = make_executor("ray", workers=2)  # building it needs no Ray; map() does
@@ -174,8 +176,9 @@ class RayExecutor:
         if started:
             options: dict[str, Any] = {"address": self.address, "log_to_driver": False}
             if self.address is None:
-                # A private local instance: no dashboard, and only as many CPUs as asked for.
-                options.update(num_cpus=self.workers, include_dashboard=False)
+                # A private local instance: no dashboard, only as many CPUs as asked for, and
+                # loopback only (Ray would otherwise bind the host's interface address).
+                options.update(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1")
             ray.init(**options)
         bar = _bar(len(tasks), desc, progress)
         try:

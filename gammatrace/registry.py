@@ -57,7 +57,7 @@ class Registry(Generic[F]):
     def get(self, name: str) -> F:
         try:
             return self._entries[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or a map where a name belongs
             raise UnknownNameError(
                 f"unknown {self.kind} '{name}'; choose one of: {', '.join(sorted(self._entries))}"
             ) from None

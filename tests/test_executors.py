@@ -72,7 +72,8 @@ def ray_module():
 @pytest.fixture(scope="module")
 def ray_instance(ray_module):
     t0 = time.perf_counter()
-    ray_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Loopback only: Ray would otherwise use the host's interface address even locally.
+    ray_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     started = time.perf_counter() - t0
     if started > RAY_START_LIMIT_S:
         ray_module.shutdown()

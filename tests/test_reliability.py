@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickletools
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import gammatrace
 from gammatrace.cli import main
@@ -391,3 +394,181 @@ def test_workers_end_when_the_parent_is_killed(tmp_path):
         parent.kill()
         for w in _children(parent.pid):
             os.kill(w, 9)
+
+
+# ------------------------------------------- 7. damaged local datasets (the fuzz's findings)
+def _cifar_case(how: str) -> bytes:
+    """A CIFAR-100 batch damaged the way one of the audit's (and tests/test_fuzz.py's)
+    header mutations did, each of which escaped the reader on the code before issue 10."""
+    from tests.test_fuzz import _cifar_batch, _cifar_pickle
+
+    batch = _cifar_batch(np.random.default_rng(10), 6)
+    raw = _cifar_pickle(batch, 5 if how in ("MemoryError", "OverflowError") else 3)
+    ops = [(op.name, pos) for op, _, pos in pickletools.genops(raw)]
+    at = dict(reversed(ops))  # first position of each opcode
+    if how == "MemoryError":  # the payload's 8-byte length made 2**40
+        pos = next(p for n, p in ops if n == "BYTEARRAY8") + 1
+        return raw[:pos] + (2 ** 40).to_bytes(8, "little") + raw[pos + 8:]
+    if how == "OverflowError":  # the frame's 8-byte length beyond sys.maxsize
+        return raw[:at["FRAME"] + 1] + (2 ** 64 - 1).to_bytes(8, "little") + raw[at["FRAME"] + 9:]
+    if how == "SystemError":  # the dtype's flags byte
+        pos = next(p for n, p in ops if n == "BININT1" and p > at["BINBYTES"] - 10) + 1
+        return raw[:pos] + b"\xff" + raw[pos + 1:]
+    if how == "IndexError":  # two bits of the header: a memo store made a SETITEMS, the payload length
+        return raw[:163] + b"u" + raw[164:202] + bytes([raw[202] ^ 1]) + raw[203:]
+    if how == "TypeError":  # the key b"data" stored as text
+        pos = next(p for n, p in ops if n == "SHORT_BINBYTES" and raw[p + 2:p + 6] == b"data")
+        return raw[:pos] + b"\x8c" + raw[pos + 1:]
+    assert how == "Fortran order"  # the array's order flag: the same bytes, other images, no error
+    return raw[:at["BINBYTES"] - 1] + b"\x88" + raw[at["BINBYTES"]:]
+
+
+@pytest.mark.parametrize("how", ["MemoryError", "OverflowError", "SystemError", "IndexError", "TypeError",
+                                 "Fortran order"])
+def test_damaged_cifar_header_is_one_line(tmp_path, capsys, how):
+    from tests.test_fuzz import _cifar_batch, _cifar_pickle
+
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    (folder / "train").write_bytes(_cifar_case(how))
+    (folder / "test").write_bytes(_cifar_pickle(_cifar_batch(np.random.default_rng(11), 4), 3))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config(data={"name": "cifar100", "data_dir": str(tmp_path / "data"),
+                                                "n_train": None, "n_test": None})))
+    before = _tree_hashes(tmp_path)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert str(folder / "train") in line and ("re-extract" in line or "b'data'" in line)
+    assert _tree_hashes(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "five samples", "other arguments"])
+def test_mnist1d_cache_is_regenerated_never_trained_on(tmp_path, monkeypatch, capsys, damage):
+    from gammatrace.data.embedded import mnist1d
+
+    monkeypatch.setenv("GAMMATRACE_CACHE", str(tmp_path))
+    good = mnist1d(num_samples=200, seed=5)
+    (cache,) = tmp_path.glob("mnist1d-*-200-5-0.8.npz")
+    intact = cache.read_bytes()
+    if damage == "truncated":  # BadZipFile on every later run, the file never named
+        cache.write_bytes(intact[: len(intact) // 2])
+    elif damage == "five samples":  # a valid file of the wrong size: trained on 5 samples
+        with np.load(cache) as z:
+            np.savez(cache, **{k: z[k][:5] if k != "key" else z[k] for k in z.files})
+    else:  # a valid entry of the right size, made for another seed
+        shutil.copy(_mnist1d_entry(tmp_path, 6), cache)
+    capsys.readouterr()
+    again = mnist1d(num_samples=200, seed=5)
+    assert torch.equal(again.x_train, good.x_train) and torch.equal(again.y_test, good.y_test)
+    note = capsys.readouterr().err
+    assert str(cache) in note and "regenerating" in note
+    assert mnist1d(num_samples=200, seed=5).n_train == 160  # the regenerated entry is cached again
+    assert capsys.readouterr().err == ""
+
+
+def _mnist1d_entry(folder: Path, seed: int) -> Path:
+    from gammatrace.data.embedded import mnist1d
+
+    mnist1d(num_samples=200, seed=seed)
+    (path,) = folder.glob(f"mnist1d-*-200-{seed}-0.8.npz")
+    moved = folder / "other.npz"
+    path.rename(moved)
+    return moved
+
+
+# ------------------------------------------------ 7. damaged run files (the fuzz's findings)
+def test_run_json_field_changed_by_damage_is_named(trained, tmp_path, capsys):
+    run = _copy(trained, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    # one digit of ‖θ_0 − θ_T‖: a valid file, a silently different path_ratio before issue 10
+    text = (run / "run.json").read_text().replace(repr(meta["displacement"])[:6], repr(meta["displacement"])[:5] + "9", 1)
+    (run / "run.json").write_text(text)
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "run.json" in line and "'displacement'" in line
+    assert _tree_hashes(run) == before
+
+
+def test_run_json_config_stays_editable(trained, tmp_path):
+    """Only what pass 1 recorded is sealed: a moved study points its runs' init_from elsewhere."""
+    run = _copy(trained, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["model"]["init_from"] = None
+    meta["config"]["name"] = "renamed"
+    (run / "run.json").write_text(json.dumps(meta))
+    assert load_run(run).name == "renamed"
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "type swap", "rows cut"])
+def test_shard_damaged_in_place_is_refused(trained, tmp_path, capsys, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = _copy(trained, tmp_path)
+    shard = run / "analysis" / "continuation" / "steps" / "epoch_0001.parquet"
+    table = pq.read_table(shard)
+    if damage == "bit flip":  # one bit of a stored number (a data page): Parquet's page CRC
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 3] ^= 0x10
+        shard.write_bytes(bytes(raw))
+    else:  # a valid file with the original metadata: the column checksums
+        if damage == "type swap":
+            col = table.column("loss_ref").cast(pa.float32())
+            table = table.set_column(table.column_names.index("loss_ref"), pa.field("loss_ref", pa.float32()), col)
+        else:
+            table = table.slice(0, 2)
+        pq.write_table(table, shard)
+    before = _tree_hashes(run)
+    assert main(["analyze", str(run), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert str(shard) in line and "damaged" in line and "recompute" in line
+    assert _tree_hashes(run) == before
+
+
+def test_shard_rewritten_with_another_type_is_refused(trained, tmp_path, capsys):
+    """Without the checksums (another tool rewrote it): the column's type is checked."""
+    run = _copy(trained, tmp_path)
+    shard = run / "analysis" / "continuation" / "steps" / "epoch_0000.parquet"
+    frame = pd.read_parquet(shard)
+    frame["loss_ref"] = frame["loss_ref"].astype("int64")  # silently truncated numbers before
+    frame.to_parquet(shard, index=False)
+    assert main(["analyze", str(run), "--reference", "continuation", "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert "epoch_0000.parquet" in line and "loss_ref is int64" in line
+
+
+def test_equal_states_are_equal_files(tmp_path):
+    """torch.save names the archive inside after the path it writes: through the store's
+    temporary files every checkpoint differed in bytes; a resumed run must equal bit for bit."""
+    a, b = (gammatrace.train(tiny_config(), tmp_path / n, replay=False, progress=False) for n in "ab")
+    for rel in ("final.pt", "checkpoints/epoch_0001.pt"):
+        assert (a.path / rel).read_bytes() == (b.path / rel).read_bytes()
+
+
+# ------------------------------------------------------- 7. configs (the fuzz's findings)
+@pytest.mark.parametrize("text, words", [
+    ("", "holds no settings"),  # a truncated or unsaved file trained every default
+    ("# only a comment\n", "holds no settings"),
+    ("epochs: " + "[" * 600 + "]" * 600 + "\n", "nested too deeply"),  # RecursionError
+    ("optim: {name: {sgd: 1}}\n", "unknown optimizer"),  # TypeError: unhashable type: 'dict'
+    ("epochs: 10000000000000000000000000000000000000000\n", "epochs"),
+    ("seed: 10000000000000000000000000000000000000000\n", "seed"),  # Overflow when unpacking long
+    ("optim: {lr: 1e400}\n", "optim.lr"),  # YAML text, read as inf: trained with lr inf
+    ("model: {name: mlp, depth: '3'}\n", "model.depth"),  # '<' not supported between str and int
+])
+def test_damaged_config_is_one_line(tmp_path, capsys, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert words in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_rerun_with_another_config_names_the_field(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(tiny_config()))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-report", "--quiet"]) == 0
+    cfg.write_text(json.dumps(tiny_config(optim={"lr": 0.3})))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-report", "--quiet"]) == 2
+    assert "optim.lr: 0.2 there, 0.3 now" in _one_error_line(capsys)

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from gammatrace.engine import train_pass
+from gammatrace.errors import UserError
 from gammatrace.experiments import STUDIES, run_study, study_from_yaml
 from gammatrace.experiments.presets import PRESETS
 from gammatrace.experiments.study import Claim, grid_study, make_study, prepare_init, run_task
-from gammatrace.principles.claims import RunPoint, check_claim
 from gammatrace.reporting import study as S
 from gammatrace.reporting.claims import null_baseline
 from gammatrace.store import StoreError, StudyMeta, load_run
@@ -60,15 +60,16 @@ def test_study_writes_report_and_init(study):
     out, html = study
     assert html == out / "report" / "report.html"
     meta = json.loads((out / "study.json").read_text())
-    assert meta["runs"] == {"relu": "relu", "tanh": "tanh"} and meta["claims"][0]["order"] == ["relu", "tanh"]
+    assert meta["runs"] == {"relu": "relu", "tanh": "tanh"} and meta["claims"][0]["order"] == [["relu"], ["tanh"]]
     # One shared initial point, loaded by both cells (same shapes: every tensor).
     init = out / "init" / "tiny-s0.pt"
     assert init.is_file()
     for name in ("relu", "tanh"):
         assert load_run(out / name).config.model.init_from == str(init.resolve())
-    for f in ("trajectory_tiny.png", "trajectory_tiny.pdf", "layers_tiny.png", "summary.md", "report.html"):
+    for f in ("trajectory_tiny.png", "trajectory_tiny.pdf", "layers_tiny.png", "matched_tiny.png", "theorem1_tiny.png",
+              "summary.md", "report.html"):
         assert (out / "report" / f).stat().st_size > 1000, f
-    assert html.read_text().count('<img src="data:image/png;base64,') == 2
+    assert html.read_text().count('<img src="data:image/png;base64,') == 4
 
 
 def test_study_json_is_one_typed_model(study, tmp_path):
@@ -77,7 +78,7 @@ def test_study_json_is_one_typed_model(study, tmp_path):
     meta = StudyMeta.load(out / "study.json")
     assert meta == grid_study(SPEC).meta(seeds=1)
     assert meta.name == "tiny" and meta.cell("relu") == "relu" and meta.group("tanh") == "tiny"
-    assert meta.claims == [Claim("ReLU first", ("relu", "tanh"), "tiny")]
+    assert meta.claims == [Claim("ReLU first", "relu > tanh", "tiny")]
     # The file of the previous (untyped) writer, key for key, loads unchanged.
     old = {"study": "activation", "question": "q", "preset": "quick", "seeds": 2, "shared_init": True,
            "runs": {"relu-s0": "relu", "relu-s1": "relu"}, "seed_of": {"relu-s0": 0, "relu-s1": 1},
@@ -85,8 +86,10 @@ def test_study_json_is_one_typed_model(study, tmp_path):
            "claims": [{"text": "t", "order": ["relu", "tanh"], "group": "mlp_bn"}]}
     (tmp_path / "study.json").write_text(json.dumps(old))
     loaded = StudyMeta.load(tmp_path / "study.json")
-    assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0]}]}
-    assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == ("relu", "tanh")
+    # A strict order written as a list of names is read as levels of one cell each.
+    assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0], "order": [["relu"], ["tanh"]],
+                                                                 "source": None}]}
+    assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == (("relu",), ("tanh",))
     # A damaged file names its field, and a report of its runs falls back to the plain layout.
     (tmp_path / "study.json").write_text(json.dumps({**old, "seeds": "many"}))
     with pytest.raises(StoreError, match="field 'seeds'"):
@@ -124,10 +127,18 @@ def test_report_numbers_equal_the_runs_tables(study):
         assert_cell(r["median γ_k, θ* = θ_T"], run.summary("last")["gamma_median"], r["cell"])
         assert_cell(r["median γ_k, continuation θ*"], run.summary("continuation")["gamma_median"], r["cell"])
         assert r[f"epochs to the target loss {TARGET:g}"] == str(run.summary()["epochs"])
-    verdicts = md_table(md, "| reference point |")
-    assert [v["reference point"] for v in verdicts] == list(S.REFERENCES.values())
-    # Two cells: never enough for a verdict, whatever the numbers.
-    assert all(v["verdict"] == "inconclusive (fewer than 3 comparable cells (2))" for v in verdicts)
+    verdicts = md_table(md, "| statistic |")
+    assert [(v["statistic"].split(" —")[0], v["reference point"]) for v in verdicts] == [
+        (stat, ref) for stat in S.STATISTICS.values() for ref in S.REFERENCES.values()]
+    assert verdicts[0]["statistic"] == "median γ_k per seed — the verdict"
+    # One seed per cell: never a verdict, whatever the numbers; the p-value is shown.
+    for v in verdicts:
+        assert v["verdict"].startswith("single seed (one run per cell: p = "), v
+        assert v["seeds per level"] == "1+1" and v["J / pairs"] in ("0 / 1", "1 / 1")
+    # The numbers of the check are the runs' own: J counts whether relu's median γ_k is larger.
+    g = {c: load_run(out / c).summary("continuation")["gamma_median"] for c in ("relu", "tanh")}
+    assert verdicts[0]["J / pairs"] == ("1 / 1" if g["relu"] > g["tanh"] else "0 / 1")
+    assert verdicts[0]["p (claimed order)"] == ("0.5" if g["relu"] > g["tanh"] else "1")
 
 
 def test_null_baseline_rows_match_the_steps(study):
@@ -175,44 +186,6 @@ def test_seeded_figure_draws_mean_and_band(study, tmp_path):
     assert lines.stat().st_size > 10000
 
 
-# --------------------------------------------------------------------------- verdicts
-def _pts(values, excluded=None):
-    """(cell, γ, epochs) triples -> RunPoints, seeds as cell-s<i>."""
-    out = []
-    for i, (cell, gamma, conv) in enumerate(values):
-        out.append(RunPoint(f"{cell}-{i}", cell, gamma, conv, (excluded or {}).get(cell)))
-    return out
-
-
-@pytest.mark.parametrize("values, excluded, verdict, reason", [
-    ([("a", 3, 10), ("b", 2, 20), ("c", 1, 30)], None, "consistent", "ρ(claimed order, γ) = 1, ρ(γ, speed) = 1"),
-    ([("a", 1, 10), ("b", 2, 20), ("c", 3, 30)], None, "not consistent", "= -1"),
-    # γ ordered as claimed but the slowest cell has the largest γ: convergence disagrees.
-    ([("a", 3, 30), ("b", 2, 20), ("c", 1, 10)], None, "not consistent", "ρ(γ, speed) = -1"),
-    ([("a", 3, 10), ("b", 2, 20), ("c", 1, 30)], {"c": "no progress (mean batch loss fell by only 1.0%)"},
-     "inconclusive", "cells excluded: c"),
-    ([("a", 3, 10), ("b", 2, 20)], None, "inconclusive", "fewer than 3 comparable cells (2)"),
-    # Two seeds per cell whose γ ranges overlap between claimed neighbours a and b.
-    ([("a", 3, 10), ("a", 1.9, 11), ("b", 2, 20), ("b", 2.1, 21), ("c", 0.5, 30), ("c", 0.6, 31)], None,
-     "inconclusive", "seed spread overlaps: a [1.9, 3] vs b [2, 2.1]"),
-    ([("a", 3, 10), ("b", 3, 20), ("c", 3, 30)], None, "inconclusive", "undefined"),
-    ([("a", 2, 10), ("b", 3, 30), ("c", 1, 20), ("d", 2.5, 5)], None, "inconclusive", "weak rank correlation"),
-])
-def test_claim_verdicts(values, excluded, verdict, reason):
-    order = sorted({v[0] for v in values})
-    result = check_claim(order, _pts(values, excluded))
-    assert result.verdict == verdict, result.text
-    assert reason in result.reason, result.text
-
-
-def test_claim_with_seeds_uses_seed_means():
-    values = [("a", 3, 10), ("a", 3.2, 12), ("b", 2, 20), ("b", 2.2, 22), ("c", 1, 30), ("c", 1.2, 28)]
-    r = check_claim(["a", "b", "c"], _pts(values))
-    assert r.verdict == "consistent" and r.n_runs == 6
-    assert [round(c.gamma, 6) for c in r.cells] == [3.1, 2.1, 1.1]
-    assert r.gamma_order == r.speed_order == ["a", "b", "c"]
-
-
 # ---------------------------------------------------------------------- presets, YAML
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", STUDIES.names())
@@ -223,7 +196,7 @@ def test_every_study_and_preset_builds_valid_configs(name, preset):
         cfg.check_names()
         assert cell in study.groups[study.group_of(cell)]
     for claim in study.claims:
-        assert len(claim.order) >= 2 and set(claim.order) <= set(study.groups[claim.group])
+        assert len(claim.order) >= 2 and set(claim.cells) <= set(study.groups[claim.group])
     for cfg in study.runs(seeds=2, init_dir="/tmp/init").values():
         assert cfg.reference.kind == "continuation" and cfg.reference.extra_epochs >= 1
         assert (cfg.model.init_from is not None) == study.shared_init
@@ -276,7 +249,7 @@ def test_study_yaml_grid_and_cell_forms(tmp_path):
     s = study_from_yaml(grid)
     assert s.name == "grid" and sorted(s.cells) == ["cnn-relu", "mlp-relu", "mlp-tanh"]
     assert s.groups == {"mlp": ["mlp-relu", "mlp-tanh"], "cnn": ["cnn-relu"]}
-    assert [(c.group, c.order) for c in s.claims] == [("mlp", ("mlp-relu", "mlp-tanh"))]  # cnn has one variant
+    assert [(c.group, c.order_text) for c in s.claims] == [("mlp", "mlp-relu > mlp-tanh")]  # cnn has one variant
     assert s.cells["cnn-relu"].model.name == "cnn1d" and s.cells["mlp-tanh"].model.switches() == {"activation": "tanh"}
 
     cells = tmp_path / "cells.yaml"
@@ -289,8 +262,14 @@ def test_study_yaml_grid_and_cell_forms(tmp_path):
     bad.write_text(yaml.safe_dump({"variants": {"a": {}, "b": {}}, "claims": [{"text": "t", "order": ["a", "bb"]}]}))
     with pytest.raises(ValueError, match=r"unknown variants \['bb'\]"):
         study_from_yaml(bad)
-    bad.write_text(yaml.safe_dump({"variants": {"a": {}}, "seeds": 3}))
-    with pytest.raises(ValueError, match="unknown keys"):
+    bad.write_text(yaml.safe_dump({"variants": {"a": {}}, "seed": 3}))
+    with pytest.raises(ValueError, match=r"unknown keys \['seed'\]"):
+        study_from_yaml(bad)
+    bad.write_text(yaml.safe_dump({"variants": {"a": {}}, "groups": {"g": {"bases": {}}}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['bases'\] \(at groups.g.bases\)"):
+        study_from_yaml(bad)
+    bad.write_text(yaml.safe_dump({"variants": {"a": {}, "b": {}}, "claims": [{"text": "t", "order": "a > a"}]}))
+    with pytest.raises(UserError, match="names a more than once"):
         study_from_yaml(bad)
     bad.write_text(yaml.safe_dump({"cells": {"a": {}}, "claims": [{"text": "t", "order": ["a", "zz"]}]}))
     with pytest.raises(ValueError, match="unknown cells"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,14 @@ def _mnist1d_arrays(num_samples: int, seed: int, train_split: float) -> dict:
 
     version = getattr(mnist1d, "__version__", "0")
     path = cache_dir() / f"mnist1d-{version}-{num_samples}-{seed}-{train_split}.npz"
-    if path.exists():
-        try:
-            with np.load(path) as z:
-                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is regenerated below
     args = get_dataset_args()
+    key = np.array([num_samples, seed, train_split], dtype=np.float64)
+    if path.exists():
+        d, why = _read_cache(path, key, args.final_seq_length)
+        if why is None:
+            return d
+        # Never trained on: a damaged or foreign entry is regenerated (and replaced) below.
+        print(f"gammatrace: the MNIST-1D cache {path} {why}; regenerating it", file=sys.stderr)
     args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
     # make_dataset reseeds the global numpy/random generators; keep the caller's streams.
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -69,11 +71,51 @@ def _mnist1d_arrays(num_samples: int, seed: int, train_split: float) -> dict:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **d)
+        np.savez(tmp, key=key, **d)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs the regeneration next time
     return d
+
+
+def _read_cache(path: Path, key: np.ndarray, length: int) -> tuple[dict | None, str | None]:
+    """A cached MNIST-1D entry, checked against what ``make_dataset`` returns for ``key``
+    (num_samples, seed, train_split): (arrays, None), or (None, what is wrong with it).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "entry.npz"
+        >>> key = np.array([20, 0, 0.8])
+        >>> np.savez(path, key=key, x=np.zeros((16, 40)), y=np.zeros(16, int), x_test=np.zeros((4, 40)), y_test=np.zeros(4, int))
+        >>> _read_cache(path, key, 40)[1] is None
+        True
+        >>> np.savez(path, key=key, x=np.zeros((5, 40)), y=np.zeros(5, int), x_test=np.zeros((4, 40)), y_test=np.zeros(4, int))
+        >>> _read_cache(path, key, 40)[1]
+        'holds 5 training and 4 test samples, not 16 and 4'
+        >>> _ = path.write_bytes(path.read_bytes()[:100])
+        >>> _read_cache(path, key, 40)[1]  # doctest: +ELLIPSIS
+        'is unreadable (BadZipFile: ...)'
+    """
+    num_samples, _, train_split = key
+    total = int(num_samples) // 10 * 10  # make_dataset draws num_samples // 10 per class
+    n_train = int(total * train_split)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in ("key", "x", "y", "x_test", "y_test")}
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, a bad CRC, a missing array, ...: all damage
+        return None, f"is unreadable ({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]})"
+    if d["key"].shape != key.shape or not np.array_equal(d["key"], key):
+        return None, "was made for other arguments"
+    x, y, xt, yt = d["x"], d["y"], d["x_test"], d["y_test"]
+    if (len(x), len(xt)) != (n_train, total - n_train) or len(y) != len(x) or len(yt) != len(xt):
+        return None, f"holds {len(x)} training and {len(xt)} test samples, not {n_train} and {total - n_train}"
+    if x.shape[1:] != (length,) or xt.shape[1:] != (length,) or y.ndim != 1 or yt.ndim != 1:
+        return None, f"holds arrays of shapes {x.shape}, {y.shape}, not (N, {length}) and (N,)"
+    if (x.dtype.kind != "f" or xt.dtype.kind != "f" or y.dtype.kind not in "iu" or yt.dtype.kind not in "iu"
+            or not (np.isfinite(x).all() and np.isfinite(xt).all())
+            or (len(y) and not (0 <= y.min() and y.max() < 10)) or (len(yt) and not (0 <= yt.min() and yt.max() < 10))):
+        return None, "holds values that are not finite inputs and labels 0..9"
+    return {k: d[k] for k in ("x", "y", "x_test", "y_test")}, None
 
 
 @DATASETS.register("digits")

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import platform
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from gammatrace.errors import UserError
 from gammatrace.models import build
 from gammatrace.models.init import apply_init, load_init
 from gammatrace.probe import Probe
+from gammatrace.store.backend import Location, ObjectFiles, location
 from gammatrace.techniques import make_optimizer, make_schedule, per_sample_loss
 
 _INIT_STREAM = 0x1417
@@ -199,6 +201,17 @@ class Session:
         return out
 
 
+def _load_init(model: nn.Module, path: Path | Location):
+    """:func:`load_init` from a local file or an object (a study's initial point on object
+    storage: read by every worker from there, no shared file system needed)."""
+    if not isinstance(path, Location):
+        return load_init(model, path)
+    with tempfile.TemporaryDirectory(prefix="gammatrace-init-") as tmp:
+        local = Path(tmp) / path.name
+        local.write_bytes(ObjectFiles(path.parent).read_bytes(path.name))
+        return load_init(model, local)
+
+
 def _hook_table(rows: list[tuple[int, Mapping[str, Any]]], epoch: int) -> pd.DataFrame:
     # One host read per value, at the end of the epoch rather than at every step.
     columns = list(rows[0][1]) if rows else []
@@ -248,11 +261,12 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
         apply_init(model, cfg.model.init, x=data.x_train[: cfg.batch_size])
     if cfg.model.init_from is not None:
         # The papers compare techniques from one saved initial point where shapes allow.
-        path = Path(cfg.model.init_from)
-        if not path.is_file():
+        path = location(cfg.model.init_from)
+        exists = ObjectFiles(path.parent).is_file(path.name) if isinstance(path, Location) else path.is_file()
+        if not exists:
             raise UserError(f"initial point {path} (model.init_from) does not exist")
         try:
-            loaded = load_init(model, path).loaded
+            loaded = _load_init(model, path).loaded
         except Exception as exc:  # torch raises several types for damaged or unsafe files
             raise UserError(f"initial point {path} (model.init_from) cannot be read as a tensor file "
                             f"({exc.__class__.__name__}); save it with gammatrace's save_init or torch.save of a "

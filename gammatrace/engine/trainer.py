@@ -1,10 +1,11 @@
 """Pass 1: deterministic training with epoch checkpoints, resume, and the stop criterion.
 
 The run directory's run.json is the commit point: an epoch counts as done only once
-its step shard, sample shard, metrics and the next checkpoint are on disk *and*
-run.json says so. A process killed anywhere resumes from the last done epoch and,
-because data order and RNG are functions of (seed, epoch), produces the same
-trajectory as an uninterrupted run.
+its step shard, sample shard, metrics (and the next checkpoint, when one is due) are on
+disk *and* run.json says so. Checkpoints are written every ``checkpoint_every`` epochs
+and at the horizon; a process killed anywhere resumes from the last checkpoint at or
+before the last done epoch and, because data order and RNG are functions of (seed,
+epoch), produces the same trajectory as an uninterrupted run.
 
 Example:
     >>> import tempfile
@@ -28,6 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gammatrace.config import RunConfig
+from gammatrace.engine.budget import free_bytes, plan_disk
 from gammatrace.engine.session import DivergedError, build_session, provenance
 from gammatrace.errors import UserError
 from gammatrace.probe import Probe
@@ -52,14 +54,25 @@ def _open(store: RunStore, cfg: RunConfig) -> RunMeta:
     if store.exists(RunStore.META):
         meta = store.read_meta()
         # Compared as typed configs, so a run.json of an older format resumes.
-        if meta.run_config().model_dump(mode="json") != wanted:
+        stored = meta.run_config().model_dump(mode="json")
+        if stored != wanted:
             raise RunConflictError(
-                f"{store.root} holds a run with a different config; choose another --out or remove it"
+                f"{store.root} holds a run with a different config ({_first_difference(stored, wanted)}); "
+                "choose another --out or remove it"
             )
         return meta
     meta = RunMeta(config=wanted, provenance=provenance(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     store.write_meta(meta)
     return meta
+
+
+def _first_difference(stored: Any, wanted: Any, where: str = "") -> str:
+    """The first field where two config dicts differ, as 'field: there X, now Y'."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        for k in [*stored, *(k for k in wanted if k not in stored)]:
+            if stored.get(k) != wanted.get(k):
+                return _first_difference(stored.get(k), wanted.get(k), f"{where}.{k}" if where else k)
+    return f"{where or 'config'}: {stored!r:.40} there, {wanted!r:.40} now"
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
@@ -73,6 +86,7 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
     cfg = _coerce(config)
     cfg.check_names()
     store = RunStore(check_out_folder(out))
+    cfg = _resolve_spacing(cfg, store)
     if store.exists(RunStore.META) and store.read_meta().status != Status.RUNNING:
         _open(store, cfg)  # still refuses a different config
         return Run(store.root)
@@ -81,6 +95,20 @@ def train_pass(config: RunConfig | dict | str | Path, out: str | Path, *, progre
     sess = build_session(cfg)
     with store.lock():
         return _train_locked(store, cfg, sess, progress, stop_after)
+
+
+def _resolve_spacing(cfg: RunConfig, store: RunStore) -> RunConfig:
+    """``checkpoint_every: auto`` as a number: the run's own (resuming), or the densest
+    spacing whose estimate fits the free space (see :mod:`gammatrace.engine.budget`)."""
+    if cfg.checkpoint_every != "auto":
+        return cfg
+    if store.exists(RunStore.META):
+        every = store.read_meta().run_config().checkpoint_every
+    elif free_bytes(store.root) is None:
+        every = 1  # object storage reports no free space: keep every epoch
+    else:
+        every = plan_disk({cfg.name: cfg}, store.root).runs[0].checkpoint_every
+    return cfg.model_copy(update={"checkpoint_every": every})
 
 
 def _resume_epoch(store: RunStore, done: int) -> int:
@@ -118,6 +146,7 @@ def _train_locked(store: RunStore, cfg: RunConfig, sess, progress: bool, stop_af
     cap = (horizon if horizon is not None else cfg.epochs) + cfg.reference.extra_epochs
     bar = _progress(cap, done, cfg.name, progress)
     check_each_step = sess.device.type == "cpu"
+    every = cfg.checkpoint_every
     ran = 0
     e = done
     while e < cap:
@@ -146,15 +175,18 @@ def _train_locked(store: RunStore, cfg: RunConfig, sess, progress: bool, stop_af
         store.write_parquet(store.shard(RunStore.STEPS, e), steps)
         if len(samples):
             store.write_parquet(store.shard(RunStore.SAMPLES, e), samples)
-        store.write_torch(store.checkpoint(e + 1), sess.state(e + 1))
+        reached = cfg.target_loss is not None and metrics["train_loss"] <= cfg.target_loss
+        ends_horizon = horizon is None and (reached or e + 1 == cfg.epochs)
+        if (e + 1) % every == 0 or ends_horizon:
+            # A replay segment ends at every checkpoint; the horizon always ends one.
+            store.write_torch(store.checkpoint(e + 1), sess.state(e + 1))
         epochs = pd.concat([epochs, pd.DataFrame([metrics])], ignore_index=True)
         store.write_parquet(RunStore.EPOCHS, epochs)
         e += 1
         ran += 1
         updates: dict[str, Any] = {"epochs_done": e}
         if horizon is None:
-            reached = cfg.target_loss is not None and metrics["train_loss"] <= cfg.target_loss
-            if reached or e == cfg.epochs:
+            if ends_horizon:
                 horizon = e
                 updates.update(horizon_epochs=e, horizon_steps=e * sess.steps_per_epoch,
                                reached_target=reached if cfg.target_loss is not None else None)

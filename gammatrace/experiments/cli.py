@@ -31,7 +31,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     except MissingDependencyError as exc:
         print(f"gammatrace: error: {exc}", file=sys.stderr)
         return 2
-    print(f"report: {where}")
+    if where is not None:  # None: a --dry-run, whose plan is the output
+        print(f"report: {where}")
     return 0
 
 

@@ -4,8 +4,9 @@ A study is a set of *cells* (one technique setting each, e.g. ``relu`` / ``sigmo
 that share a base config, repeated over seeds, plus the paper *claims* the report checks
 ("ReLU-type activations give larger γ and faster convergence than sigmoid"). Cells are
 grouped by network/dataset (a *group*); figures, tables and claims are per group.
-Built-in studies are registry entries ``factory(preset, data_dir) -> Study``; users
-write the same thing as YAML (:func:`study_from_yaml`).
+Built-in studies are registry entries ``factory(preset, data_dir) -> Study`` built from
+typed :class:`GridSpec` objects (:mod:`gammatrace.experiments.presets`); users write the
+same thing as YAML (:func:`study_from_yaml`), validated by the same models.
 
 Every run is an independent task (train, verified replay, analysis against θ_T and,
 when configured, a continuation reference), so a study fans out over an executor and
@@ -26,23 +27,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from gammatrace.analysis import analyze
 from gammatrace.config import RunConfig, load_yaml
 from gammatrace.config import merge_config as merge
 from gammatrace.data import load_dataset
-from gammatrace.engine import train_pass
+from gammatrace.engine import budget, train_pass
 from gammatrace.engine.session import build_session
+from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
+from gammatrace.experiments.remote import report_to
+from gammatrace.principles.claims import Order, parse_order, restrict_order
 from gammatrace.registry import Registry
-from gammatrace.reporting import report
-from gammatrace.store.run import RunStore, check_out_folder
+from gammatrace.store.backend import Location, location
+from gammatrace.store.run import Run, RunStore, check_out_folder
 from gammatrace.store.study import Claim, StudyMeta
 
 STUDIES = Registry("study")
 
 
-# Claim (a paper's claim: its text, its cells from the claimed largest γ to the smallest, its
-# group) is part of study.json's schema, so it is defined with StudyMeta and used from there.
+class StudyError(UserError, ValueError):
+    """A study definition that cannot be built (unknown keys, a claim naming no cell)."""
+
+
+# Claim (a paper's claim: its text, its weak order of cells from the claimed largest γ to the
+# smallest, its group, its source) is part of study.json's schema, so it is defined with
+# StudyMeta and used from there.
 @dataclass
 class Study:
     name: str
@@ -55,9 +66,13 @@ class Study:
     # One saved initial point per group and seed, loaded by every cell where shapes
     # allow (model.init_from), so cells differ only in the technique compared.
     shared_init: bool = False
+    # Seeds per cell when the caller does not say (run_study's seeds=None).
+    seeds: int = 1
 
     def __post_init__(self) -> None:
-        unknown = {c for claim in self.claims for c in claim.order} - set(self.cells)
+        if self.seeds < 1:
+            raise StudyError(f"study {self.name}: seeds must be >= 1, got {self.seeds}")
+        unknown = {c for claim in self.claims for c in claim.cells} - set(self.cells)
         unknown |= {c for cells in self.groups.values() for c in cells} - set(self.cells)
         if unknown:
             raise ValueError(f"study {self.name}: claims/groups name unknown cells {sorted(unknown)}")
@@ -99,8 +114,8 @@ class Study:
         Example:
             >>> s = make_study("demo", "?", {}, {"a": {}, "b": {}}, [Claim("a first", ("a", "b"))])
             >>> m = s.meta(seeds=2)
-            >>> m.runs, m.seed_of["b-s1"], m.group("a-s0"), m.claims[0].order
-            ({'a-s0': 'a', 'a-s1': 'a', 'b-s0': 'b', 'b-s1': 'b'}, 1, 'all', ('a', 'b'))
+            >>> m.runs, m.seed_of["b-s1"], m.group("a-s0"), m.claims[0].order_text
+            ({'a-s0': 'a', 'a-s1': 'a', 'b-s0': 'b', 'b-s1': 'b'}, 1, 'all', 'a > b')
         """
         names = self.run_names(seeds)
         return StudyMeta(study=self.name, question=self.question, preset=self.preset, seeds=seeds,
@@ -113,7 +128,7 @@ class Study:
 
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
                claims: list[Claim] | None = None, groups: dict[str, list[str]] | None = None,
-               preset: str = "custom", shared_init: bool = False) -> Study:
+               preset: str = "custom", shared_init: bool = False, seeds: int = 1) -> Study:
     """A study from a base config dict and per-cell overrides (merged by :func:`merge`).
 
     Example:
@@ -123,102 +138,221 @@ def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, 
         {'activation': 'tanh'}
     """
     configs = {c: RunConfig.model_validate(merge(merge(base, over or {}), {"name": c})) for c, over in cells.items()}
-    return Study(name, question, configs, list(claims or []), dict(groups or {}), preset, shared_init)
+    return Study(name, question, configs, list(claims or []), dict(groups or {}), preset, shared_init, seeds)
 
 
-GRID_KEYS = {"name", "question", "base", "variants", "groups", "claims", "shared_init"}
+# --------------------------------------------------------------------- typed definitions
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def grid_study(spec: dict[str, Any], preset: str = "custom") -> Study:
-    """A study from the grid form: variants (the techniques) × groups (networks/datasets).
+class Source(_Spec):
+    """Where a paper states a claim: its file in ``../shared/papers/`` and the phrase.
 
-    ``spec`` keys: ``name``, ``question``, ``base`` (every run), ``variants``
-    (variant -> overrides), ``groups`` (group -> ``{base: overrides, variants:
-    {...}}``; a group's ``variants`` replaces the study's), ``claims`` (``[{text,
-    order}]`` with ``order`` naming variants, largest γ first; each claim is checked
-    in every group on the variants that group has, in claim order), ``shared_init``.
-    With one group a cell is named after its variant, otherwise ``group-variant``.
+    Example:
+        >>> Source(paper="001_954b36295a226970.txt", quote="converge as fast as").text
+        '001_954b36295a226970.txt: “converge as fast as”'
+    """
+
+    paper: str
+    quote: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.paper}: “{self.quote}”"
+
+
+class ClaimSpec(_Spec):
+    """A claim over variant names: ``order`` a weak order (``"relu ≈ leaky_relu > tanh"``,
+    or a list), ``source`` the paper's words (None: a hypothesis no paper states).
+
+    Example:
+        >>> ClaimSpec(text="BN first", order="all ≈ first > none").order
+        (('all', 'first'), ('none',))
+    """
+
+    text: str
+    order: tuple[tuple[str, ...], ...]
+    source: Source | None = None
+
+    @field_validator("order", mode="before")
+    @classmethod
+    def _levels(cls, value: Any) -> Order:
+        return parse_order(value)
+
+
+class GroupSpec(_Spec):
+    """One network / dataset of a grid: ``base`` overrides the study's base; ``variants``
+    (variant -> overrides) replace the study's when given; ``claims`` replace the study's
+    when given (the papers state some orders per network)."""
+
+    base: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] | None = None
+    claims: list[ClaimSpec] | None = None
+
+
+class GridSpec(_Spec):
+    """A study in grid form: variants (the techniques) × groups (networks / datasets).
+
+    ``base`` applies to every run; each group's ``base`` and each variant's overrides
+    are merged onto it (:func:`~gammatrace.config.merge_config`). A claim of the study
+    is checked in every group on the variants that group has, in claim order (a group
+    with fewer than two of its levels skips it); a group's own ``claims`` replace the
+    study's there and must name its variants. With one group a cell is named after its
+    variant, otherwise ``group-variant``. ``seeds``: seeds per cell by default.
+
+    Example:
+        >>> spec = GridSpec(name="d", base={"data": {"name": "digits"}},
+        ...                 variants={"relu": {"model": {"activation": "relu"}},
+        ...                           "tanh": {"model": {"activation": "tanh"}}},
+        ...                 groups={"mlp": GroupSpec(base={"model": {"name": "mlp"}}),
+        ...                         "cnn": GroupSpec(base={"model": {"name": "cnn1d"}})},
+        ...                 claims=[ClaimSpec(text="ReLU first", order="relu > tanh")])
+        >>> s = spec.build()
+        >>> sorted(s.cells), [(c.group, c.order_text) for c in s.claims]
+        (['cnn-relu', 'cnn-tanh', 'mlp-relu', 'mlp-tanh'], [('mlp', 'mlp-relu > mlp-tanh'), ('cnn', 'cnn-relu > cnn-tanh')])
+    """
+
+    name: str = "study"
+    question: str = ""
+    base: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {}
+    groups: dict[str, GroupSpec] = {}
+    claims: list[ClaimSpec] = []
+    shared_init: bool = False
+    seeds: int = Field(1, ge=1)
+
+    def build(self, preset: str = "custom") -> Study:
+        """The :class:`Study` this grid defines (cell configs validated)."""
+        groups = self.groups or {self.name: GroupSpec()}
+        cells: dict[str, dict[str, Any]] = {}
+        members: dict[str, list[str]] = {}
+        claims: list[Claim] = []
+        named = len(groups) > 1
+        for group, g in groups.items():
+            variants = g.variants or self.variants
+            if not variants:
+                raise StudyError(f"study {self.name}, group {group}: no variants")
+            cell_name = {v: f"{group}-{v}" if named else v for v in variants}
+            for v, over in variants.items():
+                cells[cell_name[v]] = merge(g.base, over or {})
+            members[group] = list(cell_name.values())
+            for c in g.claims if g.claims is not None else self.claims:
+                unknown = sorted({v for lv in c.order for v in lv} - set(variants))
+                if g.claims is not None and unknown:
+                    raise StudyError(f"study {self.name}, group {group}: claim {c.text!r} names unknown variants "
+                                     f"{unknown}")
+                levels = restrict_order(c.order, variants)
+                if len(levels) >= 2:
+                    claims.append(Claim(c.text, [[cell_name[v] for v in lv] for lv in levels], group,
+                                        c.source.text if c.source else None))
+        known = {v for g in groups.values() for v in (g.variants or self.variants)}
+        typos = {v for c in self.claims for lv in c.order for v in lv} - known
+        if typos:  # a misspelt variant would silently drop out of every claim
+            raise StudyError(f"study {self.name}: claims name unknown variants {sorted(typos)}")
+        return make_study(self.name, self.question, self.base, cells, claims, members, preset=preset,
+                          shared_init=self.shared_init, seeds=self.seeds)
+
+
+class _CellClaim(_Spec):
+    text: str
+    order: tuple[tuple[str, ...], ...]
+    group: str | None = None
+    source: str | None = None
+
+    @field_validator("order", mode="before")
+    @classmethod
+    def _levels(cls, value: Any) -> Order:
+        return parse_order(value)
+
+
+class CellsSpec(_Spec):
+    """A study in cell form: ``cells`` (cell -> overrides of ``base``), ``claims`` over
+    cell names (with their group), ``groups`` (group -> cells)."""
+
+    name: str = "study"
+    question: str = ""
+    base: dict[str, Any] = {}
+    cells: dict[str, dict[str, Any]] = Field(min_length=1)
+    claims: list[_CellClaim] = []
+    groups: dict[str, list[str]] | None = None
+    shared_init: bool = False
+    seeds: int = Field(1, ge=1)
+
+    def build(self, preset: str = "custom") -> Study:
+        claims = [Claim(c.text, c.order, c.group, c.source) for c in self.claims]
+        return make_study(self.name, self.question, self.base, {c: over or {} for c, over in self.cells.items()},
+                          claims, self.groups, preset=preset, shared_init=self.shared_init, seeds=self.seeds)
+
+
+def _validated(model: type[_Spec], data: Any, where: str) -> Any:
+    """``model`` from ``data``; a validation error becomes one :class:`StudyError` line."""
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown keys ['{err['loc'][-1]}'] (at {loc})")
+            else:
+                problems.append(f"{loc}: {err['msg']}")
+        raise StudyError(f"{where}: " + "; ".join(problems)) from None
+
+
+def grid_study(spec: dict[str, Any] | GridSpec, preset: str = "custom") -> Study:
+    """A study from the grid form (a :class:`GridSpec` or its dict, as YAML writes it).
 
     Example:
         >>> s = grid_study({"name": "d", "base": {"data": {"name": "digits"}},
         ...                 "variants": {"relu": {"model": {"activation": "relu"}},
         ...                              "tanh": {"model": {"activation": "tanh"}}},
-        ...                 "groups": {"mlp": {"base": {"model": {"name": "mlp"}}},
-        ...                            "cnn": {"base": {"model": {"name": "cnn1d"}}}},
         ...                 "claims": [{"text": "ReLU first", "order": ["relu", "tanh"]}]})
-        >>> sorted(s.cells), [(c.group, c.order) for c in s.claims]
-        (['cnn-relu', 'cnn-tanh', 'mlp-relu', 'mlp-tanh'], [('mlp', ('mlp-relu', 'mlp-tanh')), ('cnn', ('cnn-relu', 'cnn-tanh'))])
+        >>> sorted(s.cells), s.claims[0].order_text
+        (['relu', 'tanh'], 'relu > tanh')
     """
-    unknown = set(spec) - GRID_KEYS
-    if unknown:
-        raise ValueError(f"study {spec.get('name')}: unknown keys {sorted(unknown)}")
-    groups = spec.get("groups") or {spec.get("name", "all"): {}}
-    default_variants = spec.get("variants") or {}
-    cells: dict[str, dict[str, Any]] = {}
-    members: dict[str, list[str]] = {}
-    claims: list[Claim] = []
-    named = len(groups) > 1
-    for group, g in groups.items():
-        g = g or {}
-        bad = set(g) - {"base", "variants"}
-        if bad:
-            raise ValueError(f"study {spec.get('name')}, group {group}: unknown keys {sorted(bad)}")
-        variants = g.get("variants") or default_variants
-        if not variants:
-            raise ValueError(f"study {spec.get('name')}, group {group}: no variants")
-        cell_name = {v: f"{group}-{v}" if named else v for v in variants}
-        for v, over in variants.items():
-            cells[cell_name[v]] = merge(g.get("base") or {}, over or {})
-        members[group] = list(cell_name.values())
-        for c in spec.get("claims") or []:
-            order = tuple(cell_name[v] for v in c["order"] if v in cell_name)
-            if len(order) >= 2:
-                claims.append(Claim(c["text"], order, group))
-    known = {v for g in groups.values() for v in ((g or {}).get("variants") or default_variants)}
-    typos = {v for c in spec.get("claims") or [] for v in c["order"]} - known
-    if typos:  # a misspelt variant would silently drop out of every claim
-        raise ValueError(f"study {spec.get('name')}: claims name unknown variants {sorted(typos)}")
-    return make_study(spec.get("name", "study"), spec.get("question", ""), spec.get("base") or {}, cells, claims,
-                      members, preset=preset, shared_init=bool(spec.get("shared_init", False)))
+    name = spec.name if isinstance(spec, GridSpec) else spec.get("name", "study")
+    return _validated(GridSpec, spec, f"study {name}").build(preset)
 
 
 def study_from_yaml(path: str | Path) -> Study:
     """A user study from YAML, in either form.
 
-    Grid form (:func:`grid_study`): ``name, question, base, variants, groups: {group:
-    {base, variants}}, claims: [{text, order}], shared_init``. Cell form: ``name,
-    question, base, cells: {cell: overrides}, claims: [{text, order, group}], groups:
-    {group: [cells]}``.
+    Grid form (:class:`GridSpec`): ``name, question, base, variants, groups: {group:
+    {base, variants, claims}}, claims: [{text, order}], shared_init, seeds``. Cell form
+    (:class:`CellsSpec`): ``name, question, base, cells: {cell: overrides}, claims:
+    [{text, order, group}], groups: {group: [cells]}, shared_init, seeds``. A claim's
+    ``order`` is a weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a list.
 
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "acts.yaml"
         >>> _ = path.write_text("base: {data: {name: digits}, model: {name: mlp, width: 8}}\\n"
         ...                     "variants: {relu: {model: {activation: relu}}, tanh: {model: {activation: tanh}}}\\n"
-        ...                     "claims: [{text: ReLU first, order: [relu, tanh]}]\\n")
+        ...                     "claims: [{text: ReLU first, order: relu > tanh}]\\n")
         >>> study = study_from_yaml(path)  # grid form; named after the file
         >>> study.name, sorted(study.cells), study.cells["tanh"].model.switches()
         ('acts', ['relu', 'tanh'], {'width': 8, 'activation': 'tanh'})
         >>> study.claims
-        [Claim(text='ReLU first', order=('relu', 'tanh'), group='acts')]
+        [Claim(text='ReLU first', order=(('relu',), ('tanh',)), group='acts', source=None)]
     """
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)
     if "variants" in data or ("groups" in data and "cells" not in data):
         return grid_study(data, preset="yaml")
-    unknown = set(data) - {"name", "question", "base", "cells", "claims", "groups", "shared_init"}
-    if unknown:
-        raise ValueError(f"{path}: unknown study keys {sorted(unknown)}")
     if not isinstance(data.get("cells"), dict) or not data["cells"]:
-        raise ValueError(f"{path}: a study needs 'cells: {{name: overrides}}' or 'variants:' (grid form)")
-    claims = [Claim(c["text"], tuple(c["order"]), c.get("group")) for c in data.get("claims") or []]
-    return make_study(data["name"], data.get("question", ""), data.get("base") or {}, data["cells"], claims,
-                      data.get("groups"), preset="yaml", shared_init=bool(data.get("shared_init", False)))
+        unknown = sorted(set(data) - set(CellsSpec.model_fields))
+        if unknown:
+            raise StudyError(f"{path}: unknown study keys {unknown}")
+        raise StudyError(f"{path}: a study needs 'cells: {{name: overrides}}' or 'variants:' (grid form)")
+    return _validated(CellsSpec, data, str(path)).build(preset="yaml")
 
 
 # ------------------------------------------------------------------ shared initial point
-def init_path(init_dir: str | Path, group: str, seed_index: int) -> Path:
-    return Path(init_dir).resolve() / f"{group}-s{seed_index}.pt"
+def init_path(init_dir: str | Path | Location, group: str, seed_index: int) -> Path | Location:
+    return location(init_dir).resolve() / f"{group}-s{seed_index}.pt"  # a URL on object storage
 
 
 def prepare_init(study: Study, init_dir: str | Path, seeds: int = 1) -> list[Path]:
@@ -243,14 +377,14 @@ def prepare_init(study: Study, init_dir: str | Path, seeds: int = 1) -> list[Pat
         >>> Path(runs["relu-s1"].model.init_from) == Path(runs["tanh-s1"].model.init_from) == init_path(init_dir, "all", 1)
         True
     """
-    store = RunStore(Path(init_dir).resolve())
+    store = RunStore(location(init_dir).resolve())
     datasets: dict[str, Any] = {}
     paths = []
     for group, cells in study.group_cells().items():
         for i in range(seeds):
             path = init_path(init_dir, group, i)
             paths.append(path)
-            if path.exists():
+            if store.exists(path.name):
                 continue  # resume: the runs already started from this file
             states = []
             for cell in cells:
@@ -271,8 +405,10 @@ def prepare_init(study: Study, init_dir: str | Path, seeds: int = 1) -> list[Pat
 
 
 # ------------------------------------------------------------------------------ running
-def run_task(config: dict[str, Any], path: str) -> dict[str, Any]:
-    """One run of a study: train (or resume), replay, analyse. Top-level for executors.
+def run_task(config: dict[str, Any], path: str, prune: bool = False) -> dict[str, Any]:
+    """One run of a study: train (or resume), replay, analyse (and with ``prune``, delete
+    the checkpoints once analysed). Top-level for executors; ``path`` may be a URL, so a
+    Ray task needs no shared file system.
 
     Finished work is never redone: training returns at once for a trained run, and an
     analysis whose ``summary.json`` is on disk (written last) is skipped, so rerunning
@@ -290,38 +426,50 @@ def run_task(config: dict[str, Any], path: str) -> dict[str, Any]:
         if not store.exists(f"analysis/{ref}/summary.json"):
             analyze(path, ref, progress=False)
             done.append(ref)
+    if prune and not Run(path).meta.checkpoints_pruned:
+        budget.prune_checkpoints(path)
     return {"path": path, "status": "complete", "analysed": done}
 
 
-def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = "local", workers: int = 1,
+def run_study(study: Study, out: str | Path, *, seeds: int | None = None, executor: str = "local", workers: int = 1,
               address: str | None = None, gpus_per_task: float = 0.0, progress: bool = True,
-              report_only: bool = False) -> Path:
+              report_only: bool = False, dry_run: bool = False, max_disk: float | None = None,
+              prune_checkpoints: bool = False, check_free: bool = True) -> Path | Location | None:
     """Run every cell × seed (resuming finished work), then write the report; returns its path.
 
     ``executor`` 'local' runs ``workers`` processes; 'ray' sends one task per run to a
     Ray cluster at ``address`` (or a local instance), each task asking for
     ``gpus_per_task`` GPUs; the out folder must then be on a file system every node
-    sees. ``report_only`` re-renders the report of the runs on disk.
+    sees, or on object storage (``s3://bucket/study``: tasks read and write it directly).
+    ``report_only`` re-renders the report of the runs on disk.
 
     Args:
         study: the study (cells, claims)
         out: the study folder (one sub-folder per run, the report in report/)
-        seeds: repeat every cell with this many seeds
+        seeds: repeat every cell with this many seeds (default: the study's own, e.g. 3 for a quick
+            preset, 4 where a claim has two cells)
         executor: where the runs go: local processes or a Ray cluster
         workers: parallel runs (local processes; Ray: local CPUs)
         address: Ray cluster address (executor ray); default: a local instance
         gpus_per_task: GPUs each Ray task asks for (executor ray)
         progress: show progress bars
         report_only: re-render the report of the runs on disk
+        dry_run: print the plan and the disk estimate, then stop (no training; no data folder needed)
+        max_disk: disk budget in GiB for the study folder; implies --prune-checkpoints; refused
+            before training when the estimate exceeds it
+        prune_checkpoints: delete each run's epoch checkpoints once its analysis succeeded (keeps θ_T,
+            the continuation θ* and their hashes)
+        check_free: refuse to start when the estimate exceeds the free space (--no-check-free: start anyway)
 
     Example:
         >>> run_study(STUDIES.get("activation")("quick", None), "studies/activation", workers=2)  # trains and analyses 4 runs: minutes  # doctest: +SKIP
         PosixPath('studies/activation/report/report.html')
     """
-    out = Path(out)
+    out = location(out)  # a local folder, or a URL (s3://...) on object storage
+    seeds = study.seeds if seeds is None else seeds
     meta = study.meta(seeds)
     path = StudyMeta.path(out)
-    old = StudyMeta.load(path) if path.exists() else None
+    old = StudyMeta.load(path) if RunStore(out).exists(StudyMeta.FILE) else None
     if old is not None:
         if old.study != meta.study:
             raise ValueError(f"{out} holds another study ({old.study}); choose another --out")
@@ -333,6 +481,15 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
     if not report_only:
         for cfg in runs.values():
             cfg.check_names()
+        inits = {f"{g}-s{i}": study.cells[cells[0]] for g, cells in study.group_cells().items()
+                 for i in range(seeds)} if study.shared_init else {}
+        plan = budget.plan_disk(runs, out, max_disk=max_disk, prune_checkpoints=prune_checkpoints,
+                                check_free=check_free, workers=workers if address is None else len(runs),
+                                init_points=inits)
+        budget.announce(plan, dry_run=dry_run, quiet=not progress)
+        if dry_run:
+            return None
+        runs = budget.resolved(runs, plan)
         executor_ = make_executor(executor, workers=workers, address=address, num_gpus=gpus_per_task)
         # The study folder's lock is held by this command; each task holds its run's lock.
         with RunStore(check_out_folder(out)).lock():
@@ -340,10 +497,10 @@ def run_study(study: Study, out: str | Path, *, seeds: int = 1, executor: str = 
                 meta.write(out)  # unchanged on resume: finished work keeps its mtimes
             if study.shared_init:
                 prepare_init(study, out / "init", seeds)
-            tasks = [(cfg.model_dump(mode="json"), str(out / name)) for name, cfg in runs.items()]
+            tasks = [(cfg.model_dump(mode="json"), str(out / name), plan.prune) for name, cfg in runs.items()]
             executor_.map(run_task, tasks, desc=study.name, progress=progress)
     elif old is None:
         raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
 
-    return report([out / name for name in runs], out / "report", title=f"gammatrace study: {study.name}",
-                  study=path)
+    return report_to([out / name for name in runs], out / "report", title=f"gammatrace study: {study.name}",
+                     study=path)

@@ -32,12 +32,14 @@ only: the landscape needs the checkpoints, not the analysis), then both figures:
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from gammatrace.landscape.compute import Landscape, compute_landscape, interpolation_alphas
 from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, load_trajectory
 from gammatrace.landscape.pca import PathPCA, path_pca
 from gammatrace.landscape.plot import plot_interpolation, plot_landscape
+from gammatrace.store.backend import Location, ObjectFiles, location
 
 
 def landscape(runs: list[str | Path], out: str | Path, **options) -> dict[str, Path]:
@@ -51,10 +53,17 @@ def landscape(runs: list[str | Path], out: str | Path, **options) -> dict[str, P
         >>> landscape(["runs/quickstart/relu"], "out", grid=11)["landscape"]   # needs the README's quickstart run  # doctest: +SKIP
         PosixPath('out/landscape.png')
     """
-    out = Path(out)
+    out = location(out)
     ls = compute_landscape(runs, out, **options)
-    return {"landscape": plot_landscape(ls, out / "landscape.png"),
-            "interpolation": plot_interpolation(ls, out / "interpolation.png"), **ls.files}
+    if not isinstance(out, Location):
+        return {"landscape": plot_landscape(ls, out / "landscape.png"),
+                "interpolation": plot_interpolation(ls, out / "interpolation.png"), **ls.files}
+    with tempfile.TemporaryDirectory(prefix="gammatrace-landscape-") as tmp:
+        # Figures are drawn locally, then uploaded next to the stored arrays.
+        figures = {"landscape": plot_landscape(ls, Path(tmp) / "landscape.png"),
+                   "interpolation": plot_interpolation(ls, Path(tmp) / "interpolation.png")}
+        ObjectFiles(out).upload(Path(tmp), "")
+    return {**{k: out / Path(v).name for k, v in figures.items()}, **ls.files}
 
 
 __all__ = ["BN_MODES", "Landscape", "LossEvaluator", "PathPCA", "compute_landscape", "interpolation_alphas",

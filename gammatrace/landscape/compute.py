@@ -21,7 +21,10 @@ What is computed, for runs R_1 … R_m that share a model (and usually θ_0):
 Everything lands in ``out/landscape.npz`` (arrays) and ``out/landscape.json`` (settings,
 runs, explained variance, a fingerprint of the inputs); the basis u, v and the origin
 in ``out/landscape_basis.npz``. A second call with the same settings on the same run
-files loads them instead of recomputing.
+files loads them instead of recomputing. Runs and ``out`` may be URLs (``s3://…``): every
+file goes through the store, so grid tasks on Ray nodes need no shared file system.
+With ``checkpoint_every: k`` the path points are the stored checkpoints (every k epochs);
+a run whose checkpoints were pruned has no path and is refused.
 
 Example (a full run from training to figures is :mod:`gammatrace.landscape`'s example):
     >>> ls = compute_landscape(["runs/sgd", "runs/adam"], "out/ls", grid=11)  # needs trained runs in runs/  # doctest: +SKIP
@@ -39,9 +42,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from gammatrace.engine.replay import pruned_error
 from gammatrace.executors import make_executor
 from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, Trajectory, load_trajectory
 from gammatrace.landscape.pca import path_pca
-from gammatrace.store.run import Run, RunStore
+from gammatrace.store.backend import Location, location
+from gammatrace.store.run import Run, RunStore, StoreError
 
 LANDSCAPE_VERSION = 1
 GRID_FILE, META_FILE, BASIS_FILE = "landscape.npz", "landscape.json", "landscape_basis.npz"
@@ -85,11 +89,11 @@ class Landscape:
     interp_alpha: np.ndarray
     interp_loss: list[np.ndarray]
     reused: bool = False
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path | Location] = field(default_factory=dict)
 
     _PER_RUN = ("coords", "step_proj", "grad_proj", "cos_full", "path_loss", "interp_loss")
 
-    def save(self, out: Path) -> None:
+    def save(self, out: Path | Location) -> None:
         arrays = {"explained": self.explained, "alphas": self.alphas, "betas": self.betas, "loss": self.loss,
                   "interp_alpha": self.interp_alpha}
         for name in self._PER_RUN:
@@ -100,10 +104,10 @@ class Landscape:
         RunStore(out).write_json(META_FILE, meta)
 
     @classmethod
-    def load(cls, out: Path) -> Landscape:
-        meta = json.loads((out / META_FILE).read_text())
-        with np.load(out / GRID_FILE) as z:
-            arrays = {k: z[k] for k in z.files}
+    def load(cls, out: Path | Location) -> Landscape:
+        store = RunStore(out)
+        meta = store.read_json(META_FILE)
+        arrays = _read_npz(out / GRID_FILE)
         n = len(meta["runs"])
         per_run = {name: [arrays[f"{name}_{r}"] for r in range(n)] for name in cls._PER_RUN}
         return cls(settings=meta["settings"], run_names=meta["runs"], run_paths=meta["run_paths"],
@@ -143,29 +147,22 @@ def example_landscape() -> Landscape:
                      path_loss=[bowl(coords)], interp_alpha=interp_alpha, interp_loss=[bowl(line)])
 
 
-def _files(out: Path) -> dict[str, Path]:
+def _files(out: Path | Location) -> dict[str, Path | Location]:
     return {"grid": out / GRID_FILE, "meta": out / META_FILE, "basis": out / BASIS_FILE}
 
 
-def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # Same contract as RunStore: a killed process leaves the old file or the new one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_npz(path: Path | Location, arrays: dict[str, np.ndarray]) -> None:
+    # Through the store: a killed process leaves the old file or the new one, locally
+    # (temporary file + rename) or on object storage (one PUT).
+    buf = io.BytesIO()  # a file object: np.savez would append ".npz" to a name
+    np.savez(buf, **arrays)
+    RunStore(path.parent).write_bytes(path.name, buf.getvalue())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _read_npz(path: str | Path | Location) -> dict[str, np.ndarray]:
+    path = location(path)
+    with np.load(io.BytesIO(RunStore(path.parent).read_bytes(path.name))) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _fingerprint(runs: list[Run]) -> list[dict[str, Any]]:
@@ -173,7 +170,8 @@ def _fingerprint(runs: list[Run]) -> list[dict[str, Any]]:
     # run changes final.pt or checkpoint 0 (the rest is a deterministic function of them
     # and the config, which is part of the fingerprint too).
     return [{"path": str(r.path.resolve()), "horizon": r.meta.horizon_epochs, "config": r.meta.config,
-             "final": _sha256(r.path / "final.pt"), "start": _sha256(r.path / "checkpoints" / "epoch_0000.pt")}
+             "final": hashlib.sha256(r.store.read_bytes("final.pt")).hexdigest(),
+             "start": hashlib.sha256(r.store.read_bytes(r.store.checkpoint(0))).hexdigest()}
             for r in runs]
 
 
@@ -204,8 +202,8 @@ def grid_rows_task(basis_file: str, run_path: str, samples: int, bn: str, seed: 
         (1, 5)
     """
     ev = _evaluator(run_path, samples, bn, seed)
-    with np.load(basis_file) as z:
-        origin, u, v = z["origin"], z["basis"][0], z["basis"][1]
+    z = _read_npz(basis_file)  # a path or a URL: grid tasks read it wherever they run
+    origin, u, v = z["origin"], z["basis"][0], z["basis"][1]
     buffers = _buffers_of(Run(run_path).store.read_torch("final.pt")["model"], ev.names)
     out = np.empty((len(betas), len(alphas)))
     for j, b in enumerate(betas):
@@ -275,7 +273,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21, extent: float = 1.2,
                       samples: int = 512, bn: str = "train", seed: int = 0, workers: int = 1,
-                      executor: str = "local", progress: bool = True) -> Landscape:
+                      executor: str = "local", address: str | None = None, progress: bool = True) -> Landscape:
     """Loss surface, projected paths, gradient/step directions and interpolations (see module doc).
 
     Reuses ``out/landscape.npz`` when it was computed with the same settings from the
@@ -291,6 +289,7 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
         seed: seed of the evaluation subset (and of dropout)
         workers: processes for the grid rows
         executor: where the grid rows run (local processes or Ray)
+        address: Ray cluster address (executor ray); default: a local instance
         progress: show a progress bar
 
     Example:
@@ -307,16 +306,20 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
     if not extent > 0:
         raise ValueError(f"extent must be > 0, got {extent}")
     BN_MODES.get(bn)  # an unknown mode fails before any work
-    out = Path(out)
+    out = location(out)
     run_objs = [Run(r) for r in runs]
+    for r in run_objs:
+        if r.meta.checkpoints_pruned:
+            raise pruned_error(r, "a landscape")
     settings = {"version": LANDSCAPE_VERSION, "grid": grid, "extent": extent, "samples": samples, "bn": bn,
                 "seed": seed, "origin": f"theta_T of {run_objs[0].name}",
                 "inputs": _fingerprint(run_objs)}
-    if (out / META_FILE).is_file() and (out / GRID_FILE).is_file():
+    store = RunStore(out)
+    if store.exists(META_FILE) and store.exists(GRID_FILE):
         try:
-            if json.loads((out / META_FILE).read_text())["settings"] == json.loads(json.dumps(settings)):
+            if store.read_json(META_FILE)["settings"] == json.loads(json.dumps(settings)):
                 return Landscape.load(out)
-        except (json.JSONDecodeError, KeyError, OSError, ValueError):
+        except (json.JSONDecodeError, KeyError, OSError, ValueError, TypeError, StoreError):
             pass  # damaged or older store: recompute and overwrite it
 
     ev = _evaluator(str(run_objs[0].path), samples, bn, seed)
@@ -337,8 +340,8 @@ def compute_landscape(runs: list[str | Path], out: str | Path, *, grid: int = 21
     n_tasks = 1 if workers <= 1 else min(grid, 2 * workers)
     tasks = [(str(out / BASIS_FILE), str(run_objs[0].path), samples, bn, seed, alphas, rows)
              for rows in np.array_split(betas, n_tasks)]
-    loss = np.vstack(make_executor(executor, workers=workers).map(grid_rows_task, tasks, desc="landscape grid",
-                                                                    progress=progress))
+    loss = np.vstack(make_executor(executor, workers=workers, address=address).map(
+        grid_rows_task, tasks, desc="landscape grid", progress=progress))
 
     step_proj, grad_proj, cos_full, path_loss, interp_loss = [], [], [], [], []
     alpha_1d = interpolation_alphas()

@@ -130,14 +130,16 @@ def load_trajectory(run: str | Path | Run, names: list[str] | None = None) -> Tr
     horizon = run.meta.horizon_epochs
     if horizon is None or not run.store.exists("final.pt"):
         raise StoreError(f"{run.path} has no final point yet (status {run.status}); train it first")
-    states = [run.store.read_torch(shard("checkpoints", e, "pt"))["model"] for e in range(int(horizon))]
+    every = run.config.checkpoint_every if isinstance(run.config.checkpoint_every, int) else 1
+    at = list(range(0, int(horizon), every))  # the stored checkpoints (checkpoint_every epochs apart)
+    states = [run.store.read_torch(shard("checkpoints", e, "pt"))["model"] for e in at]
     states.append(run.store.read_torch("final.pt")["model"])
     if names is None:
         names = trainable_names(build_session(run.config).model)
     points = np.stack([flatten(s, names) for s in states])
     keep = set(names)
     buffers = [{k: v for k, v in s.items() if k not in keep} for s in states]
-    return Trajectory(run.path, run.name, list(names), points, buffers, np.arange(int(horizon) + 1))
+    return Trajectory(run.path, run.name, list(names), points, buffers, np.array([*at, int(horizon)]))
 
 
 class LossEvaluator:

@@ -19,6 +19,35 @@ from gammatrace.models.registry import MODELS
 LRN_OPTIONS = dict(size=9, alpha=0.001, beta=0.75, k=1.0)
 
 
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` whose backward is deterministic on CUDA too.
+
+    PyTorch computes the channel window with ``avg_pool3d``, whose CUDA backward has no
+    deterministic implementation (``torch.use_deterministic_algorithms`` refuses it), so a
+    verified replay could not run there. On CUDA the window is a sum of shifted slices
+    (forward and backward deterministic); elsewhere PyTorch's own code runs, bit for bit
+    as before.
+
+    Example:
+        >>> x = torch.randn(2, 12, 5, 5)
+        >>> lrn = LocalResponseNorm(**LRN_OPTIONS)
+        >>> torch.allclose(lrn.window_sum_form(x), nn.functional.local_response_norm(x, **LRN_OPTIONS), atol=1e-6)
+        True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.window_sum_form(x) if x.is_cuda else super().forward(x)
+
+    def window_sum_form(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        sq = nn.functional.pad((x * x).unsqueeze(1), (0, 0) * (x.dim() - 2) + (self.size // 2, (self.size - 1) // 2))
+        window = sq[:, :, 0:c]
+        for i in range(1, self.size):
+            window = window + sq[:, :, i:i + c]
+        div = (window.squeeze(1) / self.size).mul(self.alpha).add(self.k).pow(self.beta)
+        return x / div
+
+
 class AlexNetSmall(nn.Module):
     """Two (conv 5×5 -> [norm] -> act -> max-pool 3/2 -> LRN) stages, FC 384, FC 192,
     linear classifier. See :func:`alexnet_small`."""
@@ -45,7 +74,7 @@ class AlexNetSmall(nn.Module):
             conv, nrm = conv_norm(dim, channels, out, 5, norm_type=norm_type, conv_bias=conv_bias)
             # padding=1 reproduces TF's "SAME" 3/2 pooling: ceil(size / 2) outputs.
             layers += [conv, nrm, act(), MAX_POOL[dim](3, 2, padding=1)]
-            layers.append(nn.LocalResponseNorm(**LRN_OPTIONS) if lrn else nn.Identity())
+            layers.append(LocalResponseNorm(**LRN_OPTIONS) if lrn else nn.Identity())
             channels, sizes = out, [(s + 1) // 2 for s in sizes]
         self.features = nn.Sequential(*layers)
         fc: list[nn.Module] = [nn.Flatten()]

@@ -6,12 +6,15 @@ update_sq, grad_dot`` (some may be absent; what needs them is NaN).
 
 - series:   :func:`derive` (γ, γ^RP, γ^RC, star, cos_align), :func:`next_dist_sq`
 - certificates: :func:`certify`, :func:`per_epoch`, :func:`gamma_eff`, :func:`gamma_eff_curve`
-- theorem1: :func:`monotone_distance`, :func:`per_sample_convergence`, :func:`rate_bound`
+- theorem1: :func:`monotone_distance`, :func:`epoch_distance`, :func:`per_sample_convergence`,
+            :func:`rate_bound`, :func:`theorem1_checks` (Theorem 1 as verdicts)
 - geometry: :func:`path_geometry`, :func:`null_cos_scale`
 - layers:   :func:`layer_shares`, :func:`module_shares`
 - summary:  :func:`summarize`
-- claims:   :func:`check_claim` (the one verdict rule of every report), :func:`spearman`,
+- claims:   :func:`check_claim` (the one verdict rule of every report: an exact permutation
+            test of a claimed weak order), :func:`order_test`, :func:`parse_order`,
             :func:`epochs_to_loss`, :func:`null_alignment`
+- matched:  :func:`matched_levels`, :func:`gamma_at_levels` (γ compared at matched training loss)
 
 Example:
     >>> from gammatrace.principles import derive, example_steps, summarize
@@ -24,14 +27,17 @@ Example:
 from gammatrace.principles.certificates import certify, gamma_eff, gamma_eff_curve, per_epoch
 from gammatrace.principles.claims import (
     ClaimResult,
+    OrderTest,
     RunPoint,
     check_claim,
     epochs_to_loss,
     null_alignment,
-    spearman,
+    order_test,
+    parse_order,
 )
 from gammatrace.principles.geometry import null_cos_scale, path_geometry
 from gammatrace.principles.layers import layer_shares, module_of, module_shares
+from gammatrace.principles.matched import gamma_at_levels, matched_gamma, matched_levels, step_loss
 from gammatrace.principles.series import (
     DERIVED_COLUMNS,
     RAW_COLUMNS,
@@ -43,14 +49,19 @@ from gammatrace.principles.series import (
 )
 from gammatrace.principles.summary import summarize
 from gammatrace.principles.theorem1 import (
+    Check,
+    epoch_distance,
     monotone_distance,
     per_sample_convergence,
     rate_bound,
+    theorem1_checks,
 )
 
 __all__ = [
+    "Check",
     "ClaimResult",
     "DERIVED_COLUMNS",
+    "OrderTest",
     "RAW_COLUMNS",
     "RunPoint",
     "STEP_COLUMNS",
@@ -58,21 +69,28 @@ __all__ = [
     "check_claim",
     "cos_align",
     "derive",
+    "epoch_distance",
     "epochs_to_loss",
     "example_steps",
+    "gamma_at_levels",
     "gamma_eff",
     "gamma_eff_curve",
     "layer_shares",
+    "matched_gamma",
+    "matched_levels",
     "module_of",
     "module_shares",
     "monotone_distance",
     "next_dist_sq",
     "null_alignment",
     "null_cos_scale",
+    "order_test",
+    "parse_order",
     "path_geometry",
     "per_epoch",
     "per_sample_convergence",
     "rate_bound",
-    "spearman",
+    "step_loss",
     "summarize",
+    "theorem1_checks",
 ]

@@ -1,13 +1,24 @@
 """Checks of the consequences Theorem 1 predicts from the γ-optimization principle.
 
-1. monotone distance to θ* (:func:`monotone_distance`),
+1. monotone distance to θ* (:func:`monotone_distance`, per epoch :func:`epoch_distance`),
 2. per-sample loss convergence (:func:`per_sample_convergence`),
-3. the O(1/(γK)) rate of the loss gap (:func:`rate_bound`).
+3. the O(1/(γK)) rate of the loss gap (:func:`rate_bound`),
+
+and the theorem as verdicts with their numbers (:func:`theorem1_checks`): the premise
+(γ_k > 0 on ≥ 95 % of steps, every step shown too) and the three consequences.
+
+Example:
+    >>> from gammatrace.principles import example_steps
+    >>> [(c.item, c.verdict) for c in theorem1_checks(example_steps())]  # doctest: +NORMALIZE_WHITESPACE
+    [('γ_k > 0 on ≥ 95% of steps', 'fails'), ('d_k to θ* non-increasing per epoch', 'holds'),
+     ('per-sample losses converge', 'not measured'), ('O(1/γK) rate bound with γ = γ_min', 'not applicable')]
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -224,3 +235,117 @@ def rate_bound(
         }
     )
     return {"gamma": gamma, "reason": reason, "table": table}
+
+
+# ------------------------------------------------------------------- Theorem 1 verdicts
+FRACTION_REQUIRED = 0.95  # "on ≥ 95 % of steps / samples": the share a verdict needs
+HOLDS, FAILS, NOT_APPLICABLE, NOT_MEASURED = "holds", "fails", "not applicable", "not measured"
+
+
+def epoch_distance(df: pd.DataFrame, d0_sq: float | None = None) -> dict[str, Any]:
+    """Theorem 1 item 1 per epoch: d/D_0 at every epoch boundary and how often it rose.
+
+    ``curve`` holds d_k / D_0 at the first step of each epoch and after the last step
+    (from :func:`monotone_distance`); ``n_epochs``; ``n_increase`` counts epochs that
+    end farther from θ* than they started; ``max_increase`` the largest such rise (in
+    D_0; 0 without one).
+
+    Example:
+        >>> from gammatrace.principles import example_steps
+        >>> e = epoch_distance(example_steps())
+        >>> e["curve"].round(2).tolist(), e["n_increase"]
+        ([1.0, 0.7, 0.0], 0)
+    """
+    check_sorted(df)
+    if not len(df):
+        return {"curve": np.empty(0), "n_epochs": 0, "n_increase": 0, "max_increase": 0.0}
+    curve = monotone_distance(df, d0_sq=d0_sq)["curve"]
+    epochs = df["epoch"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, epochs[1:] != epochs[:-1]])
+    at = curve[np.r_[starts, len(df)]]
+    rise = np.diff(at)
+    return {"curve": at, "n_epochs": len(starts), "n_increase": int((rise > 0).sum()),
+            "max_increase": float(rise.max()) if (rise > 0).any() else 0.0}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One item of Theorem 1 for one run: ``verdict`` (holds, fails, not applicable, not
+    measured) and the ``numbers`` it rests on, in words."""
+
+    item: str
+    verdict: str
+    numbers: str
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%" if math.isfinite(x) else "—"
+
+
+def theorem1_checks(df: pd.DataFrame, samples: Mapping[str, Any] | None = None,
+                    d0_sq: float | None = None) -> list[Check]:
+    """Theorem 1 for one run as four verdicts, each with its numbers.
+
+    ``df``: the run's step table (derived columns are recomputed if absent).
+    ``samples``: the per-sample summary of :func:`per_sample_convergence` (keys
+    ``frac_improved``, ``n_revisited``), None when the run did not record per-sample
+    losses.
+
+    1. *γ_k > 0 on ≥ 95 % of steps* (the principle's premise, γ-OP form): holds when the
+       fraction of defined γ_k that are positive is ≥ 0.95; whether it holds on every step
+       (certified γ_min > 0) is shown beside;
+    2. *d_k to θ* non-increasing per epoch*: holds when no epoch ends farther from θ*
+       than it started (:func:`epoch_distance`); the per-step increases are counted;
+    3. *per-sample losses converge*: holds when the gap at a sample's last visit is ≤ the
+       gap at its first for ≥ 95 % of the samples visited twice or more;
+    4. *the O(1/γK) rate bound with γ = γ_min* at every epoch boundary
+       (:func:`rate_bound`): not applicable when γ_min ≤ 0 (no bound is implied).
+
+    Example:
+        >>> from gammatrace.principles import example_steps
+        >>> checks = theorem1_checks(example_steps(), {"frac_improved": 0.99, "n_revisited": 200})
+        >>> checks[0].numbers
+        'γ_k > 0 on 75.0% of 4 defined steps; on every step: no (γ_min = -1.81)'
+        >>> checks[2].verdict, checks[2].numbers
+        ('holds', 'last visit ≤ first visit for 99.0% of 200 revisited samples')
+    """
+    check_sorted(df)
+    steps = df if "gamma" in df.columns else derive(df, d0_sq=d0_sq)
+    stats = certify(steps["gamma"]) if len(steps) else certify([])
+    out = []
+    frac, gmin, n_def = stats["frac_positive"], stats["gamma_min"], stats["n_steps"] - stats["n_undefined"]
+    verdict = NOT_MEASURED if not n_def else (HOLDS if frac >= FRACTION_REQUIRED else FAILS)
+    out.append(Check("γ_k > 0 on ≥ 95% of steps", verdict,
+                     f"γ_k > 0 on {_pct(frac)} of {n_def} defined steps; on every step: "
+                     f"{'yes' if gmin > 0 else 'no'} (γ_min = {gmin:.3g})"
+                     + (f"; {stats['n_undefined']} undefined" if stats["n_undefined"] else "")))
+
+    dist = epoch_distance(steps, d0_sq=d0_sq)
+    step_up = monotone_distance(steps, d0_sq=d0_sq) if len(steps) else {"n_increase": 0, "n_steps": 0}
+    out.append(Check("d_k to θ* non-increasing per epoch",
+                     NOT_MEASURED if not dist["n_epochs"] else (HOLDS if dist["n_increase"] == 0 else FAILS),
+                     f"{dist['n_increase']} of {dist['n_epochs']} epochs end farther from θ* "
+                     f"(largest rise {dist['max_increase']:.3g} D_0); per step: {step_up['n_increase']} of "
+                     f"{step_up['n_steps']} steps increase d_k"))
+
+    frac_s = float(samples.get("frac_improved", math.nan)) if samples else math.nan
+    n_rev = int(samples.get("n_revisited") or 0) if samples else 0
+    if not samples or not n_rev or not math.isfinite(frac_s):
+        out.append(Check("per-sample losses converge", NOT_MEASURED,
+                         "no per-sample losses recorded (analysis.per_sample) or no sample visited twice"))
+    else:
+        out.append(Check("per-sample losses converge", HOLDS if frac_s >= FRACTION_REQUIRED else FAILS,
+                         f"last visit ≤ first visit for {_pct(frac_s)} of {n_rev} revisited samples"))
+
+    item = "O(1/γK) rate bound with γ = γ_min"
+    if not len(steps):
+        out.append(Check(item, NOT_MEASURED, "no steps"))
+    elif not gmin > 0:
+        out.append(Check(item, NOT_APPLICABLE, f"γ_min = {gmin:.3g} ≤ 0: the theorem implies no rate"))
+    else:
+        table = rate_bound(steps, gamma=gmin, d0_sq=d0_sq)["table"]
+        held = int(table["holds"].fillna(False).sum())
+        out.append(Check(item, HOLDS if held == len(table) else FAILS,
+                         f"holds at {held} of {len(table)} epoch boundaries; actual / bound at the last: "
+                         f"{float(table['tightness'].iloc[-1]):.3g}"))
+    return out

@@ -18,15 +18,32 @@ from gammatrace.reporting.content import (
     ordering,
     principles_table,
     runs_table,
+    theorem1_table,
 )
 from gammatrace.reporting.document import Block, Figure, Heading, Text, to_html, to_markdown
-from gammatrace.reporting.figures import layers_figure, trajectory_figure
+from gammatrace.reporting.figures import (
+    layers_figure,
+    matched_figure,
+    theorem1_figure,
+    trajectory_figure,
+)
 from gammatrace.store.run import Run
 from gammatrace.store.study import StudyMeta
 
-FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf")
-TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, γ_k per "
-                      "epoch (median line, ▼ minimum; log or symlog axis). Dashed: flagged no progress.")
+FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf", "theorem1*.png", "theorem1*.pdf",
+                "matched*.png", "matched*.pdf")
+TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, and per epoch "
+                      "both γ's (median line, ▼ minimum; log or symlog axis): the γ-optimization principle's γ_k "
+                      "(paper 002, Def. 1: gap to ℓ(θ*; B_k)) and the regularity principle's γ^RP_k/‖θ_0 − θ_T‖² "
+                      "(papers 000/001, eq. 2: gap to inf ℓ, the quantity those papers plot). Dashed: flagged no "
+                      "progress.")
+THEOREM1_CAPTION = ("Theorem 1 per epoch (θ* = θ_T; first seed of each cell): d/D_0 at every epoch boundary, and "
+                    "the running mean of the loss gap against its O(1/γK) bound with γ = γ_min (dashed; absent "
+                    "when γ_min ≤ 0).")
+MATCHED_CAPTION = ("γ at matched loss: every step's γ_k against its mini-batch loss ℓ_k (dots), and each cell's "
+                   "median γ_k at 10 log-spaced levels of the full training loss over the range every comparable "
+                   "run reaches (shaded; line: mean over seeds, band: min–max) — the values the matched-loss test "
+                   "takes. Left: continuation θ*; right: θ* = θ_T.")
 SEEDED_CAPTION = (" One line per cell: the mean over its seeds (of d_k/D_0, of the loss, of the per-epoch median "
                   "γ_k); band: min–max over the seeds.")
 UNSEEDED_CAPTION = " Band: 25–75% of γ_k in the epoch."
@@ -114,6 +131,7 @@ def _plain_blocks(entries: list[RunEntry], out: Path, title: str) -> list[Block]
         blocks.append(Text("Not analysed (listed above, no trajectory numbers): " + "; ".join(not_analysed) + "."))
     blocks += caveats(entries)
     blocks += ordering(entries)
+    blocks += theorem1_table(entries)
     return blocks + [Heading("Figures", 2), *figure_blocks]
 
 
@@ -127,7 +145,9 @@ def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, titl
         f"Study {info.name} (preset {info.preset or 'custom'}): {info.question} {len(members)} run(s) in "
         f"{len(groups)} group(s) ({', '.join(groups)}), {info.seeds} seed(s) per cell. "
         "— marks a number that is absent or undefined.")]
-    blocks += S.claim_check_blocks(info, members)
+    claim_blocks, checks = S.claim_check_blocks(info, members)
+    blocks += claim_blocks
+    blocks += S.theorem1_blocks(members)
     blocks += [Heading("Runs", 2), *S.runs_table(members)]
     blocks += [Heading("Trajectory principles (θ* = θ_T)", 2)]
     if any(e.analysed for e in last):
@@ -146,6 +166,25 @@ def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, titl
                                 title=f"{info.name}: {group} — θ* = θ_T", cells=cells, stem=f"trajectory_{stem}")
         caption = TRAJECTORY_CAPTION + (SEEDED_CAPTION if seeded else UNSEEDED_CAPTION)
         blocks.append(_figure_or_note(png, f"trajectory_{stem}.png", f"{group}. {caption}", notes))
+        # γ at matched loss, with the matched levels of the group's first claim.
+        check = next((c for c in checks if c.claim.group in (group, None)), None)
+        if check is not None:
+            panels = {}
+            for ref, label in S.REFERENCES.items():
+                by_cell: dict[str, list] = {}
+                for r in check.runs:
+                    e = r.entry(ref)
+                    if e is not None:
+                        by_cell.setdefault(r.cell, []).append(e)
+                panels[label] = (by_cell, check.matched[ref])
+            matched_notes: list[str] = []
+            png = matched_figure(panels, out, matched_notes, title=f"{info.name}: {group} — γ against training loss",
+                                 stem=f"matched_{stem}")
+            blocks.append(_figure_or_note(png, f"matched_{stem}.png", f"{group}. {MATCHED_CAPTION}", matched_notes))
+        t1_notes: list[str] = []
+        png = theorem1_figure(cells, out, t1_notes, title=f"{info.name}: {group} — Theorem 1 per epoch",
+                              stem=f"theorem1_{stem}")
+        blocks.append(_figure_or_note(png, f"theorem1_{stem}.png", f"{group}. {THEOREM1_CAPTION}", t1_notes))
         # One panel per cell (its first seed): the shares are a per-run property.
         layer_notes: list[str] = []
         png = layers_figure([es[0] for es in cells.values()], out, layer_notes, stem=f"layers_{stem}")

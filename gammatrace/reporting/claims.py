@@ -10,6 +10,9 @@ runs, measure convergence the same way and reach verdicts by the same thresholds
   :func:`end_point_problem` (the runs end at losses too far apart to compare γ, DESIGN §1);
 - convergence speed: :func:`epochs_to`, :func:`convergence`, :func:`threshold_of`;
 - the check: :func:`run_point` (a run as the claim check sees it), :func:`check_runs`;
+- γ at matched loss: :func:`matched_loss` (each run's median γ_k at 10 levels of the full
+  training loss every run reaches; :mod:`gammatrace.principles.matched`);
+- Theorem 1 per run: :func:`theorem1` (:func:`~gammatrace.principles.theorem1.theorem1_checks`);
 - :func:`null_baseline` (real updates against random directions of the same norm).
 
 Example:
@@ -18,7 +21,7 @@ Example:
     ...            example_entry("sigmoid", 0.1, [1.0, 0.12]), example_entry("flat", 2.4, [2.3, 2.3], no_progress=True)]
     >>> check = check_runs(entries)
     >>> [e.label for e in check.runs], check.result.text
-    (['relu', 'tanh', 'sigmoid'], 'consistent (ρ(γ, speed) = 1)')
+    (['relu', 'tanh', 'sigmoid'], 'single seed (one run per cell: p = 0.17, reversed p = 1 shown, never a verdict)')
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from gammatrace import principles as P
 from gammatrace.principles.claims import (
     ClaimResult,
     RunPoint,
@@ -34,6 +40,8 @@ from gammatrace.principles.claims import (
     epochs_to_loss,
     null_alignment,
 )
+from gammatrace.principles.matched import N_LEVELS
+from gammatrace.principles.theorem1 import Check
 from gammatrace.reporting.collect import RunEntry, main_epochs, num
 from gammatrace.reporting.document import fmt
 
@@ -214,7 +222,7 @@ def threshold_of(entries: Sequence[RunEntry]) -> tuple[float | None, str]:
 
 # ------------------------------------------------------------------------------ checks
 def run_point(entry: RunEntry | None, conv: float, *, run: str, cell: str, trained: RunEntry | None = None,
-              reference: str = "") -> RunPoint:
+              reference: str = "", gamma: float | None = None) -> RunPoint:
     """A run as the claim check sees it: its median γ_k under ``entry``'s reference, its
     convergence value, and why it is excluded.
 
@@ -235,7 +243,8 @@ def run_point(entry: RunEntry | None, conv: float, *, run: str, cell: str, train
     why = exclusion(flags) if flags is not None else "no run"
     if why is None and (entry is None or not entry.analysed):
         why = f"no {reference} analysis" + (f" ({entry.problem})" if entry is not None and entry.problem else "")
-    gamma = num(entry.summary.get("gamma_median")) if entry is not None and entry.analysed else math.nan
+    if gamma is None:
+        gamma = num(entry.summary.get("gamma_median")) if entry is not None and entry.analysed else math.nan
     if why is None and not math.isfinite(gamma):
         why = "median γ_k undefined"
     return RunPoint(run, cell, gamma, conv, why)
@@ -243,34 +252,128 @@ def run_point(entry: RunEntry | None, conv: float, *, run: str, cell: str, train
 
 @dataclass
 class RunsCheck:
-    """"Larger median γ_k ⇔ faster convergence" over a set of runs: the runs that
-    entered (in their order), their convergence, and the verdict."""
+    """"Faster convergence ⇔ larger median γ_k" over a set of runs: the runs that
+    entered (in their order), their convergence, the order tested and the verdict."""
 
     runs: list[RunEntry]
     conv: Convergence
-    result: ClaimResult
+    order: tuple[tuple[str, ...], ...]
+    result: ClaimResult | None
 
 
 def check_runs(entries: Sequence[RunEntry]) -> RunsCheck:
-    """Check "larger median γ_k ⇔ faster convergence" over runs with no claimed order.
+    """Check "runs that converge faster have a larger median γ_k" over runs with no
+    claimed order, by the one rule (:func:`~gammatrace.principles.claims.check_claim`).
 
     The eligible runs (:func:`exclusion`) each form a cell of their own; the others are
-    left out of the ordering (the caller lists them). The verdict is
-    :func:`~gammatrace.principles.claims.check_claim` with ``order=None``: the study
-    rule with only ρ(γ, speed) to decide, inconclusive when the runs end at losses too
-    far apart (:func:`end_point_problem`).
+    left out (the caller lists them). The claimed order is the runs by convergence,
+    fastest first, runs that converged equally fast tied. Each run is one seed, so the
+    verdict is "single seed" (its p-value shown), inconclusive when the runs end at
+    losses too far apart (:func:`end_point_problem`) or converged all alike; ``result``
+    is None with fewer than two runs.
 
     Example:
         >>> from gammatrace.reporting.collect import example_entry
         >>> runs = [example_entry("a", 0.3, [1, 0.10]), example_entry("b", 0.2, [1, 0.11]),
         ...         example_entry("c", 0.4, [1, 0.12]), example_entry("d", 0.1, [1, 0.13])]
-        >>> check_runs(runs).result.text
-        'inconclusive (weak rank correlation (|ρ| < 0.5): ρ(γ, speed) = 0.4)'
+        >>> check = check_runs(runs)
+        >>> check.order, check.result.verdict, round(check.result.p_value, 3)
+        ((('a',), ('b',), ('c',), ('d',)), 'single seed', 0.375)
     """
     runs = eligible(entries)
     conv = convergence(runs)
+    levels: dict[float, list[str]] = {}
+    for e, c in sorted(zip(runs, conv.values, strict=True), key=lambda ec: ec[1]):
+        levels.setdefault(c, []).append(e.label)
+    order = tuple(tuple(v) for v in levels.values())
+    if len(runs) < 2:
+        return RunsCheck(runs, conv, order, None)
     points = [run_point(e, c, run=e.label, cell=e.label) for e, c in zip(runs, conv.values, strict=True)]
-    return RunsCheck(runs, conv, check_claim(None, points, incomparable=end_point_problem(runs)))
+    if len(order) < 2:
+        result = check_claim(((runs[0].label,), tuple(e.label for e in runs[1:])), points)
+        result.verdict, result.reason = "inconclusive", "every run converged alike: no order to test"
+        return RunsCheck(runs, conv, order, result)
+    return RunsCheck(runs, conv, order, check_claim(order, points, incomparable=end_point_problem(runs)))
+
+
+# ---------------------------------------------------------------------- matched loss
+@dataclass
+class MatchedLoss:
+    """γ at matched loss for a set of runs (one reference): the levels of the full
+    training loss every run reaches (``edges`` bound their bins), and per run (by label)
+    its median γ_k at each level, its interpolated step losses, and its one number, the
+    median over the levels. ``problem`` says why nothing could be matched."""
+
+    edges: np.ndarray
+    levels: np.ndarray
+    per_level: dict[str, np.ndarray]
+    value: dict[str, float]
+    problem: str | None = None
+
+
+def _step_losses(entry: RunEntry) -> np.ndarray:
+    ep = main_epochs(entry)
+    st = entry.steps
+    if not len(ep) or "train_loss" not in ep or not len(st) or "epoch" not in st:
+        return np.empty(0)
+    losses = np.full(int(ep["epoch"].max()) + 1, np.nan)
+    losses[ep["epoch"].to_numpy(int)] = ep["train_loss"].to_numpy(float)
+    return P.step_loss(st["epoch"].to_numpy(int), losses)
+
+
+def matched_loss(entries: Sequence[RunEntry], n: int = N_LEVELS) -> MatchedLoss:
+    """Each run's median γ_k at ``n`` log-spaced levels of the full training loss over
+    the range every run reaches (:mod:`gammatrace.principles.matched`): a step's loss is
+    interpolated between the epochs' full losses, a level's γ is the median γ_k of the
+    steps in its bin, and a run's γ at matched loss is the median over the levels.
+
+    Example:
+        >>> import pandas as pd
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> e = example_entry("relu", losses=[2.0, 1.0, 0.5])
+        >>> e.steps = pd.DataFrame({"epoch": [0, 1, 1, 2, 2], "gamma": [9.0, 1.0, 2.0, 3.0, 4.0]})
+        >>> m = matched_loss([e], n=2)
+        >>> m.levels.round(3).tolist(), m.per_level["relu"].tolist(), m.value["relu"]
+        ([0.917, 1.542], [3.5, 1.5], 2.5)
+    """
+    usable = [e for e in entries if e.analysed and "gamma" in e.steps]
+    losses = {e.label: _step_losses(e) for e in usable}
+    ranges = []
+    for e in usable:
+        x = losses[e.label]
+        x = x[np.isfinite(x)]
+        ranges.append((float(x.min()), float(x.max())) if len(x) else (math.nan, math.nan))
+    edges, levels = P.matched_levels(ranges, n) if usable else (np.empty(0), np.empty(0))
+    if not len(levels):
+        why = "no analysed run" if not usable else "the runs' training losses share no range"
+        return MatchedLoss(edges, levels, {}, {e.label: math.nan for e in usable}, why)
+    per_level = {e.label: P.gamma_at_levels(losses[e.label], e.steps["gamma"].to_numpy(float), edges)
+                 for e in usable}
+    return MatchedLoss(edges, levels, per_level, {k: P.matched_gamma(v) for k, v in per_level.items()})
+
+
+# ------------------------------------------------------------------------- Theorem 1
+def theorem1(entry: RunEntry) -> list[Check]:
+    """Theorem 1 for one analysed run as verdicts with their numbers
+    (:func:`~gammatrace.principles.theorem1.theorem1_checks` over its step table and its
+    per-sample summary); empty for a run without an analysis.
+
+    Example:
+        >>> import pandas as pd
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> e = example_entry("relu")
+        >>> e.steps = e.steps.assign(lr=0.1, loss=[1.0, 0.8, 0.5], loss_ref=0.0)
+        >>> [(c.item, c.verdict) for c in theorem1(e)][1]
+        ('d_k to θ* non-increasing per epoch', 'holds')
+    """
+    if not entry.analysed or not len(entry.steps):
+        return []
+    s = entry.summary
+    samples = ({"frac_improved": num(s.get("sample_frac_improved")), "n_revisited": s.get("sample_n_revisited")}
+               if s.get("sample_n_revisited") else None)
+    steps = entry.steps.sort_values("step") if "step" in entry.steps else entry.steps
+    return P.theorem1_checks(steps, samples, d0_sq=num(s.get("d0_sq")) if math.isfinite(num(s.get("d0_sq")))
+                             else None)
 
 
 # ------------------------------------------------------------------------ null baseline

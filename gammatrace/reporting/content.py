@@ -11,7 +11,7 @@ Example:
     >>> from gammatrace.reporting.document import to_markdown
     >>> md = to_markdown(ordering([example_entry("relu", 0.3, [1, 0.10]), example_entry("tanh", 0.2, [1, 0.11]),
     ...                            example_entry("sigmoid", 0.1, [1, 0.12])]))
-    >>> "ρ(median γ_k, convergence speed) = 1 over 3 runs; consistent." in md
+    >>> "relu > tanh > sigmoid: single seed (one run per cell: p = 0.17, reversed p = 1 shown" in md
     True
 """
 
@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from gammatrace.principles.claims import CONSISTENT, NOT_CONSISTENT, RHO_MIN
+from gammatrace.principles.claims import ALPHA, order_text
 from gammatrace.reporting.claims import (
     LOSS_RATIO_LIMIT,
     check_runs,
     eligible,
     exclusion,
     loss_spread,
+    theorem1,
 )
 from gammatrace.reporting.collect import RunEntry, num
 from gammatrace.reporting.document import MISSING, Block, Bullets, Heading, Table, Text, fmt
@@ -193,9 +194,10 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
 
 # ---------------------------------------------------------------------------- ordering
 def ordering(entries: Sequence[RunEntry]) -> list[Block]:
-    """Runs that may be compared, by median γ_k next to their ordering by convergence, with
-    Spearman ρ and the verdict of :func:`~gammatrace.reporting.claims.check_runs` (the rule
-    of the study report; each run a cell of its own, no claimed order).
+    """Runs that may be compared, by median γ_k next to their ordering by convergence, and
+    the verdict of :func:`~gammatrace.reporting.claims.check_runs`: the one rule of every
+    report (the exact permutation test), with the runs ordered by convergence as the
+    claim and each run a cell of one seed — so "single seed", with its p-value.
 
     Example:
         >>> from gammatrace.reporting.collect import example_entry
@@ -227,14 +229,41 @@ def ordering(entries: Sequence[RunEntry]) -> list[Block]:
     if left_out:
         blocks.append(Text("Not in the ordering: " + "; ".join(left_out) + "."))
 
-    rho_text = (f"Spearman ρ(median γ_k, convergence speed) = {fmt(r.rho_speed, 3)} over {r.n_runs} runs; "
-                if math.isfinite(r.rho_speed) else "")
-    # A decided verdict's reason is the ρ just printed; an inconclusive one says why.
-    verdict = r.verdict if r.verdict in (CONSISTENT, NOT_CONSISTENT) else r.text
+    verdict = (f"{order_text(check.order)}: {r.text}" if r is not None
+               else f"inconclusive (fewer than 2 comparable runs ({len(runs)}))")
     blocks.append(Text(
-        f"Larger median γ_k ⇔ faster convergence: {rho_text}{verdict}. "
-        f"(The rule of every report, the study's too: consistent when ρ ≥ {RHO_MIN:g}, not consistent when "
-        f"ρ ≤ −{RHO_MIN:g}, inconclusive otherwise, with fewer than 3 comparable runs, or when their final train "
-        f"losses differ by more than {LOSS_RATIO_LIMIT:g}×. Convergence speed is the negated final train loss, or "
-        "the negated epochs to the target loss when every run shares one.)"))
+        f"Faster convergence ⇔ larger median γ_k, the runs ordered by convergence as the claim — {verdict}. "
+        f"(The rule of every report, the study's too: the exact one-sided permutation test of the claimed order "
+        f"over the seeds, consistent when p < α = {ALPHA:g}, not consistent when the reversed order's p < α, "
+        "inconclusive otherwise; a single seed per cell is never a verdict, so runs outside a study — one seed "
+        "each — only show the p-value. Inconclusive too when the final train losses differ by more than "
+        f"{LOSS_RATIO_LIMIT:g}×. Convergence: epochs to the target loss when every run shares one, else the final "
+        "train loss. Run a study with several seeds per cell for a verdict.)"))
+    return blocks
+
+
+def theorem1_table(entries: Sequence[RunEntry]) -> list[Block]:
+    """Theorem 1 as verdicts with their numbers, one row per analysed run (see
+    :func:`~gammatrace.reporting.claims.theorem1`).
+
+    Example:
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> e = example_entry("relu")
+        >>> e.steps = e.steps.assign(lr=0.1, loss=[1.0, 0.8, 0.5], loss_ref=0.0)
+        >>> theorem1_table([e])[1].rows[0][2]
+        'holds: 0 of 2 epochs end farther from θ* (largest rise 0 D_0); per step: 1 of 3 steps increase d_k'
+    """
+    per_run = [(e, theorem1(e)) for e in entries]
+    per_run = [(e, c) for e, c in per_run if c]
+    blocks: list[Block] = [Heading("Theorem 1", 2)]
+    if not per_run:
+        return blocks + [Text("No analysed run: nothing to check.")]
+    items = [c.item for c in per_run[0][1]]
+    blocks.append(Table(["run", *items], [[e.label, *(f"{c.verdict}: {c.numbers}" for c in checks)]
+                                          for e, checks in per_run]))
+    blocks.append(Text(
+        "Theorem 1's consequences per run, with each run's own reference θ*: γ_k > 0 on ≥ 95% of steps (every "
+        "step shown too); d_k non-increasing over each epoch (per-step increases counted); per-sample losses "
+        "converge (last visit ≤ first visit for ≥ 95% of revisited samples); the O(1/γK) rate bound with "
+        "γ = γ_min at every epoch boundary (not applicable when γ_min ≤ 0)."))
     return blocks

@@ -1,4 +1,9 @@
-"""The report's figures: the papers' three-row trajectory figure and per-layer shares.
+"""The report's figures: the papers' trajectory figure (distance, loss, both γ's), Theorem 1's
+per-epoch curves, γ against the training loss (matched loss), and per-layer shares.
+
+Which γ: papers 000/001 plot the regularity principle's γ (gap to inf ℓ, shown as
+γ/‖θ_0 − θ_T‖²), paper 002 the γ-optimization principle's γ (gap to ℓ(θ*; B_k)); the
+trajectory figure draws both, each row labelled with its paper and formula.
 
 Each plot declares the columns it needs (:class:`Needs`); a run lacking them is left
 out of that plot with a note, and a plot with nothing to draw returns None (DESIGN §7).
@@ -12,8 +17,8 @@ Example:
     >>> notes = []
     >>> trajectory_figure(entries, tempfile.mkdtemp(), notes).name
     'trajectory.png'
-    >>> notes  # the example entries have no γ_k column: that row is left out
-    ['relu: γ row skipped (missing steps.gamma)', 'sigmoid: γ row skipped (missing steps.gamma)']
+    >>> notes[:2]  # the example entries have no γ columns: those rows are left out
+    ['relu: gamma row skipped (missing steps.gamma)', 'relu: gamma_rp row skipped (missing steps.gamma_rp)']
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 
 from gammatrace import principles as P
 from gammatrace.reporting.collect import RunEntry, main_epochs
@@ -61,6 +67,17 @@ DISTANCE = Needs(steps=("step", "dist_sq", "progress"))
 LOSS = Needs(epochs=("epoch", "train_loss"))
 LOSS_FALLBACK = Needs(epochs=("epoch", "mean_batch_loss"))
 GAMMA = Needs(steps=("epoch", "gamma"))
+GAMMA_RP = Needs(steps=("epoch", "gamma_rp"))
+RATE = Needs(steps=("step", "epoch", "lr", "loss", "loss_ref", "progress", "dist_sq"))
+# The two γ rows: (column, needs, title with paper and formula, y label).
+GAMMA_ROWS = (
+    ("gamma", GAMMA, r"γ-optimization principle (paper 002, Def. 1): "
+                     r"$\gamma_k = P_k\,/\,(\eta_k D_0^2\,(\ell_k - \ell(\theta^*; B_k)))$",
+     r"$\gamma_k$ per epoch"),
+    ("gamma_rp", GAMMA_RP, r"regularity principle (papers 000/001, eq. 2): "
+                           r"$\gamma^{RP}_k/\|\theta_0-\theta_T\|^2 = P_k\,/\,(\eta_k D_0^2\,(\ell_k - \inf\,\ell))$",
+     r"$\gamma^{RP}_k / D_0^2$ per epoch"),
+)
 LAYERS = Needs(layers=("tensor", "share", "frac_negative"))
 
 
@@ -94,8 +111,9 @@ def _save(fig: Figure, out: Path, stem: str) -> Path:
 
 
 # ------------------------------------------------------------------ trajectory figure
-def gamma_epoch_stats(steps: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch quartiles and minimum of the defined γ_k (undefined steps are not values).
+def gamma_epoch_stats(steps: pd.DataFrame, column: str = "gamma") -> pd.DataFrame:
+    """Per-epoch quartiles and minimum of the defined values of a γ column (undefined
+    steps are not values).
 
     Example:
         >>> import pandas as pd
@@ -103,7 +121,7 @@ def gamma_epoch_stats(steps: pd.DataFrame) -> pd.DataFrame:
         >>> gamma_epoch_stats(s)[["min", "median", "q75"]].values.tolist()
         [[1.0, 2.0, 2.5], [nan, nan, nan]]
     """
-    g = steps[["epoch", "gamma"]].astype({"gamma": np.float64})
+    g = steps[["epoch", column]].astype({column: np.float64}).rename(columns={column: "gamma"})
     g = g.assign(gamma=g["gamma"].where(np.isfinite(g["gamma"])))
     by = g.groupby("epoch", sort=True)["gamma"]
     return pd.DataFrame({"min": by.min(), "q25": by.quantile(0.25), "median": by.median(),
@@ -144,20 +162,22 @@ def _cell_label(name: str, runs: Sequence[RunEntry], seeded: bool) -> str:
 def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
                       title: str = "", cells: dict[str, list[RunEntry]] | None = None,
                       stem: str = "trajectory") -> Path | None:
-    """Draw ``<stem>.png``/``.pdf``: d_k/D_0, training loss and per-epoch γ_k vs epochs.
+    """Draw ``<stem>.png``/``.pdf``: d_k/D_0, training loss and both γ's per epoch vs epochs.
 
     One line per run, or with ``cells`` (name -> the runs of one cell, e.g. its seeds)
     one line per cell. Row 1: d_k/D_0 per step (x = step / steps per epoch) with the
     end point d_T/D_0 (0 for θ* = θ_T). Row 2: full training loss after each epoch
     (x = epoch + 1; mean batch loss if the full loss was not measured); log y when it
-    spans more than a decade. Row 3: γ_k per epoch at the epoch's middle (x = epoch +
-    ½): the median as the line, minimum as ▼ markers; log y, or symlog when a value is
-    ≤ 0 (see :func:`_gamma_scale`). The shaded band is the 25–75% range of γ_k when
-    every line is one run; when a cell has several runs, every line is the mean over
-    its runs (of d_k/D_0, of the loss, of the per-epoch median γ_k) and the band is
-    the min–max over them. Lines whose runs are all flagged "no progress" are dashed.
-    Appends to ``notes`` why a run or row was left out; returns None when nothing is
-    drawable.
+    spans more than a decade. Rows 3 and 4: per epoch at the epoch's middle (x = epoch
+    + ½), the γ-optimization principle's γ_k (paper 002: gap to ℓ(θ*; B_k)) and the
+    regularity principle's γ^RP_k / D_0² (papers 000/001: gap to inf ℓ), each titled
+    with its paper and formula: the median as the line, minimum as ▼ markers; log y,
+    or symlog when a value is ≤ 0 (see :func:`_gamma_scale`). The shaded band is the
+    25–75% range when every line is one run; when a cell has several runs, every line
+    is the mean over its runs (of d_k/D_0, of the loss, of the per-epoch median) and
+    the band is the min–max over them. Lines whose runs are all flagged "no progress"
+    are dashed. Appends to ``notes`` why a run or row was left out; returns None when
+    nothing is drawable.
 
     Example (the module's example draws one; here nothing is drawable):
         >>> import tempfile
@@ -185,18 +205,18 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
         notes.append("trajectory figure not drawn: no analysed run")
         return None
 
-    fig = Figure(figsize=(7.5, 9.0), layout="constrained")
-    ax_d, ax_l, ax_g = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(7.5, 11.5), layout="constrained")
+    ax_d, ax_l, *ax_gammas = fig.subplots(2 + len(GAMMA_ROWS), 1, sharex=True)
     handles: list[Line2D] = []
     loss_values: list[np.ndarray] = []
-    gamma_values: list[np.ndarray] = []
-    gamma_drawn = []
 
     def draw(ax, agg: pd.DataFrame, x: np.ndarray, ls: str, color, marker: str | None = None) -> None:
         if seeded:
             ax.fill_between(x, agg["lo"], agg["hi"], color=color, alpha=0.15, lw=0)
         ax.plot(x, agg["mean"], ls, marker=marker, ms=3, color=color, lw=1.3)
 
+    gamma_drawn: dict[str, list] = {column: [] for column, *_ in GAMMA_ROWS}
+    gamma_values: dict[str, list[np.ndarray]] = {column: [] for column, *_ in GAMMA_ROWS}
     for name, runs, color in drawable:
         ls = "--" if all(e.no_progress for e in runs) else "-"
         drew = False
@@ -236,41 +256,56 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
             agg = _aggregate(losses)
             draw(ax_l, agg, agg.index.to_numpy(), ls, color, marker="o")
             drew = True
-        # --- row 3: γ per epoch
-        stats = []
-        for e in runs:
-            miss = GAMMA.missing(_tables(e))
-            if miss:
-                notes.append(f"{e.label}: γ row skipped (missing {', '.join(miss)})")
-                continue
-            st = gamma_epoch_stats(e.steps)
-            if st["median"].notna().any():
-                stats.append(st)
-                gamma_values.append(st.to_numpy().ravel())
-            else:
-                notes.append(f"{e.label}: γ row skipped (no defined γ_k)")
-        if stats:
-            gamma_drawn.append((ls, color, stats))
-            drew = True
+        # --- rows 3, 4: both γ's per epoch
+        for column, needs, _, _ in GAMMA_ROWS:
+            stats = []
+            for e in runs:
+                miss = needs.missing(_tables(e))
+                if miss:
+                    notes.append(f"{e.label}: {column} row skipped (missing {', '.join(miss)})")
+                    continue
+                st = gamma_epoch_stats(e.steps, column)
+                if st["median"].notna().any():
+                    stats.append(st)
+                    gamma_values[column].append(st.to_numpy().ravel())
+                else:
+                    notes.append(f"{e.label}: {column} row skipped (no defined value)")
+            if stats:
+                gamma_drawn[column].append((ls, color, stats))
+                drew = True
         if drew:
             handles.append(Line2D([], [], color=color, ls=ls, lw=1.5, label=_cell_label(name, runs, seeded)))
 
-    scale, linthresh = _gamma_scale(np.concatenate(gamma_values) if gamma_values else np.empty(0))
-    for ls, color, stats in gamma_drawn:
-        if seeded:
-            agg = _aggregate([st["median"] for st in stats])
-            low = pd.concat([st["min"] for st in stats], axis=1).min(axis=1)
-            x = agg.index.to_numpy() + 0.5
-            draw(ax_g, agg, x, ls, color, marker="o")
-        else:
-            st = stats[0]
-            x = st.index.to_numpy() + 0.5
-            ax_g.fill_between(x, st["q25"], st["q75"], color=color, alpha=0.15, lw=0)
-            ax_g.plot(x, st["median"], ls, marker="o", ms=3, color=color, lw=1.3)
-            low = st["min"]
-        # clip_on=False: the lowest minimum sits on the axis edge and would be cut in half.
-        ax_g.plot(low.index.to_numpy() + 0.5, low, ls="none", marker="v", ms=4, color=color, alpha=0.8,
-                  clip_on=False)
+    for ax_g, (column, _, row_title, ylabel) in zip(ax_gammas, GAMMA_ROWS, strict=True):
+        values = gamma_values[column]
+        scale, linthresh = _gamma_scale(np.concatenate(values) if values else np.empty(0))
+        for ls, color, stats in gamma_drawn[column]:
+            if seeded:
+                agg = _aggregate([st["median"] for st in stats])
+                low = pd.concat([st["min"] for st in stats], axis=1).min(axis=1)
+                draw(ax_g, agg, agg.index.to_numpy() + 0.5, ls, color, marker="o")
+            else:
+                st = stats[0]
+                x = st.index.to_numpy() + 0.5
+                ax_g.fill_between(x, st["q25"], st["q75"], color=color, alpha=0.15, lw=0)
+                ax_g.plot(x, st["median"], ls, marker="o", ms=3, color=color, lw=1.3)
+                low = st["min"]
+            # clip_on=False: the lowest minimum sits on the axis edge and would be cut in half.
+            ax_g.plot(low.index.to_numpy() + 0.5, low, ls="none", marker="v", ms=4, color=color, alpha=0.8,
+                      clip_on=False)
+        if gamma_drawn[column]:
+            if scale == "symlog":
+                ax_g.set_yscale("symlog", linthresh=linthresh)
+                ax_g.axhline(0.0, color="0.5", lw=0.6)
+            else:
+                ax_g.set_yscale("log")
+            band = "seed min–max" if seeded else "25–75%"
+            style = [Line2D([], [], color="0.3", marker="o", ms=3, label="mean of medians" if seeded else "median"),
+                     Patch(color="0.3", alpha=0.15, label=band),
+                     Line2D([], [], color="0.3", ls="none", marker="v", ms=4, label="min")]
+            ax_g.legend(handles=style, fontsize=7, loc="best", ncols=3)
+        ax_g.set_ylabel(ylabel + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
+        ax_g.set_title(row_title, fontsize=8.5)
 
     ax_d.set_ylabel(r"$d_k / D_0$")
     ax_d.set_ylim(bottom=0)
@@ -281,25 +316,168 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     if len(all_loss) and (all_loss > 0).all() and all_loss.max() / all_loss.min() > 10:
         ax_l.set_yscale("log")
     ax_l.set_title("full training loss after each epoch", fontsize=10)
-    if gamma_drawn:
-        if scale == "symlog":
-            ax_g.set_yscale("symlog", linthresh=linthresh)
-            ax_g.axhline(0.0, color="0.5", lw=0.6)
-        else:
-            ax_g.set_yscale("log")
-        band = "seed min–max" if seeded else "25–75%"
-        style = [Line2D([], [], color="0.3", marker="o", ms=3, label="mean of medians" if seeded else "median"),
-                 Patch(color="0.3", alpha=0.15, label=band),
-                 Line2D([], [], color="0.3", ls="none", marker="v", ms=4, label="min")]
-        ax_g.legend(handles=style, fontsize=8, loc="best", ncols=3)
-    ax_g.set_ylabel(r"$\gamma_k$ per epoch" + (" (symlog)" if scale == "symlog" else ""))
-    ax_g.set_title(r"$\gamma_k$ per epoch", fontsize=10)
-    ax_g.set_xlabel("epoch")
-    ax_g.set_xlim(left=0)
-    for ax in (ax_d, ax_l, ax_g):
+    ax_gammas[-1].set_xlabel("epoch")
+    ax_gammas[-1].set_xlim(left=0)
+    for ax in (ax_d, ax_l, *ax_gammas):
         ax.grid(alpha=0.3, lw=0.5)
     # Below the plots rather than inside one: with several runs a legend covers curves.
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 3))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, out, stem)
+
+
+# ------------------------------------------------------------------ Theorem 1 figure
+def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: list[str], title: str = "",
+                    stem: str = "theorem1") -> Path | None:
+    """Draw ``<stem>.png``/``.pdf``: Theorem 1's per-epoch curves, one line per cell (its
+    first seed when it has several, so a bound is one run's).
+
+    Row 1: d/D_0 at every epoch boundary (the theorem says it never rises). Row 2: the
+    rate of item 3 at every epoch boundary K: the running mean of the loss gap,
+    Σ_{k<K} η_k (ℓ_k − ℓ*_k) / Σ_{k<K} η_k (solid), and its bound 1 / (2 γ Σ_{k<K} η_k)
+    with γ = γ_min (dashed; not drawn when γ_min ≤ 0: no bound). Returns None when no
+    run has the columns.
+
+    Example:
+        >>> import tempfile
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> print(theorem1_figure({"relu": [example_entry("relu")]}, tempfile.mkdtemp(), notes := []))
+        None
+        >>> notes[0]
+        'relu: Theorem 1 figure skipped (missing steps.lr, steps.loss, steps.loss_ref)'
+    """
+    out = Path(out)
+    colors = run_colors(len(cells))
+    lines = []
+    for (name, runs), color in zip(cells.items(), colors, strict=True):
+        e = next((r for r in runs if r.analysed), None)
+        if e is None:
+            continue
+        miss = RATE.missing(_tables(e))
+        if miss:
+            notes.append(f"{e.label}: Theorem 1 figure skipped (missing {', '.join(miss)})")
+            continue
+        steps = e.steps.sort_values("step")
+        gmin = float(P.certify(P.derive(steps)["gamma"])["gamma_min"]) if "gamma" not in steps else \
+            float(P.certify(steps["gamma"])["gamma_min"])
+        dist = P.epoch_distance(steps)
+        rate = P.rate_bound(steps, gamma=gmin)["table"]
+        lines.append((name, color, dist["curve"], rate, gmin > 0))
+    if not lines:
+        notes.append("Theorem 1 figure not drawn: no run has the columns")
+        return None
+    fig = Figure(figsize=(7.5, 6.0), layout="constrained")
+    ax_d, ax_r = fig.subplots(2, 1, sharex=True)
+    for name, color, curve, rate, bounded in lines:
+        ax_d.plot(np.arange(len(curve)), curve, "-o", ms=3, color=color, lw=1.3, label=name)
+        x = np.arange(1, len(rate) + 1)
+        ax_r.plot(x, rate["actual"], "-o", ms=3, color=color, lw=1.3, label=f"{name}: running mean gap")
+        if bounded:
+            ax_r.plot(x, rate["bound"], "--", color=color, lw=1.1, label=f"{name}: bound (γ = γ_min)")
+    ax_d.set_ylabel(r"$d / D_0$ at epoch boundaries")
+    ax_d.set_ylim(bottom=0)
+    ax_d.set_title("Theorem 1 (1): distance to θ* at every epoch boundary (never rises)", fontsize=10)
+    ax_r.set_yscale("log")
+    ax_r.set_ylabel("loss gap")
+    ax_r.set_title(r"Theorem 1 (3): $\sum_{k<K}\eta_k(\ell_k-\ell^*_k)/\sum_{k<K}\eta_k$ (solid) "
+                   r"$\leq 1/(2\gamma\sum_{k<K}\eta_k)$ (dashed)", fontsize=9)
+    ax_r.set_xlabel("epoch")
+    for ax in (ax_d, ax_r):
+        ax.grid(alpha=0.3, lw=0.5)
+    ax_r.legend(fontsize=7, ncols=2, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, out, stem)
+
+
+# --------------------------------------------------------------- γ at matched loss
+def matched_figure(panels: dict[str, tuple[dict[str, list[RunEntry]], object]], out: str | Path,
+                   notes: list[str], title: str = "", stem: str = "matched") -> Path | None:
+    """Draw ``<stem>.png``/``.pdf``: γ_k against the training loss, not against epochs.
+
+    One panel per reference (``panels``: title -> (cell -> its runs, the
+    :class:`~gammatrace.reporting.claims.MatchedLoss` of those runs)). Dots: every
+    step's γ_k against its mini-batch loss ℓ_k (faint); line: each cell's median γ_k at
+    the matched levels of the full training loss (the claim test's statistic; mean over
+    seeds, band min–max); shaded: the loss range every run reaches. Returns None when
+    nothing is drawable.
+
+    Example:
+        >>> import tempfile
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> print(matched_figure({"θ_T": ({"relu": [example_entry("relu")]}, None)}, tempfile.mkdtemp(),
+        ...                      notes := []))
+        None
+        >>> notes
+        ['γ-vs-loss figure not drawn: no run has steps.loss and steps.gamma']
+    """
+    out = Path(out)
+    usable = {t: ({c: [e for e in rs if e.analysed and {"loss", "gamma"} <= set(e.steps.columns)]
+                   for c, rs in cells.items()}, m) for t, (cells, m) in panels.items()}
+    if not any(rs for cells, _ in usable.values() for rs in cells.values()):
+        notes.append("γ-vs-loss figure not drawn: no run has steps.loss and steps.gamma")
+        return None
+    fig = Figure(figsize=(6.0 * len(usable), 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(usable), squeeze=False)).ravel()
+    rng = np.random.default_rng(0)
+    for ax, (panel, (cells, m)) in zip(axes, usable.items(), strict=True):
+        colors = run_colors(len(cells))
+        values = []
+        for (cell, runs), color in zip(cells.items(), colors, strict=True):
+            if not runs:
+                continue
+            x = np.concatenate([e.steps["loss"].to_numpy(float) for e in runs])
+            y = np.concatenate([e.steps["gamma"].to_numpy(float) for e in runs])
+            keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+            x, y = x[keep], y[keep]
+            if len(x) > 3000:  # a readable cloud: a fixed subsample
+                pick = rng.choice(len(x), 3000, replace=False)
+                x, y = x[pick], y[pick]
+            ax.scatter(x, y, s=2, color=color, alpha=0.12, lw=0)
+            values.append(y)
+            if m is not None and len(m.levels):
+                per = [m.per_level[e.label] for e in runs if e.label in m.per_level]
+                if per:
+                    table = np.vstack(per)
+                    defined = np.isfinite(table)
+                    count = defined.sum(axis=0)
+                    with np.errstate(invalid="ignore"):  # a level no seed reached stays NaN
+                        mean = np.where(defined, table, 0.0).sum(axis=0) / count
+                    ax.plot(m.levels, mean, "-o", ms=3, color=color, lw=1.5, label=cell)
+                    if len(per) > 1:
+                        lo = np.where(defined, table, np.inf).min(axis=0)
+                        hi = np.where(defined, table, -np.inf).max(axis=0)
+                        ok = count > 0
+                        ax.fill_between(m.levels[ok], lo[ok], hi[ok], color=color, alpha=0.2, lw=0)
+                    values.append(table.ravel())
+                    continue
+            ax.plot([], [], "-o", ms=3, color=color, label=cell)
+        if m is not None and len(m.levels):
+            ax.axvspan(m.edges[0], m.edges[-1], color="0.85", alpha=0.4, lw=0, zorder=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+        all_y = np.concatenate(values) if values else np.empty(0)
+        scale, linthresh = _gamma_scale(all_y)
+        if scale == "symlog":
+            # The linear zone at the 5% quantile of |γ_k|: a few tiny values would stretch the log part.
+            small = np.abs(all_y[np.isfinite(all_y) & (all_y != 0)])
+            if len(small):
+                linthresh = max(linthresh, 10.0 ** math.floor(math.log10(np.quantile(small, 0.05))))
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ax.axhline(0.0, color="0.5", lw=0.6)
+        else:
+            ax.set_yscale("log")
+        ax.invert_xaxis()  # training moves left to right: loss falls
+        ax.set_xlabel(r"training loss ($\ell_k$ for dots, full loss for the levels)")
+        ax.set_ylabel(r"$\gamma_k$")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3, lw=0.5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no analysed run for this reference", transform=ax.transAxes, ha="center",
+                    fontsize=9, color="0.4")
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, out, stem)

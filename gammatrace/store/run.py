@@ -12,6 +12,8 @@
 
 Every write goes to a temporary file in the same folder and is renamed into place, so
 a run killed at any moment leaves either the old file or the new one, never a torn one.
+A run folder may also live on object storage (``s3://bucket/runs/a``: one PUT per file,
+a conditional-create lock; see :mod:`gammatrace.store.backend`).
 
 Example:
     >>> import tempfile, pandas as pd
@@ -28,10 +30,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from gammatrace.config import RunConfig
 from gammatrace.errors import RunInUseError, UserError, os_error
 from gammatrace.store import integrity
+from gammatrace.store.backend import Location, ObjectFiles, confined, location
 from gammatrace.store.summary import RunSummary
 
 FORMAT_VERSION = 1
@@ -101,6 +106,9 @@ class RunMeta(BaseModel):
     # D_0², model and optimizer classes, seed, threads, skipped steps).
     source: str | None = None
     own_loop: dict[str, Any] | None = None
+    # The epoch checkpoints were removed after a successful analysis (--prune-checkpoints):
+    # θ_T, the continuation θ* and their hashes remain; replaying needs a retrained run.
+    checkpoints_pruned: bool = False
 
     @model_validator(mode="after")
     def _complete_when_trained(self) -> RunMeta:
@@ -155,9 +163,14 @@ def _umask() -> int:
     return old
 
 
-def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
-    """``path`` as an output folder: refused (one line) when it, or a folder above it, is a file."""
-    path = Path(path)
+def check_out_folder(path: str | Path | Location, flag: str = "--out") -> Path | Location:
+    """``path`` as an output folder: refused (one line) when it, or a folder above it, is a file
+    (a URL: when an object is stored under its very name)."""
+    path = location(path)
+    if isinstance(path, Location):
+        if ObjectFiles(path.parent).is_file(path.name):
+            raise UserError(f"{flag} {path} is an object (a file); choose a folder")
+        return path
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             where = "is a file" if p == path else f"lies below the file {p}"
@@ -200,8 +213,11 @@ class RunStore:
     STEPS = "steps"  # pass-1 step shards
     SAMPLES = "samples"  # pass-1 per-sample shards
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Location):
+        self.root = location(root)
+        # A URL's files go through fsspec (backend.py); a local folder keeps the code below.
+        self.remote = ObjectFiles(self.root) if isinstance(self.root, Location) else None
+        self._lock = None  # the held lock object of a remote folder
 
     @staticmethod
     def shard(folder: str, epoch: int, suffix: str = "parquet") -> str:
@@ -222,21 +238,30 @@ class RunStore:
         data = self.read_json(self.META)
         if not isinstance(data, dict):
             raise StoreError(f"{self.path(self.META)} is damaged: expected a JSON object, got {type(data).__name__}")
-        sums = data.pop(integrity.CHECKSUMS, None)
-        if sums is not None:  # absent in runs written before the seal: read unverified
-            changed = integrity.changed_fields(data, sums) if isinstance(sums, dict) else [integrity.CHECKSUMS]
-            if changed:
-                raise StoreError(
-                    f"{self.path(self.META)} is damaged: field '{changed[0]}' differs from what gammatrace wrote "
-                    f"(its checksum{' and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}); "
-                    "restore the file from a copy or retrain the run (pass --tail/--ell-inf to analyze "
-                    "instead of editing it)")
+        self.check_seal(data)
+        data.pop(integrity.CHECKSUMS, None)
         try:
             return RunMeta.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(x) for x in err["loc"]) or "(top level)"
             raise StoreError(f"{self.path(self.META)} is damaged: field '{field}': {err['msg']}") from None
+
+    def check_seal(self, data: dict[str, Any]) -> None:
+        """Refuse a run.json dict whose sealed fields differ from what was written, naming
+        the first (see :mod:`gammatrace.store.integrity`); a run.json without a seal (written
+        before there was one) is read unverified."""
+        sums = data.get(integrity.CHECKSUMS)
+        if sums is None:
+            return
+        rest = {k: v for k, v in data.items() if k != integrity.CHECKSUMS}
+        changed = integrity.changed_fields(rest, sums) if isinstance(sums, dict) else [integrity.CHECKSUMS]
+        if changed:
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise StoreError(
+                f"{self.path(self.META)} is damaged: field '{changed[0]}'{more} differs from what gammatrace "
+                "wrote (checksum); restore the file from a copy or retrain the run (to analyse with other "
+                "options, pass --tail/--ell-inf to analyze instead of editing the file)")
 
     def write_meta(self, meta: RunMeta) -> None:
         data = jsonable(meta.model_dump(mode="json"))
@@ -248,15 +273,53 @@ class RunStore:
         self.write_meta(RunMeta.model_validate(meta.model_dump()))  # validate the update too
         return self.read_meta()
 
-    def path(self, rel: str) -> Path:
+    def path(self, rel: str) -> Path | Location:
         return self.root / rel
 
     def exists(self, rel: str) -> bool:
-        return self.path(rel).exists()
+        return self.remote.exists(rel) if self.remote else self.path(rel).exists()
 
-    def _inside(self, rel: str) -> Path:
+    def files(self, folder: str = "") -> list[str]:
+        """Names of the files directly in ``folder`` (none when it does not exist)."""
+        if self.remote:
+            return self.remote.list(folder)
+        d = self.path(folder)
+        return sorted(p.name for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+    def remove(self, rel: str) -> None:
+        """Delete one file (nothing when it is absent)."""
+        target = self._inside(rel)
+        if self.remote:
+            self.remote.remove(str(confined(rel)))
+            return
+        try:
+            Path(target).unlink(missing_ok=True)
+        except OSError as exc:
+            raise (os_error(exc, f"removing {target}") or exc) from None
+
+    def usage(self, rel: str = "") -> int:
+        """Bytes the files below ``rel`` occupy (local: allocated blocks, as ``du``; remote:
+        object sizes)."""
+        if self.remote:
+            return self.remote.usage(rel)
+        base = self.path(rel)
+        paths = [base] if base.is_file() else (p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
+        return sum(p.stat().st_blocks * 512 for p in paths)
+
+    def _read_bytes(self, rel: str) -> bytes:
+        """A remote file's bytes; StoreError when it does not exist."""
+        try:
+            return self.remote.read_bytes(rel)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path(rel)} does not exist") from None
+
+    def _inside(self, rel: str) -> Path | Location:
         """The path of ``rel``, refused when it resolves (symlinks included) outside the root."""
         target = self.path(rel)
+        if self.remote:
+            if confined(rel) is None:  # a URL prefix: a name below the root stays below it
+                raise StoreError(f"{rel!r} lies outside the run folder {self.root}; refusing to write there")
+            return target
         root = self.root.resolve()
         if not target.resolve().is_relative_to(root):
             raise StoreError(f"{target} lies outside the run folder {self.root}; refusing to write there")
@@ -264,6 +327,12 @@ class RunStore:
 
     def _atomic(self, rel: str, write) -> None:
         target = self._inside(rel)
+        if self.remote:
+            if self._lock is not None:
+                self._lock.check()
+            # One PUT of the complete file: readers see the old object or the new one.
+            self.remote.write(str(confined(rel)), write)
+            return
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -304,6 +373,9 @@ class RunStore:
             'held'
         """
         key = str(self._inside(".lock").resolve())
+        if self.remote:
+            yield from self._remote_lock(key)
+            return
         if key in _HELD:
             _HELD[key][1] += 1
             try:
@@ -339,11 +411,43 @@ class RunStore:
             del _HELD[key]
             f.close()  # releases the lock
 
+    def _remote_lock(self, key: str) -> Iterator[None]:
+        # A conditional-create lock object with holder and expiry (backend.ObjectLock).
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._lock = _HELD[key][0]
+            try:
+                yield
+            finally:
+                _HELD[key][1] -= 1
+            return
+        with self.remote.lock() as held:
+            _HELD[key] = [held, 1]
+            self._lock = held
+            try:
+                yield
+            finally:
+                del _HELD[key]
+                self._lock = None
+
     def _remove_stale_temporaries(self) -> None:
         # Only under the lock: no live writer of this folder can own one of these.
         for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    # --------------------------------------------------------------- bytes
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """A file of any format, written atomically like every other."""
+        self._atomic(rel, lambda p: Path(p).write_bytes(data))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.remote:
+            return self._read_bytes(rel)
+        try:
+            return self.path(rel).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{self.path(rel)} does not exist") from None
 
     # ---------------------------------------------------------------- JSON
     def write_json(self, rel: str, obj: Any) -> None:
@@ -353,7 +457,7 @@ class RunStore:
     def read_json(self, rel: str) -> Any:
         path = self.path(rel)
         try:
-            return json.loads(path.read_text())
+            return json.loads(self._read_bytes(rel).decode() if self.remote else path.read_text())
         except FileNotFoundError:
             raise StoreError(f"{path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -380,10 +484,10 @@ class RunStore:
         # An analysis table is recomputed from the run; a pass-1 table only by retraining.
         fix = ("remove it and rerun the same command to recompute it" if rel.startswith("analysis/")
                else "restore it from a copy, or retrain the run in a new folder")
-        if not path.is_file():
+        if not (self.remote.is_file(rel) if self.remote else path.is_file()):
             raise StoreError(f"{path} does not exist")
         try:
-            frame = integrity.read_parquet(str(path))
+            frame = integrity.read_parquet(io.BytesIO(self._read_bytes(rel)) if self.remote else str(path))
         except integrity.DamagedTable as exc:
             raise StoreError(f"{path} is damaged ({exc}); {fix}") from None
         missing = [c for c in required if c not in frame.columns]
@@ -398,28 +502,48 @@ class RunStore:
         return frame
 
     def shard_paths(self, folder: str) -> list[str]:
+        if self.remote:
+            return [f"{folder}/{n}" for n in self.remote.list(folder) if n.startswith("epoch_") and n.endswith(".parquet")]
         d = self.path(folder)
         return sorted(f"{folder}/{p.name}" for p in d.glob("epoch_*.parquet")) if d.is_dir() else []
 
-    def read_shards(self, folder: str, required: Iterable[str] = ()) -> pd.DataFrame:
+    def read_shards(self, folder: str, required: Iterable[str] | Mapping[str, str] = ()) -> pd.DataFrame:
         """Concatenate the per-epoch shards of a folder in epoch order."""
-        required = tuple(required)
+        required = dict(required) if isinstance(required, Mapping) else tuple(required)
         frames = [self.read_parquet(rel, required) for rel in self.shard_paths(folder)]
         frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if not frames:
+            return pd.DataFrame()
+        out = pd.concat(frames, ignore_index=True)
+        # In the layout of the widest shard: a shard lacking a column recomputed from the
+        # others must not reorder the columns of every shard rewritten after it.
+        widest = list(max(frames, key=lambda f: f.shape[1]).columns)
+        return out[widest + [c for c in out.columns if c not in widest]]
 
     # --------------------------------------------------------------- torch
     def write_torch(self, rel: str, obj: Any) -> None:
-        self._atomic(rel, lambda p: torch.save(obj, p))
+        def save(tmp: str) -> None:
+            # Through a file object: torch.save names the archive inside after a *path*
+            # (here a random temporary name), which would make equal states differ in bytes.
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+
+        self._atomic(rel, save)
 
     def read_torch(self, rel: str, map_location: Any = "cpu", *, advice: str = "") -> Any:
         """A file saved by :meth:`write_torch`, loaded with ``weights_only=True`` (no
         arbitrary objects are ever unpickled). ``advice`` ends the message of a damaged file."""
         path = self.path(rel)
-        if not path.is_file():
+        if self.remote:
+            source: Any = io.BytesIO(self._read_bytes(rel))
+        elif not path.is_file():
             raise StoreError(f"{path} does not exist")
+        else:
+            source = path
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():  # a file of another pickle protocol: refused or read, not warned about
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                return torch.load(source, map_location=map_location, weights_only=True)
         except Exception as exc:
             # torch's own message suggests weights_only=False: never pass that on.
             raise StoreError(f"{path} is corrupt, truncated or not a tensor file ({exc.__class__.__name__})"
@@ -458,9 +582,11 @@ class Run:
         if not isinstance(raw, dict):
             raise StoreError(f"{self.store.path(RunStore.META)} is damaged: expected a JSON object, "
                              f"got {type(raw).__name__}")
+        self.store.check_seal(raw)
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: run format {version} is not supported (expected {FORMAT_VERSION})")
+            raise StoreError(f"{self.store.path(RunStore.META)}: field 'format_version' is {version!r}; this "
+                             f"gammatrace reads run format {FORMAT_VERSION} (a newer gammatrace wrote it?)")
         self.meta = self.store.read_meta()
 
     @property
@@ -475,6 +601,9 @@ class Run:
             err = exc.errors()[0]
             field = ".".join(str(x) for x in err["loc"])
             raise StoreError(f"{self.store.path(RunStore.META)} is damaged: config field '{field}': {err['msg']}") from None
+        except UserError as exc:  # the config's own checks (a number out of range, an unknown optimizer)
+            raise StoreError(f"{self.store.path(RunStore.META)} is damaged: {str(exc).removeprefix('invalid config: ')}"
+                             ) from None
 
     @property
     def status(self) -> Status:
@@ -489,6 +618,8 @@ class Run:
         return self.store.read_parquet(RunStore.EPOCHS) if self.store.exists(RunStore.EPOCHS) else pd.DataFrame()
 
     def references(self) -> list[str]:
+        if self.store.remote:
+            return [r for r in self.store.remote.folders("analysis") if self.store.exists(f"analysis/{r}/summary.json")]
         d = self.path / "analysis"
         return sorted(p.name for p in d.iterdir() if (p / "summary.json").exists()) if d.is_dir() else []
 

@@ -12,8 +12,8 @@ Example:
     >>> folder = tempfile.mkdtemp()
     >>> meta.write(folder)
     >>> back = StudyMeta.load(StudyMeta.path(folder))
-    >>> back == meta, back.cell("a-s0"), back.group("a-s0"), back.cell("other")
-    (True, 'a', 'g', 'other')
+    >>> back == meta, back.cell("a-s0"), back.group("a-s0"), back.cell("other"), back.claims[0].order
+    (True, 'a', 'g', 'other', (('a',), ('b',)))
 """
 
 from __future__ import annotations
@@ -22,30 +22,55 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gammatrace.principles.claims import Order, order_text, parse_order
+from gammatrace.store.backend import location
 from gammatrace.store.run import RunStore, StoreError
 
 
 class Claim(BaseModel):
-    """A paper's claim about a set of cells: ``order`` lists them from the claimed
-    largest γ (and fastest convergence) to the smallest; ``group`` is the network /
-    dataset it is checked in (None: the study's only group).
+    """A paper's claim about a set of cells: ``order`` is a weak order of them by γ,
+    largest first, as levels (cells of one level are tied: "a ≈ b" asserts no order
+    between them; written ``"a ≈ b > c"`` or as a list, see
+    :func:`~gammatrace.principles.claims.parse_order`); ``group`` is the network /
+    dataset it is checked in (None: the study's only group); ``source`` where a paper
+    states it (file and quoted phrase; None for a hypothesis no paper states).
 
     Example:
         >>> Claim("ReLU first", ["relu", "tanh"]).order
-        ('relu', 'tanh')
+        (('relu',), ('tanh',))
+        >>> c = Claim("ReLU types first", "relu ≈ leaky_relu > tanh")
+        >>> c.cells, c.order_text
+        (('relu', 'leaky_relu', 'tanh'), 'relu ≈ leaky_relu > tanh')
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     text: str
-    order: tuple[str, ...]
+    order: tuple[tuple[str, ...], ...]
     group: str | None = None
+    source: str | None = None
 
     # Positional construction, Claim(text, order, group), reads like the claim it states.
-    def __init__(self, text: str, order: Sequence[str], group: str | None = None) -> None:
-        super().__init__(text=text, order=tuple(order), group=group)
+    def __init__(self, text: str, order: str | Sequence[Any], group: str | None = None,
+                 source: str | None = None) -> None:
+        super().__init__(text=text, order=order, group=group, source=source)
+
+    @field_validator("order", mode="before")
+    @classmethod
+    def _levels(cls, value: Any) -> Order:
+        # A study.json of an earlier version stores a strict order as a list of names.
+        return parse_order(value)
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The claim's cells in claimed order (tied cells side by side)."""
+        return tuple(c for level in self.order for c in level)
+
+    @property
+    def order_text(self) -> str:
+        return order_text(self.order)
 
 
 class StudyMeta(BaseModel):
@@ -55,7 +80,7 @@ class StudyMeta(BaseModel):
     Example:
         >>> meta = StudyMeta.load({"study": "s", "runs": {"a-s0": "a"}, "claims": [{"text": "t", "order": ["a"]}]})
         >>> meta.cell("a-s0"), meta.group("a-s0"), meta.claims[0].order
-        ('a', 'all', ('a',))
+        ('a', 'all', (('a',),))
     """
 
     # Fields written by later versions are kept, not lost, when an older one reads the file.
@@ -89,7 +114,7 @@ class StudyMeta(BaseModel):
     @classmethod
     def path(cls, folder: str | Path) -> Path:
         """Where a study folder keeps its ``study.json``."""
-        return Path(folder) / cls.FILE
+        return location(folder) / cls.FILE  # a URL for a study on object storage
 
     @classmethod
     def load(cls, source: str | Path | dict[str, Any] | StudyMeta) -> StudyMeta:
@@ -101,7 +126,7 @@ class StudyMeta(BaseModel):
             return source
         where = "study meta"
         if not isinstance(source, dict):
-            path = Path(source)
+            path = location(source)
             where = str(path)
             source = RunStore(path.parent).read_json(path.name)
             if not isinstance(source, dict):

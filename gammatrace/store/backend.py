@@ -1,0 +1,424 @@
+"""Run folders on object storage: an fsspec file system behind :class:`~gammatrace.store.run.RunStore`.
+
+A store location is a local folder (a path, or a ``file://`` URL) or a URL of any
+fsspec file system (``s3://bucket/study``, ``gs://…``, ``memory://…``); the local case
+keeps the store's own code (temporary file + rename, an ``fcntl`` lock). On object
+storage the same contract is kept another way:
+
+* **atomic writes**: one PUT per file (a large file: one multipart upload, which becomes
+  visible only when it completes), so a reader sees the old object or the new one;
+* **the lock** is an object ``.lock`` created with a conditional PUT (``If-None-Match: *``)
+  that holds its holder (host, PID) and an expiry; the holder renews it while it lives
+  (``If-Match`` on its own version where the store supports it, as S3 does). A lock whose
+  expiry has passed, or whose holder is a dead process on this host, is taken over;
+* **confinement** compares URL prefixes: a name below the folder never leaves it.
+
+fsspec and the file system's own package (``s3fs`` for ``s3://``) are optional:
+``pip install 'gammatrace[s3]'``. Endpoint and credentials come from the usual places
+(for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, … or ``~/.aws``).
+
+Example:
+    >>> loc = location("s3://bucket/studies/bn/") / "vgg11-none"
+    >>> loc, loc.name, loc.parent, str(loc.parent.parent)
+    (Location('s3://bucket/studies/bn/vgg11-none'), 'vgg11-none', Location('s3://bucket/studies/bn'), 's3://bucket/studies')
+    >>> location("file:///tmp/runs/a"), is_remote("runs/a"), is_remote("s3://b/a")
+    (PosixPath('/tmp/runs/a'), False, True)
+    >>> confined("analysis/last/../last/steps"), confined("../other")
+    ('analysis/last/steps', None)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from gammatrace.errors import RunInUseError, UserError
+
+# Seconds a lock on object storage stays valid without renewal; the holder renews it every
+# third of that. A holder killed on another machine blocks the folder at most this long.
+LOCK_TTL_S = float(os.environ.get("GAMMATRACE_LOCK_TTL", "120"))
+
+
+class MissingStoreDependency(UserError, ImportError):
+    """A store URL needs fsspec (and the file system's package) that is not installed."""
+
+
+class Location:
+    """A folder (or file) on an fsspec file system, addressed by URL: the path-like value
+    that :class:`~gammatrace.store.run.RunStore` holds as ``root`` for a remote run
+    (``/`` joins, ``name``, ``parent``; ``str()`` is the URL).
+
+    Example:
+        >>> (Location("s3://b/x") / "a/b.pt").url, Location("s3://b/x").protocol
+        ('s3://b/x/a/b.pt', 's3')
+    """
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str):
+        scheme, _, rest = str(url).partition("://")
+        rest = posixpath.normpath("/" + rest).lstrip("/") if rest else ""
+        self.url = f"{scheme}://{rest}"
+
+    @property
+    def protocol(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    @property
+    def key(self) -> str:
+        """The path without the protocol, as fsspec file systems take it (``bucket/a/b``)."""
+        return self.url.split("://", 1)[1]
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def parent(self) -> Location:
+        return Location(f"{self.protocol}://{posixpath.dirname(self.key)}")
+
+    def resolve(self) -> Location:
+        return self
+
+    def is_relative_to(self, other: Location | str) -> bool:
+        other = str(other).rstrip("/")
+        return self.url == other or self.url.startswith(other + "/")
+
+    def __truediv__(self, rel: str | os.PathLike) -> Location:
+        return Location(f"{self.url}/{os.fspath(rel)}")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+def is_remote(where: str | os.PathLike | Location) -> bool:
+    """Whether ``where`` names a non-local file system (a URL other than ``file://``)."""
+    if isinstance(where, Location):
+        return True
+    text = str(where)
+    return "://" in text and not text.startswith("file://")
+
+
+def location(where: str | os.PathLike | Location) -> Path | Location:
+    """A local :class:`~pathlib.Path` (paths and ``file://`` URLs) or a :class:`Location`."""
+    if isinstance(where, (Path, Location)):
+        return where
+    text = os.fspath(where)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return Location(text) if "://" in text else Path(text)
+
+
+def join(where: str | os.PathLike | Location, *parts: str) -> Path | Location:
+    """``where / part / …`` for a local folder or a URL alike.
+
+    Example:
+        >>> join("s3://b/study", "run", "run.json"), join("runs", "a")
+        (Location('s3://b/study/run/run.json'), PosixPath('runs/a'))
+    """
+    out = location(where)
+    for p in parts:
+        out = out / p
+    return out
+
+
+def confined(rel: str) -> str | None:
+    """``rel`` normalised, or None when it is absolute or climbs out of its folder."""
+    if not rel or rel.startswith("/") or "://" in rel:
+        return None
+    norm = posixpath.normpath(rel)
+    return None if norm == ".." or norm.startswith("../") or norm == "." else norm
+
+
+def _fsspec():
+    try:
+        # fsspec is the optional object-storage extra
+        import fsspec
+    except ImportError:
+        raise MissingStoreDependency("a store URL (s3://, gs://, ...) needs fsspec: pip install 'gammatrace[s3]'") from None
+    return fsspec
+
+
+def filesystem(loc: Location) -> Any:
+    """The fsspec file system of ``loc`` (one instance per protocol and process)."""
+    fsspec = _fsspec()
+    options: dict[str, Any] = {}
+    if loc.protocol in ("s3", "s3a"):
+        # Other processes (Ray workers, a resumed run) write the same folders: never
+        # answer from a cached listing.
+        options["use_listings_cache"] = False
+        # Part of the instance's identity: another endpoint is another file system.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    try:
+        return fsspec.filesystem(loc.protocol, **options)
+    except ImportError as exc:
+        raise MissingStoreDependency(f"{loc.url}: {' '.join(str(exc).split())}; for s3:// pip install "
+                                     "'gammatrace[s3]'") from None
+    except ValueError as exc:
+        raise UserError(f"{loc.url}: {exc}") from None
+
+
+def remote_error(exc: BaseException, what: str) -> UserError | None:
+    """An object-store failure the user can fix, as one line (None: a bug, keep the traceback)."""
+    if isinstance(exc, PermissionError):
+        return UserError(f"{what}: permission denied by the object store; check the credentials and the bucket policy")
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"{what}: not found on the object store (does the bucket exist?)")
+    name = type(exc).__name__
+    if isinstance(exc, (ConnectionError, TimeoutError)) or "EndpointConnection" in name or "ConnectTimeout" in name:
+        return UserError(f"{what}: the object store cannot be reached ({name}); check AWS_ENDPOINT_URL "
+                         "and the network, then rerun the same command to resume")
+    return None
+
+
+class ObjectFiles:
+    """The files below one :class:`Location`, read and written through fsspec.
+
+    Every write is one PUT of a complete file (written to a local temporary file first,
+    then uploaded), so a killed writer leaves the old object or none, never a torn one.
+    """
+
+    def __init__(self, root: Location):
+        self.root = root
+        self.fs = filesystem(root)
+
+    def key(self, rel: str = "") -> str:
+        return self.root.key if not rel else f"{self.root.key}/{rel}"
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except Exception as exc:
+            mapped = remote_error(exc, what)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def exists(self, rel: str = "") -> bool:
+        return bool(self._call(f"reading {self.root / rel}", lambda: self.fs.exists(self.key(rel))))
+
+    def is_file(self, rel: str) -> bool:
+        return bool(self._call(f"reading {self.root / rel}", lambda: self.fs.isfile(self.key(rel))))
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The object's bytes; FileNotFoundError when it does not exist."""
+        return self._call(f"reading {self.root / rel}", lambda: self.fs.cat_file(self.key(rel)))
+
+    def write(self, rel: str, write: Callable[[str], None]) -> None:
+        """``write(local_path)`` fills a temporary file, uploaded as one object."""
+        with tempfile.TemporaryDirectory(prefix="gammatrace-put-") as tmp:
+            local = os.path.join(tmp, posixpath.basename(rel))
+            write(local)
+            self._call(f"writing {self.root / rel}", lambda: self.fs.put_file(local, self.key(rel)))
+
+    def write_bytes(self, rel: str, data: bytes, **kwargs: Any) -> Any:
+        return self._call(f"writing {self.root / rel}", lambda: self.fs.pipe_file(self.key(rel), data, **kwargs))
+
+    def list(self, folder: str = "") -> list[str]:
+        """Names of the files directly in ``folder`` (none when it does not exist)."""
+        try:
+            entries = self._call(f"listing {self.root / folder}",
+                                 lambda: self.fs.ls(self.key(folder), detail=True, refresh=True))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+    def folders(self, folder: str = "") -> list[str]:
+        """Names of the sub-folders directly in ``folder``."""
+        try:
+            entries = self._call(f"listing {self.root / folder}",
+                                 lambda: self.fs.ls(self.key(folder), detail=True, refresh=True))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call(f"removing {self.root / rel}", lambda: self.fs.rm_file(self.key(rel)))
+
+    def usage(self, rel: str = "") -> int:
+        """Bytes stored below ``rel`` (the sum of the objects' sizes)."""
+        try:
+            return int(self._call(f"listing {self.root / rel}", lambda: self.fs.du(self.key(rel), total=True)))
+        except FileNotFoundError:
+            return 0
+
+    def download(self, rel: str, local: Path, skip: Callable[[str], bool] = lambda rel: False) -> list[str]:
+        """Copy the files below ``rel`` into the local folder ``local`` (those ``skip`` does
+        not exclude, by their path relative to ``rel``); returns the copied names."""
+        base = self.key(rel)
+        try:
+            found = self._call(f"listing {self.root / rel}", lambda: self.fs.find(base, detail=False))
+        except FileNotFoundError:
+            return []
+        copied = []
+        for key in sorted(found):
+            sub = key[len(base):].lstrip("/")
+            if not sub or skip(sub):
+                continue
+            target = local / sub
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self._call(f"reading {key}", lambda k=key: self.fs.cat_file(k)))
+            copied.append(sub)
+        return copied
+
+    def upload(self, local: Path, rel: str) -> None:
+        """Copy the local folder ``local`` to ``rel`` below the root, file by file."""
+        for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            sub = path.relative_to(local).as_posix()
+            key = self.key(f"{rel}/{sub}" if rel else sub)
+            self._call(f"writing {self.root / sub}", lambda p=path, k=key: self.fs.put_file(str(p), k))
+
+    # ------------------------------------------------------------------ lock
+    @contextlib.contextmanager
+    def lock(self, name: str = ".lock", ttl: float | None = None) -> Iterator[ObjectLock]:
+        lock = ObjectLock(self, name, LOCK_TTL_S if ttl is None else ttl)
+        lock.acquire()
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+
+def _host_identity() -> dict[str, Any]:
+    """Who holds a lock: host name, boot and PID namespace (a PID means something only
+    within them), PID."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    with contextlib.suppress(OSError):
+        ident["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with contextlib.suppress(OSError):
+        ident["pidns"] = os.stat("/proc/self/ns/pid").st_ino
+    return ident
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ObjectLock:
+    """The lock object of a remote folder: created with ``If-None-Match: *``, renewed by a
+    thread of its holder, removed on release (see the module's description)."""
+
+    def __init__(self, files: ObjectFiles, name: str, ttl: float):
+        self.files, self.name, self.ttl = files, name, ttl
+        self.token = uuid.uuid4().hex
+        self.etag: str | None = None
+        self.lost: str | None = None  # why the lock was lost while held
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def _conditional(self) -> bool:
+        # If-Match on a PUT: S3 (and S3-compatible stores); elsewhere a plain overwrite.
+        return self.files.root.protocol in ("s3", "s3a")
+
+    def _body(self) -> bytes:
+        return json.dumps({**_host_identity(), "token": self.token,
+                           "expires": time.time() + self.ttl}).encode()
+
+    def _etag(self, response: Any) -> str | None:
+        if isinstance(response, dict) and response.get("ETag"):
+            return response["ETag"]
+        with contextlib.suppress(Exception):
+            return self.files.fs.info(self.files.key(self.name)).get("ETag")
+        return None
+
+    def _holder(self) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            info = self.files.fs.info(self.files.key(self.name))
+            data = json.loads(self.files.read_bytes(self.name))
+        except FileNotFoundError:
+            return None, None
+        except (ValueError, UnicodeDecodeError):
+            return {}, None  # a damaged lock object: treat as expired
+        return (data if isinstance(data, dict) else {}), info.get("ETag")
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if not isinstance(holder.get("expires"), (int, float)) or holder["expires"] < time.time():
+            return True
+        me = _host_identity()
+        same_host = all(holder.get(k) == me.get(k) for k in ("host", "boot", "pidns"))
+        return same_host and isinstance(holder.get("pid"), int) and holder["pid"] != me["pid"] \
+            and not _alive(holder["pid"])
+
+    def acquire(self) -> None:
+        where = self.files.root
+        try:
+            self.etag = self._etag(self.files.write_bytes(self.name, self._body(), mode="create"))
+        except FileExistsError:
+            holder, etag = self._holder()
+            if holder is not None and not self._stale(holder):
+                who = f"process {holder.get('pid')} on {holder.get('host')}"
+                raise RunInUseError(
+                    f"{where} is in use by {who} (lock {where / self.name}); wait for it to finish, or stop it and "
+                    "rerun the same command to resume (a lock of a killed process expires "
+                    f"{self.ttl:.0f} s after its last renewal)") from None
+            self._take_over(etag)
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="gammatrace-lock")
+        self._thread.start()
+
+    def _take_over(self, etag: str | None) -> None:
+        where = self.files.root
+        try:
+            if etag is None:  # vanished meanwhile
+                response = self.files.write_bytes(self.name, self._body(), mode="create")
+            elif self._conditional:
+                response = self.files.write_bytes(self.name, self._body(), IfMatch=etag)
+            else:
+                response = self.files.write_bytes(self.name, self._body())
+        except (FileExistsError, OSError):
+            raise RunInUseError(f"{where} was locked by another process at the same moment; rerun the same "
+                                "command to resume once it has finished") from None
+        self.etag = self._etag(response)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                kwargs = {"IfMatch": self.etag} if self._conditional and self.etag else {}
+                self.etag = self._etag(self.files.write_bytes(self.name, self._body(), **kwargs))
+            except Exception as exc:  # a lost lock must be reported by the next write, not crash a thread
+                self.lost = f"the lock {self.files.root / self.name} could not be renewed ({type(exc).__name__})"
+                return
+
+    def check(self) -> None:
+        """Raise when the lock was lost (another process took it over): stop writing."""
+        if self.lost:
+            raise RunInUseError(f"{self.lost}; another process may be writing {self.files.root}: stop both "
+                                "and rerun one command to resume")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder, _ = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            self.files.remove(self.name)

@@ -1,0 +1,151 @@
+"""Every built-in claim's order is pinned to the paper's words.
+
+Each row below states, for one network of one study and preset, the order of γ the paper
+claims (largest first; ≈: the paper asserts no order between those cells), the paper file in
+``../shared/papers/`` and the phrase that says so. The test checks that the study's claim
+has exactly that order and cites that phrase, and — when the papers folder is present —
+that the phrase is in the paper (whitespace normalized: the text files break lines and pad
+formulas with spaces). The init study's claim is a hypothesis: no paper states it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gammatrace.experiments import STUDIES
+from gammatrace.principles.claims import order_text
+
+PAPERS = Path(__file__).resolve().parents[1].parent / "shared" / "papers"
+LONG = "001_954b36295a226970.txt"  # "...Regularize Optimization Trajectory", long version
+SHORT = "000_236cbbea7b64027d.txt"  # the same study, short version
+
+# (study, preset, group) -> (claimed order, paper, the phrase stating it)
+PINNED = {
+    # §III-A: "the trainings with ReLU types of activation functions satisfy the regularity
+    # principle with the largest γ, whereas the trainings with sigmoid activation function have
+    # the smallest γ" (ResNet-18, classification): ReLU ≈ leaky ReLU on top, tanh in between.
+    ("activation", "paper", "resnet18"): (
+        "relu ≈ leaky_relu > tanh > sigmoid", LONG,
+        "the trainings with ReLU types of activation functions satisfy the regularity principle with the largest"),
+    ("activation", "quick", "mlp_bn"): (
+        "relu ≈ leaky_relu > tanh > sigmoid", LONG,
+        "the trainings with ReLU types of activation functions satisfy the regularity principle with the largest"),
+    # U-Net regression: "the training trajectories with the sigmoid activation function obey the
+    # regularity principle with the largest γ, whereas ... tanh ... the smallest γ".
+    ("activation", "paper", "unet"): (
+        "sigmoid > relu ≈ leaky_relu > tanh", LONG,
+        "the training trajectories with the sigmoid activation function obey the regularity principle with the "
+        "largest"),
+    # Appendix B-A (AlexNet): only sigmoid is singled out.
+    ("activation", "paper", "alexnet_small"): (
+        "relu ≈ leaky_relu ≈ tanh > sigmoid", LONG,
+        "under the sigmoid activation is much smaller than those under the other activation functions"),
+    # §III-B, VGG on CIFAR-10: first converges as fast as all, both with a large γ; none very small.
+    ("batchnorm", "paper", "vgg16"): (
+        "all ≈ first > none", LONG,
+        "the trainings that keep the first BN layer in each block converge as fast as those that keep all the BN "
+        "layers"),
+    ("batchnorm", "paper", "resnet18"): (
+        "all ≈ first > none", LONG,
+        "the trainings that keep the first BN layer in each block converge as fast as those that keep all the BN "
+        "layers"),
+    ("batchnorm", "quick", "cnn1d"): (
+        "all ≈ first > none", LONG,
+        "the trainings that keep the first BN layer in each block converge as fast as those that keep all the BN "
+        "layers"),
+    # CIFAR-100 (Fig. 5): "all BN layers kept obey the regularity principle with a larger γ than
+    # that with only the first BN layer kept".
+    ("batchnorm", "paper100", "vgg11"): (
+        "all > first > none", LONG,
+        "the training trajectories with all BN layers kept obey the regularity principle with a larger"),
+    # §III-C: more skip connections, larger γ (ResNet-34; ResNet-18 "very similar"; U-Net "similar").
+    ("skip", "paper", "resnet34"): (
+        "all > first2 > first", LONG,
+        "the trainings that keep more skip-connections achieve a faster convergence, and the corresponding "
+        "optimization trajectories obey the regularity principle with a larger"),
+    ("skip", "paper", "resnet18"): (
+        "all > first", LONG,
+        "the ResNet-18 training results in Section B-C, where one can make very similar observations"),
+    ("skip", "paper", "unet"): (
+        "all > last3 > last2 > last1 > none", LONG,
+        "the trainings that keep more skip-connections achieve a faster convergence and the corresponding "
+        "optimization trajectories obey the regularity principle with a larger"),
+    ("skip", "quick", "resnet1d"): (
+        "all > first > none", LONG,
+        "the trainings that keep more skip-connections achieve a faster convergence, and the corresponding "
+        "optimization trajectories obey the regularity principle with a larger"),
+    ("skip", "quick", "unet"): (
+        "all > last1 > none", LONG,
+        "the trainings that keep more skip-connections achieve a faster convergence and the corresponding "
+        "optimization trajectories obey the regularity principle with a larger"),
+    # §IV: Adam the largest γ, "the SGD types of algorithms ... less regularized": speed orders
+    # momentum before SGD, γ does not.
+    ("optimizer", "paper", "resnet18"): (
+        "adam > momentum ≈ sgd", LONG,
+        "the optimization trajectories driven by Adam obey the regularity principle with the largest"),
+    ("optimizer", "paper", "unet"): (
+        "adam > momentum ≈ sgd", LONG,
+        "SGD and SGD with momentum converge much slower and their optimization trajectories obey the regularity "
+        "principle with a smaller"),
+    ("optimizer", "quick", "mlp_bn"): (
+        "adam > momentum ≈ sgd", LONG,
+        "the optimization trajectories driven by Adam obey the regularity principle with the largest"),
+    # No paper: a hypothesis.
+    ("init", "quick", "plain"): ("lsuv ≈ kaiming_in > xavier_normal ≈ lecun", None, None),
+}
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _claim(study: str, preset: str, group: str):
+    s = STUDIES.get(study)(preset, None)
+    (claim,) = [c for c in s.claims if c.group == group]
+    prefix = f"{group}-" if len(s.groups) > 1 else ""
+    return claim, prefix
+
+
+@pytest.mark.parametrize("key", list(PINNED), ids=["/".join(k) for k in PINNED])
+def test_claim_order_is_the_papers(key):
+    order, paper, phrase = PINNED[key]
+    claim, prefix = _claim(*key)
+    assert order_text(claim.order) == " > ".join(" ≈ ".join(prefix + c for c in lv.split(" ≈ "))
+                                                 for lv in order.split(" > "))
+    if paper is None:
+        assert claim.source is None and "hypothesis" in claim.text
+    else:
+        assert claim.source == f"{paper}: “{phrase}”"
+
+
+@pytest.mark.skipif(not PAPERS.is_dir(), reason="../shared/papers/ is not here")
+@pytest.mark.parametrize("key", [k for k, v in PINNED.items() if v[1]], ids=["/".join(k) for k in PINNED if PINNED[k][1]])
+def test_phrase_is_in_the_paper(key):
+    _, paper, phrase = PINNED[key]
+    assert normalized(phrase) in normalized((PAPERS / paper).read_text(encoding="utf-8")), (paper, phrase)
+
+
+@pytest.mark.skipif(not PAPERS.is_dir(), reason="../shared/papers/ is not here")
+def test_every_built_in_claim_cites_a_phrase_of_its_paper():
+    # Beyond the pinned rows: every claim of every preset quotes its paper verbatim.
+    texts = {p.name: normalized(p.read_text(encoding="utf-8")) for p in PAPERS.glob("*.txt")}
+    for name in STUDIES.names():
+        for preset in ("quick", "paper", "paper100"):
+            for claim in STUDIES.get(name)(preset, None).claims:
+                if claim.source is None:
+                    assert "hypothesis" in claim.text, (name, preset, claim.text)
+                    continue
+                paper, quote = claim.source.split(": ", 1)
+                assert normalized(quote.strip("“”")) in texts[paper], (name, preset, claim.group)
+
+
+def test_short_paper_agrees_where_it_says_the_same():
+    # The short version states the activation and BN claims in the same words.
+    if not PAPERS.is_dir():
+        pytest.skip("../shared/papers/ is not here")
+    short = normalized((PAPERS / SHORT).read_text(encoding="utf-8"))
+    for key in (("activation", "paper", "resnet18"), ("batchnorm", "paper", "vgg16")):
+        assert normalized(PINNED[key][2]) in short
