@@ -175,10 +175,16 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if len(comp) > 1:
                 found.append(sorted(comp) + [sorted(comp)[0]])
 
-    sys.setrecursionlimit(10000)
-    for v in list(graph):
-        if v not in index:
-            strong(v)
+    # Deep import chains need more than the default depth; restored, because other tests
+    # (the config fuzz) depend on the interpreter's usual limit.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10000))
+    try:
+        for v in list(graph):
+            if v not in index:
+                strong(v)
+    finally:
+        sys.setrecursionlimit(limit)
     return found
 
 
