@@ -126,6 +126,14 @@ class StoreError(UserError, RuntimeError):
     """A run directory is missing, of another format, or holds a damaged file."""
 
 
+def damaged(where: str | Path, exc: ValidationError, field: str = "field", fix: str = "") -> StoreError:
+    """A stored file that fails its model's validation, as one line naming the file and the
+    first offending field (and the ``fix``, when there is one)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    return StoreError(f"{where} is damaged: {field} '{loc}': {err['msg']}" + (f"; {fix}" if fix else ""))
+
+
 def params_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """The identity of a set of parameters: SHA-256 of the sorted (name, dtype, shape,
     bytes) of every floating-point tensor it supplies. Two files with the same numbers
@@ -243,9 +251,7 @@ class RunStore:
         try:
             return RunMeta.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise StoreError(f"{self.path(self.META)} is damaged: field '{field}': {err['msg']}") from None
+            raise damaged(self.path(self.META), exc) from None
 
     def check_seal(self, data: dict[str, Any]) -> None:
         """Refuse a run.json dict whose sealed fields differ from what was written, naming
@@ -598,9 +604,7 @@ class Run:
         try:
             return self.meta.run_config()
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"])
-            raise StoreError(f"{self.store.path(RunStore.META)} is damaged: config field '{field}': {err['msg']}") from None
+            raise damaged(self.store.path(RunStore.META), exc, field="config field") from None
         except UserError as exc:  # the config's own checks (a number out of range, an unknown optimizer)
             raise StoreError(f"{self.store.path(RunStore.META)} is damaged: {str(exc).removeprefix('invalid config: ')}"
                              ) from None
@@ -653,9 +657,7 @@ class Run:
         try:
             return RunSummary.model_validate(self.store.read_json(rel))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise StoreError(f"{self.store.path(rel)} is damaged: field '{'.'.join(map(str, err['loc']))}': "
-                             f"{err['msg']}; rerun `gammatrace analyze` to rewrite it") from None
+            raise damaged(self.store.path(rel), exc, fix="rerun `gammatrace analyze` to rewrite it") from None
 
 
 def load_run(path: str | Path) -> Run:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gammatrace.principles.claims import Order, order_text, parse_order
 from gammatrace.store.backend import location
-from gammatrace.store.run import RunStore, StoreError
+from gammatrace.store.run import RunStore, StoreError, damaged
 
 
 class Claim(BaseModel):
@@ -134,9 +134,7 @@ class StudyMeta(BaseModel):
         try:
             return cls.model_validate(source)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            raise StoreError(f"{where} is damaged: field '{field}': {err['msg']}") from None
+            raise damaged(where, exc) from None
 
     def write(self, folder: str | Path) -> None:
         """Write ``folder/study.json`` atomically."""
