@@ -88,7 +88,7 @@ def test_study_json_is_one_typed_model(study, tmp_path):
     loaded = StudyMeta.load(tmp_path / "study.json")
     # A strict order written as a list of names is read as levels of one cell each.
     assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0], "order": [["relu"], ["tanh"]],
-                                                                 "source": None}]}
+                                                                 "source": None, "first_epochs": None}]}
     assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == (("relu",), ("tanh",))
     # A damaged file names its field, and a report of its runs falls back to the plain layout.
     (tmp_path / "study.json").write_text(json.dumps({**old, "seeds": "many"}))

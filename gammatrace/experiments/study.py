@@ -164,7 +164,9 @@ class Source(_Spec):
 
 class ClaimSpec(_Spec):
     """A claim over variant names: ``order`` a weak order (``"relu ≈ leaky_relu > tanh"``,
-    or a list), ``source`` the paper's words (None: a hypothesis no paper states).
+    or a list), ``source`` the paper's words (None: a hypothesis no paper states),
+    ``first_epochs`` the window a paper states it over ("in the first 20 epochs"; None:
+    the whole run).
 
     Example:
         >>> ClaimSpec(text="BN first", order="all ≈ first > none").order
@@ -174,6 +176,7 @@ class ClaimSpec(_Spec):
     text: str
     order: tuple[tuple[str, ...], ...]
     source: Source | None = None
+    first_epochs: int | None = Field(None, ge=1)
 
     @field_validator("order", mode="before")
     @classmethod
@@ -245,7 +248,7 @@ class GridSpec(_Spec):
                 levels = restrict_order(c.order, variants)
                 if len(levels) >= 2:
                     claims.append(Claim(c.text, [[cell_name[v] for v in lv] for lv in levels], group,
-                                        c.source.text if c.source else None))
+                                        c.source.text if c.source else None, c.first_epochs))
         known = {v for g in groups.values() for v in (g.variants or self.variants)}
         typos = {v for c in self.claims for lv in c.order for v in lv} - known
         if typos:  # a misspelt variant would silently drop out of every claim
@@ -259,6 +262,7 @@ class _CellClaim(_Spec):
     order: tuple[tuple[str, ...], ...]
     group: str | None = None
     source: str | None = None
+    first_epochs: int | None = Field(None, ge=1)
 
     @field_validator("order", mode="before")
     @classmethod
@@ -280,7 +284,7 @@ class CellsSpec(_Spec):
     seeds: int = Field(1, ge=1)
 
     def build(self, preset: str = "custom") -> Study:
-        claims = [Claim(c.text, c.order, c.group, c.source) for c in self.claims]
+        claims = [Claim(c.text, c.order, c.group, c.source, c.first_epochs) for c in self.claims]
         return make_study(self.name, self.question, self.base, {c: over or {} for c, over in self.cells.items()},
                           claims, self.groups, preset=preset, shared_init=self.shared_init, seeds=self.seeds)
 
@@ -321,22 +325,23 @@ def study_from_yaml(path: str | Path) -> Study:
     """A user study from YAML, in either form.
 
     Grid form (:class:`GridSpec`): ``name, question, base, variants, groups: {group:
-    {base, variants, claims}}, claims: [{text, order}], shared_init, seeds``. Cell form
-    (:class:`CellsSpec`): ``name, question, base, cells: {cell: overrides}, claims:
-    [{text, order, group}], groups: {group: [cells]}, shared_init, seeds``. A claim's
-    ``order`` is a weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a list.
+    {base, variants, claims}}, claims: [{text, order, first_epochs}], shared_init, seeds``. Cell
+    form (:class:`CellsSpec`): ``name, question, base, cells: {cell: overrides}, claims:
+    [{text, order, group, first_epochs}], groups: {group: [cells]}, shared_init, seeds``. A
+    claim's ``order`` is a weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a
+    list; ``first_epochs`` (optional) states it over the first N epochs only.
 
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "acts.yaml"
         >>> _ = path.write_text("base: {data: {name: digits}, model: {name: mlp, width: 8}}\\n"
         ...                     "variants: {relu: {model: {activation: relu}}, tanh: {model: {activation: tanh}}}\\n"
-        ...                     "claims: [{text: ReLU first, order: relu > tanh}]\\n")
+        ...                     "claims: [{text: ReLU first, order: relu > tanh, first_epochs: 20}]\\n")
         >>> study = study_from_yaml(path)  # grid form; named after the file
         >>> study.name, sorted(study.cells), study.cells["tanh"].model.switches()
         ('acts', ['relu', 'tanh'], {'width': 8, 'activation': 'tanh'})
         >>> study.claims
-        [Claim(text='ReLU first', order=(('relu',), ('tanh',)), group='acts', source=None)]
+        [Claim(text='ReLU first', order=(('relu',), ('tanh',)), group='acts', source=None, first_epochs=20)]
     """
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)

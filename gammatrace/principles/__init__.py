@@ -15,6 +15,7 @@ update_sq, grad_dot`` (some may be absent; what needs them is NaN).
             test of a claimed weak order), :func:`order_test`, :func:`parse_order`,
             :func:`epochs_to_loss`, :func:`null_alignment`
 - matched:  :func:`matched_levels`, :func:`gamma_at_levels` (γ compared at matched training loss)
+- gradients: :func:`grad_norm_per_epoch`, :func:`gradient_collapse` (paper 002's vanishing gradient)
 
 Example:
     >>> from gammatrace.principles import derive, example_steps, summarize
@@ -36,6 +37,7 @@ from gammatrace.principles.claims import (
     parse_order,
 )
 from gammatrace.principles.geometry import null_cos_scale, path_geometry
+from gammatrace.principles.gradients import grad_norm_per_epoch, gradient_collapse
 from gammatrace.principles.layers import layer_shares, module_of, module_shares
 from gammatrace.principles.matched import gamma_at_levels, matched_gamma, matched_levels, step_loss
 from gammatrace.principles.series import (
@@ -75,6 +77,8 @@ __all__ = [
     "gamma_at_levels",
     "gamma_eff",
     "gamma_eff_curve",
+    "grad_norm_per_epoch",
+    "gradient_collapse",
     "layer_shares",
     "matched_gamma",
     "matched_levels",

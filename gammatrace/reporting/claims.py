@@ -66,8 +66,10 @@ def exclusion(entry: RunEntry) -> str | None:
     """Why a run cannot enter an ordering of γ (None: it can).
 
     In this order: not analysed (or diverged); flagged no progress (its γ_k are noise);
-    missed its target loss (its θ_T is not at the common end point); no defined median
-    γ_k; no final train loss (nothing to measure its convergence by).
+    missed its target loss (its θ_T is not at the common end point) — except for a claim
+    stated over the first epochs (``entry.window``), which the papers state of runs that
+    do not converge (paper 002's no-BN ResNets); no defined median γ_k; no final train
+    loss (nothing to measure its convergence by).
 
     Example:
         >>> from gammatrace.reporting.collect import example_entry
@@ -83,7 +85,7 @@ def exclusion(entry: RunEntry) -> str | None:
     s = entry.summary
     if entry.no_progress:
         return f"no progress (mean batch loss fell by only {num(s.get('loss_rel_drop')):.1%})"
-    if target_of(entry) is not None and entry.run.meta.reached_target is False:
+    if entry.window is None and target_of(entry) is not None and entry.run.meta.reached_target is False:
         return (f"missed the target loss {fmt(target_of(entry))} (final train loss {fmt(entry.final_train_loss)} "
                 f"after {entry.n_epochs} epochs)")
     if not math.isfinite(num(s.get("gamma_median"))):

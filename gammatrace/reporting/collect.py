@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ class RunEntry:
     epochs: pd.DataFrame = field(default_factory=pd.DataFrame)
     layers: pd.DataFrame = field(default_factory=pd.DataFrame)
     layers_note: str | None = None
+    window: int | None = None  # cut to its first ``window`` epochs for a claim (:meth:`first_epochs`)
 
     @property
     def analysed(self) -> bool:
@@ -103,6 +104,46 @@ class RunEntry:
             return int(self.summary["epochs"])
         done = self.run.meta.epochs_done
         return int(done) if done is not None else None
+
+    @property
+    def gradient_collapse(self) -> int | None:
+        """The epoch where the gradients collapsed (:func:`~gammatrace.principles.gradients.gradient_collapse`;
+        paper 002's "vanishing gradient"), None when they did not or were not recorded."""
+        if not len(self.steps) or "grad_sq" not in self.steps or "loss" not in self.steps:
+            return None
+        return P.gradient_collapse(self.steps.sort_values("step"))
+
+    def first_epochs(self, n: int) -> RunEntry:
+        """This run as a claim stated over its first ``n`` epochs sees it: the steps and
+        epochs of epochs 0 … n − 1 (after the analysis' excluded tail), the summary's γ
+        statistics (``gamma_*``, ``gamma_rp_*``: :func:`~gammatrace.principles.certify`)
+        recomputed over them. θ* is unchanged (each reference's own), and so are the
+        run's final train loss and epochs: the end point the γ's are measured against.
+
+        Example:
+            >>> import pandas as pd
+            >>> e = example_entry("relu", losses=[2.0, 1.0, 0.5])
+            >>> e.summary = {"gamma_median": 9.0, "tail": 0, "epochs": 3}
+            >>> e.steps = pd.DataFrame({"step": range(5), "epoch": [0, 0, 1, 1, 2],
+            ...                         "gamma": [1.0, 2.0, 3.0, 5.0, 9.0], "gamma_rp": [1.0] * 5})
+            >>> w = e.first_epochs(2)
+            >>> w.summary["gamma_median"], len(w.steps), len(w.epochs), w.n_epochs, w.window
+            (2.5, 4, 2, 3, 2)
+        """
+        if n < 1:
+            raise ValueError(f"a claim window needs at least one epoch, got {n}")
+        if not self.analysed:
+            return replace(self, window=n)
+        steps = self.steps.sort_values("step")
+        steps = steps.iloc[: max(len(steps) - int(self.summary.get("tail") or 0), 0)]
+        steps = steps[steps["epoch"] < n].reset_index(drop=True) if "epoch" in steps else steps.iloc[:0]
+        epochs = self.epochs[self.epochs["epoch"] < n] if "epoch" in self.epochs else self.epochs
+        summary = dict(self.summary)
+        for name in ("gamma", "gamma_rp"):
+            if name in steps:
+                stats = P.certify(steps[name])
+                summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()})
+        return replace(self, steps=steps, epochs=epochs, summary=summary, window=n)
 
 
 def _finite(x: Any) -> bool:

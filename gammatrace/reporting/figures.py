@@ -17,8 +17,8 @@ Example:
     >>> notes = []
     >>> trajectory_figure(entries, tempfile.mkdtemp(), notes).name
     'trajectory.png'
-    >>> notes[:2]  # the example entries have no γ columns: those rows are left out
-    ['relu: gamma row skipped (missing steps.gamma)', 'relu: gamma_rp row skipped (missing steps.gamma_rp)']
+    >>> notes[:3]  # the example entries have no gradient or γ columns: those rows are left out
+    ['relu: gradient row skipped (missing steps.grad_sq, steps.loss)', 'relu: gamma row skipped (missing steps.gamma)', 'relu: gamma_rp row skipped (missing steps.gamma_rp)']
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from gammatrace import principles as P
+from gammatrace.principles.gradients import COLLAPSE_RATIO
 from gammatrace.reporting.collect import RunEntry, main_epochs
 
 POSITIVE, NEGATIVE = "#4C72B0", "#C44E52"
@@ -66,6 +67,7 @@ class Needs:
 DISTANCE = Needs(steps=("step", "dist_sq", "progress"))
 LOSS = Needs(epochs=("epoch", "train_loss"))
 LOSS_FALLBACK = Needs(epochs=("epoch", "mean_batch_loss"))
+GRAD = Needs(steps=("step", "epoch", "grad_sq", "loss"))
 GAMMA = Needs(steps=("epoch", "gamma"))
 GAMMA_RP = Needs(steps=("epoch", "gamma_rp"))
 RATE = Needs(steps=("step", "epoch", "lr", "loss", "loss_ref", "progress", "dist_sq"))
@@ -162,13 +164,17 @@ def _cell_label(name: str, runs: Sequence[RunEntry], seeded: bool) -> str:
 def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
                       title: str = "", cells: dict[str, list[RunEntry]] | None = None,
                       stem: str = "trajectory") -> Path | None:
-    """Draw ``<stem>.png``/``.pdf``: d_k/D_0, training loss and both γ's per epoch vs epochs.
+    """Draw ``<stem>.png``/``.pdf``: d_k/D_0, training loss, ‖g_k‖ and both γ's per epoch vs epochs.
 
     One line per run, or with ``cells`` (name -> the runs of one cell, e.g. its seeds)
     one line per cell. Row 1: d_k/D_0 per step (x = step / steps per epoch) with the
     end point d_T/D_0 (0 for θ* = θ_T). Row 2: full training loss after each epoch
     (x = epoch + 1; mean batch loss if the full loss was not measured); log y when it
-    spans more than a decade. Rows 3 and 4: per epoch at the epoch's middle (x = epoch
+    spans more than a decade. Row 3: the raw mini-batch gradient norm ‖g_k‖ per epoch
+    (median at x = epoch + ½, log y) with ✕ at each run's gradient collapse
+    (:func:`~gammatrace.principles.gradients.gradient_collapse`: paper 002's "vanishing
+    gradient", at which it cuts its no-BN ResNet curves; here the curves go on and the
+    epoch is marked). Rows 4 and 5: per epoch at the epoch's middle (x = epoch
     + ½), the γ-optimization principle's γ_k (paper 002: gap to ℓ(θ*; B_k)) and the
     regularity principle's γ^RP_k / D_0² (papers 000/001: gap to inf ℓ), each titled
     with its paper and formula: the median as the line, minimum as ▼ markers; log y,
@@ -205,8 +211,8 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
         notes.append("trajectory figure not drawn: no analysed run")
         return None
 
-    fig = Figure(figsize=(7.5, 11.5), layout="constrained")
-    ax_d, ax_l, *ax_gammas = fig.subplots(2 + len(GAMMA_ROWS), 1, sharex=True)
+    fig = Figure(figsize=(7.5, 13.5), layout="constrained")
+    ax_d, ax_l, ax_n, *ax_gammas = fig.subplots(3 + len(GAMMA_ROWS), 1, sharex=True)
     handles: list[Line2D] = []
     loss_values: list[np.ndarray] = []
 
@@ -256,7 +262,31 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
             agg = _aggregate(losses)
             draw(ax_l, agg, agg.index.to_numpy(), ls, color, marker="o")
             drew = True
-        # --- rows 3, 4: both γ's per epoch
+        # --- row 3: gradient norm per epoch, and where it collapsed
+        norms, collapses = [], []
+        for e in runs:
+            miss = GRAD.missing(_tables(e))
+            if miss:
+                notes.append(f"{e.label}: gradient row skipped (missing {', '.join(miss)})")
+                continue
+            steps = e.steps.sort_values("step")
+            norms.append(P.grad_norm_per_epoch(steps)["median"])
+            epoch = P.gradient_collapse(steps)
+            if epoch is not None:
+                collapses.append((epoch, float(norms[-1].loc[epoch])))
+                notes.append(f"{e.label}: gradient collapse at epoch {epoch} (median ‖g_k‖ fell to ≤ "
+                             f"{COLLAPSE_RATIO:g} of its peak with the loss still high)")
+        if norms:
+            agg = _aggregate(norms)
+            draw(ax_n, agg, agg.index.to_numpy() + 0.5, ls, color, marker="o")
+            for epoch, value in collapses:
+                # The line shows the epoch even when the norm is exactly 0 (off a log axis).
+                ax_n.axvline(epoch + 0.5, color=color, ls=":", lw=1.0, gid="collapse-epoch")
+                if value > 0:
+                    ax_n.plot([epoch + 0.5], [value], ls="none", marker="X", ms=9, color=color, mec="k", mew=0.6,
+                              zorder=5, gid="collapse")
+            drew = True
+        # --- rows 4, 5: both γ's per epoch
         for column, needs, _, _ in GAMMA_ROWS:
             stats = []
             for e in runs:
@@ -316,9 +346,16 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     if len(all_loss) and (all_loss > 0).all() and all_loss.max() / all_loss.min() > 10:
         ax_l.set_yscale("log")
     ax_l.set_title("full training loss after each epoch", fontsize=10)
+    ax_n.set_ylabel(r"$\|g_k\|$ per epoch")
+    if ax_n.lines:
+        ax_n.set_yscale("log")
+        ax_n.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖"),
+                             Line2D([], [], color="0.3", ls="none", marker="X", ms=8, mec="k",
+                                    label="gradient collapse")], fontsize=7, loc="best", ncols=2)
+    ax_n.set_title("mini-batch gradient norm (raw, as the optimizer received it)", fontsize=10)
     ax_gammas[-1].set_xlabel("epoch")
     ax_gammas[-1].set_xlim(left=0)
-    for ax in (ax_d, ax_l, *ax_gammas):
+    for ax in (ax_d, ax_l, ax_n, *ax_gammas):
         ax.grid(alpha=0.3, lw=0.5)
     # Below the plots rather than inside one: with several runs a legend covers curves.
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 3))

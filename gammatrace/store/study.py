@@ -51,11 +51,14 @@ class Claim(BaseModel):
     order: tuple[tuple[str, ...], ...]
     group: str | None = None
     source: str | None = None
+    # A claim the paper states over a window ("in the first 20 epochs"): its statistics
+    # use the steps of epochs 0 … first_epochs − 1 only. None: the whole run.
+    first_epochs: int | None = Field(None, ge=1)
 
     # Positional construction, Claim(text, order, group), reads like the claim it states.
     def __init__(self, text: str, order: str | Sequence[Any], group: str | None = None,
-                 source: str | None = None) -> None:
-        super().__init__(text=text, order=order, group=group, source=source)
+                 source: str | None = None, first_epochs: int | None = None) -> None:
+        super().__init__(text=text, order=order, group=group, source=source, first_epochs=first_epochs)
 
     @field_validator("order", mode="before")
     @classmethod
@@ -71,6 +74,16 @@ class Claim(BaseModel):
     @property
     def order_text(self) -> str:
         return order_text(self.order)
+
+    @property
+    def window_text(self) -> str:
+        """What the claim's statistics cover, in words.
+
+        Example:
+            >>> Claim("t", "a > b", first_epochs=20).window_text, Claim("t", "a > b").window_text
+            ('the first 20 epochs', 'the whole run')
+        """
+        return f"the first {self.first_epochs} epochs" if self.first_epochs else "the whole run"
 
 
 class StudyMeta(BaseModel):
