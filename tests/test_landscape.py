@@ -16,11 +16,13 @@ import pytest
 import torch
 
 import gammatrace.landscape.compute as compute_mod
+import gammatrace.landscape.sources as sources_mod
 from gammatrace.cli import main
 from gammatrace.engine import train_pass
 from gammatrace.engine.session import build_session
 from gammatrace.landscape import compute_landscape, landscape, path_pca
 from gammatrace.landscape.evaluate import evaluation_subset
+from gammatrace.landscape.sources import RunSource
 from gammatrace.store.run import Run
 from tests.conftest import tiny_config
 
@@ -129,8 +131,8 @@ def test_basis_and_path_coordinates_match_checkpoints(runs, computed):
     lam = np.sort(np.linalg.eigvalsh(M @ M.T))[::-1]
     np.testing.assert_allclose(ls.explained, lam[:2] / lam.sum(), rtol=1e-9)
     with np.load(out / "landscape_basis.npz") as z:
-        np.testing.assert_array_equal(z["origin"], origin)
-        basis = z["basis"]
+        np.testing.assert_array_equal(z["origin_0"], origin)
+        basis = z["basis_0"]
     np.testing.assert_allclose(np.vstack(ls.coords), M @ basis.T, atol=1e-12)
     # One θ_0 for both runs (same seed, same model): their paths start at one point.
     np.testing.assert_array_equal(ls.coords[0][0], ls.coords[1][0])
@@ -142,7 +144,7 @@ def test_contour_values_equal_direct_loss_evaluations(runs, computed):
     hand = _ByHand(runs[0], 48)
     final = _state(runs[0], "final.pt")
     with np.load(out / "landscape_basis.npz") as z:
-        origin, u, v = z["origin"], z["basis"][0], z["basis"][1]
+        origin, u, v = z["origin_0"], z["basis_0"][0], z["basis_0"][1]
     for j, i in ((0, 0), (4, 4), (0, 4), (2, 2), (3, 1)):
         a, b = ls.alphas[i], ls.betas[j]
         direct = hand.loss(final, origin + a * u + b * v)
@@ -156,7 +158,7 @@ def test_contour_values_equal_direct_loss_evaluations(runs, computed):
 def test_gradient_and_step_directions_match_autograd(runs, computed):
     ls, out = computed
     with np.load(out / "landscape_basis.npz") as z:
-        basis = z["basis"]
+        basis = z["basis_0"]
     for r, run in enumerate(runs):
         hand = _ByHand(run, 48)
         s0, s1 = _state(run, "checkpoints/epoch_0000.pt"), _state(run, "checkpoints/epoch_0001.pt")
@@ -206,11 +208,11 @@ def test_stored_grid_is_reused_and_invalidated_by_new_settings(runs, computed, m
 def test_grid_rows_are_independent_picklable_tasks(runs, computed):
     # What a worker process gets: the pickled task, and no evaluator built yet.
     ls, out = computed
-    compute_mod._cached_evaluator.cache_clear()
-    tasks = [(str(out / "landscape_basis.npz"), str(runs[0]), 48, "train", 0, ls.alphas, rows)
-             for rows in np.array_split(ls.betas, 3)]
+    sources_mod._cached_evaluator.cache_clear()
+    tasks = [(str(out / "landscape_basis.npz"), RunSource(str(runs[0])), 0, 48, "train", 0, ls.alphas, ls.betas,
+              [int(j) for j in rows]) for rows in np.array_split(np.arange(len(ls.betas)), 3)]
     parts = [compute_mod.grid_rows_task(*pickle.loads(pickle.dumps(t))) for t in reversed(tasks)]
-    np.testing.assert_array_equal(np.vstack(parts[::-1]), ls.loss)
+    np.testing.assert_array_equal(np.vstack([row for part in parts[::-1] for row in part]), ls.loss)
 
 
 @pytest.mark.slow
@@ -228,7 +230,7 @@ def test_bn_eval_mode_uses_the_final_running_statistics(tmp_path):
     final = _state(run, "final.pt")
     assert ls.loss[1, 1] == pytest.approx(hand.loss(final), rel=1e-12)
     with np.load(tmp_path / "out" / "landscape_basis.npz") as z:
-        theta = z["origin"] + ls.alphas[0] * z["basis"][0] + ls.betas[2] * z["basis"][1]
+        theta = z["origin_0"] + ls.alphas[0] * z["basis_0"][0] + ls.betas[2] * z["basis_0"][1]
     assert ls.loss[2, 0] == pytest.approx(hand.loss(final, theta), rel=1e-12)
     # Each checkpoint is evaluated with its own buffers, not θ_T's.
     s0 = _state(run, "checkpoints/epoch_0000.pt")

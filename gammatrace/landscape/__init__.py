@@ -1,19 +1,33 @@
 """Optimization paths on the loss landscape (Li et al. 2018, as in the γ-principle appendix).
 
-From a run's epoch checkpoints and θ_T: the plane of the top-2 principal directions of
-the path's displacements, the loss on a grid over it, the path(s) projected onto it,
-and at each checkpoint the plain gradient direction next to the optimizer's actual
-step — so SGD, momentum and Adam runs from one θ_0 compare on one figure — plus the
-1-D interpolation θ_0 → θ_T.
+From the checkpoints of one or several paths — gammatrace runs, or plain state_dict
+files saved by any training loop — three kinds of picture, side by side in one folder:
 
-- :func:`landscape` — compute (or reload) and draw both figures
-- :func:`~gammatrace.landscape.compute.compute_landscape`, :class:`~gammatrace.landscape.compute.Landscape`
-- :func:`~gammatrace.landscape.pca.path_pca` (pure NumPy)
-- :class:`~gammatrace.landscape.evaluate.LossEvaluator`, :func:`~gammatrace.landscape.evaluate.load_trajectory`
-- :func:`~gammatrace.landscape.plot.plot_landscape`, :func:`~gammatrace.landscape.plot.plot_interpolation`
+- ``directions="pca"``, ``plane="shared"`` (default): the plane of the top-2 principal
+  directions of all paths' displacements around the first run's θ_T, the loss on a grid
+  over it, every path projected, and at each checkpoint the SGD direction −∇L next to the
+  optimizer's actual step — so SGD, momentum and Adam runs from one θ_0 compare on one
+  set of axes — plus the 1-D interpolation θ_0 → θ_T.
+- ``plane="per_path"``: the same, one plane per path (its own θ_T, its own PCA, its own
+  grid), as the γ-principle paper's Figure 12.
+- ``directions="random"``, ``dims=1|2``: Li et al.'s filter-normalised random directions
+  around each path's θ_T: a curve or contours.
+
+Grids are resumable: finished rows are kept on disk, a rerun computes only the rest.
+
+- :func:`landscape` — compute (or reload, or resume) and draw the figures; returns their paths
+- :func:`~gammatrace.landscape.compute.compute_landscape`, :class:`~gammatrace.landscape.compute.Landscape`,
+  :class:`~gammatrace.landscape.compute.Plane`
+- :func:`~gammatrace.landscape.pca.path_pca` (pure NumPy),
+  :func:`~gammatrace.landscape.directions.filter_normalized_directions`
+- :class:`~gammatrace.landscape.evaluate.LossEvaluator`, :func:`~gammatrace.landscape.evaluate.load_trajectory`,
+  :class:`~gammatrace.landscape.sources.RunSource`, :class:`~gammatrace.landscape.sources.CheckpointSource`
+- :func:`~gammatrace.landscape.plot.figure_landscape`, :func:`~gammatrace.landscape.plot.plot_landscape`,
+  :func:`~gammatrace.landscape.plot.plot_interpolation`
 
 Example: SGD and Adam from one θ_0 (same seed) for three epochs on 96 digits (pass 1
-only: the landscape needs the checkpoints, not the analysis), then both figures:
+only: the landscape needs the checkpoints, not the analysis), then the figures of the
+shared plane, of one plane per path, and of one random direction:
 
     >>> import tempfile
     >>> from pathlib import Path
@@ -28,6 +42,11 @@ only: the landscape needs the checkpoints, not the analysis), then both figures:
     >>> files = landscape(runs, root / "landscape", grid=5, samples=64, progress=False)
     >>> sorted(files), files["landscape"].name
     (['basis', 'grid', 'interpolation', 'landscape', 'meta'], 'landscape.png')
+    >>> landscape(runs, root / "landscape", plane="per_path", grid=5, samples=64, progress=False)["landscape"].name
+    'landscape_per_path.png'
+    >>> landscape(runs, root / "landscape", directions="random", dims=1, grid=5, samples=64,
+    ...           progress=False)["landscape"].name
+    'landscape_random_1d.png'
 """
 
 from __future__ import annotations
@@ -35,36 +54,61 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from gammatrace.landscape.compute import Landscape, compute_landscape, interpolation_alphas
+from gammatrace.landscape.compute import (
+    DIRECTIONS,
+    PCA_PLANES,
+    Landscape,
+    Plane,
+    compute_landscape,
+    interpolation_alphas,
+    landscape_stem,
+)
+from gammatrace.landscape.directions import IGNORE, filter_normalized_directions
 from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, load_trajectory
 from gammatrace.landscape.pca import PathPCA, path_pca
-from gammatrace.landscape.plot import plot_interpolation, plot_landscape
+from gammatrace.landscape.plot import (
+    figure_interpolation,
+    figure_landscape,
+    plot_interpolation,
+    plot_landscape,
+)
+from gammatrace.landscape.sources import CheckpointSource, LandscapeInputError, RunSource
 from gammatrace.store.backend import Location, ObjectFiles, location
 
+_PLOTS = {"landscape": plot_landscape, "interpolation": plot_interpolation}
 
-def landscape(runs: list[str | Path], out: str | Path, **options) -> dict[str, Path]:
-    """Compute (or reload) the landscape of ``runs`` into ``out`` and draw its figures.
 
-    ``options`` go to :func:`compute_landscape` (grid, extent, samples, bn, seed,
-    workers, executor, progress). Returns the paths of ``landscape.png``,
-    ``interpolation.png`` and the stored arrays.
+def landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[str | Path]], out: str | Path,
+              **options) -> dict[str, Path]:
+    """Compute (or reload, or resume) the landscape of ``runs`` into ``out`` and draw its figures.
+
+    ``options`` go to :func:`compute_landscape`: ``plane`` (shared / per_path),
+    ``directions`` (pca / random), ``dims``, ``grid``, ``extent``, ``span``, ``samples``,
+    ``bn``, ``ignore``, ``seed``, ``model``/``data``/``loss`` (checkpoint files),
+    ``workers``, ``executor``, ``progress``. Returns the paths of the figures
+    (``landscape``; ``interpolation`` for PCA planes) and of the stored arrays
+    (``grid``, ``meta``, ``basis``).
 
     Example:
         >>> landscape(["runs/quickstart/relu"], "out", grid=11)["landscape"]   # needs the README's quickstart run  # doctest: +SKIP
         PosixPath('out/landscape.png')
+        >>> landscape(["runs/momentum", "runs/adam"], "out", plane="per_path", grid=15, samples=256)  # doctest: +SKIP
+        {'landscape': PosixPath('out/landscape_per_path.png'), 'interpolation': ..., 'grid': ..., ...}
     """
     out = location(out)
     ls = compute_landscape(runs, out, **options)
+    names = ls.figure_names()
     if not isinstance(out, Location):
-        return {"landscape": plot_landscape(ls, out / "landscape.png"),
-                "interpolation": plot_interpolation(ls, out / "interpolation.png"), **ls.files}
+        return {**{k: _PLOTS[k](ls, out / name) for k, name in names.items()}, **ls.files}
     with tempfile.TemporaryDirectory(prefix="gammatrace-landscape-") as tmp:
         # Figures are drawn locally, then uploaded next to the stored arrays.
-        figures = {"landscape": plot_landscape(ls, Path(tmp) / "landscape.png"),
-                   "interpolation": plot_interpolation(ls, Path(tmp) / "interpolation.png")}
+        for k, name in names.items():
+            _PLOTS[k](ls, Path(tmp) / name)
         ObjectFiles(out).upload(Path(tmp), "")
-    return {**{k: out / Path(v).name for k, v in figures.items()}, **ls.files}
+    return {**{k: out / name for k, name in names.items()}, **ls.files}
 
 
-__all__ = ["BN_MODES", "Landscape", "LossEvaluator", "PathPCA", "compute_landscape", "interpolation_alphas",
-           "landscape", "load_trajectory", "path_pca", "plot_interpolation", "plot_landscape"]
+__all__ = ["BN_MODES", "DIRECTIONS", "IGNORE", "PCA_PLANES", "CheckpointSource", "Landscape", "LandscapeInputError",
+           "LossEvaluator", "PathPCA", "Plane", "RunSource", "compute_landscape", "figure_interpolation",
+           "figure_landscape", "filter_normalized_directions", "interpolation_alphas", "landscape", "landscape_stem",
+           "load_trajectory", "path_pca", "plot_interpolation", "plot_landscape"]

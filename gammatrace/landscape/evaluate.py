@@ -1,12 +1,14 @@
 """Loss and gradient of a run's model at arbitrary parameter points, and its stored path.
 
 :class:`LossEvaluator` rebuilds a run's data and model from its config
-(:func:`~gammatrace.engine.session.build_session`), fixes an evaluation subset of the
-training set, and evaluates the run's own per-sample loss (mean over the subset,
-accumulated in float64) at any flat float64 parameter vector. Parameters are written
-into the model in place and buffers are reset before every forward, so evaluations
-are independent of each other and of their order — which is what lets grid rows run
-as separate tasks.
+(:func:`~gammatrace.engine.session.build_session`) — or takes any model, per-sample
+loss and training tensors (:meth:`LossEvaluator.from_model`, for checkpoint files of
+other loops) — fixes an evaluation subset of the training set, and evaluates the
+per-sample loss (mean over the subset, accumulated in float64) at any flat float64
+parameter vector θ (the trainable parameters, in module order). Parameters are written
+into the model in place and everything else of the state (buffers, frozen parameters)
+is reset before every forward, so evaluations are independent of each other and of
+their order — which is what lets grid rows run as separate tasks.
 
 Batch-norm mode is a registry (:data:`BN_MODES`): ``train`` normalises with the
 statistics of the evaluation subset (one forward over the whole subset, the train-mode
@@ -37,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,6 +148,8 @@ def load_trajectory(run: str | Path | Run, names: list[str] | None = None) -> Tr
 class LossEvaluator:
     """The run's loss on a fixed training subset at any parameter point.
 
+    Built from a run (below) or, for any model, with :meth:`from_model`.
+
     Args:
         run: the run directory whose config defines data, model and loss.
         samples: size of the evaluation subset (drawn once from ``seed``).
@@ -159,20 +164,48 @@ class LossEvaluator:
 
     def __init__(self, run: str | Path | Run, samples: int = 512, bn: str = "train", seed: int = 0):
         run = run if isinstance(run, Run) else Run(run)
-        self.run_path, self.samples, self.bn, self.seed = run.path, samples, bn, seed
-        self._set_mode: Callable[[nn.Module], nn.Module] = BN_MODES.get(bn)
         sess = build_session(run.config)
-        self.model, self.loss_fn = sess.model, sess.loss_fn
+        self._setup(sess.model, sess.loss_fn, sess.x, sess.y, samples=samples, bn=bn, seed=seed)
+        self.run_path = run.path
+
+    @classmethod
+    def from_model(cls, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], inputs: torch.Tensor,
+                   targets: torch.Tensor, *, samples: int = 512, bn: str = "train", seed: int = 0) -> LossEvaluator:
+        """An evaluator of any model: ``loss_fn(model, (x, y))`` returns per-sample losses;
+        ``inputs``/``targets`` are the training set the subset is drawn from.
+
+        Example:
+            >>> net = nn.Linear(3, 2)
+            >>> per_sample = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+            >>> ev = LossEvaluator.from_model(net, per_sample, torch.ones(5, 3), torch.zeros(5, dtype=torch.long))
+            >>> ev.n_params, ev.names, round(ev.loss(np.zeros(ev.n_params)), 6)  # all logits 0: ln 2
+            (8, ['weight', 'bias'], 0.693147)
+        """
+        ev = cls.__new__(cls)
+        ev._setup(model, loss_fn, inputs, targets, samples=samples, bn=bn, seed=seed)
+        return ev
+
+    def _setup(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], inputs: torch.Tensor,
+               targets: torch.Tensor, *, samples: int, bn: str, seed: int) -> None:
+        self.run_path: Path | None = None
+        self.samples, self.bn, self.seed = samples, bn, seed
+        self._set_mode: Callable[[nn.Module], nn.Module] = BN_MODES.get(bn)
+        self.model, self.loss_fn = model, loss_fn
         self.names = trainable_names(self.model)
         named = dict(self.model.named_parameters())
         self.params = [named[n] for n in self.names]
+        self.shapes = [tuple(p.shape) for p in self.params]
         self.n_params = sum(p.numel() for p in self.params)
-        self.indices = evaluation_subset(sess.data.n_train, samples, seed)
-        idx = self.indices.to(sess.device)
-        self.batch = (sess.x[idx], sess.y[idx])
-        # Buffers a caller does not pass keep the freshly built model's values; the
-        # landscape always passes a stored state's own.
-        self.default_buffers = {k: v.clone() for k, v in self.model.state_dict().items() if k not in set(self.names)}
+        self.indices = evaluation_subset(len(inputs), samples, seed)
+        idx = self.indices.to(inputs.device)
+        self.batch = (inputs[idx], targets[idx])
+        # Everything of the state that θ does not cover: buffers (batch-norm statistics)
+        # and frozen parameters. What a caller does not pass keeps the freshly built
+        # model's values; the landscape always passes a stored state's own.
+        keep = set(self.names)
+        self._rest = {**dict(self.model.named_buffers()),
+                      **{n: p for n, p in self.model.named_parameters() if n not in keep}}
+        self.default_buffers = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in keep}
 
     def _load(self, theta: np.ndarray, buffers: Mapping[str, torch.Tensor] | None) -> None:
         theta = np.asarray(theta, dtype=np.float64)
@@ -182,10 +215,9 @@ class LossEvaluator:
         with torch.no_grad():
             for p, chunk in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
                 p.copy_(chunk.view_as(p))  # one rounding float64 -> the parameter's dtype
-            own = dict(self.model.named_buffers())
             for k, v in {**self.default_buffers, **(buffers or {})}.items():
-                if k in own:
-                    own[k].copy_(v)
+                if k in self._rest:
+                    self._rest[k].copy_(v)
 
     def _forward(self) -> torch.Tensor:
         self._set_mode(self.model)

@@ -1,8 +1,17 @@
-"""Figures of a :class:`~gammatrace.landscape.compute.Landscape`: the contour plane with the
-paths and the update directions, and the 1-D interpolation θ_0 → θ_T.
+"""Figures of a :class:`~gammatrace.landscape.compute.Landscape`, from its stored arrays only
+(a re-plot never touches a model), on :class:`matplotlib.figure.Figure` objects (Agg
+canvas, no pyplot state).
 
-Drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), from the
-stored arrays only, so a re-plot never touches a model.
+- :func:`figure_landscape` / :func:`plot_landscape` — one contour panel per plane:
+  on a PCA plane the paths, and at checkpoints the direction of −∇L(θ_e) (black, what
+  plain SGD would do there) next to the optimizer's actual epoch step (run colour), plus
+  a panel of the cosine of the two per epoch; on random directions (Li et al. 2018) the
+  contours around θ*, or for one direction all runs' curves L(θ* + α·d) on one axes.
+- :func:`figure_interpolation` / :func:`plot_interpolation` — the loss along θ_0 → θ_T.
+
+Artists carry ids (``Artist.get_gid``) so tests and users find them: ``contour-fill``,
+``contour-lines``, ``path:NAME``, ``step:NAME``, ``grad:NAME``, ``curve:NAME``,
+``interp:NAME``, ``cos:NAME``.
 
 Example:
     >>> import tempfile
@@ -11,6 +20,9 @@ Example:
     >>> png = plot_interpolation(example_landscape(), out / "interpolation.png")
     >>> png.name, png.stat().st_size > 0
     ('interpolation.png', True)
+    >>> fig = figure_landscape(example_landscape())
+    >>> [ax.get_title() for ax in fig.axes if ax.get_label() == "plane"]
+    ['demo']
 
     A stored landscape (``compute_landscape``'s output folder) re-plots without a model:
 
@@ -26,17 +38,19 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from gammatrace.landscape.compute import Landscape
+from gammatrace.landscape.compute import Landscape, Plane
 
 GRADIENT_COLOR = "black"
 # Arrows are drawn at a fixed length (this fraction of each axis's span) because only their *directions* are comparable: an epoch's step and a single
 # gradient have different units and sizes.
 ARROW_FRACTION = 0.07
 MAX_ARROWS_PER_RUN = 12
+MAX_COLUMNS = 3
 
 
 def _colors(n: int) -> list:
@@ -49,8 +63,14 @@ def _colors(n: int) -> list:
 
 def _caption(ls: Landscape) -> str:
     s = ls.settings
-    return (f"BN mode: {s['bn']} · loss on {s['samples']} fixed training samples · grid {s['grid']}×{s['grid']}, "
-            f"extent {s['extent']}× the path · origin: {s['origin'].replace('theta_T', 'θ_T')}")
+    head = f"BN mode: {s['bn']} · loss on {s['samples']} fixed training samples · "
+    if ls.directions == "random":
+        rule = "fixed at θ*" if s.get("ignore") == "biasbn" else "direction = θ*"
+        n = s.get("dims", 2)
+        return (head + f"\n{n} filter-normalised random direction{'s' if n > 1 else ''} (seed {s['direction_seed']}; biases/norm "
+                f"parameters {rule}) · [−{s['span']}, {s['span']}] on {s['grid']} points · centre: θ_T of each path")
+    return (head + f"grid {s['grid']}×{s['grid']}, extent {s['extent']}× the path · "
+            f"origin: {s['origin'].replace('theta_T', 'θ_T')}")
 
 
 def _unit_arrows(vectors: np.ndarray, span: np.ndarray) -> np.ndarray:
@@ -63,10 +83,155 @@ def _unit_arrows(vectors: np.ndarray, span: np.ndarray) -> np.ndarray:
     return rel * span * ARROW_FRACTION
 
 
+def _levels(Z: np.ndarray) -> tuple[np.ndarray, LogNorm | None]:
+    finite = Z[np.isfinite(Z)]
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo > 0 and hi / lo > 2:  # log-spaced levels resolve the basin, where the paths run
+        return np.geomspace(lo, hi, 25), LogNorm(lo, hi)
+    return np.linspace(lo, hi if hi > lo else lo + 1e-12, 25), None
+
+
+def _draw_contours(fig: Figure, ax: Axes, plane: Plane) -> None:
+    A, B = np.meshgrid(plane.alphas, plane.betas)
+    levels, norm = _levels(plane.loss)
+    cs = ax.contourf(A, B, plane.loss, levels=levels, norm=norm, cmap="viridis", alpha=0.85)
+    cs.set_gid("contour-fill")
+    lines = ax.contour(A, B, plane.loss, levels=levels[::3], colors="white", linewidths=0.6, alpha=0.8)
+    lines.set_gid("contour-lines")
+    ax.clabel(lines, levels=lines.levels[::2], fmt="%.3g", fontsize=7, colors="white")
+    cb = fig.colorbar(cs, ax=ax, label="loss (evaluation subset)", shrink=0.9)
+    # Plain labels at every fourth level: a log norm would otherwise print "1.4587×10⁰".
+    cb.minorticks_off()
+    cb.set_ticks(levels[::4], labels=[f"{v:.3g}" for v in levels[::4]])
+
+
+def _draw_paths(ax: Axes, ls: Landscape, plane: Plane, colors: list) -> None:
+    span = np.array([np.ptp(plane.alphas), np.ptp(plane.betas)])
+    handles = []
+    for r in plane.runs:
+        name, c, xy = ls.run_names[r], colors[r], ls.coords[r]
+        # The path thin, so the step arrows along it (which follow it) stay visible.
+        ax.plot(xy[:, 0], xy[:, 1], "-", color=c, lw=1.1, alpha=0.75, zorder=3, gid=f"path:{name}")
+        ax.plot(xy[:-1, 0], xy[:-1, 1], "o", color=c, ms=2.5, zorder=3)
+        ax.plot(*xy[0], "o", color=c, ms=8, mec="black", zorder=4)
+        ax.plot(*xy[-1], "*", color=c, ms=14, mec="black", zorder=4)
+        n = len(ls.step_proj[r])
+        if n:
+            at = np.arange(0, n, max(1, math.ceil(n / MAX_ARROWS_PER_RUN)))
+            step = _unit_arrows(ls.step_proj[r][at], span)
+            grad = _unit_arrows(ls.grad_proj[r][at], span)
+            kw = dict(angles="xy", scale_units="xy", scale=1, zorder=5)
+            ax.quiver(xy[at, 0], xy[at, 1], step[:, 0], step[:, 1], color=c, width=0.006, edgecolor="white",
+                      linewidth=0.6, gid=f"step:{name}", **kw)
+            ax.quiver(xy[at, 0], xy[at, 1], grad[:, 0], grad[:, 1], color=GRADIENT_COLOR, alpha=0.85, width=0.0035,
+                      gid=f"grad:{name}", **kw)
+        handles.append(Line2D([], [], color=c, marker="o", label=f"{name} (θ_T loss {ls.path_loss[r][-1]:.3g})"))
+    handles += [Line2D([], [], color="grey", marker="o", ls="", ms=8, mec="black", label="θ_0"),
+                Line2D([], [], color="grey", marker="*", ls="", ms=12, mec="black", label="θ_T"),
+                Line2D([], [], color="grey", marker=r"$\rightarrow$", ls="", ms=12,
+                       label=r"actual epoch step $\theta_{e+1} - \theta_e$ (direction)"),
+                Line2D([], [], color=GRADIENT_COLOR, marker=r"$\rightarrow$", ls="", ms=12,
+                       label=r"SGD direction $-\nabla L(\theta_e)$ (direction)")]
+    ax.legend(handles=handles, loc="best", fontsize=7, framealpha=0.85)
+    ax.set_xlabel(f"PC1: {100 * plane.explained[0]:.1f}% of displacement variance")
+    ax.set_ylabel(f"PC2: {100 * plane.explained[1]:.1f}% of displacement variance")
+
+
+def _draw_center(ax: Axes, ls: Landscape, plane: Plane, colors: list) -> None:
+    r = plane.source
+    ax.plot(0.0, 0.0, "*", color=colors[r], ms=14, mec="black", zorder=4,
+            label=f"θ* = θ_T of {ls.run_names[r]} (loss {ls.path_loss[r][-1]:.3g})")
+    ax.legend(loc="upper right", fontsize=7, framealpha=0.85)
+    ax.set_xlabel(r"$\alpha$ along $d_1$ (filter-normalised random direction)")
+    ax.set_ylabel(r"$\beta$ along $d_2$ (filter-normalised random direction)")
+
+
+def _draw_cosines(axc: Axes, ls: Landscape, colors: list) -> None:
+    for r, name in enumerate(ls.run_names):
+        n = len(ls.step_proj[r])
+        if not n:
+            continue
+        epochs = np.arange(n)
+        axc.plot(epochs, ls.cos_full[r], "-o", ms=3, color=colors[r], label=name, gid=f"cos:{name}")
+        plane = np.array([_cos2(g, s) for g, s in zip(ls.grad_proj[r], ls.step_proj[r], strict=True)])
+        axc.plot(epochs, plane, ":", color=colors[r], alpha=0.7)
+    axc.axhline(0.0, color="grey", lw=0.8)
+    axc.set_ylim(-1.05, 1.05)
+    axc.set_xlabel("epoch e")
+    axc.set_ylabel(r"$\cos(-\nabla L(\theta_e),\ \theta_{e+1} - \theta_e)$")
+    axc.set_title("Does the step follow the SGD direction?\n(solid: full space, dotted: in its plane)", fontsize=10)
+    if any(len(s) for s in ls.step_proj):
+        axc.legend(fontsize=8)
+
+
+def _plane_title(ls: Landscape, plane: Plane) -> str:
+    if len(plane.runs) == 1:
+        return plane.name
+    return f"Shared PCA plane of {plane.name} (Li et al. 2018)"
+
+
+def _figure_curves(ls: Landscape) -> Figure:
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot(label="plane")
+    colors = _colors(len(ls.run_names))
+    for plane in ls.planes:
+        r = plane.source
+        ax.plot(plane.alphas, plane.loss, "-o", ms=3, color=colors[r], gid=f"curve:{ls.run_names[r]}",
+                label=f"{ls.run_names[r]} (θ_T loss {ls.path_loss[r][-1]:.3g})")
+    ax.axvline(0.0, color="grey", ls=":", lw=1)
+    ax.set_xlabel(r"$\alpha$: $\theta^* + \alpha\, d$, $d$ a filter-normalised random direction")
+    ax.set_ylabel("loss (evaluation subset)")
+    ax.set_title("Loss along a random direction around θ* = θ_T (Li et al. 2018)", fontsize=11)
+    ax.legend(fontsize=8)
+    fig.suptitle(_caption(ls), fontsize=8)
+    return fig
+
+
+def figure_landscape(ls: Landscape) -> Figure:
+    """The landscape figure (see module doc), not saved: its artists can be read back.
+
+    Panels (axes labelled ``plane``) in ``ls.planes`` order, titled by the run's name (a
+    shared plane: all names); a PCA landscape has one more axes, ``cosine``.
+
+    Example:
+        >>> from gammatrace.landscape.compute import example_landscape
+        >>> fig = figure_landscape(example_landscape())
+        >>> ax = next(a for a in fig.axes if a.get_label() == "plane")
+        >>> next(l for l in ax.lines if l.get_gid() == "path:demo").get_xydata().tolist()
+        [[-1.2, 0.7], [-0.5, 0.1], [0.0, 0.0]]
+    """
+    if ls.planes[0].dims == 1:
+        return _figure_curves(ls)
+    n = len(ls.planes)
+    cells = n + (1 if ls.has_paths else 0)
+    ncols = min(cells, MAX_COLUMNS)
+    nrows = math.ceil(cells / ncols)
+    fig = Figure(figsize=(5.8 * ncols + (1.8 if cells == 2 else 0), 5.0 * nrows + 0.4), layout="constrained")
+    gs = fig.add_gridspec(nrows, ncols, width_ratios=[1.7, 1.0] if cells == 2 and ls.has_paths else None)
+    colors = _colors(len(ls.run_names))
+    for p, plane in enumerate(ls.planes):
+        ax = fig.add_subplot(gs[p // ncols, p % ncols], label="plane")
+        _draw_contours(fig, ax, plane)
+        if ls.has_paths:
+            _draw_paths(ax, ls, plane, colors)
+        else:
+            _draw_center(ax, ls, plane, colors)
+        ax.set_title(_plane_title(ls, plane), fontsize=11)
+    if ls.has_paths:
+        _draw_cosines(fig.add_subplot(gs[n // ncols, n % ncols], label="cosine"), ls, colors)
+    fig.suptitle(_caption(ls), fontsize=8)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_landscape(ls: Landscape, path: str | Path) -> Path:
-    """Contours of the loss on the PCA plane, every run's path, and at checkpoints the
-    direction of −∇L(θ_e) (black) next to the optimizer's actual epoch step (run colour);
-    right: the cosine of the two in the full parameter space, per epoch.
+    """:func:`figure_landscape` saved as ``path`` (PNG at 110 dpi).
 
     Example:
         >>> import tempfile
@@ -75,70 +240,7 @@ def plot_landscape(ls: Landscape, path: str | Path) -> Path:
         >>> png.name, png.is_file()
         ('landscape.png', True)
     """
-    path = Path(path)
-    fig = Figure(figsize=(13.5, 6.0), layout="constrained")
-    gs = fig.add_gridspec(1, 2, width_ratios=[1.7, 1.0])
-    ax, axc = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
-    A, B = np.meshgrid(ls.alphas, ls.betas)
-    Z = ls.loss
-    finite = Z[np.isfinite(Z)]
-    lo, hi = float(finite.min()), float(finite.max())
-    if lo > 0 and hi / lo > 2:  # log-spaced levels resolve the basin, where the paths run
-        levels = np.geomspace(lo, hi, 25)
-        cs = ax.contourf(A, B, Z, levels=levels, norm=LogNorm(lo, hi), cmap="viridis", alpha=0.85)
-    else:
-        levels = np.linspace(lo, hi if hi > lo else lo + 1e-12, 25)
-        cs = ax.contourf(A, B, Z, levels=levels, cmap="viridis", alpha=0.85)
-    ax.contour(A, B, Z, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.6)
-    cb = fig.colorbar(cs, ax=ax, label="loss (evaluation subset)", shrink=0.9)
-    # Plain labels at every fourth level: a log norm would otherwise print "1.4587×10⁰".
-    cb.minorticks_off()
-    cb.set_ticks(levels[::4], labels=[f"{v:.3g}" for v in levels[::4]])
-
-    span = np.array([np.ptp(ls.alphas), np.ptp(ls.betas)])
-    handles = []
-    for r, (name, c) in enumerate(zip(ls.run_names, _colors(len(ls.run_names)), strict=True)):
-        xy = ls.coords[r]
-        ax.plot(xy[:, 0], xy[:, 1], "-", color=c, lw=1.6, zorder=3)
-        ax.plot(xy[:-1, 0], xy[:-1, 1], "o", color=c, ms=2.5, zorder=3)
-        ax.plot(*xy[0], "o", color=c, ms=8, mec="black", zorder=4)
-        ax.plot(*xy[-1], "*", color=c, ms=14, mec="black", zorder=4)
-        n = len(ls.step_proj[r])
-        if n:
-            every = max(1, math.ceil(n / MAX_ARROWS_PER_RUN))
-            at = np.arange(0, n, every)
-            step = _unit_arrows(ls.step_proj[r][at], span)
-            grad = _unit_arrows(ls.grad_proj[r][at], span)
-            kw = dict(angles="xy", scale_units="xy", scale=1, width=0.0035, zorder=5)
-            ax.quiver(xy[at, 0], xy[at, 1], step[:, 0], step[:, 1], color=c, **kw)
-            ax.quiver(xy[at, 0], xy[at, 1], grad[:, 0], grad[:, 1], color=GRADIENT_COLOR, alpha=0.8, **kw)
-            epochs = np.arange(n)
-            axc.plot(epochs, ls.cos_full[r], "-o", ms=3, color=c, label=name)
-            plane = np.array([_cos2(g, s) for g, s in zip(ls.grad_proj[r], ls.step_proj[r], strict=True)])
-            axc.plot(epochs, plane, ":", color=c, alpha=0.7)
-        final = ls.path_loss[r][-1]
-        handles.append(Line2D([], [], color=c, marker="o", label=f"{name} (θ_T loss {final:.3g})"))
-    handles += [Line2D([], [], color="grey", marker="o", ls="", ms=8, mec="black", label="θ_0"),
-                Line2D([], [], color="grey", marker="*", ls="", ms=12, mec="black", label="θ_T"),
-                Line2D([], [], color="grey", marker=r"$\rightarrow$", ls="", ms=12,
-                       label=r"actual epoch step $\theta_{e+1} - \theta_e$ (direction)"),
-                Line2D([], [], color=GRADIENT_COLOR, marker=r"$\rightarrow$", ls="", ms=12,
-                       label=r"$-\nabla L(\theta_e)$, plain gradient step (direction)")]
-    ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
-    ax.set_xlabel(f"PC1: {100 * ls.explained[0]:.1f}% of displacement variance")
-    ax.set_ylabel(f"PC2: {100 * ls.explained[1]:.1f}% of displacement variance")
-    ax.set_title("Loss on the PCA plane of the path (Li et al. 2018)", fontsize=11)
-    axc.axhline(0.0, color="grey", lw=0.8)
-    axc.set_ylim(-1.05, 1.05)
-    axc.set_xlabel("epoch e")
-    axc.set_ylabel(r"$\cos(-\nabla L(\theta_e),\ \theta_{e+1} - \theta_e)$")
-    axc.set_title("Does the step follow the gradient?\n(solid: full space, dotted: in the plane)", fontsize=10)
-    if ls.run_names and any(len(s) for s in ls.step_proj):
-        axc.legend(fontsize=8)
-    fig.suptitle(_caption(ls), fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(figure_landscape(ls), path)
 
 
 def _cos2(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,17 +248,15 @@ def _cos2(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
-def plot_interpolation(ls: Landscape, path: str | Path) -> Path:
-    """Loss along θ(α) = (1 − α)·θ_0 + α·θ_T for each run, α from −0.25 to 1.25.
+def figure_interpolation(ls: Landscape) -> Figure:
+    """Loss along θ(α) = (1 − α)·θ_0 + α·θ_T for each run, α from −0.25 to 1.25 (not saved).
 
     Example:
-        >>> import tempfile
         >>> from gammatrace.landscape.compute import example_landscape
-        >>> png = plot_interpolation(example_landscape(), Path(tempfile.mkdtemp()) / "interpolation.png")
-        >>> png.name, png.is_file()
-        ('interpolation.png', True)
+        >>> fig = figure_interpolation(example_landscape())
+        >>> fig.axes[0].lines[0].get_gid()
+        'interp:demo'
     """
-    path = Path(path)
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     lo, hi = np.inf, 0.0
@@ -165,7 +265,7 @@ def plot_interpolation(ls: Landscape, path: str | Path) -> Path:
         finite = y[np.isfinite(y)]
         if len(finite):
             lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
-        ax.plot(ls.interp_alpha, y, "-o", ms=3, color=c, label=name)
+        ax.plot(ls.interp_alpha, y, "-o", ms=3, color=c, label=name, gid=f"interp:{name}")
     for a, label in ((0.0, "θ_0"), (1.0, "θ_T")):
         ax.axvline(a, color="grey", ls=":", lw=1)
         ax.annotate(label, (a, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
@@ -179,6 +279,17 @@ def plot_interpolation(ls: Landscape, path: str | Path) -> Path:
     s = ls.settings
     fig.suptitle(f"BN mode: {s['bn']} (buffers interpolated alike) · {s['samples']} fixed training samples",
                  fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
+
+
+def plot_interpolation(ls: Landscape, path: str | Path) -> Path:
+    """:func:`figure_interpolation` saved as ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> from gammatrace.landscape.compute import example_landscape
+        >>> png = plot_interpolation(example_landscape(), Path(tempfile.mkdtemp()) / "interpolation.png")
+        >>> png.name, png.is_file()
+        ('interpolation.png', True)
+    """
+    return _save(figure_interpolation(ls), path)
