@@ -87,8 +87,10 @@ def test_study_json_is_one_typed_model(study, tmp_path):
     (tmp_path / "study.json").write_text(json.dumps(old))
     loaded = StudyMeta.load(tmp_path / "study.json")
     # A strict order written as a list of names is read as levels of one cell each.
+    # Fields added since (a claim's window, the drawn paths) take their defaults.
     assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0], "order": [["relu"], ["tanh"]],
-                                                                 "source": None, "first_epochs": None}]}
+                                                                 "source": None, "first_epochs": None}],
+                                              "paths": []}
     assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == (("relu",), ("tanh",))
     # A damaged file names its field, and a report of its runs falls back to the plain layout.
     (tmp_path / "study.json").write_text(json.dumps({**old, "seeds": "many"}))

@@ -68,12 +68,15 @@ class Study:
     shared_init: bool = False
     # Seeds per cell when the caller does not say (run_study's seeds=None).
     seeds: int = 1
+    # Cells whose paths the report draws on their own PCA planes (paper 002, Fig. 12).
+    paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise StudyError(f"study {self.name}: seeds must be >= 1, got {self.seeds}")
         unknown = {c for claim in self.claims for c in claim.cells} - set(self.cells)
         unknown |= {c for cells in self.groups.values() for c in cells} - set(self.cells)
+        unknown |= set(self.paths) - set(self.cells)
         if unknown:
             raise ValueError(f"study {self.name}: claims/groups name unknown cells {sorted(unknown)}")
 
@@ -123,12 +126,13 @@ class Study:
                          runs={name: cell for name, (cell, _) in names.items()},
                          seed_of={name: i for name, (_, i) in names.items()},
                          groups={name: self.group_of(cell) for name, (cell, _) in names.items()},
-                         claims=list(self.claims))
+                         claims=list(self.claims), paths=list(self.paths))
 
 
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
                claims: list[Claim] | None = None, groups: dict[str, list[str]] | None = None,
-               preset: str = "custom", shared_init: bool = False, seeds: int = 1) -> Study:
+               preset: str = "custom", shared_init: bool = False, seeds: int = 1,
+               paths: list[str] | None = None) -> Study:
     """A study from a base config dict and per-cell overrides (merged by :func:`merge`).
 
     Example:
@@ -138,7 +142,8 @@ def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, 
         {'activation': 'tanh'}
     """
     configs = {c: RunConfig.model_validate(merge(merge(base, over or {}), {"name": c})) for c, over in cells.items()}
-    return Study(name, question, configs, list(claims or []), dict(groups or {}), preset, shared_init, seeds)
+    return Study(name, question, configs, list(claims or []), dict(groups or {}), preset, shared_init, seeds,
+                 list(paths or []))
 
 
 # --------------------------------------------------------------------- typed definitions
@@ -224,6 +229,7 @@ class GridSpec(_Spec):
     claims: list[ClaimSpec] = []
     shared_init: bool = False
     seeds: int = Field(1, ge=1)
+    paths: list[str] = []  # variants whose paths the report draws on their own PCA planes, in every group
 
     def build(self, preset: str = "custom") -> Study:
         """The :class:`Study` this grid defines (cell configs validated)."""
@@ -232,6 +238,7 @@ class GridSpec(_Spec):
         members: dict[str, list[str]] = {}
         claims: list[Claim] = []
         named = len(groups) > 1
+        paths: list[str] = []
         for group, g in groups.items():
             variants = g.variants or self.variants
             if not variants:
@@ -240,6 +247,7 @@ class GridSpec(_Spec):
             for v, over in variants.items():
                 cells[cell_name[v]] = merge(g.base, over or {})
             members[group] = list(cell_name.values())
+            paths += [cell_name[v] for v in self.paths if v in cell_name]
             for c in g.claims if g.claims is not None else self.claims:
                 unknown = sorted({v for lv in c.order for v in lv} - set(variants))
                 if g.claims is not None and unknown:
@@ -253,8 +261,10 @@ class GridSpec(_Spec):
         typos = {v for c in self.claims for lv in c.order for v in lv} - known
         if typos:  # a misspelt variant would silently drop out of every claim
             raise StudyError(f"study {self.name}: claims name unknown variants {sorted(typos)}")
+        if set(self.paths) - known:
+            raise StudyError(f"study {self.name}: paths name unknown variants {sorted(set(self.paths) - known)}")
         return make_study(self.name, self.question, self.base, cells, claims, members, preset=preset,
-                          shared_init=self.shared_init, seeds=self.seeds)
+                          shared_init=self.shared_init, seeds=self.seeds, paths=paths)
 
 
 class _CellClaim(_Spec):
@@ -282,11 +292,13 @@ class CellsSpec(_Spec):
     groups: dict[str, list[str]] | None = None
     shared_init: bool = False
     seeds: int = Field(1, ge=1)
+    paths: list[str] = []  # cells whose paths the report draws on their own PCA planes
 
     def build(self, preset: str = "custom") -> Study:
         claims = [Claim(c.text, c.order, c.group, c.source, c.first_epochs) for c in self.claims]
         return make_study(self.name, self.question, self.base, {c: over or {} for c, over in self.cells.items()},
-                          claims, self.groups, preset=preset, shared_init=self.shared_init, seeds=self.seeds)
+                          claims, self.groups, preset=preset, shared_init=self.shared_init, seeds=self.seeds,
+                          paths=self.paths)
 
 
 def _validated(model: type[_Spec], data: Any, where: str) -> Any:
@@ -325,9 +337,9 @@ def study_from_yaml(path: str | Path) -> Study:
     """A user study from YAML, in either form.
 
     Grid form (:class:`GridSpec`): ``name, question, base, variants, groups: {group:
-    {base, variants, claims}}, claims: [{text, order, first_epochs}], shared_init, seeds``. Cell
+    {base, variants, claims}}, claims: [{text, order, first_epochs}], shared_init, seeds, paths``. Cell
     form (:class:`CellsSpec`): ``name, question, base, cells: {cell: overrides}, claims:
-    [{text, order, group, first_epochs}], groups: {group: [cells]}, shared_init, seeds``. A
+    [{text, order, group, first_epochs}], groups: {group: [cells]}, shared_init, seeds, paths``. A
     claim's ``order`` is a weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a
     list; ``first_epochs`` (optional) states it over the first N epochs only.
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from gammatrace.errors import UserError
+from gammatrace.landscape import Landscape, landscape, landscape_stem
 from gammatrace.reporting import study as S
 from gammatrace.reporting.collect import RunEntry, collect
 from gammatrace.reporting.content import (
@@ -20,14 +24,24 @@ from gammatrace.reporting.content import (
     runs_table,
     theorem1_table,
 )
-from gammatrace.reporting.document import Block, Figure, Heading, Text, to_html, to_markdown
+from gammatrace.reporting.document import (
+    MISSING,
+    Block,
+    Figure,
+    Heading,
+    Table,
+    Text,
+    fmt,
+    to_html,
+    to_markdown,
+)
 from gammatrace.reporting.figures import (
     layers_figure,
     matched_figure,
     theorem1_figure,
     trajectory_figure,
 )
-from gammatrace.store.run import Run
+from gammatrace.store.run import Run, StoreError
 from gammatrace.store.study import StudyMeta
 
 FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf", "theorem1*.png", "theorem1*.pdf",
@@ -47,6 +61,15 @@ MATCHED_CAPTION = ("γ at matched loss: every step's γ_k against its mini-batch
 SEEDED_CAPTION = (" One line per cell: the mean over its seeds (of d_k/D_0, of the loss, of the per-epoch median "
                   "γ_k); band: min–max over the seeds.")
 UNSEEDED_CAPTION = " Band: 25–75% of γ_k in the epoch."
+PATHS_CAPTION = ("Optimization paths on the loss landscape, as paper 002's Fig. 12 draws them: each path (first "
+                 "seed of the cell) on the plane of the top-2 principal components of its own parameters (axis "
+                 "labels: the share of the path's displacement each explains), with the loss contours on that "
+                 "plane; at every epoch checkpoint the optimizer's actual epoch step and the SGD direction −∇L "
+                 "(the full gradient on a fixed training subset), both projected onto the plane. The table gives "
+                 "their cosine in the full parameter space.")
+# The paths figure's grid: 15×15 loss evaluations per path on 512 training samples, seconds
+# for the quick presets' networks on a CPU (README: optimizer study).
+PATHS_GRID, PATHS_SAMPLES = 15, 512
 LAYERS_CAPTION = ("Per-tensor share of the total progress Σ_k P_k (red: the tensor pulls against the trajectory "
                   "overall; label: fraction of steps it did).")
 
@@ -185,9 +208,35 @@ def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, titl
         png = theorem1_figure(cells, out, t1_notes, title=f"{info.name}: {group} — Theorem 1 per epoch",
                               stem=f"theorem1_{stem}")
         blocks.append(_figure_or_note(png, f"theorem1_{stem}.png", f"{group}. {THEOREM1_CAPTION}", t1_notes))
+        blocks += _paths_blocks(info, members, group, out)
         # One panel per cell (its first seed): the shares are a per-run property.
         layer_notes: list[str] = []
         png = layers_figure([es[0] for es in cells.values()], out, layer_notes, stem=f"layers_{stem}")
         first = " (first seed of each cell)" if seeded else ""
         blocks.append(_figure_or_note(png, f"layers_{stem}.png", f"{group}{first}. {LAYERS_CAPTION}", layer_notes))
     return blocks
+
+
+def _paths_blocks(info: StudyMeta, members: list[S.StudyRun], group: str, out: Path) -> list[Block]:
+    """The group's paths figure (paper 002, Fig. 12) and its cosine table, when the study names
+    cells whose paths to draw (``StudyMeta.paths``): one PCA plane per path, first seed."""
+    runs = [r for r in members if r.group == group and r.cell in info.paths and info.seed_of.get(r.name, 0) == 0]
+    if not runs:
+        return []
+    stem = f"paths_{S.safe_stem(group)}"
+    try:
+        files = landscape([r.last.run.path for r in runs], out / stem, plane="per_path", grid=PATHS_GRID,
+                          samples=PATHS_SAMPLES, progress=False)
+    except (UserError, StoreError, ValueError) as exc:  # e.g. pruned checkpoints: the report goes on
+        return [Text(f"{stem}.png not drawn: {exc}")]
+    ls = Landscape.load(out / stem, landscape_stem(plane="per_path"))
+    rows = []
+    for i, r in enumerate(runs):
+        cos = ls.cos_full[i]
+        rows.append([r.cell, str(len(cos)), fmt(float(np.nanmean(cos))) if len(cos) else MISSING,
+                     fmt(float(np.nanmin(cos))) if len(cos) else MISSING,
+                     fmt(float(ls.planes[i].explained.sum()))])
+    png = Path(files["landscape"])
+    return [Figure(f"{stem}/{png.name}", f"{group}. {PATHS_CAPTION}"),
+            Table(["cell (first seed)", "checkpoints", "mean cos(−∇L, actual step)", "min cos(−∇L, actual step)",
+                   "path variance on the plane"], rows)]

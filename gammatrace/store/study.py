@@ -110,6 +110,9 @@ class StudyMeta(BaseModel):
     seed_of: dict[str, int] = {}  # run name -> seed index
     groups: dict[str, str] = {}  # run name -> group
     claims: list[Claim] = []
+    # Cells whose optimization paths (first seed) the report draws, each on its own PCA
+    # plane with the SGD direction projected (paper 002, Fig. 12).
+    paths: list[str] = []
 
     @property
     def name(self) -> str:
