@@ -21,6 +21,9 @@ from gammatrace.principles.claims import order_text
 PAPERS = Path(__file__).resolve().parents[1].parent / "shared" / "papers"
 LONG = "001_954b36295a226970.txt"  # "...Regularize Optimization Trajectory", long version
 SHORT = "000_236cbbea7b64027d.txt"  # the same study, short version
+PRINCIPLE = "002_e9418eb884993e44.txt"  # "An Optimization Principle of Deep Learning?"
+# Claims a paper states over the first epochs only: (study, preset, group) -> epochs.
+WINDOWS = {("batchnorm", "paper100", "resnet18"): 20, ("batchnorm", "paper100", "resnet34"): 20}
 
 # (study, preset, group) -> (claimed order, paper, the phrase stating it)
 PINNED = {
@@ -61,6 +64,17 @@ PINNED = {
     ("batchnorm", "paper100", "vgg11"): (
         "all > first > none", LONG,
         "the training trajectories with all BN layers kept obey the regularity principle with a larger"),
+    # Paper 002, §4 (ResNets on CIFAR-100, no such claim in 000/001): "in the first 20 epochs ...
+    # the γ in the trainings with all BN layers is larger than that in the trainings with one BN
+    # layer in each block, and the γ in the trainings without any BN layer has the smallest value".
+    ("batchnorm", "paper100", "resnet18"): (
+        "all > first > none", PRINCIPLE,
+        "in the first 20 epochs where the training loss is close to the global minimum, one can see that the γ in "
+        "the trainings with all BN layers is larger than that in the trainings with one BN layer in each block"),
+    ("batchnorm", "paper100", "resnet34"): (
+        "all > first > none", PRINCIPLE,
+        "in the first 20 epochs where the training loss is close to the global minimum, one can see that the γ in "
+        "the trainings with all BN layers is larger than that in the trainings with one BN layer in each block"),
     # §III-C: more skip connections, larger γ (ResNet-34; ResNet-18 "very similar"; U-Net "similar").
     ("skip", "paper", "resnet34"): (
         "all > first2 > first", LONG,
@@ -119,6 +133,14 @@ def test_claim_order_is_the_papers(key):
         assert claim.source is None and "hypothesis" in claim.text
     else:
         assert claim.source == f"{paper}: “{phrase}”"
+    assert claim.first_epochs == WINDOWS.get(key), key
+
+
+def test_every_windowed_claim_is_pinned():
+    for name in STUDIES.names():
+        for preset in ("quick", "paper", "paper100"):
+            for c in STUDIES.get(name)(preset, None).claims:
+                assert c.first_epochs == WINDOWS.get((name, preset, c.group)), (name, preset, c.group)
 
 
 @pytest.mark.skipif(not PAPERS.is_dir(), reason="../shared/papers/ is not here")

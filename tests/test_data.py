@@ -14,11 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gammatrace import train
+from gammatrace.config import RunConfig
 from gammatrace.data import (
     DATASETS,
     DataError,
     Dataset,
     apply_options,
+    apply_task,
     augment_batch,
     augment_params,
     load_dataset,
@@ -26,6 +29,9 @@ from gammatrace.data import (
 from gammatrace.data.augment import AUGMENTATIONS
 from gammatrace.data.local import IDX_STEMS, read_idx
 from gammatrace.data.synthetic import make_teacher
+from gammatrace.engine.budget import data_shape
+from gammatrace.errors import UserError
+from gammatrace.registry import UnknownNameError
 
 # --------------------------------------------------------------------------- file writers
 
@@ -399,6 +405,96 @@ def test_augmentation_registry_and_errors():
         augment_batch(x, [0, -1, 2], 0, 0)
 
 
+# --------------------------------------------------------------------------- tasks
+
+
+def test_reconstruct_targets_the_clean_image_and_adds_fixed_seeded_noise():
+    clean = load_dataset("digits")
+    state = torch.get_rng_state()
+    ds = load_dataset("digits", task="reconstruct", noise_std=0.2, noise_seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # its own generator, never the global RNG
+    assert ds.task == "regression" and ds.num_classes == 1 and ds.name == "digits-reconstruct"
+    assert torch.equal(ds.y_train, clean.x_train) and torch.equal(ds.y_test, clean.x_test)
+    noise, noise_test = ds.x_train - ds.y_train, ds.x_test - ds.y_test
+    # Brute force over the 92k training values: N(0, 0.2²), unclipped, independent of the pixel.
+    assert abs(float(noise.mean())) < 0.003 and abs(float(noise.std()) - 0.2) < 0.003
+    assert float(noise.min()) < -0.6 and float((ds.x_train < 0).float().mean()) > 0.1
+    assert abs(float(torch.corrcoef(torch.stack([noise.flatten(), clean.x_train.flatten()]))[0, 1])) < 0.02
+    # Fixed per sample: the same on every load, the same whatever n_train / n_test keep.
+    again = load_dataset("digits", task="reconstruct", noise_std=0.2, noise_seed=7, n_train=100, n_test=10)
+    assert torch.equal(again.x_train, ds.x_train[:100]) and torch.equal(again.x_test, ds.x_test[:10])
+    # Train and test from different streams; another seed, other noise; std scales it.
+    assert not torch.allclose(noise_test, noise[: len(noise_test)])
+    other = load_dataset("digits", task="reconstruct", noise_std=0.2, noise_seed=8)
+    assert not torch.allclose(other.x_train, ds.x_train)
+    half = load_dataset("digits", task="reconstruct", noise_std=0.1, noise_seed=7)
+    assert torch.allclose(half.x_train - half.y_train, noise / 2, atol=1e-6)
+
+
+def test_reconstruct_without_noise_is_the_image_itself_and_keeps_through_transforms():
+    ds = load_dataset("digits", task="reconstruct", n_train=50)
+    assert torch.equal(ds.x_train, ds.y_train) and torch.equal(ds.x_test, ds.y_test)
+    assert load_dataset("digits", task="labels").task == "classification"
+    noisy = load_dataset("digits", task="reconstruct", noise_std=0.3, normalize="standard", downscale=2)
+    plain = load_dataset("digits", task="reconstruct", noise_std=0.3)
+    # The transforms map input and target alike: target = the clean image under the input's map.
+    pooled_x, pooled_y = F.avg_pool2d(plain.x_train, 2), F.avg_pool2d(plain.y_train, 2)
+    mean, std = pooled_x.double().mean(), pooled_x.double().std(unbiased=False)
+    assert noisy.x_train.shape == (1438, 1, 4, 4)
+    assert torch.allclose(noisy.x_train.double(), (pooled_x.double() - mean) / std, atol=1e-5)
+    assert torch.allclose(noisy.y_train.double(), (pooled_y.double() - mean) / std, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,pattern", [
+    (dict(task="denoise"), r"digits: task: unknown data task 'denoise'; choose one of: labels, reconstruct"),
+    (dict(noise_std=0.1), "noise_std applies with task: reconstruct, not with task: labels"),
+    (dict(task="labels", noise_seed=1), "noise_seed applies with task: reconstruct"),
+    (dict(task="reconstruct", noise_std=-0.1), "noise_std must be a finite number >= 0, got -0.1"),
+    (dict(task="reconstruct", noise_std=True), "noise_std must be a finite number >= 0, got True"),
+    (dict(task="reconstruct", noise_std="0.1"), "noise_std must be a finite number >= 0"),
+    (dict(task="reconstruct", noise_std=float("nan")), "noise_std must be a finite number >= 0"),
+    (dict(task="reconstruct", noise_seed=1.5), "noise_seed must be an integer"),
+    (dict(task="reconstruct", noise_seed=-1), "noise_seed must be an integer in 0..2\\*\\*63-1"),
+])
+def test_task_options_are_validated_in_one_line(options, pattern):
+    with pytest.raises(DataError, match=pattern) as e:
+        load_dataset("digits", **options)
+    assert "\n" not in str(e.value)
+
+
+def test_reconstruct_needs_float_images():
+    flat = Dataset("flat", torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), torch.zeros(2, 5),
+                   torch.zeros(2, dtype=torch.long), "classification", 2)
+    with pytest.raises(DataError, match="flat: task reconstruct needs float images"):
+        apply_task(flat, "reconstruct")
+
+
+def test_task_options_pass_config_validation_and_unet_depth_limits():
+    from gammatrace.config import RunConfig
+    from gammatrace.engine.session import build_session
+
+    cfg = RunConfig.model_validate({"loss": "mse", "batch_size": 16,
+                                    "data": {"name": "digits", "task": "reconstruct", "noise_std": 0.1, "n_train": 32},
+                                    "model": {"name": "unet", "width": 0.125, "depth": 3}})
+    cfg.check_names()
+    sess = build_session(cfg)  # digits are 1×8×8: depth ≤ 3 (8 = 2³), no padding needed
+    assert sess.model(sess.x[:2]).shape == sess.y[:2].shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="depth 4 needs spatial sizes divisible by 16"):
+        build_session(cfg.with_overrides({"model": {"depth": 4}}))
+    with pytest.raises(UnknownNameError, match="has no switch 'noise_sdt'"):
+        RunConfig.model_validate({"data": {"name": "digits", "noise_sdt": 0.1}}).check_names()
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_registered_dataset_reconstructs(tmp_path, name):
+    files = _files_for(name, tmp_path)
+    plain = load_dataset(name, **files)
+    ds = load_dataset(name, task="reconstruct", noise_std=0.05, **files)
+    assert ds.task == "regression" and ds.num_classes == plain.x_train.shape[1]
+    assert torch.equal(ds.y_train, plain.x_train) and torch.equal(ds.y_test, plain.x_test)
+    assert abs(float((ds.x_train - ds.y_train).std()) - 0.05) < 0.01  # ≥ 192 values: 4 standard errors
+
+
 # --------------------------------------------------------------------------- every dataset
 
 
@@ -430,3 +526,19 @@ def test_every_registered_dataset_loads(tmp_path, name):
         assert ds.y_train.shape[1] == ds.num_classes
     normed = apply_options(ds, normalize="standard")
     assert torch.isfinite(normed.x_train).all() and torch.isfinite(normed.x_test).all()
+
+
+# ------------------------------------------------- image targets meet the rest of the engine
+def test_augmentation_of_image_targets_is_refused_before_training(tmp_path):
+    """An augmentation moves the inputs only: with task: reconstruct the target would no longer
+    be the input's clean image, so the run is refused with one line."""
+    cfg = {"epochs": 1, "batch_size": 16, "loss": "mse", "model": {"name": "unet", "width": 0.125, "depth": 2},
+           "data": {"name": "digits", "n_train": 32, "n_test": 16, "task": "reconstruct", "augment": "flip"}}
+    with pytest.raises(UserError, match="moves the inputs only"):
+        train(cfg, out=tmp_path / "run", progress=False)
+
+
+def test_disk_estimate_sees_the_reconstruction_task_without_the_folder():
+    shape = data_shape(RunConfig.model_validate({"data": {"name": "cifar100", "data_dir": "/nowhere",
+                                                          "task": "reconstruct", "n_train": 64}}))
+    assert (shape.input_shape, shape.num_classes, shape.n_train, shape.task) == ((3, 32, 32), 3, 64, "regression")

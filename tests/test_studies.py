@@ -212,10 +212,9 @@ def test_every_study_and_preset_builds_valid_configs(name, preset):
         dataset = "cifar100" if preset == "paper100" else "cifar10"
         for cell, cfg in study.cells.items():
             assert (cfg.device, cfg.epochs, cfg.batch_size, cfg.data.augment) == ("cuda", 150, 128, "none")
-            if cfg.loss == "cross_entropy":
-                assert cfg.data.name == dataset and cfg.data.switches()["data_dir"] == "/data/cifar", cell
-            else:  # the U-Net denoises CIFAR-shaped synthetic images
-                assert cfg.data.name == "synthetic_denoise" and cfg.data.switches()["size"] == 32
+            assert cfg.data.name == dataset and cfg.data.switches()["data_dir"] == "/data/cifar", cell
+            if cfg.loss == "mse":  # the U-Net reconstructs the CIFAR images
+                assert cfg.data.switches()["task"] == "reconstruct" and cfg.model.switches()["depth"] == 4
         assert study.shared_init or name == "init"
 
 

@@ -16,13 +16,14 @@ from gammatrace.data.augment import AUGMENTATIONS, Augment, augment_batch, augme
 from gammatrace.data.base import DATASETS, DataError, Dataset
 from gammatrace.data.load import load_dataset
 from gammatrace.data.loader import epoch_batches, epoch_permutation
+from gammatrace.data.tasks import TASK_OPTIONS, TASKS, apply_task
 from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
 
 # Importing the modules registers their datasets.
 from gammatrace.data import embedded, local, synthetic  # noqa: E402,F401  isort: skip
 
 __all__ = [
-    "AUGMENTATIONS", "Augment", "DATASETS", "DataError", "Dataset", "TRANSFORM_OPTIONS",
-    "apply_options", "augment_batch", "augment_params", "epoch_batches", "epoch_permutation",
+    "AUGMENTATIONS", "Augment", "DATASETS", "DataError", "Dataset", "TASKS", "TASK_OPTIONS", "TRANSFORM_OPTIONS",
+    "apply_options", "apply_task", "augment_batch", "augment_params", "epoch_batches", "epoch_permutation",
     "load_dataset",
 ]

@@ -1,10 +1,12 @@
-"""Build a dataset by name and apply the options every dataset shares (subset of samples
-and classes, then the transforms).
+"""Build a dataset by name and apply the options every dataset shares (subset of classes,
+the task, subset of samples, then the transforms).
 
 Example:
     >>> ds = load_dataset("digits", n_train=100, classes=[0, 1])
     >>> ds.num_classes, ds.n_train <= 100
     (2, True)
+    >>> load_dataset("digits", n_train=100, task="reconstruct").task
+    'regression'
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from gammatrace.data.base import DATASETS, DataError, Dataset
-from gammatrace.data.transforms import TRANSFORM_OPTIONS, apply_options
+from gammatrace.data.tasks import TASK_OPTIONS, apply_task
+from gammatrace.data.transforms import SHAPE_OPTIONS, apply_options
 
 
 def _take(x: torch.Tensor, y: torch.Tensor, n: int | None, what: str) -> tuple:
@@ -47,12 +50,15 @@ def load_dataset(
 
     ``n_train``/``n_test`` keep the first samples of each split (the generators and
     the standard files are already shuffled); ``classes`` keeps a subset of classes
-    and relabels them 0..len(classes)-1; ``downscale``/``normalize`` (see
-    :func:`gammatrace.data.transforms.apply_options`) apply last, so normalization
-    statistics describe the training subset actually used. Other keyword options go
-    to the dataset.
+    and relabels them 0..len(classes)-1; ``task``/``noise_std``/``noise_seed`` (see
+    :func:`gammatrace.data.tasks.apply_task`) pose the problem after ``classes`` and
+    before ``n_train``/``n_test``, so a sample's noise does not depend on how many are
+    kept; ``downscale``/``normalize`` (see :func:`gammatrace.data.transforms.apply_options`)
+    apply last, so normalization statistics describe the training subset actually used.
+    Other keyword options go to the dataset.
     """
-    transforms = {k: options.pop(k) for k in TRANSFORM_OPTIONS if k in options}
+    task = {k: options.pop(k) for k in TASK_OPTIONS if k in options}
+    transforms = {k: options.pop(k) for k in SHAPE_OPTIONS if k in options}
     ds: Dataset = DATASETS.get(name)(**options)
     if classes is not None:
         if ds.task != "classification":
@@ -63,6 +69,7 @@ def load_dataset(
         ds.x_train, ds.y_train = _keep_classes(ds.x_train, ds.y_train, classes)
         ds.x_test, ds.y_test = _keep_classes(ds.x_test, ds.y_test, classes)
         ds.num_classes = len(classes)
+    ds = apply_task(ds, **task)
     ds.x_train, ds.y_train = _take(ds.x_train, ds.y_train, n_train, "n_train")
     ds.x_test, ds.y_test = _take(ds.x_test, ds.y_test, n_test, "n_test")
     ds = apply_options(ds, **transforms)

@@ -1,6 +1,7 @@
 """Deterministic whole-dataset transforms every dataset accepts: ``downscale`` and
-``normalize``. They run once on the in-memory tensors, so they cost nothing per step
-and cannot perturb the trajectory's randomness.
+``normalize`` (and the task options of :mod:`gammatrace.data.tasks`, applied first). They
+run once on the in-memory tensors, so they cost nothing per step and cannot perturb the
+trajectory's randomness.
 
 Targets that are images of the same shape as the inputs (denoising) get the same
 transform, so "target = clean version of the input" still holds afterwards.
@@ -21,10 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from gammatrace.data.base import DataError, Dataset
+from gammatrace.data.tasks import TASK_OPTIONS
 from gammatrace.registry import Registry, UnknownNameError
 
-# Options handled here rather than by the dataset factories.
-TRANSFORM_OPTIONS = ("downscale", "normalize")
+# The options applied last (after n_train / n_test), by apply_options.
+SHAPE_OPTIONS = ("downscale", "normalize")
+# Every option a dataset accepts besides its own (handled by load_dataset rather than by
+# the dataset factories): the task's first, then these.
+TRANSFORM_OPTIONS = TASK_OPTIONS + SHAPE_OPTIONS
 
 
 def _image_like_target(ds: Dataset) -> bool:

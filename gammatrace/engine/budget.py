@@ -51,6 +51,7 @@ from torch import nn
 from gammatrace import principles as P
 from gammatrace.config import RunConfig
 from gammatrace.data import DATASETS, Dataset, apply_options, load_dataset
+from gammatrace.data.tasks import TASK_OPTIONS, apply_task
 from gammatrace.engine.refcache import why_not_cached
 from gammatrace.engine.session import DTYPES
 from gammatrace.errors import UserError
@@ -104,8 +105,10 @@ def data_shape(cfg: RunConfig) -> DataShape:
             n, k = n * len(d.classes) // k, len(d.classes)
         proxy = Dataset(d.name, torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long), torch.zeros(1, *shape),
                         torch.zeros(1, dtype=torch.long), "classification", k)
-        proxy = apply_options(proxy, downscale=transforms.get("downscale"))
-        return DataShape(proxy.input_shape, k, min(n, d.n_train or n))
+        # The task (task: reconstruct makes it an image regression) and transforms, as the real set gets them.
+        proxy = apply_options(apply_task(proxy, **{o: switches[o] for o in TASK_OPTIONS if o in switches}),
+                              downscale=transforms.get("downscale"))
+        return DataShape(proxy.input_shape, proxy.num_classes, min(n, d.n_train or n), proxy.task)
     factory = DATASETS.get(d.name)
     params = inspect.signature(factory).parameters
     takes = "num_train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

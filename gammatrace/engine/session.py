@@ -251,6 +251,11 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     dtype = DTYPES[cfg.dtype]
     data = _as_dtype(data, dtype)
     augment = AUGMENTATIONS.get(cfg.data.augment)()
+    if augment.active and data.y_train.dim() > 2:
+        # An augmentation moves the inputs only: image targets (task: reconstruct,
+        # synthetic_denoise) would no longer match them.
+        raise UserError(f"data.augment '{cfg.data.augment}' moves the inputs only, and {cfg.data.name}'s targets "
+                        "are images (task: reconstruct?); use augment: none")
     device = torch.device(cfg.device)
     torch.manual_seed(stream_seed(cfg.seed, 0, _INIT_STREAM))
     model = build(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.switches())

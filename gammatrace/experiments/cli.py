@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("name", help="a registered study (activation, batchnorm, skip, optimizer, init) or a study YAML")
     s.add_argument("--preset", default="quick", choices=list(PRESETS),
                    help="quick: CPU, minutes; paper: the papers' CIFAR-10 settings (GPU); paper100: CIFAR-100")
-    s.add_argument("--data-dir", default=None, help="folder with the CIFAR/MNIST files (paper presets)")
+    s.add_argument("--data-dir", default=None, help="folder with the CIFAR files (paper presets), or MNIST for the quick skip study's U-Net (else digits)")
     # The run options, their defaults and help come from run_study itself.
     add_options(s, run_study, skip={"study", "out", "progress"}, choices={"executor": EXECUTORS.names()})
     s.add_argument("--out", required=True, help=option_help(run_study).get("out"))

@@ -3,7 +3,9 @@ report (``../shared/papers/003_169288aa6363f27d.txt``), or "not stated" with the
 
 Each paper preset of the identity studies carries one :class:`Source` per value (its
 ``SOURCES`` table); the report prints them, and a test finds every quoted phrase in the
-paper file (whitespace-normalised: the stored text breaks lines and numbers them).
+paper file (whitespace-normalised: the stored text breaks lines and numbers them). The type
+is the one provenance type of every study (:mod:`gammatrace.experiments.sources`), its
+quotes here defaulting to the report's file.
 
 Example:
     >>> s = Source.quote("we set learning rate as 0.1")
@@ -13,11 +15,19 @@ Example:
     "not stated — batch 100, the quick preset's"
     >>> phrase_in("we set learning\\n 239 rate as 0.1", "learning rate"), phrase_in("a  b", "a b")
     (False, True)
+    >>> from gammatrace.experiments import sources
+    >>> isinstance(s, sources.Source)
+    True
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from gammatrace.experiments import sources
+from gammatrace.experiments.sources import normalise, phrase_in
+
+__all__ = ["PAPER", "Source", "normalise", "phrase_in"]
 
 # The CS260 report "About SGD Convergence Analysis of NN with Non-linear Activation",
 # as stored in the shared papers folder.
@@ -25,39 +35,8 @@ PAPER = "003_169288aa6363f27d.txt"
 
 
 @dataclass(frozen=True)
-class Source:
-    """A value's provenance: ``phrase`` quoted from ``paper``, or ``None`` and the ``choice``
-    made where the paper is silent (or contradicts itself)."""
+class Source(sources.Source):
+    """A value's provenance (:class:`gammatrace.experiments.sources.Source`), quoted from the
+    CS260 report unless ``paper`` names another file."""
 
-    phrase: str | None = None
-    choice: str = ""
     paper: str = PAPER
-
-    @classmethod
-    def quote(cls, phrase: str, note: str = "") -> Source:
-        """A value the paper states, in its own words (``note``: how it was read)."""
-        return cls(phrase=phrase, choice=note)
-
-    @classmethod
-    def not_stated(cls, choice: str) -> Source:
-        """A value the paper does not state, with what was chosen and why."""
-        return cls(phrase=None, choice=choice)
-
-    @property
-    def stated(self) -> bool:
-        return self.phrase is not None
-
-    def __str__(self) -> str:
-        if self.phrase is None:
-            return f"not stated — {self.choice}"
-        return f"{self.paper}: “{self.phrase}”" + (f" ({self.choice})" if self.choice else "")
-
-
-def normalise(text: str) -> str:
-    """Runs of whitespace as one space (the stored papers break and indent lines)."""
-    return " ".join(text.split())
-
-
-def phrase_in(text: str, phrase: str) -> bool:
-    """Whether ``phrase`` occurs in ``text``, whitespace-normalised."""
-    return normalise(phrase) in normalise(text)
