@@ -128,6 +128,11 @@ def test_gradient_row_draws_the_stored_norms_and_marks_the_collapse(collapsed, t
     [vline] = [line for line in ax_g.lines if line.get_gid() == "collapse-epoch"]
     assert list(vline.get_xdata()) == [epoch + 0.5] * 2
     assert any(n.startswith(f"{entries[0].label}: gradient collapse at epoch {epoch}") for n in notes)
+    assert "gradient collapse" in [t.get_text() for t in ax_g.get_legend().get_texts()]
+    # Without a collapse the legend does not promise one.
+    F.trajectory_figure(entries[1:], tmp_path, [])
+    [ax_g] = [ax for ax in drawn["fig"].axes if "gradient norm" in ax.get_title()]
+    assert [t.get_text() for t in ax_g.get_legend().get_texts()] == ["median ‖g_k‖"]
 
 
 def test_runs_table_flags_the_collapse(collapsed):

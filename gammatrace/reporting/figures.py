@@ -349,9 +349,10 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     ax_n.set_ylabel(r"$\|g_k\|$ per epoch")
     if ax_n.lines:
         ax_n.set_yscale("log")
-        ax_n.legend(handles=[Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖"),
-                             Line2D([], [], color="0.3", ls="none", marker="X", ms=8, mec="k",
-                                    label="gradient collapse")], fontsize=7, loc="best", ncols=2)
+        keys = [Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖")]
+        if any(line.get_gid() == "collapse-epoch" for line in ax_n.lines):
+            keys.append(Line2D([], [], color="0.3", ls=":", marker="X", ms=8, mec="k", label="gradient collapse"))
+        ax_n.legend(handles=keys, fontsize=7, loc="best", ncols=2)
     ax_n.set_title("mini-batch gradient norm (raw, as the optimizer received it)", fontsize=10)
     ax_gammas[-1].set_xlabel("epoch")
     ax_gammas[-1].set_xlim(left=0)
