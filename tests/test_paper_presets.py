@@ -114,6 +114,19 @@ def test_unstated_values_say_what_was_chosen():
         paper_settings("skip", "quick")
 
 
+def test_choices_are_not_cited_as_the_papers_values():
+    """What no paper states is never a quote: the init study (no paper runs one) borrows every
+    value, the continuation reference deviates from the papers' θ_T, the U-Net's batch norm is ours."""
+    for preset in ("paper", "paper100"):
+        assert not any(r.source.stated for r in paper_settings("init", preset))
+        for name in ("activation", "batchnorm", "skip", "optimizer"):
+            rows = {(r.field, r.cells): r for r in paper_settings(name, preset)}
+            ref = rows["reference.kind", "*"]
+            assert not ref.source.stated and "last iterate" in str(ref.source)
+            if name != "batchnorm":
+                assert not rows["model.norm", "unet-*"].source.stated
+
+
 @pytest.mark.parametrize("name,field,cells,value,phrase", [
     ("activation", "optim.lr", "resnet18-relu", 0.05, r"a constant learning rate $\eta = 0.05$"),
     ("activation", "optim.lr", "unet-tanh", 0.005, r"a constant learning rate $\eta = 0.005$"),
@@ -182,7 +195,7 @@ def test_one_step_of_the_paper_unet_config_end_to_end(tmp_path):
     tiny = cfg.with_overrides({"epochs": 1, "device": "cpu", "data": {"n_train": 8, "n_test": 3},
                                "reference": {"extra_epochs": 1}})
     assert (tiny.model.name, tiny.model.switches(), tiny.optim.name, tiny.optim.lr, tiny.loss) == (
-        "unet", {"depth": 4, "skip": "all"}, "sgd", 0.005, "mse")
+        "unet", {"depth": 4, "norm": "all", "skip": "all"}, "sgd", 0.005, "mse")
     run = gammatrace.train(tiny, tmp_path / "run", progress=False)
     assert run.status.value == "complete" and run.meta.steps_per_epoch == 1
     assert run.references() == ["continuation"] and len(run.steps()) == 1  # the config's reference kind
