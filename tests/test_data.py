@@ -542,3 +542,16 @@ def test_disk_estimate_sees_the_reconstruction_task_without_the_folder():
     shape = data_shape(RunConfig.model_validate({"data": {"name": "cifar100", "data_dir": "/nowhere",
                                                           "task": "reconstruct", "n_train": 64}}))
     assert (shape.input_shape, shape.num_classes, shape.n_train, shape.task) == ((3, 32, 32), 3, 64, "regression")
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"loss": "cross_entropy"}, "needs class labels, and digits with task: reconstruct is a regression"),
+    ({"model": {"name": "mlp", "width": 8, "depth": 1}}, r"model mlp outputs \(1,\) per sample, but digits's "
+                                                          r"targets are \(1, 8, 8\)"),
+])
+def test_a_model_or_loss_that_does_not_fit_the_task_is_refused_before_anything_is_written(tmp_path, over, match):
+    cfg = {"epochs": 1, "batch_size": 16, "loss": "mse", "model": {"name": "unet", "width": 0.125, "depth": 2},
+           "data": {"name": "digits", "n_train": 32, "n_test": 16, "task": "reconstruct"}, **over}
+    with pytest.raises(UserError, match=match):
+        train(cfg, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "run.json").exists()

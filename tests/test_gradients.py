@@ -216,3 +216,45 @@ def test_first_epochs_round_trips_through_study_json_and_specs(tmp_path):
     assert StudyMeta.load(tmp_path / "study.json").claims[0].first_epochs == 20
     with pytest.raises(ValueError):
         Claim("t", "a > b", first_epochs=0)
+
+
+def _two_cells(n_epochs: int = 4) -> list:
+    runs = []
+    for cell, g in (("all", 5.0), ("none", 1.0)):
+        for seed in range(4):
+            epochs = [e for e in range(n_epochs) for _ in range(2)]
+            runs.append(_entry(f"{cell}-s{seed}", [g + 0.1 * seed] * len(epochs), epochs,
+                               [1.0 / (e + 1) for e in range(n_epochs)]))
+    return runs
+
+
+def _text(blocks) -> str:
+    return " ".join(b.text for b in blocks if hasattr(b, "text"))
+
+
+def test_verdict_falls_back_to_theta_T_and_says_so_when_no_run_has_a_continuation():
+    runs = _two_cells()
+    meta = StudyMeta(study="bn", runs={e.run.path.name: e.label.split("-")[0] for e in runs})
+    check = check_study_claim(Claim("all first", "all > none"), study_runs(meta, runs, []))
+    assert check.verdict_ref == "last" and check.verdict is check.results["median", "last"]
+    assert check.verdict.verdict == "consistent"
+    blocks = claim_blocks(check)
+    assert "No run of this claim has a continuation analysis" in _text(blocks)
+    verdicts = next(b for b in blocks if getattr(b, "header", [None])[0] == "statistic")
+    marked = [row for row in verdicts.rows if row[0].endswith("the verdict")]
+    assert len(marked) == 1 and marked[0][1].startswith("θ* = θ_T")
+
+
+def test_window_longer_than_every_run_says_it_covers_whole_runs():
+    runs = _two_cells(n_epochs=4)
+    meta = StudyMeta(study="bn", runs={e.run.path.name: e.label.split("-")[0] for e in runs})
+    for e in runs:
+        e.summary["epochs"] = 4
+    long = claim_blocks(check_study_claim(Claim("t", "all > none", first_epochs=10), study_runs(meta, runs, [])))
+    assert "cover every run whole (none is longer than 10 epochs)" in _text(long)
+    assert "epochs 0 … 9" not in _text(long)
+    # A hypothesis (no source) is not said to be "the paper's".
+    assert "the paper states it" not in _text(long)
+    short = claim_blocks(check_study_claim(Claim("t", "all > none", source="p: “q”", first_epochs=2),
+                                           study_runs(meta, runs, [])))
+    assert "epochs 0 … 1 only" in _text(short) and "the paper states it" in _text(short)

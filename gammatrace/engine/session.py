@@ -231,6 +231,32 @@ def _as_dtype(data: Dataset, dtype: torch.dtype) -> Dataset:
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+# Losses that need class labels as targets: a regression (task: reconstruct, the teachers)
+# would fail inside the first step with a shape or dtype error.
+_LABEL_LOSSES = frozenset({"cross_entropy"})
+
+
+def _check_fits(cfg: RunConfig, data: Dataset, model: torch.nn.Module) -> None:
+    """Refuse, before anything is written, a loss that needs labels on a regression and a
+    model whose output does not have the targets' shape (an MLP on task: reconstruct)."""
+    if data.task == "regression" and cfg.loss in _LABEL_LOSSES:
+        raise UserError(f"loss '{cfg.loss}' needs class labels, and {cfg.data.name}"
+                        + (" with task: reconstruct" if cfg.data.switches().get("task") == "reconstruct" else "")
+                        + " is a regression: use loss: mse")
+    if data.task != "regression":
+        return
+    was = model.training
+    # Eval mode and no autograd: batch-norm statistics, the RNG and the parameters stay as they are.
+    with torch.no_grad():
+        out = model.eval()(data.x_train[:2])
+    model.train(was)
+    if tuple(out.shape[1:]) != tuple(data.y_train.shape[1:]):
+        raise UserError(f"model {cfg.model.name} outputs {tuple(out.shape[1:])} per sample, but {cfg.data.name}'s "
+                        f"targets are {tuple(data.y_train.shape[1:])}"
+                        + (" (task: reconstruct wants an image-to-image model such as unet)"
+                           if data.y_train.dim() > 2 else ""))
+
+
 def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     """Data, model (seeded initialization), optimizer and schedule for a config.
 
@@ -278,6 +304,7 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
                             "state dict") from None
         if not loaded:
             raise ValueError(f"initial point {path} shares no tensor of matching name and shape with the model")
+    _check_fits(cfg, data, model)
     model.to(device)
     optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim.name,
                                **cfg.optim.optimizer_kwargs())

@@ -238,5 +238,5 @@ def _paths_blocks(info: StudyMeta, members: list[S.StudyRun], group: str, out: P
                      fmt(float(ls.planes[i].explained.sum()))])
     png = Path(files["landscape"])
     return [Figure(f"{stem}/{png.name}", f"{group}. {PATHS_CAPTION}"),
-            Table(["cell (first seed)", "checkpoints", "mean cos(−∇L, actual step)", "min cos(−∇L, actual step)",
+            Table(["cell (first seed)", "epoch steps", "mean cos(−∇L, actual step)", "min cos(−∇L, actual step)",
                    "path variance on the plane"], rows)]

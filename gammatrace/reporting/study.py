@@ -136,9 +136,16 @@ class ClaimCheck:
     per_level: dict[str, list[ClaimResult]]
 
     @property
+    def verdict_ref(self) -> str:
+        """The verdict's reference: the continuation θ*, or θ* = θ_T when no run of the
+        claim has a continuation analysis (a study whose config sets no continuation)."""
+        has = any(r.cont is not None and r.cont.analysed for r in self.runs)
+        return "continuation" if has else "last"
+
+    @property
     def verdict(self) -> ClaimResult:
-        """The claim's verdict: median γ_k per seed, continuation reference."""
-        return self.results["median", "continuation"]
+        """The claim's verdict: median γ_k per seed, under :attr:`verdict_ref`."""
+        return self.results["median", self.verdict_ref]
 
 
 def check_study_claim(claim: Claim, runs: Sequence[StudyRun]) -> ClaimCheck:
@@ -207,12 +214,20 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
     matched-loss level. Example: see the module."""
     claim, mine = check.claim, check.runs
     title = claim.text + (f" — {claim.group}" if claim.group else "")
-    window = (f" Stated over the first {claim.first_epochs} epochs: the γ statistics below (median γ_k, fraction "
-              f"γ_k > 0, γ_min, γ at matched loss) cover the steps of epochs 0 … {claim.first_epochs - 1} only. "
-              "θ* stays each run's own end point, so the runs' final train losses must still be comparable; a run "
-              "that missed the target loss still enters (the paper states it of runs that do not converge); "
-              "convergence speed is the whole run's."
-              if claim.first_epochs is not None else "")
+    window = ""
+    if claim.first_epochs is not None:
+        longest = max((r.last.n_epochs or 0 for r in mine), default=0)
+        covered = (f"cover the steps of epochs 0 … {claim.first_epochs - 1} only" if longest > claim.first_epochs
+                   else f"cover every run whole (none is longer than {claim.first_epochs} epochs)")
+        window = (f" Stated over the first {claim.first_epochs} epochs: the γ statistics below (median γ_k, "
+                  f"fraction γ_k > 0, γ_min, γ at matched loss) {covered}. θ* stays each run's own end point, so "
+                  "the runs' final train losses must still be comparable; a run that missed the target loss still "
+                  "enters" + (" (the paper states it of runs that do not converge)" if claim.source else "")
+                  + "; convergence speed is the whole run's.")
+    if check.verdict_ref == "last":
+        window += (" No run of this claim has a continuation analysis, so the verdict uses θ* = θ_T, each run's "
+                   "own end point (a study adds the continuation with `reference: {kind: continuation, "
+                   "extra_epochs: N}` in its base config, as the built-in presets do).")
     blocks: list[Block] = [Heading(title, heading_level), Text(
         f"Claimed order of γ (largest first; ≈: no order asserted): {claim.order_text}. "
         + (f"Source: {claim.source}." if claim.source else "No paper states this order: a hypothesis.") + window)]
@@ -234,7 +249,9 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
             runs = [r for r in mine if r.cell == cell]
             cv = [conv[r.name] for r in runs]
             cv_text = "not reached" if cv and not np.isfinite(cv).all() else _spread(cv)
-            why = next((res.excluded[cell] for res in check.results.values() if cell in res.excluded), "—")
+            # The verdict's own reason first: the other tests may exclude a cell for another one.
+            why = next((res.excluded[cell] for res in (verdict, *check.results.values()) if cell in res.excluded),
+                       "—")
             rows.append([cell, str(rank), str(len(runs)), _spread(values("continuation", cell, "gamma_median")),
                          _spread(values("last", cell, "gamma_median")), _spread(matched_values("continuation", cell)),
                          _spread(values("last", cell, "gamma_frac_positive")),
@@ -247,7 +264,7 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
     for stat, stat_label in STATISTICS.items():
         for ref, ref_label in REFERENCES.items():
             r = check.results[stat, ref]
-            mark = " — the verdict" if (stat, ref) == ("median", "continuation") else ""
+            mark = " — the verdict" if (stat, ref) == ("median", check.verdict_ref) else ""
             vrows.append([stat_label + mark, ref_label, _stat_text(r.test), fmt(r.p_value, 3), fmt(r.p_reversed, 3),
                           "+".join(str(n) for n in r.test.sizes) if r.test is not None else MISSING, r.text])
     blocks.append(Table(["statistic", "reference point", "J / pairs", "p (claimed order)", "p (reversed order)",
@@ -262,19 +279,22 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
                     f"reversed p = {fmt(speed.p_reversed, 3)}" if speed is not None else ""))
     blocks.append(Bullets(items))
 
-    m = check.matched["continuation"]
+    m = check.matched[check.verdict_ref]
     if len(m.levels):
         lrows = []
+        # A reference enters the table where its levels are these (a run analysed under one
+        # reference only can move them; a reference without analyses has none).
+        same = {ref: np.array_equal(check.matched[ref].levels, m.levels) for ref in REFERENCES}
         for i, level in enumerate(m.levels):
-            res = {ref: check.per_level[ref][i] for ref in REFERENCES}
+            res = {ref: check.per_level[ref][i] if same[ref] else None for ref in REFERENCES}
             lrows.append([fmt(float(level), 3), f"[{fmt(float(m.edges[i]), 3)}, {fmt(float(m.edges[i + 1]), 3)}]",
-                          *(fmt(res[ref].p_value, 3) for ref in REFERENCES),
-                          *(res[ref].verdict for ref in REFERENCES)])
+                          *(fmt(res[ref].p_value, 3) if res[ref] else MISSING for ref in REFERENCES),
+                          *(res[ref].verdict if res[ref] else MISSING for ref in REFERENCES)])
         blocks.append(Table(["full training loss level", "bin", *(f"p, {lbl}" for lbl in REFERENCES.values()),
                              *(f"verdict, {lbl}" for lbl in REFERENCES.values())], lrows))
-        sig = sum(res.verdict == "consistent" for res in check.per_level["continuation"])
+        sig = sum(res.verdict == "consistent" for res in check.per_level[check.verdict_ref])
         blocks.append(Text(
-            f"γ at matched loss: {sig} of {len(m.levels)} levels are significant on their own (continuation θ*; "
+            f"γ at matched loss: {sig} of {len(m.levels)} levels are significant on their own ({REFERENCES[check.verdict_ref]}; "
             "not corrected for testing 10 levels — the verdict above tests each seed's median over the levels "
             "once). A difference that survives at matched loss is what the loss curve does not already say."))
     else:
@@ -294,7 +314,8 @@ def claim_check_blocks(info: StudyMeta, runs: Sequence[StudyRun]) -> tuple[list[
         "(never a verdict); inconclusive otherwise, with the reason — also when a cell of the claim has a run "
         "that is excluded (no progress, missed target, diverged, not analysed) or the comparable runs' final "
         f"train losses differ by more than {LOSS_RATIO_LIMIT:g}×. The verdict uses the continuation reference "
-        "θ* (trained beyond the analysed horizon, so the telescoping does not close); θ* = θ_T is shown beside "
+        "θ* (trained beyond the analysed horizon, so the telescoping does not close; θ* = θ_T where no run of a "
+        "claim has one, said there); θ* = θ_T is shown beside "
         "it, and both again with each seed's γ at matched training loss (the median over 10 log-spaced levels "
         "of the full training loss that every comparable run reaches; with θ* = θ_T the average γ is a function "
         "of the losses, DESIGN §1). Convergence speed (epochs to the common target loss, or the final train loss "
