@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gammatrace.cli import main
+from gammatrace.experiments.study import study_from_yaml
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,3 +34,15 @@ def test_readme_command_parses(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert command in capsys.readouterr().out
+
+
+def test_readme_study_yaml_builds(tmp_path):
+    """The study YAML the README shows is a valid study: its cells, claims (one over a window)
+    and paths build."""
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S) if "variants:" in b]
+    path = tmp_path / "my_optimizers.yaml"
+    path.write_text(block)
+    study = study_from_yaml(path)
+    assert sorted(study.cells) == ["adam", "momentum", "sgd"] and study.paths == ["momentum", "adam"]
+    assert [c.first_epochs for c in study.claims] == [None, 20] and study.seeds == 4
+    assert all(cfg.reference.kind == "continuation" for cfg in study.cells.values())
