@@ -22,6 +22,9 @@ Grids are resumable: finished rows are kept on disk, a rerun computes only the r
   :func:`~gammatrace.landscape.directions.filter_normalized_directions`
 - :class:`~gammatrace.landscape.evaluate.LossEvaluator`, :func:`~gammatrace.landscape.evaluate.load_trajectory`,
   :class:`~gammatrace.landscape.sources.RunSource`, :class:`~gammatrace.landscape.sources.CheckpointSource`
+- :class:`~gammatrace.landscape.sources.LandscapeInputError` (a fixable input, one line),
+  :class:`~gammatrace.landscape.sources.LandscapeWarning` (a path of checkpoint files that
+  ends higher than it starts: files out of order?)
 - :func:`~gammatrace.landscape.plot.figure_landscape`, :func:`~gammatrace.landscape.plot.plot_landscape`,
   :func:`~gammatrace.landscape.plot.plot_interpolation`
 
@@ -72,7 +75,12 @@ from gammatrace.landscape.plot import (
     plot_interpolation,
     plot_landscape,
 )
-from gammatrace.landscape.sources import CheckpointSource, LandscapeInputError, RunSource
+from gammatrace.landscape.sources import (
+    CheckpointSource,
+    LandscapeInputError,
+    LandscapeWarning,
+    RunSource,
+)
 from gammatrace.store.backend import Location, ObjectFiles, location
 
 _PLOTS = {"landscape": plot_landscape, "interpolation": plot_interpolation}
@@ -109,6 +117,6 @@ def landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[s
 
 
 __all__ = ["BN_MODES", "DIRECTIONS", "IGNORE", "PCA_PLANES", "CheckpointSource", "Landscape", "LandscapeInputError",
-           "LossEvaluator", "PathPCA", "Plane", "RunSource", "compute_landscape", "figure_interpolation",
+           "LandscapeWarning", "LossEvaluator", "PathPCA", "Plane", "RunSource", "compute_landscape", "figure_interpolation",
            "figure_landscape", "filter_normalized_directions", "interpolation_alphas", "landscape", "landscape_stem",
            "load_trajectory", "path_pca", "plot_interpolation", "plot_landscape"]

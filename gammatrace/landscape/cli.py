@@ -5,7 +5,9 @@ Also from any training loop's files: ``gammatrace landscape ckpt_0.pt … ckpt_T
 The factories are imported from the working directory or ``PYTHONPATH``.
 ``--plane per_path`` draws one PCA plane per path; ``--directions random --dims 1|2``
 Li et al.'s filter-normalised random directions. Registered by the main CLI through
-``register(subparsers)`` (``cli.PLUGIN_COMMANDS``).
+``register(subparsers)`` (``cli.PLUGIN_COMMANDS``). A
+:class:`~gammatrace.landscape.sources.LandscapeWarning` (a path that ends higher than it
+starts) is one line on stderr, ``gammatrace: warning: …``, as errors are.
 
 Example:
     >>> import argparse
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from gammatrace.cliopts import add_options, option_help, parsed
 from gammatrace.executors import EXECUTORS
@@ -31,6 +34,7 @@ from gammatrace.landscape import landscape
 from gammatrace.landscape.compute import DIRECTIONS, PCA_PLANES, compute_landscape
 from gammatrace.landscape.directions import IGNORE
 from gammatrace.landscape.evaluate import BN_MODES
+from gammatrace.landscape.sources import LandscapeWarning
 from gammatrace.techniques import LOSSES
 
 
@@ -42,7 +46,18 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     if not args.quiet:
         what = "checkpoint file(s)" if getattr(args, "model", None) else "run(s)"
         print(f"landscape of {len(args.runs)} {what} -> {args.out}", file=sys.stderr)
-    files = landscape(**{**parsed(args, compute_landscape), "progress": not args.quiet})
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("default", LandscapeWarning)
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, LandscapeWarning):
+                print(f"gammatrace: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        files = landscape(**{**parsed(args, compute_landscape), "progress": not args.quiet})
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0

@@ -37,13 +37,24 @@ L(θ* + α·d) on α ∈ [−span, span] (``dims`` 1, a curve) or L(θ* + α·d�
 square (``dims`` 2). Random directions are nearly orthogonal to any path (Li et al. §7),
 so nothing is projected onto them.
 
+A PCA plane needs a path that moves: one whose checkpoints all equal θ_0 is refused
+(random directions around a single point are fine). The loss at every checkpoint is
+evaluated before the grid; a path of checkpoint files whose θ_T is clearly (1 %) above
+its θ_0 draws a :class:`~gammatrace.landscape.sources.LandscapeWarning` (files in the
+wrong order? a diverging run is legitimate, so it is not refused). ``samples`` larger
+than a training set evaluates the whole set: ``Landscape.samples_used`` (stored) says
+how many samples each path's loss is on.
+
 Grid points use the plane's centre's buffers (batch-norm running statistics). A grid
 is cut into **rows** (a value of b, or one point of a curve), run as tasks on
-:func:`~gammatrace.executors.make_executor`; each row is written to
+:func:`~gammatrace.executors.make_executor` (one task per row with one worker, so the
+progress bar moves row by row; the evaluator, the plane and θ_T's buffers are built
+once per process); each row is written to
 ``out/<stem>_rows/`` the moment it is done (atomically), next to a key of the settings,
 the inputs and the planes' exact bytes. An interrupted computation rerun with the same
 settings on the same inputs computes only the missing rows (and gets the bit-identical
-result); any change of setting, input or plane discards the stored rows.
+result; with ``progress`` a line on stderr says how many rows were on disk); any change
+of setting, input or plane discards the stored rows.
 
 Everything lands in ``out/<stem>.npz`` (arrays), ``out/<stem>.json`` (settings, runs,
 planes, a fingerprint of the inputs) and ``out/<stem>_basis.npz`` (each plane's centre
@@ -76,9 +87,12 @@ Example (a full run from training to figures is :mod:`gammatrace.landscape`'s ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +106,9 @@ from gammatrace.landscape.directions import IGNORE, filter_normalized_directions
 from gammatrace.landscape.evaluate import BN_MODES, LossEvaluator, Trajectory
 from gammatrace.landscape.pca import PathPCA, path_pca
 from gammatrace.landscape.sources import (
+    CheckpointSource,
     LandscapeInputError,
+    LandscapeWarning,
     PathSource,
     make_sources,
 )
@@ -154,6 +170,10 @@ class Landscape:
     at each checkpoint; ``interp_loss[r]`` the loss along ``interp_alpha``. For random
     directions only ``path_loss`` is filled (the others are empty).
     ``loss``/``alphas``/``betas``/``explained`` are the single plane's, when there is one.
+    ``samples_used[r]``: how many training samples run r's loss is evaluated on (the
+    ``samples`` setting, or the whole set when that is smaller; empty when unknown, for
+    landscapes stored before it was recorded); ``running_stats``: whether a model has a
+    normalisation layer with running statistics (which the ``bn`` mode concerns).
     """
 
     settings: dict[str, Any]
@@ -169,6 +189,8 @@ class Landscape:
     interp_loss: list[np.ndarray]
     reused: bool = False
     files: dict[str, Path | Location] = field(default_factory=dict)
+    samples_used: list[int] = field(default_factory=list)
+    running_stats: bool = False
 
     _PER_RUN = ("coords", "step_proj", "grad_proj", "cos_full", "path_loss", "interp_loss")
 
@@ -234,6 +256,7 @@ class Landscape:
         _atomic_npz(out / f"{self.stem}.npz", arrays)
         # The JSON last: a store whose JSON matches the settings has its arrays complete.
         meta = {"settings": self.settings, "runs": self.run_names, "run_paths": self.run_paths,
+                "samples_used": [int(n) for n in self.samples_used], "running_stats": bool(self.running_stats),
                 "planes": [{"name": pl.name, "origin": pl.origin, "runs": pl.runs, "source": pl.source,
                             "explained": pl.explained.tolist()} for pl in self.planes]}
         RunStore(out).write_json(f"{self.stem}.json", meta)
@@ -255,7 +278,9 @@ class Landscape:
                         explained=arrays[f"explained_{p}"]) for p, m in enumerate(meta["planes"])]
         per_run = {name: [arrays[f"{name}_{r}"] for r in range(n)] for name in cls._PER_RUN}
         return cls(settings=meta["settings"], run_names=meta["runs"], run_paths=meta["run_paths"], planes=planes,
-                   interp_alpha=arrays["interp_alpha"], reused=True, files=_files(out, stem), **per_run)
+                   interp_alpha=arrays["interp_alpha"], reused=True, files=_files(out, stem),
+                   samples_used=[int(n) for n in meta.get("samples_used", [])],
+                   running_stats=bool(meta.get("running_stats", False)), **per_run)
 
 
 def example_landscape() -> Landscape:
@@ -379,7 +404,13 @@ def pca_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: PlaneOpti
                 raise LandscapeInputError(f"{trajs[r].name}: a PCA plane needs at least two points of the path "
                                           "(θ_0 … θ_T); give more checkpoints, or --directions random")
         origin = first.points[-1]
-        pca = path_pca(np.vstack([trajs[r].points - origin for r in group]))
+        displacements = np.vstack([trajs[r].points - origin for r in group])
+        if not displacements.any():  # no direction to find: the contours would be of an arbitrary plane
+            names = ", ".join(trajs[r].name for r in group)
+            raise LandscapeInputError(
+                f"{names}: the path{'s do' if len(group) > 1 else ' does'} not move (every checkpoint equals θ_0); "
+                "a loss landscape around a single point: --directions random")
+        pca = path_pca(displacements)
         coords, start = [], 0
         for r in group:
             coords.append(pca.coords[start:start + len(trajs[r].points)])
@@ -437,25 +468,45 @@ def row_loss(ev: LossEvaluator, origin: np.ndarray, basis: np.ndarray, buffers: 
     return np.array([ev.loss(origin + a * basis[0] + betas[row] * basis[1], buffers) for a in alphas])
 
 
+def _plane_inputs(basis_file: str, source: PathSource, plane: int, samples: int, bn: str,
+                  seed: int) -> tuple[LossEvaluator, np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    """The evaluator (cached per process by the source), the plane's origin and basis, and θ_T's buffers."""
+    ev = source.evaluator(samples, bn, seed)
+    path = location(basis_file)  # a path or a URL: grid tasks read it wherever they run
+    with np.load(io.BytesIO(RunStore(path.parent).read_bytes(path.name))) as z:
+        origin, basis = z[f"origin_{plane}"], z[f"basis_{plane}"]
+    return ev, origin, basis, source.final_buffers(ev)
+
+
+# One plane's inputs per process: with one task per row, the basis file and θ_T's
+# checkpoint are read once per plane, not once per row. The digest (of the settings,
+# inputs and planes) is part of the key, so a rewritten basis file is never stale.
+@functools.lru_cache(maxsize=1)
+def _cached_plane_inputs(basis_file: str, source: PathSource, plane: int, samples: int, bn: str, seed: int,
+                         digest: str) -> tuple[LossEvaluator, np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    return _plane_inputs(basis_file, source, plane, samples, bn, seed)
+
+
 def grid_rows_task(basis_file: str, source: PathSource, plane: int, samples: int, bn: str,
                    seed: int, alphas: np.ndarray, betas: np.ndarray, rows: Sequence[int],
-                   rows_dir: str | None = None) -> list[np.ndarray]:
+                   rows_dir: str | None = None, digest: str = "") -> list[np.ndarray]:
     """:func:`row_loss` of each of ``rows`` of plane ``plane``; each row is written to
     ``rows_dir`` (if given) as soon as it is done, so an interrupted grid resumes there.
 
     A top-level function with picklable arguments (the basis travels as a file name, not
     as d-sized arrays; the path as a small frozen source), so rows go to any executor.
+    With a ``digest`` of the settings, inputs and planes, the plane's inputs are read
+    once per process (tasks of one row each cost no more than one of many rows).
 
     Example:
         >>> grid_rows_task("out/landscape_basis.npz", RunSource("runs/sgd"), 0, 512, "train", 0,
         ...                np.linspace(-1, 1, 5), np.linspace(-1, 1, 5), [0])[0].shape  # needs a computed landscape  # doctest: +SKIP
         (5,)
     """
-    ev = source.evaluator(samples, bn, seed)
-    path = location(basis_file)  # a path or a URL: grid tasks read it wherever they run
-    with np.load(io.BytesIO(RunStore(path.parent).read_bytes(path.name))) as z:
-        origin, basis = z[f"origin_{plane}"], z[f"basis_{plane}"]
-    buffers = source.final_buffers(ev)
+    if digest:
+        ev, origin, basis, buffers = _cached_plane_inputs(basis_file, source, plane, samples, bn, seed, digest)
+    else:
+        ev, origin, basis, buffers = _plane_inputs(basis_file, source, plane, samples, bn, seed)
     store = RunStore(rows_dir) if rows_dir is not None else None
     out = []
     for j in rows:
@@ -550,9 +601,23 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
-def _path_analysis(t: Trajectory, ev: LossEvaluator, axes: PlaneAxes, r: int) -> dict[str, np.ndarray]:
+def _path_losses(t: Trajectory, ev: LossEvaluator) -> np.ndarray:
+    return np.array([ev.loss(p, b) for p, b in zip(t.points, t.buffers, strict=True)])
+
+
+def _warn_if_ends_higher(source: PathSource, path_loss: np.ndarray) -> None:
+    # Only files a user ordered (a gammatrace run's order is its own); "clearly" above:
+    # by more than 1 %, so a path that ends where it starts up to noise is quiet.
+    first, last = float(path_loss[0]), float(path_loss[-1])
+    if isinstance(source, CheckpointSource) and len(path_loss) > 1 and last > first + 0.01 * abs(first):
+        warnings.warn(f"{source.name}: the path ends higher than it starts (loss {last:.4g} at θ_T, {first:.4g} at "
+                      "θ_0); check that its checkpoint files are given in training order, θ_0 first",
+                      LandscapeWarning, stacklevel=3)
+
+
+def _path_analysis(t: Trajectory, ev: LossEvaluator, axes: PlaneAxes, r: int,
+                   path_loss: np.ndarray) -> dict[str, np.ndarray]:
     # What a PCA panel draws of run r; on random directions only the loss along the path.
-    path_loss = np.array([ev.loss(p, b) for p, b in zip(t.points, t.buffers, strict=True)])
     if axes.pca is None:
         empty = np.zeros((0, 2))
         return {"coords": empty, "step_proj": empty, "grad_proj": empty, "cos_full": np.zeros(0),
@@ -580,18 +645,28 @@ def _grid_losses(axes: list[PlaneAxes], sources: list[PathSource], basis_file: P
             if row is not None:
                 done[p, j] = row
     samples, bn, seed = evaluation
+    total = sum(ax.n_rows for ax in axes)
+    if progress and done and len(done) < total:
+        print(f"landscape grid: {len(done)} of {total} rows already on disk, computing the other "
+              f"{total - len(done)}", file=sys.stderr)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     tasks, where = [], []
     for p, ax in enumerate(axes):
         missing = [j for j in range(ax.n_rows) if (p, j) not in done]
-        n_tasks = 1 if workers <= 1 else min(len(missing), 2 * workers)
+        # One worker: a task per row, so the bar moves with every row (the plane's inputs
+        # are cached per process). Several: a few chunks per worker, fewer pickled tasks.
+        n_tasks = len(missing) if workers <= 1 else min(len(missing), 2 * workers)
         for chunk in np.array_split(np.array(missing, dtype=int), n_tasks) if missing else []:
             rows = [int(j) for j in chunk]
             tasks.append((str(basis_file), sources[ax.source], p, samples, bn, seed, ax.alphas, ax.betas, rows,
-                          str(rows_store.root)))
+                          str(rows_store.root), digest))
             where.append((p, rows))
     if tasks:
-        results = make_executor(executor, workers=workers, address=address).map(
-            grid_rows_task, tasks, desc="landscape grid", progress=progress)
+        try:
+            results = make_executor(executor, workers=workers, address=address).map(
+                grid_rows_task, tasks, desc="landscape grid", progress=progress)
+        finally:
+            _cached_plane_inputs.cache_clear()  # d-sized arrays: not kept in this process after the grid
         for (p, rows), values in zip(where, results, strict=True):
             done.update({(p, j): v for j, v in zip(rows, values, strict=True)})
     return [np.vstack([done[p, j] for j in range(ax.n_rows)]) if len(ax.basis) == 2
@@ -625,7 +700,7 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
         grid: grid points per axis
         extent: PCA planes: half-width of the grid / the path's reach on each axis
         span: random directions: α (and β) run over [-span, span]
-        samples: size of the fixed training subset the loss is evaluated on
+        samples: size of the fixed training subset the loss is evaluated on (the whole set when it is smaller)
         bn: module mode of every evaluation
         ignore: random directions: biasbn (biases and norm parameters stay at θ*, as Li et al.) or none (their
             direction is θ* itself)
@@ -691,6 +766,11 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
     trajs = [s.trajectory(ev) for s, ev in zip(sources, evs, strict=True)]
     if directions == "pca" and len(PCA_PLANES.get(plane)(len(sources))[0]) > 1:
         _check_compatible(sources, trajs)
+    # The loss along each path before the (long) grid: a path that ends above its start
+    # is said at once.
+    path_losses = [_path_losses(t, ev) for t, ev in zip(trajs, evs, strict=True)]
+    for s, pl in zip(sources, path_losses, strict=True):
+        _warn_if_ends_higher(s, pl)
     opt = PlaneOptions(plane=plane, dims=dims, grid=grid, extent=extent, span=span, ignore=ignore,
                        seed=direction_seed)
     axes = build_planes(trajs, evs, opt)
@@ -707,12 +787,14 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
                     betas=ax.betas, loss=loss, explained=ax.explained) for ax, loss in zip(axes, losses, strict=True)]
     per_run: dict[str, list[np.ndarray]] = {name: [] for name in Landscape._PER_RUN}
     for r, (t, ev) in enumerate(zip(trajs, evs, strict=True)):
-        res = _path_analysis(t, ev, next(a for a in axes if r in a.runs), r)
+        res = _path_analysis(t, ev, next(a for a in axes if r in a.runs), r, path_losses[r])
         for name in Landscape._PER_RUN:
             per_run[name].append(res[name])
 
     result = Landscape(settings=settings, run_names=[t.name for t in trajs], run_paths=[s.label for s in sources],
-                       planes=planes, interp_alpha=interpolation_alphas(), files=_files(out, stem), **per_run)
+                       planes=planes, interp_alpha=interpolation_alphas(), files=_files(out, stem),
+                       samples_used=[ev.n_samples for ev in evs], running_stats=any(ev.running_stats for ev in evs),
+                       **per_run)
     result.save(out)
     _clear(rows_store)
     return result

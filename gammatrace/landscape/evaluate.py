@@ -207,6 +207,33 @@ class LossEvaluator:
                       **{n: p for n, p in self.model.named_parameters() if n not in keep}}
         self.default_buffers = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in keep}
 
+    @property
+    def n_samples(self) -> int:
+        """How many training samples the loss is on: ``samples``, or the whole set when smaller.
+
+        Example:
+            >>> per_sample = lambda m, b: (m(b[0]) - b[1]).pow(2).mean(1)
+            >>> LossEvaluator.from_model(nn.Linear(3, 1), per_sample, torch.ones(5, 3), torch.zeros(5, 1),
+            ...                          samples=100).n_samples
+            5
+        """
+        return len(self.indices)
+
+    @property
+    def running_stats(self) -> bool:
+        """Whether the model has a normalisation layer with running statistics (batch norm),
+        the only layers whose evaluation the ``bn`` mode changes besides dropout.
+
+        Example:
+            >>> per_sample = lambda m, b: (m(b[0]) - b[1]).pow(2).mean(1)
+            >>> x, y = torch.ones(4, 3), torch.zeros(4, 3)
+            >>> [LossEvaluator.from_model(m, per_sample, x, y).running_stats
+            ...  for m in (nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))]
+            [False, True]
+        """
+        return any(name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+                   for name, _ in self.model.named_buffers())
+
     def _load(self, theta: np.ndarray, buffers: Mapping[str, torch.Tensor] | None) -> None:
         theta = np.asarray(theta, dtype=np.float64)
         if theta.shape != (self.n_params,):

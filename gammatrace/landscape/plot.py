@@ -10,8 +10,11 @@ canvas, no pyplot state).
 - :func:`figure_interpolation` / :func:`plot_interpolation` — the loss along θ_0 → θ_T.
 
 Artists carry ids (``Artist.get_gid``) so tests and users find them: ``contour-fill``,
-``contour-lines``, ``path:NAME``, ``step:NAME``, ``grad:NAME``, ``curve:NAME``,
-``interp:NAME``, ``cos:NAME``.
+``contour-lines``, ``path:NAME``, ``start:NAME`` (θ_0), ``end:NAME`` (θ_T, drawn above
+the arrows), ``step:NAME``, ``grad:NAME``, ``curve:NAME``, ``interp:NAME``, ``cos:NAME``.
+Captions are wrapped to the figure's width; they name the batch-norm mode only for
+models with running statistics (else the module mode) and the number of samples the
+loss was evaluated on.
 
 Example:
     >>> import tempfile
@@ -35,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +65,68 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _caption(ls: Landscape) -> str:
+def _mode(ls: Landscape) -> str:
+    # "BN mode" only where there is batch norm to speak of; the mode still sets dropout.
+    return f"{'BN' if ls.running_stats else 'module'} mode: {ls.settings['bn']}"
+
+
+def _samples(ls: Landscape) -> str:
+    """'loss on N fixed training samples', with the number actually evaluated (see
+    ``Landscape.samples_used``): ``samples``, or all of a smaller training set."""
+    asked = int(ls.settings["samples"])
+    used = ls.samples_used or [asked] * len(ls.run_names)
+    if len(set(used)) == 1:
+        n = used[0]
+        return f"loss on {n} fixed training samples" if n >= asked else f"loss on all {n} training samples"
+    return "loss on " + ", ".join(f"{n} ({name})" for n, name in zip(used, ls.run_names, strict=True)) + \
+        " training samples"
+
+
+SEP = " · "
+
+
+def _pack(parts: list[str], width: int) -> list[str]:
+    """Caption parts joined by " · " into lines of at most ``width`` characters, breaking
+    between parts (inside one only when it alone is longer than a line).
+
+    Example:
+        >>> _pack(["BN mode: train", "loss on 512 fixed training samples", "grid 21×21"], 60)
+        ['BN mode: train · loss on 512 fixed training samples ·', 'grid 21×21']
+    """
+    lines: list[str] = []
+    current = ""
+    for part in parts:
+        pieces = textwrap.wrap(part, width - 2, break_long_words=False) or [""]
+        if current and len(current) + len(SEP) + len(pieces[0]) <= width:
+            current += SEP + pieces[0]
+        else:
+            if current:
+                lines.append(current + SEP.rstrip())
+            current = pieces[0]
+        for piece in pieces[1:]:
+            lines.append(current)
+            current = piece
+    return [*lines, current] if current else lines
+
+
+def _suptitle(fig: Figure, parts: list[str], fontsize: float) -> None:
+    # Wrapped to the figure's width (a glyph of the default font is ~0.55 em wide on
+    # average), so no caption is cut at the edges of a narrow figure.
+    width = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)) - 2)
+    fig.suptitle("\n".join(_pack(parts, width)), fontsize=fontsize)
+
+
+def _caption(ls: Landscape) -> list[str]:
     s = ls.settings
-    head = f"BN mode: {s['bn']} · loss on {s['samples']} fixed training samples · "
+    head = [_mode(ls), _samples(ls)]
     if ls.directions == "random":
         rule = "fixed at θ*" if s.get("ignore") == "biasbn" else "direction = θ*"
         n = s.get("dims", 2)
-        return (head + f"\n{n} filter-normalised random direction{'s' if n > 1 else ''} (seed {s['direction_seed']}; biases/norm "
-                f"parameters {rule}) · [−{s['span']}, {s['span']}] on {s['grid']} points · centre: θ_T of each path")
-    return (head + f"grid {s['grid']}×{s['grid']}, extent {s['extent']}× the path · "
-            f"origin: {s['origin'].replace('theta_T', 'θ_T')}")
+        return [*head, f"{n} filter-normalised random direction{'s' if n > 1 else ''} (seed {s['direction_seed']}; "
+                       f"biases/norm parameters {rule})", f"[−{s['span']}, {s['span']}] on {s['grid']} points",
+                "centre: θ_T of each path"]
+    return [*head, f"grid {s['grid']}×{s['grid']}, extent {s['extent']}× the path",
+            f"origin: {s['origin'].replace('theta_T', 'θ_T')}"]
 
 
 def _unit_arrows(vectors: np.ndarray, span: np.ndarray) -> np.ndarray:
@@ -113,8 +169,9 @@ def _draw_paths(ax: Axes, ls: Landscape, plane: Plane, colors: list) -> None:
         # The path thin, so the step arrows along it (which follow it) stay visible.
         ax.plot(xy[:, 0], xy[:, 1], "-", color=c, lw=1.1, alpha=0.75, zorder=3, gid=f"path:{name}")
         ax.plot(xy[:-1, 0], xy[:-1, 1], "o", color=c, ms=2.5, zorder=3)
-        ax.plot(*xy[0], "o", color=c, ms=8, mec="black", zorder=4)
-        ax.plot(*xy[-1], "*", color=c, ms=14, mec="black", zorder=4)
+        # The end points above the arrows that start or end at them (zorder 5).
+        ax.plot(*xy[0], "o", color=c, ms=8, mec="black", zorder=6, gid=f"start:{name}")
+        ax.plot(*xy[-1], "*", color=c, ms=14, mec="black", zorder=6, gid=f"end:{name}")
         n = len(ls.step_proj[r])
         if n:
             at = np.arange(0, n, max(1, math.ceil(n / MAX_ARROWS_PER_RUN)))
@@ -183,7 +240,7 @@ def _figure_curves(ls: Landscape) -> Figure:
     ax.set_ylabel("loss (evaluation subset)")
     ax.set_title("Loss along a random direction around θ* = θ_T (Li et al. 2018)", fontsize=11)
     ax.legend(fontsize=8)
-    fig.suptitle(_caption(ls), fontsize=8)
+    _suptitle(fig, _caption(ls), 8)
     return fig
 
 
@@ -219,7 +276,7 @@ def figure_landscape(ls: Landscape) -> Figure:
         ax.set_title(_plane_title(ls, plane), fontsize=11)
     if ls.has_paths:
         _draw_cosines(fig.add_subplot(gs[n // ncols, n % ncols], label="cosine"), ls, colors)
-    fig.suptitle(_caption(ls), fontsize=8)
+    _suptitle(fig, _caption(ls), 8)
     return fig
 
 
@@ -276,9 +333,8 @@ def figure_interpolation(ls: Landscape) -> Figure:
     ax.set_ylabel("loss (evaluation subset)")
     ax.set_title("Straight line θ_0 → θ_T: θ(α) = (1 − α)·θ_0 + α·θ_T", fontsize=11)
     ax.legend(fontsize=8)
-    s = ls.settings
-    fig.suptitle(f"BN mode: {s['bn']} (buffers interpolated alike) · {s['samples']} fixed training samples",
-                 fontsize=9)
+    buffers = " (buffers interpolated alike)" if ls.running_stats else ""
+    _suptitle(fig, [f"{_mode(ls)}{buffers}", _samples(ls)], 9)
     return fig
 
 

@@ -18,12 +18,26 @@ object is ever unpickled) and may hold
   loops) or else a ``"state_dict"`` entry (Lightning) holding the state_dict.
 
 It must match the factory's model exactly: the same keys (a missing or unexpected key
-is named) and shapes. The data factory returns the **training data** the loss is
-evaluated on (a fixed subset of it, see ``samples``): either a pair ``(inputs,
-targets)`` of tensors with one row per sample, or a map-style ``torch.utils.data.Dataset``
-whose items are ``(input, target)`` pairs (stacked once). Everything runs on the CPU.
+is named) and shapes — except that a prefix every key shares (``module.`` of a DDP
+wrapper, ``model.`` of a LightningModule's attribute, ``_orig_mod.`` of
+``torch.compile``) is stripped when the stripped keys are exactly the model's. The data
+factory returns the **training data** the loss is evaluated on (a fixed subset of it,
+see ``samples``): either a pair ``(inputs, targets)`` of tensors or numpy arrays with
+one row per sample (numpy floating inputs take the model's parameter dtype: numpy's
+float64 default would not multiply a float32 model), or a map-style
+``torch.utils.data.Dataset`` whose items are ``(input, target)`` pairs (stacked once).
+Everything runs on the CPU.
 
-Every mistake a user can make here is one line: a :class:`LandscapeInputError`.
+The files of one path are taken in the order given, θ_0 first. Shells sort
+``ckpt_*.pt`` as text (``ckpt_10`` before ``ckpt_2``), so when all file names are one
+skeleton with numbers in it (``ckpt_<n>.pt``, ``epoch=<e>-step=<s>.ckpt``), the numbers
+must increase along the path (:func:`training_order_problem`); other names are taken as
+given, and a path whose last point's loss is clearly above its first's draws a
+:class:`LandscapeWarning`.
+
+Every mistake a user can make here is one line: a :class:`LandscapeInputError` — a
+factory that raises, or a model that does not run on the data with the loss (tried
+once on two samples when the evaluator is built), included.
 
 Example: a linear model's two checkpoints, from files a loop saved.
 
@@ -57,6 +71,7 @@ import functools
 import hashlib
 import importlib
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +84,31 @@ from torch.utils.data import Dataset
 
 from gammatrace.engine.replay import pruned_error
 from gammatrace.errors import UserError
-from gammatrace.landscape.evaluate import LossEvaluator, Trajectory, flatten, load_trajectory
-from gammatrace.store.run import Run
+from gammatrace.landscape.evaluate import (
+    BN_MODES,
+    LossEvaluator,
+    Trajectory,
+    flatten,
+    load_trajectory,
+)
+from gammatrace.store.run import Run, StoreError
 from gammatrace.techniques import LOSSES
 
 
 class LandscapeInputError(UserError, ValueError):
     """A landscape's input a user can fix: a checkpoint file, a factory name, an option."""
+
+
+class LandscapeWarning(UserWarning):
+    """Something about a landscape's input that may be a mistake but need not be one."""
+
+
+# File name endings that mark a checkpoint file rather than a run folder.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 class PathSource(Protocol):
@@ -142,7 +175,14 @@ class RunSource:
         return str(Run(self.path).path)
 
     def check(self) -> None:
-        run = Run(self.path)
+        try:
+            run = Run(self.path)
+        except StoreError as exc:
+            p = Path(self.path)
+            if p.is_file() or p.suffix.lower() in CHECKPOINT_SUFFIXES:
+                raise LandscapeInputError(f"{_one_line(exc)}; checkpoint files of your own loop need --model and "
+                                          "--data") from None
+            raise
         if run.meta.checkpoints_pruned:
             raise pruned_error(run, "a landscape")
 
@@ -207,6 +247,86 @@ def resolve_factory(spec: str, option: str) -> Callable[[], Any]:
     return obj
 
 
+def call_factory(spec: str, option: str) -> Any:
+    """What the factory ``spec`` returns; whatever it raises becomes one line that names
+    it (the original exception is the ``__cause__``).
+
+    Example:
+        >>> call_factory("collections:OrderedDict", "--data")
+        OrderedDict()
+        >>> call_factory("json:loads", "--data")
+        Traceback (most recent call last):
+        ...
+        gammatrace.landscape.sources.LandscapeInputError: --data 'json:loads' raised TypeError: loads() missing 1 required positional argument: 's'
+    """
+    factory = resolve_factory(spec, option)
+    try:
+        return factory()
+    except Exception as exc:  # any error of the user's code: one line, the chain kept for Python users
+        detail = _one_line(exc)
+        raise LandscapeInputError(f"{option} {spec!r} raised {type(exc).__name__}"
+                                  f"{': ' + detail if detail else ''}") from exc
+
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _order_example(shown: list[str], numbers: list[tuple[int, ...]]) -> str:
+    # A brace expansion that lists the files in order, when one number field varies
+    # evenly and without zero padding; else only the generic advice.
+    fields = [k for k in range(len(numbers[0])) if len({n[k] for n in numbers}) > 1]
+    if len(fields) == 1:
+        k = fields[0]
+        texts = [_NUMBER.findall(s)[k] for s in shown]
+        values = sorted({n[k] for n in numbers})
+        steps = set(np.diff(values).tolist())
+        if len(steps) == 1 and all(t == str(int(t)) for t in texts):
+            step = steps.pop()
+            brace = f"{{{values[0]}..{values[-1]}{'' if step == 1 else f'..{step}'}}}"
+            parts = _NUMBER.split(shown[0])
+            nums = _NUMBER.findall(shown[0])
+            nums[k] = brace
+            return "".join(p + n for p, n in zip(parts, [*nums, ""], strict=True)) + ", or ls -v"
+    return "ls -v"
+
+
+def training_order_problem(files: Sequence[str | Path]) -> str | None:
+    """Why ``files`` (one path, θ_0 first) cannot be in training order, or None.
+
+    When every name (as given) has one non-numeric skeleton and carries numbers, the
+    tuples of those numbers must increase strictly along the path — what a shell's text
+    order breaks (``ckpt_10`` before ``ckpt_2``). Names without numbers, or of different
+    skeletons (``init.pt``, ``ckpt_5.pt``, ``final.pt``), are taken as given.
+
+    Example:
+        >>> shell_order = sorted(f"ckpt_{e}.pt" for e in range(13))  # what ckpt_*.pt expands to
+        >>> shell_order[:5]
+        ['ckpt_0.pt', 'ckpt_1.pt', 'ckpt_10.pt', 'ckpt_11.pt', 'ckpt_12.pt']
+        >>> training_order_problem(shell_order)
+        'checkpoint files are not in training order: ckpt_12.pt comes before ckpt_2.pt; give them in order (e.g. ckpt_{0..12}.pt, or ls -v)'
+        >>> training_order_problem(["epoch=1-step=100.ckpt", "epoch=2-step=200.ckpt"]) is None
+        True
+        >>> training_order_problem(["init.pt", "ckpt_20.pt", "final.pt"]) is None
+        True
+    """
+    names = [str(f) for f in files]
+    if len(names) < 2 or len({tuple(_NUMBER.split(n)) for n in names}) != 1 or not _NUMBER.search(names[0]):
+        return None
+    # Short names when all sit in one folder (its numbers are the same for all).
+    shown = [Path(n).name for n in names] if len({str(Path(n).parent) for n in names}) == 1 else names
+    numbers = [tuple(int(x) for x in _NUMBER.findall(n)) for n in shown]
+    for i in range(1, len(numbers)):
+        if numbers[i] > numbers[i - 1]:
+            continue
+        a, b = shown[i - 1], shown[i]
+        if numbers[i] == numbers[i - 1]:
+            what = f"{a} is given twice" if a == b else f"{a} and {b} carry the same number(s)"
+            return f"checkpoint files are not one path in training order: {what}; give each point once, in order"
+        return (f"checkpoint files are not in training order: {a} comes before {b}; give them in order "
+                f"(e.g. {_order_example(shown, numbers)})")
+    return None
+
+
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict in a checkpoint file: the file's dict itself, or its ``"model"`` entry,
     or else its ``"state_dict"`` entry (see module doc). Read with ``weights_only=True``.
@@ -234,9 +354,48 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
                               "with a 'model' or 'state_dict' entry")
 
 
-def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, where: str, spec: str) -> None:
+def _uniform_prefix(keys: Sequence[str]) -> str | None:
+    heads = {k.split(".", 1)[0] for k in keys}
+    return f"{heads.pop()}." if len(heads) == 1 and keys and all("." in k for k in keys) else None
+
+
+_PREFIX_HINTS = {"module.": "saved from a DDP wrapper? save model.module.state_dict()",
+                 "_orig_mod.": "saved from torch.compile? save model._orig_mod.state_dict()"}
+
+
+def fit_state(state: Mapping[str, torch.Tensor], model: nn.Module, where: str, spec: str) -> dict[str, torch.Tensor]:
+    """``state`` as ``model``'s keys name it: as is, or without a prefix every key shares
+    (``module.``, ``model.``, ``_orig_mod.``, nested ones too) when the stripped keys are
+    exactly the model's; else :func:`check_state`'s refusal, with a hint at the prefix.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> sorted(fit_state({"module." + k: v for k, v in net.state_dict().items()}, net, "f.pt", "m:f"))
+        ['bias', 'weight']
+        >>> fit_state({"module.weight": torch.zeros(1, 2)}, net, "f.pt", "m:f")
+        Traceback (most recent call last):
+        ...
+        gammatrace.landscape.sources.LandscapeInputError: f.pt does not fit the model of m:f: missing key 'weight', unexpected key 'module.weight' (2 more key(s) differ); the file's keys start with 'module.': saved from a DDP wrapper? save model.module.state_dict()
+    """
+    own = set(model.state_dict())
+    current = dict(state)
+    while set(current) != own and (prefix := _uniform_prefix(list(current))) is not None:
+        current = {k[len(prefix):]: v for k, v in current.items()}
+        if set(current) == own:
+            return current
+    hint = ""
+    first = _uniform_prefix(list(state))
+    if first is not None and _uniform_prefix(list(own)) != first:
+        why = _PREFIX_HINTS.get(first, f"saved from a wrapper (a LightningModule's self.{first[:-1]}?); "
+                                       f"save the inner model's state_dict()")
+        hint = f"the file's keys start with '{first}': {why}"
+    check_state(state, model, where, spec, hint)
+    return dict(state)
+
+
+def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, where: str, spec: str, hint: str = "") -> None:
     """Refuse a state_dict that does not fit ``model``: the first missing or unexpected key,
-    or the first shape that differs.
+    or the first shape that differs (and ``hint``, if given, after a semicolon).
 
     Example:
         >>> check_state({"weight": torch.zeros(2, 2)}, nn.Linear(2, 2), "ckpt.pt", "m:f")
@@ -257,25 +416,56 @@ def check_state(state: Mapping[str, torch.Tensor], model: nn.Module, where: str,
     if problems:
         more = len(missing) + len(unexpected) - 1
         extra = f" ({more} more key(s) differ)" if more > 0 else ""
+        extra += f"; {hint}" if hint and (missing or unexpected) else ""
         raise LandscapeInputError(f"{where} does not fit the model of {spec}: {', '.join(problems)}{extra}")
 
 
-def _training_data(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
-    data = resolve_factory(spec, "--data")()
+def _as_tensor(a: Any, spec: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    try:
+        # A read-only array (np.load with mmap, a broadcast) is copied: torch would warn.
+        return torch.as_tensor(a) if not isinstance(a, np.ndarray) or a.flags.writeable else torch.tensor(a)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise LandscapeInputError(f"--data {spec!r}: cannot make a tensor of a {type(a).__name__} "
+                                  f"({_one_line(exc)})") from None
+
+
+def _training_data(spec: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data factory's (inputs, targets) as CPU tensors; numpy floating inputs in ``dtype``."""
+    data = call_factory(spec, "--data")
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         if len(data) == 0:
             raise LandscapeInputError(f"--data {spec!r} returned an empty dataset")
         items = [data[i] for i in range(len(data))]
         if not all(isinstance(it, Sequence) and len(it) == 2 for it in items[:1]):
             raise LandscapeInputError(f"--data {spec!r}: dataset items must be (input, target) pairs")
-        data = (torch.stack([torch.as_tensor(x) for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items]))
+        data = ([x for x, _ in items], [y for _, y in items])
+        from_numpy = isinstance(data[0][0], np.ndarray)
+        data = tuple(torch.stack([_as_tensor(v, spec) for v in column]) for column in data)
+    else:
+        from_numpy = isinstance(data, Sequence) and len(data) == 2 and isinstance(data[0], np.ndarray)
+        if isinstance(data, Sequence) and len(data) == 2 and all(isinstance(t, torch.Tensor | np.ndarray)
+                                                                 for t in data):
+            data = tuple(_as_tensor(t, spec) for t in data)
     if not (isinstance(data, Sequence) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)):
         raise LandscapeInputError(f"--data {spec!r} returned a {type(data).__name__}; expected (inputs, targets) "
-                                  "tensors or a map-style Dataset of (input, target) pairs")
+                                  "tensors or numpy arrays, or a map-style Dataset of (input, target) pairs")
     x, y = data
     if len(x) != len(y) or len(x) == 0:
         raise LandscapeInputError(f"--data {spec!r}: {len(x)} inputs but {len(y)} targets")
+    if from_numpy and dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
     return x.cpu(), y.cpu()
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -302,6 +492,9 @@ class CheckpointSource:
         return str(Path(self.files[-1]).resolve())
 
     def check(self) -> None:
+        problem = training_order_problem(self.files)
+        if problem is not None:
+            raise LandscapeInputError(f"{self.title}: {problem}" if self.title else problem)
         for f in self.files:
             p = Path(f)
             if not p.is_file():
@@ -321,19 +514,44 @@ class CheckpointSource:
         return _cached_evaluator(self, samples, bn, seed, "")
 
     def build_evaluator(self, samples: int, bn: str, seed: int) -> LossEvaluator:
-        model = resolve_factory(self.model, "--model")()
+        model = call_factory(self.model, "--model")
         if not isinstance(model, nn.Module):
             raise LandscapeInputError(f"--model {self.model!r} returned a {type(model).__name__}, "
                                       "not a torch.nn.Module")
+        model = model.cpu()
         per_sample = LOSSES.get(self.loss)
-        x, y = _training_data(self.data)
-        return LossEvaluator.from_model(model.cpu(), lambda m, batch: per_sample(m(batch[0]), batch[1]), x, y,
-                                        samples=samples, bn=bn, seed=seed)
+        x, y = _training_data(self.data, _model_dtype(model))
+
+        def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return per_sample(m(batch[0]), batch[1])
+
+        self._try_once(model, loss_fn, x, y, bn)
+        return LossEvaluator.from_model(model, loss_fn, x, y, samples=samples, bn=bn, seed=seed)
+
+    def _try_once(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor, bn: str) -> None:
+        # The loss on two samples, so that data that does not fit the model (shapes, target
+        # dtypes) is one line naming the inputs, not a traceback from inside the grid. The
+        # model's state (batch-norm statistics a train-mode forward updates) and the global
+        # RNG (dropout) are left as they were.
+        n = min(2, len(x))
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            BN_MODES.get(bn)(model)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                loss_fn(model, (x[:n], y[:n])).double().mean()
+        except Exception as exc:  # whatever the user's model or data raise
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            raise LandscapeInputError(
+                f"--model {self.model!r} does not run on --data {self.data!r} with --loss {self.loss} (tried on "
+                f"{n} sample(s) of inputs {tuple(x.shape[1:])} {_dtype(x)} and targets {tuple(y.shape[1:])} {_dtype(y)}): "
+                f"{type(exc).__name__}: {' '.join(lines[-1].split()) if lines else ''}") from exc
+        finally:
+            model.load_state_dict(saved)
 
     def state(self, i: int, ev: LossEvaluator) -> dict[str, torch.Tensor]:
-        state = load_state_file(self.files[i])
-        check_state(state, ev.model, self.files[i], self.model)
-        return state
+        return fit_state(load_state_file(self.files[i]), ev.model, self.files[i], self.model)
 
     def trajectory(self, ev: LossEvaluator) -> Trajectory:
         states = [self.state(i, ev) for i in range(len(self.files))]
