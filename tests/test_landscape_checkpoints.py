@@ -20,6 +20,7 @@ from gammatrace.cli import main
 from gammatrace.errors import UserError
 from gammatrace.landscape import compute_landscape, filter_normalized_directions, landscape
 from gammatrace.landscape.evaluate import evaluation_subset
+from tests.landscape_toy import import_factories, sgd_states
 
 MODULE = "gt_landscape_toy"
 TOY = textwrap.dedent('''
@@ -71,27 +72,15 @@ STEPS = 4
 def toy(tmp_path_factory):
     """The module on sys.path and a path of STEPS+1 checkpoints saved by a plain SGD loop, three ways."""
     root = tmp_path_factory.mktemp("toy")
-    (root / f"{MODULE}.py").write_text(TOY)
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(root))
-    import importlib
-
-    mod = importlib.import_module(MODULE)
-    model, (x, y) = mod.net(), mod.data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    mod, mp = import_factories(root, MODULE, TOY)
     files = {"plain": [], "model": [], "state_dict": []}
-    for step in range(STEPS + 1):
-        state = {k: v.clone() for k, v in model.state_dict().items()}
+    for step, state in enumerate(sgd_states(mod, lr=0.3, points=STEPS + 1)):
         for kind in files:
             f = root / kind / f"ckpt_{step}.pt"
             f.parent.mkdir(exist_ok=True)
             obj = {"plain": state, "model": {"model": state, "step": step}, "state_dict": {"state_dict": state}}[kind]
             torch.save(obj, f)
             files[kind].append(f)
-        if step < STEPS:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
     yield root, files, mod
     mp.undo()
 

@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import gammatrace.landscape.compute as compute_mod
@@ -32,6 +31,7 @@ from gammatrace.landscape import (
 from gammatrace.landscape.compute import example_landscape
 from gammatrace.landscape.evaluate import evaluation_subset
 from gammatrace.landscape.sources import LandscapeWarning, training_order_problem
+from tests.landscape_toy import import_factories, sgd_states
 
 MODULE = "gt_landscape_trial"
 FACTORIES = textwrap.dedent('''
@@ -84,21 +84,11 @@ SAMPLES = 16
 def toy(tmp_path_factory):
     """The factory module on sys.path and ckpt_0.pt … ckpt_11.pt of a plain SGD loop."""
     root = tmp_path_factory.mktemp("trial")
-    (root / f"{MODULE}.py").write_text(FACTORIES)
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(root))
-    import importlib
-
-    mod = importlib.import_module(MODULE)
-    model, (x, y) = mod.net(), mod.data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mod, mp = import_factories(root, MODULE, FACTORIES)
     files = []
-    for step in range(STEPS):
+    for step, state in enumerate(sgd_states(mod, lr=0.5, points=STEPS)):
         files.append(root / f"ckpt_{step}.pt")
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, files[-1])
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        torch.save(state, files[-1])
     yield root, files, mod
     mp.undo()
 
