@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from gammatrace.errors import UserError
-from gammatrace.landscape import Landscape, landscape, landscape_stem
+from gammatrace.landscape import compute_landscape, plot_landscape
 from gammatrace.reporting import study as S
 from gammatrace.reporting.collect import RunEntry, collect
 from gammatrace.reporting.content import (
@@ -225,18 +225,18 @@ def _paths_blocks(info: StudyMeta, members: list[S.StudyRun], group: str, out: P
         return []
     stem = f"paths_{S.safe_stem(group)}"
     try:
-        files = landscape([r.last.run.path for r in runs], out / stem, plane="per_path", grid=PATHS_GRID,
-                          samples=PATHS_SAMPLES, progress=False)
+        ls = compute_landscape([r.last.run.path for r in runs], out / stem, plane="per_path", grid=PATHS_GRID,
+                               samples=PATHS_SAMPLES, progress=False)
     except (UserError, StoreError, ValueError) as exc:  # e.g. pruned checkpoints: the report goes on
         return [Text(f"{stem}.png not drawn: {exc}")]
-    ls = Landscape.load(out / stem, landscape_stem(plane="per_path"))
+    # Only the planes' figure: the report has no use for the interpolation plot.
+    png = plot_landscape(ls, out / stem / ls.figure_names()["landscape"])
     rows = []
     for i, r in enumerate(runs):
         cos = ls.cos_full[i]
         rows.append([r.cell, str(len(cos)), fmt(float(np.nanmean(cos))) if len(cos) else MISSING,
                      fmt(float(np.nanmin(cos))) if len(cos) else MISSING,
                      fmt(float(ls.planes[i].explained.sum()))])
-    png = Path(files["landscape"])
     return [Figure(f"{stem}/{png.name}", f"{group}. {PATHS_CAPTION}"),
             Table(["cell (first seed)", "epoch steps", "mean cos(−∇L, actual step)", "min cos(−∇L, actual step)",
                    "path variance on the plane"], rows)]

@@ -17,7 +17,7 @@ import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class RunEntry:
         done = self.run.meta.epochs_done
         return int(done) if done is not None else None
 
-    @property
+    @cached_property  # read by the runs table and the figure; the steps do not change
     def gradient_collapse(self) -> int | None:
         """The epoch where the gradients collapsed (:func:`~gammatrace.principles.gradients.gradient_collapse`;
         paper 002's "vanishing gradient"), None when they did not or were not recorded."""

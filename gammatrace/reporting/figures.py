@@ -269,9 +269,8 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
             if miss:
                 notes.append(f"{e.label}: gradient row skipped (missing {', '.join(miss)})")
                 continue
-            steps = e.steps.sort_values("step")
-            norms.append(P.grad_norm_per_epoch(steps)["median"])
-            epoch = P.gradient_collapse(steps)
+            norms.append(P.grad_norm_per_epoch(e.steps.sort_values("step"))["median"])
+            epoch = e.gradient_collapse
             if epoch is not None:
                 collapses.append((epoch, float(norms[-1].loc[epoch])))
                 notes.append(f"{e.label}: gradient collapse at epoch {epoch} (median ‖g_k‖ fell to ≤ "
