@@ -145,7 +145,10 @@ def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, 
     per_epoch.columns = [f"{a}_{b}" for a, b in per_epoch.columns]
     store.write_parquet(at("per_epoch.parquet"), per_epoch.reset_index())
 
-    rate = P.rate_bound(steps.iloc[: len(steps) - tail] if tail else steps, gamma=summary["gamma_min"])
+    # γ_hi of the certified interval (the largest γ meeting every step); no bound when it is empty.
+    rate = P.rate_bound(steps.iloc[: len(steps) - tail] if tail else steps,
+                        gamma=summary["gamma_hi"] if summary["gamma_certified"] and summary["gamma_hi"] is not None
+                        else math.nan)
     store.write_parquet(at("rate.parquet"), rate["table"])
 
     tensors = store.read_shards(at("tensors"))

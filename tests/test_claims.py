@@ -1,5 +1,6 @@
-"""The one claims module: the verdict rule (an exact permutation test of a claimed weak order,
-table-driven and against brute-force enumeration), its calibration on synthetic cells where
+"""The one claims module: the verdict rule (every strict relation of a claimed weak order by an
+exact one-sided test, paired by seed, intersection–union; the counterexamples of issue 19;
+each test against brute-force enumeration; the J-T trend beside), its calibration on synthetic cells where
 the truth is known, γ at matched loss, Theorem 1 as verdicts, convergence speed, the exact
 null baseline against sampling, and the eligibility of runs — the same for the study report
 and the report of plain runs.
@@ -50,9 +51,16 @@ from gammatrace.reporting.collect import example_entry
 
 
 def _pts(cells: dict[str, list[float]], excluded=None, conv=None):
-    """{cell: [γ of each seed]} -> RunPoints named cell-s<i>; conv: {cell: epochs}."""
-    return [RunPoint(f"{cell}-s{i}", cell, float(g), float((conv or {}).get(cell, 10)), (excluded or {}).get(cell))
+    """{cell: [γ of each seed]} -> RunPoints named cell-s<i>, seed i (paired across cells);
+    conv: {cell: epochs}."""
+    return [RunPoint(f"{cell}-s{i}", cell, float(g), float((conv or {}).get(cell, 10)), (excluded or {}).get(cell), i)
             for cell, values in cells.items() for i, g in enumerate(values)]
+
+
+def _unpaired(cells: dict[str, list[float]]):
+    """As :func:`_pts`, without seeds: the cells are tested unpaired (Mann–Whitney)."""
+    return [RunPoint(f"{cell}-s{i}", cell, float(g), 10.0) for cell, values in cells.items()
+            for i, g in enumerate(values)]
 
 
 # ------------------------------------------------------------------------- orders
@@ -79,6 +87,8 @@ def test_bad_orders_are_user_errors(bad, match):
 def test_a_claim_needs_two_levels():
     with pytest.raises(ClaimError, match="at least two levels"):
         check_claim("a ≈ b", _pts({"a": [1, 2], "b": [3, 4]}))
+    # ... unless it carries an equivalence margin: then the tie is its verdict.
+    assert check_claim("a ≈ b", _pts({"a": [1, 2], "b": [3, 4]}), equivalent_within=0.5).verdict == "inconclusive"
 
 
 # ---------------------------------------------------------------- the exact test
@@ -123,29 +133,169 @@ def test_exact_p_values_random_against_brute_force(seed):
     assert (t.p_value, t.p_reversed, t.n_arrangements) == (pytest.approx(upper), pytest.approx(lower), total)
 
 
-def test_smallest_p_values_and_the_two_cell_rule():
-    # Two cells of 3 seeds: 20 arrangements, p ≥ 0.05, never < α: hence 4 seeds for two cells.
+def test_smallest_p_values_and_unreachable_verdicts():
+    # Paired by seed, a relation's p is at least 2^-n: 4 seeds cannot reach p < 0.05, 5 can.
     assert min_p_value([3, 3]) == 0.05 and min_p_value([4, 4]) == pytest.approx(1 / 70)
-    perfect3 = check_claim("a > b", _pts({"a": [3, 4, 5], "b": [0, 1, 2]}))
-    assert perfect3.p_value == 0.05 and perfect3.verdict == "inconclusive"
-    assert "p cannot go below 0.05: add seeds" in perfect3.reason
     perfect4 = check_claim("a > b", _pts({"a": [3, 4, 5, 6], "b": [0, 1, 2, -1]}))
-    assert perfect4.verdict == "consistent" and perfect4.p_value == pytest.approx(1 / 70)
+    assert perfect4.p_value == 1 / 16 and perfect4.verdict == "inconclusive"
+    assert "with these seeds 'consistent' cannot be reached (a > b: smallest p 0.062 ≥ α = 0.05)" in perfect4.reason
+    perfect5 = check_claim("a > b", _pts({"a": [3, 4, 5, 6, 7], "b": [0, 1, 2, -1, 0]}))
+    assert perfect5.verdict == "consistent" and perfect5.p_value == 1 / 32 and perfect5.design == "paired"
+    assert "cannot be reached" not in perfect5.text
+    # 6 seeds, 5 relations: consistent reachable, "not consistent" not (2^-6 ≥ 0.05 / 5).
+    six = check_claim("a ≈ b > c > d", _pts({c: [4 - k] * 6 for k, c in enumerate("abcd")}))
+    assert six.verdict == "consistent" and "'not consistent' cannot be reached" in six.reason
+    # Unpaired (no seeds): the exact Mann–Whitney test, smallest p 1 / C(m+n, m).
+    un = check_claim("a > b", _unpaired({"a": [3, 4, 5, 6], "b": [0, 1, 2, -1]}))
+    assert un.design == "unpaired" and un.p_value == pytest.approx(1 / 70) and un.verdict == "consistent"
+
+
+# ------------------------------------------------- the counterexamples of issue 19
+ACT = "relu ≈ leaky_relu > tanh > sigmoid"
+
+
+def _separated(order_by_value, seeds, step=1.0, jitter=0.01):
+    """Every seed ranks the cells as ``order_by_value`` (largest first), fully separated."""
+    names = [c for lv in parse_order(order_by_value) for c in lv]
+    return _pts({c: [step * (len(names) - k) + jitter * i for i in range(seeds)] for k, c in enumerate(names)})
+
+
+@pytest.mark.parametrize("data", ["relu > leaky_relu > sigmoid > tanh", "relu > tanh > leaky_relu > sigmoid"])
+@pytest.mark.parametrize("seeds", [3, 6, 7, 12])
+def test_an_order_contradicted_in_every_seed_is_never_consistent(data, seeds):
+    # The J-T rule read both "consistent" (p = 0.024 at 3 seeds, 0.0013 at 6).
+    r = check_claim(ACT, _separated(data, seeds))
+    assert r.verdict != "consistent", r.text
+    bad = "tanh > sigmoid" if data.endswith("tanh") else "leaky_relu > tanh"
+    reversed_p = next(t.p_reversed for t in r.relations if f"{t.above} > {t.below}" == bad)
+    assert reversed_p == 0.5 ** seeds  # reversed in every seed
+    # Reversed in every seed of 7+: significant under Holm over the 5 relations.
+    assert r.verdict == ("not consistent" if 0.5 ** seeds < 0.05 / 5 else "inconclusive"), r.text
+    assert bad in r.text
+
+
+def test_real_matched_loss_counterexample_is_not_consistent():
+    # tanh > relu ≈ leaky_relu > sigmoid in every seed (0 of the ReLU-type/tanh pairs go the claimed way).
+    r = check_claim(ACT, _separated("tanh > relu ≈ leaky_relu > sigmoid", 7))
+    assert r.verdict == "not consistent" and "tanh > relu (reversed p = 0.0078" in r.reason, r.text
+    assert r.trend is not None  # the trend is beside, never the verdict
+
+
+@pytest.mark.parametrize("order", [ACT, "all ≈ first > none", "a > b > c", "adam > momentum ≈ sgd"])
+def test_fully_reversed_reads_not_consistent_and_true_order_consistent_at_default_seeds(order):
+    from gammatrace.experiments.presets import claim, seeds_for
+
+    n = seeds_for([claim("t", order)])
+    levels = parse_order(order)
+    backwards = " > ".join(" ≈ ".join(lv) for lv in reversed(levels))
+    assert check_claim(order, _separated(order, n)).verdict == "consistent"
+    rev = check_claim(order, _separated(backwards, n))
+    assert rev.verdict == "not consistent", rev.text
+    # Every relation is named with its p in the verdict text.
+    for t in rev.relations:
+        assert f"{t.above} > {t.below}: p = " in rev.text
+
+
+def test_a_tie_is_reported_not_tested():
+    r = check_claim("a ≈ b > c", _pts({"a": [2.0, 2.1, 2.2, 2.3, 2.4, 2.5], "b": [2.05, 2.0, 2.3, 2.2, 2.45, 2.4],
+                                        "c": [0, 0.1, 0.2, 0.3, 0.4, 0.5]}))
+    assert r.verdict == "consistent" and [(t.a, t.b) for t in r.ties] == [("a", "b")]
+    t = r.ties[0]
+    assert t.text.startswith("a ≈ b: median per-seed difference") and t.text.endswith("no order asserted, not tested")
+    assert t.ci == pytest.approx((-0.1, 0.1)) and t.level == pytest.approx(1 - 2 / 64)  # d_(1), d_(6) of 6 seeds
+    assert r.tie_verdict is None
+
+
+def test_equivalence_margin_gives_the_tie_its_own_verdict():
+    cells = {"a": [2.0 + 0.01 * i for i in range(7)], "b": [2.0 + 0.01 * i + 0.005 * (-1) ** i for i in range(7)],
+             "c": [0.0 + 0.01 * i for i in range(7)]}
+    near = check_claim("a ≈ b > c", _pts(cells), equivalent_within=0.05)
+    assert near.verdict == "consistent" and near.tie_verdict == "consistent", near.text
+    assert "ties within ±0.05: consistent" in near.text
+    far = check_claim("a ≈ b > c", _pts({**cells, "b": [x + 1 for x in cells["a"]]}), equivalent_within=0.05)
+    assert far.tie_verdict == "not consistent", far.text
+    one = check_claim("a ≈ b", _pts({"a": cells["a"], "b": cells["b"]}), equivalent_within=0.05)
+    assert one.verdict == "consistent" and not one.relations
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tie_confidence_interval_covers_at_its_level(seed):
+    # The sign-test interval for the median difference covers the true median at ≥ its level.
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(300):
+        d = rng.standard_t(3, size=7) + 0.3
+        a = [RunPoint(f"a{i}", "a", float(x), 0, seed=i) for i, x in enumerate(d)]
+        b = [RunPoint(f"b{i}", "b", 0.0, 0, seed=i) for i in range(7)]
+        t = PC.tie_report("a", "b", a, b)
+        hits += t.ci[0] <= 0.3 <= t.ci[1]
+    assert hits / 300 >= t.level - 3 * math.sqrt(t.level * (1 - t.level) / 300)
+
+
+def test_speed_is_its_own_verdict_of_the_stated_speed_order():
+    cells = {"adam": [3.0] * 6, "momentum": [1.0] * 6, "sgd": [1.1] * 6}
+    conv = {"adam": 5, "momentum": 50, "sgd": 100}
+    r = check_claim("adam > momentum ≈ sgd", _pts(cells, conv=conv), speed="adam > momentum > sgd")
+    assert r.verdict == "consistent" and r.speed.verdict == "consistent", r.speed.text
+    slow = check_claim("adam > momentum ≈ sgd", _pts(cells, conv={**conv, "adam": 200}), speed="adam > momentum > sgd")
+    assert slow.verdict == "consistent" and slow.speed.verdict == "not consistent"
+    # Equal epochs are zero differences: they count against "faster".
+    same = check_claim("adam > momentum ≈ sgd", _pts(cells, conv={**conv, "sgd": 50}), speed="adam > momentum > sgd")
+    assert same.speed.verdict == "inconclusive" and "momentum > sgd: p = 1" in same.speed.text
+    assert check_claim("adam > momentum ≈ sgd", _pts(cells, conv=conv)).speed is None
+
+
+# ------------------------------------------------------ relation p-values vs brute force
+def _brute_sign(diffs):
+    """P(S ≥ S_obs) and the reversed, S = #{d > 0}, over all 2^n equally likely outcomes of
+    the null's boundary: each seed's difference above or not (a zero is not above)."""
+    n = len(diffs)
+    k = sum(d > 0 for d in diffs)
+    m = sum(d < 0 for d in diffs)
+    outcomes = list(itertools.product([0, 1], repeat=n))
+    return (sum(sum(o) >= k for o in outcomes) / len(outcomes), sum(sum(o) >= m for o in outcomes) / len(outcomes))
+
+
+@pytest.mark.parametrize("diffs", [
+    [0.2, 0.1, 0.3, 0.05, 0.4], [0.2, -0.1, 0.3, 0.05, 0.4, 0.1], [0.0, 0.1, 0.2, 0.3, 0.1],
+    [-1.0, -2.0, -0.5, -0.1, -3.0, -1.0, -2.0], [0.0, 0.0, 0.0], [1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 1.0, 1.0],
+])
+def test_sign_test_equals_brute_force_enumeration(diffs):
+    a = [RunPoint(f"a{i}", "a", d, 0, seed=i) for i, d in enumerate(diffs)]
+    b = [RunPoint(f"b{i}", "b", 0.0, 0, seed=i) for i in range(len(diffs))]
+    t = PC.relation_test("a", "b", a, b)
+    assert t.design == "paired"
+    assert (t.p_value, t.p_reversed) == pytest.approx(_brute_sign(diffs), abs=1e-12)
+
+
+@pytest.mark.parametrize("x, y", [
+    ([3.0, 2.5, 2.0], [1.0, 0.5]), ([1.0, 4.0, 2.0], [3.0, 0.5, 2.5]), ([2.0, 2.0, 1.0], [2.0, 1.0, 3.0]),
+    ([1.0, 1.0], [1.0, 1.0, 1.0]), ([0.3, 0.1, 0.2, 0.25], [0.05, 0.15, 0.12]), ([5.0, 6.0, 7.0, 8.0], [1.0] * 4),
+])
+def test_mann_whitney_equals_brute_force_enumeration(x, y):
+    a = [RunPoint(f"a{i}", "a", v, 0) for i, v in enumerate(x)]
+    b = [RunPoint(f"b{i}", "b", v, 0) for i, v in enumerate(y)]
+    t = PC.relation_test("a", "b", a, b)
+    upper, lower, total = _brute([x, y])
+    assert t.design == "unpaired" and t.p_min == pytest.approx(1 / total)
+    assert (t.p_value, t.p_reversed) == (pytest.approx(upper, abs=1e-12), pytest.approx(lower, abs=1e-12))
 
 
 # --------------------------------------------------------------------- verdict rule
 @pytest.mark.parametrize("order, cells, excluded, incomparable, verdict, reason", [
-    ("a > b > c", {"a": [3, 3.1, 3.2], "b": [2, 2.1, 2.2], "c": [1, 1.1, 1.2]}, None, None, "consistent",
-     "p = 0.0006 < α = 0.05"),
-    ("a > b > c", {"a": [1, 1.1, 1.2], "b": [2, 2.1, 2.2], "c": [3, 3.1, 3.2]}, None, None, "not consistent",
-     "the reversed order is significant: reversed p = 0.0006 < α = 0.05"),
+    ("a > b > c", {"a": [3, 3.1, 3.2, 3.3, 3.4, 3.5], "b": [2, 2.1, 2.2, 2.3, 2.4, 2.5],
+                   "c": [1, 1.1, 1.2, 1.3, 1.4, 1.5]}, None, None, "consistent",
+     "every relation p < α = 0.05: a > b: p = 0.016; a > c: p = 0.016; b > c: p = 0.016"),
+    ("a > b > c", {"a": [1, 1.1, 1.2, 1.3, 1.4, 1.5], "b": [2, 2.1, 2.2, 2.3, 2.4, 2.5],
+                   "c": [3, 3.1, 3.2, 3.3, 3.4, 3.5]}, None, None, "not consistent",
+     "reversed under Holm over 3 relations: b > a (reversed p = 0.016, Holm 0.047)"),
     # ≈ asserts nothing between a and b: b above a costs nothing.
-    ("a ≈ b > c", {"a": [2, 2.1, 2.2], "b": [9, 9.1, 9.2], "c": [1, 1.1, 1.2]}, None, None, "consistent",
-     "p = 0.012"),
-    ("a > b > c", {"a": [2, 2.1, 2.2], "b": [9, 9.1, 9.2], "c": [1, 1.1, 1.2]}, None, None, "inconclusive",
-     "the seeds' spread does not separate the claimed order"),
+    ("a ≈ b > c", {"a": [2, 2.1, 2.2, 2.3, 2.4], "b": [9, 9.1, 9.2, 9.3, 9.4], "c": [1, 1.1, 1.2, 1.3, 1.4]}, None,
+     None, "consistent", "a > c: p = 0.031; b > c: p = 0.031"),
+    ("a > b > c", {"a": [2, 2.1, 2.2, 2.3, 2.4], "b": [9, 9.1, 9.2, 9.3, 9.4], "c": [1, 1.1, 1.2, 1.3, 1.4]}, None,
+     None, "inconclusive", "not separated (p ≥ α = 0.05): a > b: p = 1; separated: a > c: p = 0.031"),
     ("a > b > c", {"a": [3, 2, 1], "b": [2.5, 1.5, 0.8], "c": [2.8, 1.2, 0.9]}, None, None, "inconclusive",
-     "≥ α = 0.05"),
+     "cannot be reached"),
     ("a > b > c", {"a": [3], "b": [2], "c": [1]}, None, None, "single seed", "one run per cell"),
     ("a > b > c", {"a": [3, 3.1], "b": [2], "c": [1, 1.1]}, None, None, "single seed", "one run per cell"),
     ("a > b > c", {"a": [3, 3.1], "b": [2, 2.1], "c": [1, 1.1]}, {"b": "no progress"}, None, "inconclusive",
@@ -161,21 +311,24 @@ def test_verdict_rule(order, cells, excluded, incomparable, verdict, reason):
     assert reason in result.reason, result.text
 
 
-def test_verdict_text_carries_the_p_values_and_speed_is_beside():
-    cells = {"a": [3, 3.1, 3.2], "b": [2, 2.1, 2.2], "c": [1, 1.1, 1.2]}
+def test_verdict_text_carries_the_p_values_and_the_trend_is_beside():
+    cells = {"a": [3, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6], "b": [2, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6],
+             "c": [1, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]}
     r = check_claim("a > b > c", _pts(cells, conv={"a": 30, "b": 20, "c": 10}))  # the largest γ converges slowest
-    assert r.verdict == "consistent" and r.text == "consistent (p = 0.0006 < α = 0.05)"
-    assert r.speed.p_reversed == pytest.approx(1 / 1680) and r.speed_order == ["c", "b", "a"]  # beside, not in it
-    assert r.gamma_order == ["a", "b", "c"] and [c.n for c in r.cells] == [3, 3, 3] and r.n_runs == 9
-    assert r.p_text == "p = 0.0006, reversed p = 1"
+    assert r.text == "consistent (every relation p < α = 0.05: a > b: p = 0.0078; a > c: p = 0.0078; b > c: p = 0.0078)"
+    assert r.speed is None and r.speed_order == ["c", "b", "a"]  # no stated speed order: listed, not tested
+    assert r.gamma_order == ["a", "b", "c"] and [c.n for c in r.cells] == [7, 7, 7] and r.n_runs == 21
+    assert r.p_text == "p = 0.0078, reversed p = 1" and r.trend.statistic == 147
 
 
 def test_tied_level_values_do_not_matter():
-    # Swapping values between the tied cells leaves J and p unchanged; a strict order would not.
-    one = check_claim("a ≈ b > c", _pts({"a": [5, 6, 7], "b": [2, 3, 4], "c": [0, 1, 1.5]}))
-    two = check_claim("a ≈ b > c", _pts({"a": [2, 3, 4], "b": [5, 6, 7], "c": [0, 1, 1.5]}))
-    assert one.test == two.test and one.verdict == "consistent"
-    assert check_claim("a > b > c", _pts({"a": [2, 3, 4], "b": [5, 6, 7], "c": [0, 1, 1.5]})).verdict != "consistent"
+    # Swapping values between the tied cells leaves the verdict and the set of p-values unchanged.
+    one = check_claim("a ≈ b > c", _pts({"a": [5, 6, 7, 8, 9], "b": [2, 3, 4, 3, 2], "c": [0, 1, 1.5, 1, 0]}))
+    two = check_claim("a ≈ b > c", _pts({"a": [2, 3, 4, 3, 2], "b": [5, 6, 7, 8, 9], "c": [0, 1, 1.5, 1, 0]}))
+    assert one.verdict == two.verdict == "consistent" and one.trend == two.trend
+    assert sorted(t.p_value for t in one.relations) == sorted(t.p_value for t in two.relations)
+    strict = check_claim("a > b > c", _pts({"a": [2, 3, 4, 3, 2], "b": [5, 6, 7, 8, 9], "c": [0, 1, 1.5, 1, 0]}))
+    assert strict.verdict == "not consistent" or strict.verdict == "inconclusive"
 
 
 def test_rule_constants():
@@ -198,7 +351,7 @@ def _replicates(means, sd, seeds, order, seed=0):
 
 
 @pytest.mark.parametrize("order, seeds", [
-    ("a > b > c", 3), ("a ≈ b > c", 3), ("a > b > c > d", 3), ("a > b", 4), ("a > b ≈ c", 5),
+    ("a > b > c", 6), ("a ≈ b > c", 6), ("a > b > c > d", 7), ("a > b", 5), ("a > b ≈ c", 6), ("a > b > c", 12),
 ])
 def test_calibration_equal_cells_rarely_consistent(order, seeds):
     n = len([c for lv in parse_order(order) for c in lv])
@@ -209,22 +362,22 @@ def test_calibration_equal_cells_rarely_consistent(order, seeds):
 
 
 def test_calibration_true_order_beyond_noise_is_consistent():
-    counts = _replicates([3.0, 2.0, 1.0], 0.1, 3, "a > b > c", seed=1)
+    counts = _replicates([3.0, 2.0, 1.0], 0.1, 6, "a > b > c", seed=1)
     assert counts["consistent"] == REPLICATES, counts
-    counts = _replicates([2.0, 2.0, 1.0], 0.1, 3, "a ≈ b > c", seed=2)  # ties honoured
+    counts = _replicates([2.0, 2.0, 1.0], 0.1, 6, "a ≈ b > c", seed=2)  # ties honoured
     assert counts["consistent"] == REPLICATES, counts
-    counts = _replicates([2.0, 1.0], 0.1, 4, "a > b", seed=3)  # two cells, 4 seeds
+    counts = _replicates([2.0, 1.0], 0.1, 5, "a > b", seed=3)  # two cells, 5 seeds
     assert counts["consistent"] == REPLICATES, counts
 
 
 def test_calibration_reversed_order_is_not_consistent():
-    counts = _replicates([1.0, 2.0, 3.0], 0.1, 3, "a > b > c", seed=4)
+    counts = _replicates([1.0, 2.0, 3.0], 0.1, 6, "a > b > c", seed=4)
     assert counts["not consistent"] == REPLICATES, counts
 
 
 def test_calibration_overlapping_spread_is_inconclusive():
     # Means ordered as claimed, but a spread ten times the gaps: the seeds cannot tell.
-    counts = _replicates([1.1, 1.05, 1.0], 0.5, 3, "a > b > c", seed=5)
+    counts = _replicates([1.1, 1.05, 1.0], 0.5, 6, "a > b > c", seed=5)
     print(dict(counts))
     assert counts["inconclusive"] / REPLICATES >= 0.8, counts
     assert counts["not consistent"] / REPLICATES <= ALPHA + 0.02, counts
@@ -293,7 +446,9 @@ def test_theorem1_verdicts_hold_on_a_monotone_path():
     checks = P.theorem1_checks(_trajectory([1.0, 0.8, 0.6, 0.45, 0.3, 0.2, 0.1, 0.05, 0.0], [0] * 4 + [1] * 4),
                                {"frac_improved": 0.97, "n_revisited": 100})
     assert [c.verdict for c in checks] == ["holds"] * 4, checks
-    assert checks[0].numbers.startswith("γ_k > 0 on 100.0% of 8 defined steps; on every step: yes")
+    assert checks[0].numbers.startswith("on every step: yes — every γ in (0, ")
+    assert checks[0].numbers.endswith("; γ_k > 0 on 100.0% of 8 defined steps")
+    assert checks[1].numbers.startswith("d_k rises at 0 of 8 steps; per epoch")
     assert checks[3].numbers.startswith("holds at 2 of 2 epoch boundaries")
 
 
@@ -302,8 +457,9 @@ def test_theorem1_verdicts_fail_where_the_path_turns_back():
     steps = _trajectory([1.0, 0.7, 0.4, 0.5, 0.6, 0.3, 0.0], [0, 0, 1, 1, 2, 2])
     checks = P.theorem1_checks(steps, {"frac_improved": 0.5, "n_revisited": 10})
     assert [c.verdict for c in checks] == ["fails", "fails", "fails", "not applicable"], checks
-    assert checks[1].numbers.startswith("1 of 3 epochs end farther from θ*")
-    assert "per step: 2 of 6 steps increase d_k" in checks[1].numbers
+    # Item 1 is per step, as the theorem states it; the per-epoch reading is beside it.
+    assert checks[1].numbers.startswith("d_k rises at 2 of 6 steps (steps 2, 3;")
+    assert "per epoch (what the papers' figures show): 1 of 3 epochs end farther from θ*" in checks[1].numbers
     assert checks[3].numbers.startswith("γ_min = ") and "implies no rate" in checks[3].numbers
     epoch = P.epoch_distance(steps)
     assert epoch["n_increase"] == 1 and epoch["curve"].round(3).tolist() == [1.0, 0.4, 0.6, 0.0]
@@ -422,8 +578,9 @@ def test_check_runs_is_the_study_rule_with_speed_as_the_claim():
     check = check_runs(runs([0.4, 0.3, 0.2, 0.1]))
     # One run per cell: never a verdict, only the p-value of "faster ⇒ larger γ".
     assert check.order == (("a",), ("b",), ("c",), ("d",)) and check.result.verdict == "single seed"
-    assert check.result.p_value == pytest.approx(1 / 24)
-    assert check_runs(runs([0.1, 0.2, 0.3, 0.4])).result.p_reversed == pytest.approx(1 / 24)
+    # The trend (J-T over the four runs) is what one run per cell can show, labelled as a trend.
+    assert check.result.trend.p_value == pytest.approx(1 / 24) and "trend p = 0.042" in check.result.text
+    assert check_runs(runs([0.1, 0.2, 0.3, 0.4])).result.trend.p_reversed == pytest.approx(1 / 24)
     apart = check_runs(runs([0.4, 0.3, 0.2], losses=(0.1, 0.2, 0.35))).result
     assert apart.text == "inconclusive (final train losses differ by 3.5×, more than 2×)"
     stuck = example_entry("stuck", 2.4, [2.3, 2.29], no_progress=True)
@@ -442,3 +599,26 @@ def test_docstring_examples():
     for module in (PC, RC, collect, study, P.matched, P.theorem1):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_equivalence_margin_and_speed_order_round_trip(tmp_path):
+    from gammatrace.experiments.study import study_from_yaml
+    from gammatrace.store.study import Claim, StudyMeta
+
+    path = tmp_path / "opt.yaml"
+    path.write_text("base: {data: {name: digits}, model: {name: mlp, width: 8}}\n"
+                    "groups: {g1: {}, g2: {}}\n"
+                    "variants: {adam: {optim: {name: adam}}, momentum: {optim: {name: momentum}}, "
+                    "sgd: {optim: {name: sgd}}}\n"
+                    "claims: [{text: Adam first, order: adam > momentum ≈ sgd, equivalent_within: 0.05, "
+                    "speed: adam > momentum > sgd}]\n")
+    study = study_from_yaml(path)
+    c = study.claims[0]
+    assert c.equivalent_within == 0.05 and c.speed == (("g1-adam",), ("g1-momentum",), ("g1-sgd",))
+    meta = study.meta(seeds=2)
+    meta.write(tmp_path)
+    back = StudyMeta.load(StudyMeta.path(tmp_path))
+    assert back.claims == meta.claims and back.claims[0].speed == c.speed
+    assert Claim("t", "a ≈ b", equivalent_within=0.1).order == (("a", "b"),)
+    with pytest.raises(Exception, match="greater than 0"):
+        Claim("t", "a ≈ b", equivalent_within=0)

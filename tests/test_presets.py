@@ -21,8 +21,9 @@ import pytest
 
 from gammatrace.config import RunConfig
 from gammatrace.experiments import STUDIES
-from gammatrace.experiments.presets import PRESETS, Target, preset_spec, seeds_for
+from gammatrace.experiments.presets import PRESETS, Target, preset_spec, relations, seeds_for
 from gammatrace.experiments.study import GridSpec
+from gammatrace.principles.claims import ALPHA
 
 FIXTURE = Path(__file__).parent / "fixtures" / "preset_configs_before.json"
 BEFORE = json.loads(FIXTURE.read_text())
@@ -116,8 +117,13 @@ def test_presets_are_typed_and_seeded_for_a_verdict(name, preset):
     spec = preset_spec(name, preset, "/cifar")
     assert isinstance(spec, GridSpec)
     study = spec.build(preset)
-    two_cells = any(len(c.cells) == 2 for c in study.claims)
-    assert study.seeds == (4 if two_cells else 3), (name, preset)
+    # Every claim can reach both verdicts by the paired sign test: 2^-n < α, and 2^-n < α/r
+    # over its r strict relations (of the γ order and of the stated speed order); ≥ 6 with a tie.
+    for c in study.claims:
+        r = max(relations(c.order), relations(c.speed), 1)
+        assert 0.5 ** study.seeds < ALPHA / r, (name, preset, c.text)
+        if any(len(lv) > 1 for lv in c.order):
+            assert study.seeds >= 6, (name, preset, c.text)
     assert study.seeds == seeds_for([c for g in spec.groups.values() for c in (g.claims or spec.claims)])
     # Nothing is a placeholder: every string in every config is what the run gets.
     def strings(obj):
@@ -131,10 +137,13 @@ def test_presets_are_typed_and_seeded_for_a_verdict(name, preset):
         assert not [s for s in strings(cfg.model_dump(mode="json")) if "{" in s]
 
 
-def test_two_cell_claims_get_four_seeds():
+def test_seed_counts_reach_both_verdicts():
+    # The old rule (3 seeds, 4 for two cells) let the J-T test reach p < α; the relation rule needs
+    # each claim's relations reachable: the paper U-Net skip claim has 10 relations (2^-8 < 0.005).
     skip = STUDIES.get("skip")("paper", None)
     assert [c.order_text for c in skip.claims if c.group == "resnet18"] == ["resnet18-all > resnet18-first"]
-    assert skip.seeds == 4 and STUDIES.get("skip")("quick", None).seeds == 3
+    assert skip.seeds == 8 and STUDIES.get("skip")("quick", None).seeds == 6
+    assert STUDIES.get("activation")("quick", None).seeds == 7 and STUDIES.get("optimizer")("quick", None).seeds == 6
 
 
 def test_target():

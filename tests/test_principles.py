@@ -278,13 +278,16 @@ def test_certify_matches_loop(tail):
     expected = stats_bf(values)
     for key, value in expected.items():
         close(got[key], value, rtol=1e-12)
-    assert got["certified"] == (expected["gamma_min"] > 0)
+    # From γ_k alone an undefined step's constraint is unknown, so it blocks the certificate.
+    assert got["certified"] == (expected["gamma_min"] > 0 and expected["n_undefined"] == 0)
     json.dumps(got)
 
 
 def test_certify_counts_undefined_and_rejects_bad_tail():
     got = pr.certify(np.array([1.0, np.nan, np.inf, 2.0]))
-    assert (got["n_undefined"], got["gamma_min"], got["certified"]) == (2, 1.0, True)
+    # Undefined steps are counted and never make a certificate hold (issue 19): not certified.
+    assert (got["n_undefined"], got["gamma_min"], got["certified"]) == (2, 1.0, False)
+    assert pr.certify(np.array([1.0, 2.0]))["certified"]
     assert not pr.certify([np.nan])["certified"]
     with pytest.raises(ValueError):
         pr.certify([1.0], tail=-1)
@@ -418,9 +421,10 @@ def test_per_sample_convergence_matches_loop(with_ref, drop_sample):
 def test_rate_bound_matches_loop(reference, gamma):
     run = make_run(10, reference, bad_gaps=False)
     got = pr.rate_bound(run.df, gamma=gamma)
-    if gamma is None:
-        gamma = pr.certify(pr.derive(run.df).gamma)["gamma_min"]
-    assert got["gamma"] == gamma
+    if gamma is None:  # the default: γ_hi of the certified interval, NaN (no bound) when it is empty
+        cert = pr.certify(run.df)
+        gamma = cert["gamma_hi"] if cert["certified"] else math.nan
+    assert got["gamma"] == gamma or math.isnan(got["gamma"]) and math.isnan(gamma)
     D0 = dist_sq_bf(run, 0)
     boundaries = [k for k in range(1, run.T) if run.epoch[k] != run.epoch[k - 1]] + [run.T]
     table = got["table"]
@@ -631,8 +635,15 @@ def test_summarize_matches_bruteforce(reference, tail):
     sum_lr = sum(run.lr[:n])
     close(s["rate_actual"], denom / sum_lr)
     gmin = s["gamma_min"]
-    assert s["gamma_certified"] == (gmin > 0) == (s["rate_reason"] is None)
-    if gmin > 0:
+    # The certificate: one γ > 0 with P_k ≥ γ η_k D_0² gap_k on every step k < n, every step
+    # (negative and zero gaps too) checked at the candidates γ = each step's own bound.
+    cons = [(0.5 * (dist_sq_bf(run, k) - dist_sq_bf(run, k + 1)), run.lr[k] * D0 * (run.loss[k] - run.loss_ref[k]),
+             abs(run.loss[k] - run.loss_ref[k]) <= EPS) for k in range(n)]
+    ok = [g for g in (p / w for p, w, z in cons if not z)
+          if g > 0 and all((p >= -1e-15) if z else p >= g * w - 1e-9 * max(abs(p), abs(g * w)) for p, w, z in cons)]
+    assert s["gamma_certified"] == bool(ok) == (s["rate_reason"] is None)
+    if s["gamma_certified"]:
+        close(s["gamma_hi"], gmin, rtol=0)
         close(s["rate_bound"], 1.0 / (2.0 * gmin * sum_lr))
         assert s["rate_holds"] == (denom / sum_lr <= s["rate_bound"])
     else:

@@ -267,15 +267,15 @@ def test_ordering_with_three_comparable_runs(runs, tmp_path):
         return to_markdown(ordering(collect(dirs)) + caveats(collect(dirs)))
 
     md = ordering_md([variant("a", 3.0, 0.5), variant("b", 2.0, 0.6), variant("c", 1.0, 0.7)])
-    # One seed per run: the exact test's p-value (1 of 3! arrangements), never a verdict.
-    assert ("the runs ordered by convergence as the claim — a > b > c: single seed (one run per cell: p = 0.17, "
-            "reversed p = 1 shown, never a verdict)") in md_unescape(md)
+    # One seed per run: the trend's p-value (1 of 3! arrangements), labelled a trend, never a verdict.
+    assert ("the runs ordered by convergence as the claim — a > b > c: single seed (one run per cell: trend "
+            "p = 0.17, reversed 1 shown, never a verdict)") in md_unescape(md)
     rows = md_table(md, "## Ordering")
     assert [r["by median γ_k (largest first)"].split()[0] for r in rows] == ["a", "b", "c"]
     assert [r["by convergence (lowest final train loss first)"] for r in rows] == ["a (0.5)", "b (0.6)", "c (0.7)"]
 
     md = md_unescape(ordering_md([variant("a", 1.0, 0.5), variant("b", 2.0, 0.6), variant("c", 3.0, 0.7)]))
-    assert "a > b > c: single seed (one run per cell: p = 1, reversed p = 0.17 shown, never a verdict)" in md
+    assert "a > b > c: single seed (one run per cell: trend p = 1, reversed 0.17 shown, never a verdict)" in md
 
     md = md_unescape(ordering_md([variant("a", 3.0, 0.2), variant("b", 2.0, 0.6), variant("c", 1.0, 0.7)]))
     assert "differ by 3.5× (more than 2×): a ends at 0.2, c at 0.7" in md
@@ -285,7 +285,7 @@ def test_ordering_with_three_comparable_runs(runs, tmp_path):
     # it now applies the study's rule, and one seed per run is never a verdict.
     md = md_unescape(ordering_md([variant("a", 3.0, 0.5), variant("b", 2.0, 0.6), variant("c", 4.0, 0.7),
                                   variant("d", 1.0, 0.8)]))
-    assert "a > b > c > d: single seed (one run per cell: p = 0.38, reversed p = 0.83 shown, never a verdict)" in md
+    assert "a > b > c > d: single seed (one run per cell: trend p = 0.38, reversed 0.83 shown, never a verdict)" in md
 
 
 def test_layers_negative_share_in_distinct_colour(runs, tmp_path):

@@ -89,7 +89,8 @@ def test_study_json_is_one_typed_model(study, tmp_path):
     # A strict order written as a list of names is read as levels of one cell each.
     # Fields added since (a claim's window, the drawn paths) take their defaults.
     assert loaded.model_dump(mode="json") == {**old, "claims": [{**old["claims"][0], "order": [["relu"], ["tanh"]],
-                                                                 "source": None, "first_epochs": None}],
+                                                                 "source": None, "first_epochs": None,
+                                                                 "equivalent_within": None, "speed": None}],
                                               "paths": []}
     assert loaded.cell("relu-s1") == "relu" and loaded.claims[0].order == (("relu",), ("tanh",))
     # A damaged file names its field, and a report of its runs falls back to the plain layout.
@@ -133,14 +134,19 @@ def test_report_numbers_equal_the_runs_tables(study):
     assert [(v["statistic"].split(" —")[0], v["reference point"]) for v in verdicts] == [
         (stat, ref) for stat in S.STATISTICS.values() for ref in S.REFERENCES.values()]
     assert verdicts[0]["statistic"] == "median γ_k per seed — the verdict"
-    # One seed per cell: never a verdict, whatever the numbers; the p-value is shown.
+    # One seed per cell: never a verdict, whatever the numbers; the trend's p-value is shown.
     for v in verdicts:
-        assert v["verdict"].startswith("single seed (one run per cell: p = "), v
-        assert v["seeds per level"] == "1+1" and v["J / pairs"] in ("0 / 1", "1 / 1")
-    # The numbers of the check are the runs' own: J counts whether relu's median γ_k is larger.
+        assert v["verdict"].startswith("single seed (one run per cell: trend p = "), v
+        assert v["seeds per level"] == "1+1"
+        assert v["trend J / pairs, p (side statistic, not the verdict)"].split(",")[0] in ("0 / 1", "1 / 1")
+    # The numbers of the check are the runs' own: the one relation relu > tanh, by whether relu's
+    # median γ_k is larger (one seed each: p = 0.5 or 1).
     g = {c: load_run(out / c).summary("continuation")["gamma_median"] for c in ("relu", "tanh")}
-    assert verdicts[0]["J / pairs"] == ("1 / 1" if g["relu"] > g["tanh"] else "0 / 1")
-    assert verdicts[0]["p (claimed order)"] == ("0.5" if g["relu"] > g["tanh"] else "1")
+    assert verdicts[0]["trend J / pairs, p (side statistic, not the verdict)"].startswith(
+        "1 / 1" if g["relu"] > g["tanh"] else "0 / 1")
+    assert verdicts[0]["p (largest relation p)"] == ("0.5" if g["relu"] > g["tanh"] else "1")
+    assert verdicts[0]["relations (exact one-sided p each)"] == "relu > tanh: p = " + (
+        "0.5" if g["relu"] > g["tanh"] else "1")
 
 
 def test_null_baseline_rows_match_the_steps(study):

@@ -17,9 +17,9 @@ claim is marked a hypothesis (no source).
 Quick presets are sized so that every cell can reach a common training loss
 (``target_loss``, with ``epochs`` as the cap) on two CPU cores within minutes: γ
 normalized by a run's own θ_T is comparable only across runs that end at comparable
-losses (DESIGN §1). They run 3 seeds per cell (4 where a claim has two cells: with 3 seeds
-each, the exact test cannot go below p = 0.05), each quick study in ≤ 5 minutes with
-``--workers 2``. A cell that misses the target is flagged by the report and kept out of
+losses (DESIGN §1). Every preset runs the seeds per cell with which each of its claims can
+reach both verdicts (:func:`seeds_for`: activation 7, batchnorm 6, skip 6 quick / 8 paper,
+optimizer 6, init 7), each quick study in ≤ 10 minutes with ``--workers 2``. A cell that misses the target is flagged by the report and kept out of
 the claim check. They read no data folder, except the quick skip study's U-Net: it
 reconstructs the digits, or — given ``--data-dir`` — MNIST images from that folder.
 
@@ -40,7 +40,7 @@ Example:
     >>> s.cells["vgg11-none"].data.switches(), s.cells["vgg11-none"].optim.lr
     ({'data_dir': '/data/cifar'}, 0.01)
     >>> [c.order_text for c in s.claims if c.group == "vgg16"], s.seeds
-    (['vgg16-all ≈ vgg16-first > vgg16-none'], 3)
+    (['vgg16-all ≈ vgg16-first > vgg16-none'], 6)
     >>> print(next(r.source for r in paper_settings("batchnorm", "paper") if r.cells == "vgg*"))
     001_954b36295a226970.txt: “$\\eta = 0.05$ for ResNet, 0.01 for VGG” (VGG)
 """
@@ -57,7 +57,7 @@ from gammatrace.experiments import sources
 from gammatrace.experiments.sources import Setting
 from gammatrace.experiments.study import STUDIES, ClaimSpec, GridSpec, GroupSpec, Source, Study
 from gammatrace.models.init import INITS
-from gammatrace.principles.claims import parse_order
+from gammatrace.principles.claims import ALPHA, Order, parse_order
 
 PRESETS = ("quick", "paper", "paper100")
 SHORT = "000_236cbbea7b64027d.txt"  # the regularity-principle paper, short version
@@ -134,27 +134,61 @@ QUICK_MNIST = {"n_train": 1024, "n_test": 256}
 
 
 def claim(text: str, order: str, paper: str | None = None, quote: str | None = None,
-          first_epochs: int | None = None) -> ClaimSpec:
+          first_epochs: int | None = None, speed: str | None = None) -> ClaimSpec:
     """A claim with the paper's words (``paper`` None: a hypothesis), over the whole run or
-    the ``first_epochs`` the paper states it for.
+    the ``first_epochs`` the paper states it for; ``speed`` the order of convergence speed
+    the paper states beside it (fastest first), checked as a verdict of its own.
 
     Example:
         >>> claim("BN first", "all ≈ first > none", LONG, "converge as fast as").source.paper == LONG
         True
     """
     source = Source(paper=paper, quote=quote) if paper is not None and quote is not None else None
-    return ClaimSpec(text=text, order=parse_order(order), source=source, first_epochs=first_epochs)
+    return ClaimSpec(text=text, order=parse_order(order), source=source, first_epochs=first_epochs,
+                     speed=parse_order(speed) if speed is not None else None)
+
+
+def relations(order: Order | None) -> int:
+    """The strict relations of a weak order: cross-level pairs of cells.
+
+    Example:
+        >>> relations(parse_order("relu ≈ leaky_relu > tanh > sigmoid")), relations(None)
+        (5, 0)
+    """
+    if order is None:
+        return 0
+    sizes = [len(lv) for lv in order]
+    return sum(a * sum(sizes[i + 1:]) for i, a in enumerate(sizes))
+
+
+# An exact 95 % interval for a tie's median per-seed difference needs 2^(1−n) ≤ 0.05: n ≥ 6.
+TIE_SEEDS = 6
+SEEDS_WHY = ("seeds per cell: the fewest with which each claim can reach both verdicts by the paired sign test "
+             "(2^-n < α for consistent, 2^-n < α / r for not consistent over its r strict relations; ≥ 6 with a "
+             "tie)")
 
 
 def seeds_for(claims: list[ClaimSpec]) -> int:
-    """Seeds per cell a preset runs: 3, or 4 where a claim has two cells (3 seeds per cell
-    give 20 arrangements, so the exact test's p never goes below 1/20 = 0.05).
+    """Seeds per cell a preset runs: the fewest with which every claim can reach both
+    verdicts by the paired sign test — "consistent" needs 2^-n < α, "not consistent"
+    2^-n < α / r (Holm over the claim's r strict relations, of the γ order and of the
+    speed order) — and at least :data:`TIE_SEEDS` where a claim has a tie (its exact
+    95 % interval).
 
     Example:
-        >>> seeds_for([claim("t", "a > b > c")]), seeds_for([claim("t", "all > first")])
-        (3, 4)
+        >>> seeds_for([claim("t", "a > b")]), seeds_for([claim("t", "a > b > c")])
+        (5, 6)
+        >>> seeds_for([claim("t", "relu ≈ leaky_relu > tanh > sigmoid")])  # 5 relations: 2^-7 < 0.05 / 5
+        7
     """
-    return 4 if any(sum(len(lv) for lv in c.order) == 2 for c in claims) else 3
+    need = 1
+    for c in claims:
+        r = max(relations(c.order), relations(c.speed), 1)
+        n = next(n for n in range(1, 64) if 0.5 ** n < ALPHA / r)
+        if any(len(lv) > 1 for lv in c.order):
+            n = max(n, TIE_SEEDS)
+        need = max(need, n)
+    return need
 
 
 def _grid(name: str, question: str, base: dict[str, Any], groups: dict[str, GroupSpec], *,
@@ -306,13 +340,20 @@ def _each(field: str, values: dict[str, Any], source: sources.Source) -> list[Se
 
 # ------------------------------------------------------------------------- activation
 ACT_Q = "Does a ReLU-type activation make γ larger and training faster?"
+# Speed orders, where the paper states one (each checked as its own verdict beside γ's):
+# 001, classification: "the trainings with ReLU types of activation functions converge faster than those
+# with tanh activation function, which is further faster than the trainings with sigmoid activation
+# function"; U-Net: "the trainings with the sigmoid activation function converge faster than those with
+# the ReLU types of activation functions, and the trainings with the tanh activation function converge the
+# slowest".
 ACT_CLASSIFICATION = claim(
     "ReLU types give the largest γ, sigmoid the smallest (classification)", "relu ≈ leaky_relu > tanh > sigmoid",
-    LONG, "the trainings with ReLU types of activation functions satisfy the regularity principle with the largest")
+    LONG, "the trainings with ReLU types of activation functions satisfy the regularity principle with the largest",
+    speed="relu ≈ leaky_relu > tanh > sigmoid")
 ACT_UNET = claim(
     "Sigmoid gives the largest γ, tanh the smallest (U-Net regression)", "sigmoid > relu ≈ leaky_relu > tanh",
     LONG, "the training trajectories with the sigmoid activation function obey the regularity principle with the "
-          "largest")
+          "largest", speed="sigmoid > relu ≈ leaky_relu > tanh")
 ACT_ALEXNET = claim(
     "Sigmoid gives a much smaller γ than the other activations (AlexNet)", "relu ≈ leaky_relu ≈ tanh > sigmoid",
     LONG, "under the sigmoid activation is much smaller than those under the other activation functions")
@@ -341,7 +382,7 @@ def activation_sources(t: Target) -> list[Setting]:
     return [
         *_paper_rows(t), *_unet_rows(),
         Setting("study.shared_init", True, said("with a fixed initialization point")),
-        Setting("study.seeds", 3, unstated("3 seeds per cell, for the exact test of the claimed order")),
+        Setting("study.seeds", 7, unstated(f"7 {SEEDS_WHY}: the ResNet and U-Net claims have 5")),
         Setting("epochs", 150, said("to train these networks for 150 epochs")),
         Setting("batch_size", 128, said("a mini-batch size 128")),
         Setting("model.name", "alexnet_small", said(nets.phrase, "Zhang et al.'s small AlexNet [30]"),
@@ -366,10 +407,14 @@ BN_TIED = claim(
     "Keeping the first BN layer per block is as good as keeping all; removing BN gives a very small γ",
     "all ≈ first > none", LONG,
     "the trainings that keep the first BN layer in each block converge as fast as those that keep all the BN layers")
+# Speed, 001 on the VGGs on CIFAR-100: "the trainings that keep all the BN layers are slightly faster than
+# those that keep the first BN layer in each block, and both of them converge much faster than the trainings
+# that remove all the BN layers".
 BN_CIFAR100 = claim(
     "All BN layers give a larger γ than the first only, and removing BN the smallest (CIFAR-100)",
     "all > first > none", LONG,
-    "the training trajectories with all BN layers kept obey the regularity principle with a larger")
+    "the training trajectories with all BN layers kept obey the regularity principle with a larger",
+    speed="all > first > none")
 # The ResNets: the long paper says "very similar observations" to the VGGs' (B-B, over the
 # whole run); paper 002 states the orders over the epochs it plots — on CIFAR-10 its no-BN
 # ResNets' curves stop where "vanishing gradient occurs after around 25 epochs", on CIFAR-100
@@ -435,7 +480,7 @@ def batchnorm_sources(t: Target) -> list[Setting]:
     return [
         *_paper_rows(t),
         Setting("study.shared_init", True, said("We apply SGD with a fixed initialization")),
-        Setting("study.seeds", 3, unstated("3 seeds per cell, for the exact test of the claimed order")),
+        Setting("study.seeds", 6, unstated(f"6 {SEEDS_WHY}: 2 or 3 relations, and a tie")),
         Setting("epochs", 150, unstated("150, as the activation and skip studies: the batch-norm setups name no "
                                         "epoch count")),
         Setting("batch_size", 128, said("and batch size 128 to train these networks")),
@@ -462,7 +507,8 @@ _MORE_SKIPS_UNET = ("the trainings that keep more skip-connections achieve a fas
 
 
 def skip_claim(order: str, quote: str = _MORE_SKIPS) -> ClaimSpec:
-    return claim("More skip connections give a larger γ", order, LONG, quote)
+    # The quote states speed too ("keep more skip-connections achieve a faster convergence"): the same order.
+    return claim("More skip connections give a larger γ", order, LONG, quote, speed=order)
 
 
 # ResNet-18: the long paper says "very similar observations" to ResNet-34's, without a dataset;
@@ -475,7 +521,8 @@ SKIP_RESNET18 = claim("Keeping all skip connections gives a larger γ than the f
 SKIP_RESNET18_100 = claim("Keeping all skip connections gives a larger γ than the first per block (ResNet-18, "
                           "CIFAR-100)", "all > first", PRINCIPLE,
                           "the training with more skip connections achieves a slightly faster convergence, and the "
-                          "corresponding γ value is larger than that in the training with one skip connections")
+                          "corresponding γ value is larger than that in the training with one skip connections",
+                          speed="all > first")
 
 
 def skip(t: Target) -> GridSpec:
@@ -518,8 +565,7 @@ def skip_sources(t: Target) -> list[Setting]:
     return [
         *_paper_rows(t), *_unet_rows(),
         Setting("study.shared_init", True, said("with a fixed initialization point")),
-        Setting("study.seeds", 4, unstated("4 seeds per cell: ResNet-18's claim has two cells, and with 3 seeds each "
-                                           "the exact test's p cannot go below 0.05")),
+        Setting("study.seeds", 8, unstated(f"8 {SEEDS_WHY}: the U-Net claim has 10")),
         Setting("epochs", 150, said("to train these networks for 150 epochs")),
         Setting("batch_size", 128, said(r"a constant learning rate $\eta = 0.05$ and batch size 128"), resnets),
         Setting("batch_size", 128, said("a mini-batch size 128"), "unet-*"),
@@ -550,11 +596,17 @@ OPTS = {"adam": {"optim": {"name": "adam", "betas": [0.9, 0.999], "eps": 0.01}},
         "sgd": {"optim": {"name": "sgd"}}}
 # The papers order speed adam > momentum > sgd, but γ only "Adam the largest, the SGD types
 # less regularized": no order between momentum and SGD.
+# Speed, checked as its own verdict: 001 "In all these trainings, the Adam algorithm achieves the fastest
+# convergence and is followed by the SGD with momentum, whereas the vanilla SGD achieves the slowest
+# convergence"; 002 "the SGD with momentum trainings achieve significantly faster convergence speed than that
+# achieved by the SGD trainings, and the Adam trainings converge the fastest".
+OPT_SPEED = "adam > momentum > sgd"
 OPT_CLAIM = claim("Adam gives the largest γ; SGD with and without momentum smaller", "adam > momentum ≈ sgd", LONG,
-                  "the optimization trajectories driven by Adam obey the regularity principle with the largest")
+                  "the optimization trajectories driven by Adam obey the regularity principle with the largest",
+                  speed=OPT_SPEED)
 OPT_UNET = claim("Adam gives the largest γ; SGD with and without momentum smaller (U-Net)", "adam > momentum ≈ sgd",
                  LONG, "SGD and SGD with momentum converge much slower and their optimization trajectories obey "
-                       "the regularity principle with a smaller")
+                       "the regularity principle with a smaller", speed=OPT_SPEED)
 
 
 # Paper 002's Fig. 12: "we store the optimization paths generated by both the SGD with
@@ -581,7 +633,7 @@ def optimizer_sources(t: Target) -> list[Setting]:
     return [
         *_paper_rows(t), *_unet_rows(),
         Setting("study.shared_init", True, said("We apply a fixed initialization")),
-        Setting("study.seeds", 3, unstated("3 seeds per cell, for the exact test of the claimed order")),
+        Setting("study.seeds", 6, unstated(f"6 {SEEDS_WHY}: the speed order has 3, and the γ order a tie")),
         Setting("epochs", 150, unstated("150, as the activation and skip studies: the optimizer setups name no "
                                         "epoch count (paper 002 shows γ beyond 50 epochs)")),
         Setting("batch_size", 128, said("and batch size 128 to all the optimizers"), classification),
@@ -634,7 +686,7 @@ def init_sources(t: Target) -> list[Setting]:
         *_each("model.init", {f"*-{name}": name for name in INITS.names()},
                unstated("every scheme of the initialization registry: the technique compared")),
         Setting("study.shared_init", False, unstated("no shared point: the initial point is what is compared")),
-        Setting("study.seeds", 3, unstated("3 seeds per cell, for the exact test of the claimed order")),
+        Setting("study.seeds", 7, unstated(f"7 {SEEDS_WHY}: the claim has 4")),
         Setting("epochs", 150, unstated("150, as the activation and skip studies")),
         Setting("batch_size", 128, said("and batch size 128 to train these networks", bn)),
         Setting("model.name", "vgg16", said("We train the ResNet-18, 34 and the VGG-11, 16 networks with the settings",

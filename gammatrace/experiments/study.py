@@ -171,22 +171,32 @@ class ClaimSpec(_Spec):
     """A claim over variant names: ``order`` a weak order (``"relu ≈ leaky_relu > tanh"``,
     or a list), ``source`` the paper's words (None: a hypothesis no paper states),
     ``first_epochs`` the window a paper states it over ("in the first 20 epochs"; None:
-    the whole run).
+    the whole run), ``equivalent_within`` a margin δ for its ties (each then tested:
+    |difference| < δ), ``speed`` the order of convergence speed the paper states.
 
     Example:
         >>> ClaimSpec(text="BN first", order="all ≈ first > none").order
         (('all', 'first'), ('none',))
+        >>> ClaimSpec(text="Adam fastest", order="adam > momentum ≈ sgd", speed="adam > momentum > sgd").speed
+        (('adam',), ('momentum',), ('sgd',))
     """
 
     text: str
     order: tuple[tuple[str, ...], ...]
     source: Source | None = None
     first_epochs: int | None = Field(None, ge=1)
+    equivalent_within: float | None = Field(None, gt=0)
+    speed: tuple[tuple[str, ...], ...] | None = None
 
     @field_validator("order", mode="before")
     @classmethod
     def _levels(cls, value: Any) -> Order:
         return parse_order(value)
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_levels(cls, value: Any) -> Order | None:
+        return None if value is None else parse_order(value)
 
 
 class GroupSpec(_Spec):
@@ -254,11 +264,14 @@ class GridSpec(_Spec):
                     raise StudyError(f"study {self.name}, group {group}: claim {c.text!r} names unknown variants "
                                      f"{unknown}")
                 levels = restrict_order(c.order, variants)
-                if len(levels) >= 2:
+                if len(levels) >= 2 or (c.equivalent_within is not None and sum(map(len, levels)) >= 2):
+                    speed = restrict_order(c.speed, variants) if c.speed is not None else None
                     claims.append(Claim(c.text, [[cell_name[v] for v in lv] for lv in levels], group,
-                                        c.source.text if c.source else None, c.first_epochs))
+                                        c.source.text if c.source else None, c.first_epochs, c.equivalent_within,
+                                        [[cell_name[v] for v in lv] for lv in speed]
+                                        if speed is not None and len(speed) >= 2 else None))
         known = {v for g in groups.values() for v in (g.variants or self.variants)}
-        typos = {v for c in self.claims for lv in c.order for v in lv} - known
+        typos = {v for c in self.claims for lv in (*c.order, *(c.speed or ())) for v in lv} - known
         if typos:  # a misspelt variant would silently drop out of every claim
             raise StudyError(f"study {self.name}: claims name unknown variants {sorted(typos)}")
         if set(self.paths) - known:
@@ -273,11 +286,18 @@ class _CellClaim(_Spec):
     group: str | None = None
     source: str | None = None
     first_epochs: int | None = Field(None, ge=1)
+    equivalent_within: float | None = Field(None, gt=0)
+    speed: tuple[tuple[str, ...], ...] | None = None
 
     @field_validator("order", mode="before")
     @classmethod
     def _levels(cls, value: Any) -> Order:
         return parse_order(value)
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_levels(cls, value: Any) -> Order | None:
+        return None if value is None else parse_order(value)
 
 
 class CellsSpec(_Spec):
@@ -295,7 +315,8 @@ class CellsSpec(_Spec):
     paths: list[str] = []  # cells whose paths the report draws on their own PCA planes
 
     def build(self, preset: str = "custom") -> Study:
-        claims = [Claim(c.text, c.order, c.group, c.source, c.first_epochs) for c in self.claims]
+        claims = [Claim(c.text, c.order, c.group, c.source, c.first_epochs, c.equivalent_within, c.speed)
+                  for c in self.claims]
         return make_study(self.name, self.question, self.base, {c: over or {} for c, over in self.cells.items()},
                           claims, self.groups, preset=preset, shared_init=self.shared_init, seeds=self.seeds,
                           paths=self.paths)
@@ -337,11 +358,16 @@ def study_from_yaml(path: str | Path) -> Study:
     """A user study from YAML, in either form.
 
     Grid form (:class:`GridSpec`): ``name, question, base, variants, groups: {group:
-    {base, variants, claims}}, claims: [{text, order, first_epochs}], shared_init, seeds, paths``. Cell
-    form (:class:`CellsSpec`): ``name, question, base, cells: {cell: overrides}, claims:
-    [{text, order, group, first_epochs}], groups: {group: [cells]}, shared_init, seeds, paths``. A
-    claim's ``order`` is a weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a
-    list; ``first_epochs`` (optional) states it over the first N epochs only.
+    {base, variants, claims}}, claims: [{text, order, first_epochs, equivalent_within, speed}],
+    shared_init, seeds, paths``. Cell form (:class:`CellsSpec`): ``name, question, base,
+    cells: {cell: overrides}, claims: [{text, order, group, first_epochs, equivalent_within,
+    speed}], groups: {group: [cells]}, shared_init, seeds, paths``. A claim's ``order`` is a
+    weak order, largest γ first: ``"relu ≈ leaky_relu > tanh"`` or a list; ``first_epochs``
+    (optional) states it over the first N epochs only; ``equivalent_within`` (optional) a
+    margin δ that gives each tie its own verdict (|difference| < δ, two one-sided exact
+    tests; a claim of one level, ``"all ≈ first"``, is then an equivalence claim);
+    ``speed`` (optional) the order of convergence speed the paper states, fastest first,
+    checked beside the γ verdict.
 
     Example:
         >>> import tempfile
@@ -353,7 +379,7 @@ def study_from_yaml(path: str | Path) -> Study:
         >>> study.name, sorted(study.cells), study.cells["tanh"].model.switches()
         ('acts', ['relu', 'tanh'], {'width': 8, 'activation': 'tanh'})
         >>> study.claims
-        [Claim(text='ReLU first', order=(('relu',), ('tanh',)), group='acts', source=None, first_epochs=20)]
+        [Claim(text='ReLU first', order=(('relu',), ('tanh',)), group='acts', source=None, first_epochs=20, equivalent_within=None, speed=None)]
     """
     data = load_yaml(path)
     data.setdefault("name", Path(path).stem)

@@ -11,8 +11,10 @@ update_sq, grad_dot`` (some may be absent; what needs them is NaN).
 - geometry: :func:`path_geometry`, :func:`null_cos_scale`
 - layers:   :func:`layer_shares`, :func:`module_shares`
 - summary:  :func:`summarize`
-- claims:   :func:`check_claim` (the one verdict rule of every report: an exact permutation
-            test of a claimed weak order), :func:`order_test`, :func:`parse_order`,
+- claims:   :func:`check_claim` (the one verdict rule of every report: an exact one-sided
+            test of every strict relation of a claimed weak order, paired by seed, decided by
+            intersection–union), :func:`relation_test`, :func:`sign_test`, :func:`tie_report`,
+            :func:`order_test` (the trend statistic), :func:`parse_order`,
             :func:`epochs_to_loss`, :func:`null_alignment`
 - matched:  :func:`matched_levels`, :func:`gamma_at_levels` (γ compared at matched training loss)
 - gradients: :func:`grad_norm_per_epoch`, :func:`gradient_collapse` (paper 002's vanishing gradient)
@@ -29,12 +31,17 @@ from gammatrace.principles.certificates import certify, gamma_eff, gamma_eff_cur
 from gammatrace.principles.claims import (
     ClaimResult,
     OrderTest,
+    RelationTest,
     RunPoint,
+    TieReport,
     check_claim,
     epochs_to_loss,
     null_alignment,
     order_test,
     parse_order,
+    relation_test,
+    sign_test,
+    tie_report,
 )
 from gammatrace.principles.geometry import null_cos_scale, path_geometry
 from gammatrace.principles.gradients import grad_norm_per_epoch, gradient_collapse
@@ -65,8 +72,10 @@ __all__ = [
     "DERIVED_COLUMNS",
     "OrderTest",
     "RAW_COLUMNS",
+    "RelationTest",
     "RunPoint",
     "STEP_COLUMNS",
+    "TieReport",
     "certify",
     "check_claim",
     "cos_align",
@@ -94,7 +103,10 @@ __all__ = [
     "per_epoch",
     "per_sample_convergence",
     "rate_bound",
+    "relation_test",
+    "sign_test",
     "step_loss",
     "summarize",
     "theorem1_checks",
+    "tie_report",
 ]

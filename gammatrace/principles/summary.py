@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from gammatrace.principles._util import check_tail, col, drop_tail, plain, resolve_d0_sq
-from gammatrace.principles.certificates import certify, gamma_eff
+from gammatrace.principles.certificates import LIST_KEYS, certify, gamma_eff, rate_gamma
 from gammatrace.principles.geometry import path_geometry
 from gammatrace.principles.series import derive
 from gammatrace.principles.theorem1 import monotone_distance, rate_bound
@@ -55,16 +55,23 @@ def summarize(
     path ratio, whose ``displacement`` (‖θ_0 − θ_T‖, supplied by the caller) spans
     the whole run. Keys:
 
-    - ``gamma_*``: :func:`certify` of γ_k (``gamma_min``, ``gamma_certified``,
+    - ``gamma_*``: :func:`certify` of the table for γ_k — the certified interval
+      ``gamma_lo``, ``gamma_hi`` (+inf stored as null: no step bounds γ from above),
+      the steps binding them ``gamma_lo_step``, ``gamma_hi_step``, ``gamma_certified``
+      (the interval is non-empty), ``gamma_certificate`` (it in one sentence, naming the
+      conflicting steps), ``gamma_n_lower``, ``gamma_n_zero_gap``, ``gamma_n_conflict``,
+      ``gamma_n_unmeasured``; and the γ_k statistics ``gamma_min`` (= ``gamma_hi``),
       ``gamma_n_steps``, ``gamma_n_undefined``, ``gamma_frac_positive``,
-      ``gamma_median``, ``gamma_mean``); ``gamma_rp_*`` the same for γ^RP_k / D_0²
-    - ``gamma_rc_min``; ``star_min``, ``star_frac_nonneg``, ``star_n_undefined``
+      ``gamma_median``, ``gamma_mean``. ``gamma_rp_*`` the same for γ^RP_k / D_0²,
+      ``gamma_rc_*`` for γ^RC_k
+    - ``star_min``, ``star_frac_nonneg``, ``star_n_undefined``
     - ``gamma_eff``: γ_eff(K) at K = T − tail
     - ``dist_n_increase``, ``dist_frac_increase``, ``dist_max_increase``,
       ``dist_sum_increase`` (:func:`monotone_distance`)
     - ``rate_actual``, ``rate_bound``, ``rate_tightness``, ``rate_holds``,
       ``rate_premise_violations``, ``rate_reason`` at the final boundary, with
-      γ = gamma_min (:func:`rate_bound`)
+      γ = gamma_hi, the largest γ of the certified interval; not evaluated (NaN, with the
+      reason) when the interval is empty (:func:`rate_bound`)
     - ``path_length``, ``path_ratio`` (NaN without ``displacement``),
       ``cos_align_mean``, ``cos_align_frac_positive``
     - ``loss_first_epoch``, ``loss_last_epoch``, ``loss_rel_drop``, ``no_progress``:
@@ -102,11 +109,12 @@ def summarize(
     out: dict[str, Any] = {"n_steps_total": len(full), "tail": tail, "n_steps": len(body)}
     out["d0_sq"] = d0
 
-    for name in ("gamma", "gamma_rp"):
-        stats = certify(body[name])
-        # certify() says "gamma_min"; the prefix already names the series.
-        out.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()})
-    out["gamma_rc_min"] = certify(body["gamma_rc"])["gamma_min"]
+    for name in ("gamma", "gamma_rp", "gamma_rc"):
+        stats = certify(df, tail=tail, column=name, d0_sq=d0, ell_inf=ell_inf, eps=eps)
+        # certify() says "gamma_min", "gamma_lo"; the prefix already names the series. The
+        # step lists are in the sentence ("…_certificate"): the summary stays flat scalars.
+        out.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()
+                    if key not in LIST_KEYS})
 
     star = col(body, "star")
     star_def = star[np.isfinite(star)]
@@ -122,7 +130,8 @@ def summarize(
 
     rate_keys = ("actual", "bound", "tightness", "holds", "premise_violations")
     if len(body):
-        rate = rate_bound(body, gamma=out["gamma_min"], boundaries=[len(body)], d0_sq=d0)
+        rate = rate_bound(body, gamma=rate_gamma(out["gamma_certified"], out["gamma_hi"]),
+                          boundaries=[len(body)], d0_sq=d0)
         last = rate["table"].iloc[-1]
         out.update({f"rate_{key}": last[key] for key in rate_keys})
         out["rate_reason"] = rate["reason"]

@@ -4,13 +4,17 @@
 2. per-sample loss convergence (:func:`per_sample_convergence`),
 3. the O(1/(γK)) rate of the loss gap (:func:`rate_bound`),
 
-and the theorem as verdicts with their numbers (:func:`theorem1_checks`): the premise
-(γ_k > 0 on ≥ 95 % of steps, every step shown too) and the three consequences.
+and the theorem as stated, as verdicts with their numbers (:func:`theorem1_checks`): the
+premise (the principle with one γ > 0 on every step: the certified interval of
+:func:`~gammatrace.principles.certificates.certify` is non-empty), item 1 per step
+(‖θ_{k+1} − θ*‖ ≤ ‖θ_k − θ*‖ for all k, paper 002's words; the per-epoch reading beside
+it), items 2 and 3, each with its premise evaluated on every step.
 
 Example:
     >>> from gammatrace.principles import example_steps
     >>> [(c.item, c.verdict) for c in theorem1_checks(example_steps())]  # doctest: +NORMALIZE_WHITESPACE
-    [('γ_k > 0 on ≥ 95% of steps', 'fails'), ('d_k to θ* non-increasing per epoch', 'holds'),
+    [('the principle with one γ > 0 on every step (the premise)', 'fails'),
+     ('‖θ_{k+1} − θ*‖ ≤ ‖θ_k − θ*‖ for every k', 'fails'),
      ('per-sample losses converge', 'not measured'), ('O(1/γK) rate bound with γ = γ_min', 'not applicable')]
 """
 
@@ -24,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gammatrace.principles._util import check_sorted, col, resolve_d0_sq
-from gammatrace.principles.certificates import certify
+from gammatrace.principles._util import check_sorted, col, drop_tail, resolve_d0_sq
+from gammatrace.principles.certificates import certify, rate_gamma
 from gammatrace.principles.series import derive
 
 
@@ -158,8 +162,9 @@ def rate_bound(
     unless ``d0_sq`` normalizes a segment that does not start at θ_0.)
 
     ``boundaries`` are step counts K (1 … T); default: the row position where each
-    new epoch starts, plus T. ``gamma`` defaults to the certified γ_min of the table;
-    if it is not > 0 there is no bound: ``bound``/``tightness`` are NaN and
+    new epoch starts, plus T. ``gamma`` defaults to γ_hi (= γ_min), the largest γ of the
+    certified interval of :func:`certify`, and to NaN when the interval is empty; if it is
+    not > 0 (or is +inf) there is no bound: ``bound``/``tightness`` are NaN and
     ``reason`` says why. The bound presumes the principle on *every* step,
     including those whose γ_k is undefined (gap ≤ ε), so the table also counts
     ``premise_violations`` up to K (steps with P_k < γ η_k D_0² gap_k); with none,
@@ -197,7 +202,8 @@ def rate_bound(
             raise ValueError(f"boundaries must lie in [1, {n}], got {ks.tolist()}")
 
     if gamma is None:
-        gamma = certify(derive(df, d0_sq=d0).gamma)["gamma_min"]
+        cert = certify(df, d0_sq=d0)
+        gamma = rate_gamma(cert["certified"], cert["gamma_hi"])
     gamma = float(gamma)
     reason = None
     if not gamma > 0:
@@ -205,6 +211,8 @@ def rate_bound(
             f"gamma={gamma!r} is not > 0: the principle is not certified on these steps, "
             "so Theorem 1 gives no rate bound"
         )
+    elif math.isinf(gamma):
+        reason = "gamma=inf: no step bounds γ from above (no positive gap), so the bound is 0 in the limit"
 
     sum_lr = np.cumsum(lr)[ks - 1]
     actual = np.cumsum(lr * gap)[ks - 1] / sum_lr
@@ -271,81 +279,138 @@ def epoch_distance(df: pd.DataFrame, d0_sq: float | None = None) -> dict[str, An
 @dataclass(frozen=True)
 class Check:
     """One item of Theorem 1 for one run: ``verdict`` (holds, fails, not applicable, not
-    measured) and the ``numbers`` it rests on, in words."""
+    measured), the ``numbers`` it rests on, in words, and for a consequence its
+    ``premise`` evaluated on every step (empty for the premise's own row)."""
 
     item: str
     verdict: str
     numbers: str
+    premise: str = ""
+
+    @property
+    def text(self) -> str:
+        """``verdict: numbers`` and, for a consequence, ``— premise …``: one report cell."""
+        return f"{self.verdict}: {self.numbers}" + (f" — premise: {self.premise}" if self.premise else "")
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%" if math.isfinite(x) else "—"
 
 
+def _steps(steps: Any) -> str:
+    steps = [int(s) for s in steps]
+    shown = ", ".join(str(s) for s in steps[:5]) + (", …" if len(steps) > 5 else "")
+    return ("steps " if len(steps) > 1 else "step ") + shown
+
+
+PREMISE = "the principle with one γ > 0 on every step (the premise)"
+ITEM1 = "‖θ_{k+1} − θ*‖ ≤ ‖θ_k − θ*‖ for every k"
+ITEM2 = "per-sample losses converge"
+ITEM3 = "O(1/γK) rate bound with γ = γ_min"
+
+
 def theorem1_checks(df: pd.DataFrame, samples: Mapping[str, Any] | None = None,
-                    d0_sq: float | None = None) -> list[Check]:
-    """Theorem 1 for one run as four verdicts, each with its numbers.
+                    d0_sq: float | None = None, tail: int = 0, eps: float = 1e-8) -> list[Check]:
+    """Theorem 1 of paper 002 for one run as four verdicts, each with its numbers.
 
-    ``df``: the run's step table (derived columns are recomputed if absent).
-    ``samples``: the per-sample summary of :func:`per_sample_convergence` (keys
-    ``frac_improved``, ``n_revisited``), None when the run did not record per-sample
-    losses.
+    The theorem: *if the optimization process satisfies the principle* (Definition 1: eq. (2)
+    for one γ > 0 and all k) *then* 1. ‖θ_{k+1} − θ*‖ ≤ ‖θ_k − θ*‖ for all k; 2. each
+    sample's loss converges to its minimum; 3. the accumulated loss converges at
+    O(1/(2ηγK)). ``df``: the run's step table (raw columns; the derived ones are
+    recomputed); the last ``tail`` steps are left out of every row. ``samples``: the
+    per-sample summary of :func:`per_sample_convergence` (keys ``frac_improved``,
+    ``n_revisited``), None when the run did not record per-sample losses. Rows:
 
-    1. *γ_k > 0 on ≥ 95 % of steps* (the principle's premise, γ-OP form): holds when the
-       fraction of defined γ_k that are positive is ≥ 0.95; whether it holds on every step
-       (certified γ_min > 0) is shown beside;
-    2. *d_k to θ* non-increasing per epoch*: holds when no epoch ends farther from θ*
-       than it started (:func:`epoch_distance`); the per-step increases are counted;
-    3. *per-sample losses converge*: holds when the gap at a sample's last visit is ≤ the
+    0. *the premise*, evaluated on every step: holds iff the certified interval of
+       :func:`certify` is non-empty (the sentence names the steps binding each end, or
+       those in conflict); the fraction of defined γ_k > 0 is shown beside, as a number,
+       not a verdict;
+    1. *item 1 as stated, per step*: holds iff d_k never rises (P_k ≥ 0 on every step);
+       the rising steps are named, and the per-epoch reading (what the papers' figures
+       can show: does an epoch end farther from θ* than it started,
+       :func:`epoch_distance`) is given beside;
+    2. *per-sample losses converge*: holds when the gap at a sample's last visit is ≤ the
        gap at its first for ≥ 95 % of the samples visited twice or more;
-    4. *the O(1/γK) rate bound with γ = γ_min* at every epoch boundary
-       (:func:`rate_bound`): not applicable when γ_min ≤ 0 (no bound is implied).
+    3. *the O(1/γK) rate bound* at every epoch boundary (:func:`rate_bound`) with γ = γ_hi
+       (= γ_min), the largest γ of the certified interval: not applicable when the
+       interval is empty (no bound is implied).
+
+    Each consequence carries its premise evaluated on every step (``Check.premise``): for
+    items 1 and 2 the principle and that θ* minimizes every batch's loss (ℓ_k ≥ ℓ*_k —
+    problem (P)'s global minimizer; where ℓ_k < ℓ*_k the principle allows P_k < 0), for
+    item 3 the principle alone. A consequence that holds without its premise is shown as
+    such: the theorem neither predicts nor explains it.
 
     Example:
         >>> from gammatrace.principles import example_steps
         >>> checks = theorem1_checks(example_steps(), {"frac_improved": 0.99, "n_revisited": 200})
         >>> checks[0].numbers
-        'γ_k > 0 on 75.0% of 4 defined steps; on every step: no (γ_min = -1.81)'
+        'on every step: no — step 1 allows no γ > 0 (γ_k = -1.81); γ_k > 0 on 75.0% of 4 defined steps'
+        >>> checks[1].verdict, checks[1].numbers
+        ('fails', "d_k rises at 1 of 4 steps (step 1; largest rise 0.1 D_0); per epoch (what the papers' \
+figures show): 0 of 2 epochs end farther from θ*")
+        >>> checks[1].premise
+        'principle on every step: no; ℓ_k ≥ ℓ*_k on every step: yes'
         >>> checks[2].verdict, checks[2].numbers
         ('holds', 'last visit ≤ first visit for 99.0% of 200 revisited samples')
     """
     check_sorted(df)
-    steps = df if "gamma" in df.columns else derive(df, d0_sq=d0_sq)
-    stats = certify(steps["gamma"]) if len(steps) else certify([])
+    steps = drop_tail(df, tail)
+    d0 = resolve_d0_sq(df, d0_sq)
+    steps = derive(steps, d0_sq=d0, eps=eps)
+    cert = certify(steps, d0_sq=d0, eps=eps)
     out = []
-    frac, gmin, n_def = stats["frac_positive"], stats["gamma_min"], stats["n_steps"] - stats["n_undefined"]
-    verdict = NOT_MEASURED if not n_def else (HOLDS if frac >= FRACTION_REQUIRED else FAILS)
-    out.append(Check("γ_k > 0 on ≥ 95% of steps", verdict,
-                     f"γ_k > 0 on {_pct(frac)} of {n_def} defined steps; on every step: "
-                     f"{'yes' if gmin > 0 else 'no'} (γ_min = {gmin:.3g})"
-                     + (f"; {stats['n_undefined']} undefined" if stats["n_undefined"] else "")))
+    frac, gmin, n_def = cert["frac_positive"], cert["gamma_min"], cert["n_steps"] - cert["n_undefined"]
+    principle = "yes" if cert["certified"] else "no"
+    out.append(Check(PREMISE, NOT_MEASURED if not len(steps) else (HOLDS if cert["certified"] else FAILS),
+                     f"on every step: {cert['certificate']}; γ_k > 0 on {_pct(frac)} of {n_def} defined steps"
+                     + (f"; {cert['n_undefined']} undefined" if cert["n_undefined"] else "")))
 
-    dist = epoch_distance(steps, d0_sq=d0_sq)
-    step_up = monotone_distance(steps, d0_sq=d0_sq) if len(steps) else {"n_increase": 0, "n_steps": 0}
-    out.append(Check("d_k to θ* non-increasing per epoch",
-                     NOT_MEASURED if not dist["n_epochs"] else (HOLDS if dist["n_increase"] == 0 else FAILS),
-                     f"{dist['n_increase']} of {dist['n_epochs']} epochs end farther from θ* "
-                     f"(largest rise {dist['max_increase']:.3g} D_0); per step: {step_up['n_increase']} of "
-                     f"{step_up['n_steps']} steps increase d_k"))
+    gap = col(steps, "loss") - col(steps, "loss_ref")
+    below = gap < -eps
+    step_ids = steps["step"].to_numpy() if "step" in steps.columns else np.arange(len(steps))
+    minimizer = "yes" if not below.any() else \
+        f"no ({int(below.sum())} of {len(steps)} steps with ℓ_k − ℓ*_k < −ε: {_steps(step_ids[below])})"
+    premise_12 = f"principle on every step: {principle}; ℓ_k ≥ ℓ*_k on every step: {minimizer}"
+
+    dist = epoch_distance(steps, d0_sq=d0)
+    if len(steps):
+        mono = monotone_distance(steps, d0_sq=d0)
+        up = step_ids[col(steps, "progress") < 0]
+        where = f" ({_steps(up)}; largest rise {mono['max_increase']:.3g} D_0)" if len(up) else ""
+        out.append(Check(ITEM1, HOLDS if mono["n_increase"] == 0 else FAILS,
+                         f"d_k rises at {mono['n_increase']} of {mono['n_steps']} steps{where}; per epoch "
+                         f"(what the papers' figures show): {dist['n_increase']} of {dist['n_epochs']} epochs "
+                         "end farther from θ*", premise_12))
+    else:
+        out.append(Check(ITEM1, NOT_MEASURED, "no steps"))
 
     frac_s = float(samples.get("frac_improved", math.nan)) if samples else math.nan
     n_rev = int(samples.get("n_revisited") or 0) if samples else 0
     if not samples or not n_rev or not math.isfinite(frac_s):
-        out.append(Check("per-sample losses converge", NOT_MEASURED,
-                         "no per-sample losses recorded (analysis.per_sample) or no sample visited twice"))
+        out.append(Check(ITEM2, NOT_MEASURED,
+                         "no per-sample losses recorded (analysis.per_sample) or no sample visited twice",
+                         premise_12 if len(steps) else ""))
     else:
-        out.append(Check("per-sample losses converge", HOLDS if frac_s >= FRACTION_REQUIRED else FAILS,
-                         f"last visit ≤ first visit for {_pct(frac_s)} of {n_rev} revisited samples"))
+        out.append(Check(ITEM2, HOLDS if frac_s >= FRACTION_REQUIRED else FAILS,
+                         f"last visit ≤ first visit for {_pct(frac_s)} of {n_rev} revisited samples", premise_12))
 
-    item = "O(1/γK) rate bound with γ = γ_min"
+    gamma = rate_gamma(cert["certified"], cert["gamma_hi"])
+    premise_3 = f"principle on every step: {principle}"
     if not len(steps):
-        out.append(Check(item, NOT_MEASURED, "no steps"))
+        out.append(Check(ITEM3, NOT_MEASURED, "no steps"))
     elif not gmin > 0:
-        out.append(Check(item, NOT_APPLICABLE, f"γ_min = {gmin:.3g} ≤ 0: the theorem implies no rate"))
+        out.append(Check(ITEM3, NOT_APPLICABLE, f"γ_min = {gmin:.3g} ≤ 0: the theorem implies no rate", premise_3))
+    elif not cert["certified"]:
+        out.append(Check(ITEM3, NOT_APPLICABLE, f"γ_min = {gmin:.3g}, but no γ > 0 meets every step: "
+                         "the theorem implies no rate", premise_3))
+    elif not math.isfinite(gamma):
+        out.append(Check(ITEM3, NOT_APPLICABLE, "no step bounds γ from above: the bound is 0 in the limit",
+                         premise_3))
     else:
-        table = rate_bound(steps, gamma=gmin, d0_sq=d0_sq)["table"]
+        table = rate_bound(steps, gamma=gamma, d0_sq=d0)["table"]
         held = int(table["holds"].fillna(False).sum())
-        out.append(Check(item, HOLDS if held == len(table) else FAILS,
+        out.append(Check(ITEM3, HOLDS if held == len(table) else FAILS,
                          f"holds at {held} of {len(table)} epoch boundaries; actual / bound at the last: "
-                         f"{float(table['tightness'].iloc[-1]):.3g}"))
+                         f"{float(table['tightness'].iloc[-1]):.3g} (γ = γ_hi = {gamma:.3g})", premise_3))
     return out

@@ -52,8 +52,8 @@ TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full tr
                       "(papers 000/001, eq. 2: gap to inf ℓ, the quantity those papers plot). Dashed: flagged no "
                       "progress.")
 THEOREM1_CAPTION = ("Theorem 1 per epoch (θ* = θ_T; first seed of each cell): d/D_0 at every epoch boundary, and "
-                    "the running mean of the loss gap against its O(1/γK) bound with γ = γ_min (dashed; absent "
-                    "when γ_min ≤ 0).")
+                    "the running mean of the loss gap against its O(1/γK) bound with γ = γ_hi = γ_min, the largest γ "
+                    "meeting every step (dashed; absent when no γ > 0 meets every step).")
 MATCHED_CAPTION = ("γ at matched loss: every step's γ_k against its mini-batch loss ℓ_k (dots), and each cell's "
                    "median γ_k at 10 log-spaced levels of the full training loss over the range every comparable "
                    "run reaches (shaded; line: mean over seeds, band: min–max) — the values the matched-loss test "

@@ -21,7 +21,7 @@ Example:
     ...            example_entry("sigmoid", 0.1, [1.0, 0.12]), example_entry("flat", 2.4, [2.3, 2.3], no_progress=True)]
     >>> check = check_runs(entries)
     >>> [e.label for e in check.runs], check.result.text
-    (['relu', 'tanh', 'sigmoid'], 'single seed (one run per cell: p = 0.17, reversed p = 1 shown, never a verdict)')
+    (['relu', 'tanh', 'sigmoid'], 'single seed (one run per cell: trend p = 0.17, reversed 1 shown, never a verdict)')
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def run_point(entry: RunEntry | None, conv: float, *, run: str, cell: str, train
     Example:
         >>> from gammatrace.reporting.collect import example_entry
         >>> run_point(example_entry("relu", 0.29), 6.0, run="relu-s0", cell="relu")
-        RunPoint(run='relu-s0', cell='relu', gamma=0.29, conv=6.0, excluded=None)
+        RunPoint(run='relu-s0', cell='relu', gamma=0.29, conv=6.0, excluded=None, seed=None)
         >>> run_point(None, 6.0, run="relu-s0", cell="relu", trained=example_entry("relu"),
         ...           reference="continuation").excluded
         'no continuation analysis'
@@ -270,7 +270,7 @@ def check_runs(entries: Sequence[RunEntry]) -> RunsCheck:
     The eligible runs (:func:`exclusion`) each form a cell of their own; the others are
     left out (the caller lists them). The claimed order is the runs by convergence,
     fastest first, runs that converged equally fast tied. Each run is one seed, so the
-    verdict is "single seed" (its p-value shown), inconclusive when the runs end at
+    verdict is "single seed" (the trend's p-value shown), inconclusive when the runs end at
     losses too far apart (:func:`end_point_problem`) or converged all alike; ``result``
     is None with fewer than two runs.
 
@@ -279,7 +279,7 @@ def check_runs(entries: Sequence[RunEntry]) -> RunsCheck:
         >>> runs = [example_entry("a", 0.3, [1, 0.10]), example_entry("b", 0.2, [1, 0.11]),
         ...         example_entry("c", 0.4, [1, 0.12]), example_entry("d", 0.1, [1, 0.13])]
         >>> check = check_runs(runs)
-        >>> check.order, check.result.verdict, round(check.result.p_value, 3)
+        >>> check.order, check.result.verdict, round(check.result.trend.p_value, 3)
         ((('a',), ('b',), ('c',), ('d',)), 'single seed', 0.375)
     """
     runs = eligible(entries)

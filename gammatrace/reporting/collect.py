@@ -139,10 +139,17 @@ class RunEntry:
         steps = steps[steps["epoch"] < n].reset_index(drop=True) if "epoch" in steps else steps.iloc[:0]
         epochs = self.epochs[self.epochs["epoch"] < n] if "epoch" in self.epochs else self.epochs
         summary = dict(self.summary)
+        raw = {"step", "progress", "lr", "loss", "dist_sq"} <= set(steps.columns)
+        d0 = num(summary.get("d0_sq"))
         for name in ("gamma", "gamma_rp"):
             if name in steps:
-                stats = P.certify(steps[name])
-                summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()})
+                # The certified interval needs the raw columns (a step with undefined γ_k is a
+                # constraint too); from γ_k alone such a step is unknown and nothing is certified.
+                stats = (P.certify(steps, column=name, d0_sq=d0 if math.isfinite(d0) else None,
+                                   ell_inf=num(summary.get("ell_inf")) if _finite(summary.get("ell_inf")) else 0.0)
+                         if raw and (name == "gamma_rp" or "loss_ref" in steps) else P.certify(steps[name]))
+                summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()
+                                if key not in ("conflict_steps", "zero_fail_steps")})
         return replace(self, steps=steps, epochs=epochs, summary=summary, window=n)
 
 

@@ -11,7 +11,7 @@ Example:
     >>> from gammatrace.reporting.document import to_markdown
     >>> md = to_markdown(ordering([example_entry("relu", 0.3, [1, 0.10]), example_entry("tanh", 0.2, [1, 0.11]),
     ...                            example_entry("sigmoid", 0.1, [1, 0.12])]))
-    >>> "relu > tanh > sigmoid: single seed (one run per cell: p = 0.17, reversed p = 1 shown" in md
+    >>> "relu > tanh > sigmoid: single seed (one run per cell: trend p = 0.17, reversed 1 shown" in md
     True
 """
 
@@ -196,8 +196,9 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
 def ordering(entries: Sequence[RunEntry]) -> list[Block]:
     """Runs that may be compared, by median γ_k next to their ordering by convergence, and
     the verdict of :func:`~gammatrace.reporting.claims.check_runs`: the one rule of every
-    report (the exact permutation test), with the runs ordered by convergence as the
-    claim and each run a cell of one seed — so "single seed", with its p-value.
+    report (every strict relation tested exactly, intersection–union), with the runs
+    ordered by convergence as the claim and each run a cell of one seed — so "single
+    seed", with the trend's p-value.
 
     Example:
         >>> from gammatrace.reporting.collect import example_entry
@@ -233,10 +234,11 @@ def ordering(entries: Sequence[RunEntry]) -> list[Block]:
                else f"inconclusive (fewer than 2 comparable runs ({len(runs)}))")
     blocks.append(Text(
         f"Faster convergence ⇔ larger median γ_k, the runs ordered by convergence as the claim — {verdict}. "
-        f"(The rule of every report, the study's too: the exact one-sided permutation test of the claimed order "
-        f"over the seeds, consistent when p < α = {ALPHA:g}, not consistent when the reversed order's p < α, "
-        "inconclusive otherwise; a single seed per cell is never a verdict, so runs outside a study — one seed "
-        "each — only show the p-value. Inconclusive too when the final train losses differ by more than "
+        f"(The rule of every report, the study's too: an exact one-sided test of every strict relation of the "
+        f"claimed order over the seeds, consistent when every relation's p < α = {ALPHA:g}, not consistent when "
+        "some relation is significantly reversed (Holm), inconclusive otherwise; a single seed per cell is never "
+        "a verdict, so runs outside a study — one seed each — only show the p-value of the Jonckheere–Terpstra "
+        "trend of the whole order. Inconclusive too when the final train losses differ by more than "
         f"{LOSS_RATIO_LIMIT:g}×. Convergence: epochs to the target loss when every run shares one, else the final "
         "train loss. Run a study with several seeds per cell for a verdict.)"))
     return blocks

@@ -373,7 +373,8 @@ def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: li
     Row 1: d/D_0 at every epoch boundary (the theorem says it never rises). Row 2: the
     rate of item 3 at every epoch boundary K: the running mean of the loss gap,
     Σ_{k<K} η_k (ℓ_k − ℓ*_k) / Σ_{k<K} η_k (solid), and its bound 1 / (2 γ Σ_{k<K} η_k)
-    with γ = γ_min (dashed; not drawn when γ_min ≤ 0: no bound). Returns None when no
+    with γ = γ_hi = γ_min, the largest γ of the certified interval (dashed; not drawn when
+    the interval is empty: no γ > 0 meets every step, no bound). Returns None when no
     run has the columns.
 
     Example:
@@ -396,11 +397,12 @@ def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: li
             notes.append(f"{e.label}: Theorem 1 figure skipped (missing {', '.join(miss)})")
             continue
         steps = e.steps.sort_values("step")
-        gmin = float(P.certify(P.derive(steps)["gamma"])["gamma_min"]) if "gamma" not in steps else \
-            float(P.certify(steps["gamma"])["gamma_min"])
+        # The bound takes γ_hi (= γ_min), the largest γ of the certified interval; none when it is empty.
+        cert = P.certify(steps)
+        gamma = float(cert["gamma_hi"]) if cert["certified"] and math.isfinite(cert["gamma_hi"]) else math.nan
         dist = P.epoch_distance(steps)
-        rate = P.rate_bound(steps, gamma=gmin)["table"]
-        lines.append((name, color, dist["curve"], rate, gmin > 0))
+        rate = P.rate_bound(steps, gamma=gamma)["table"]
+        lines.append((name, color, dist["curve"], rate, gamma > 0))
     if not lines:
         notes.append("Theorem 1 figure not drawn: no run has the columns")
         return None
@@ -411,7 +413,7 @@ def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: li
         x = np.arange(1, len(rate) + 1)
         ax_r.plot(x, rate["actual"], "-o", ms=3, color=color, lw=1.3, label=f"{name}: running mean gap")
         if bounded:
-            ax_r.plot(x, rate["bound"], "--", color=color, lw=1.1, label=f"{name}: bound (γ = γ_min)")
+            ax_r.plot(x, rate["bound"], "--", color=color, lw=1.1, label=f"{name}: bound (γ = γ_hi = γ_min)")
     ax_d.set_ylabel(r"$d / D_0$ at epoch boundaries")
     ax_d.set_ylim(bottom=0)
     ax_d.set_title("Theorem 1 (1): distance to θ* at every epoch boundary (never rises)", fontsize=10)

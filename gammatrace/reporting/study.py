@@ -5,13 +5,14 @@ A study folder holds ``study.json`` (cells, groups, seeds, claims; the typed
 :func:`gammatrace.experiments.study.run_study`) beside one folder per run. This module
 turns the runs' own summaries and step tables into:
 
-- the **claim check** (:func:`check_study_claim`): for each claim, the exact permutation
-  test of its weak order over every seed (:func:`~gammatrace.principles.claims.check_claim`,
-  the one rule of every report) on each seed's median γ_k — with the continuation
+- the **claim check** (:func:`check_study_claim`): for each claim, the exact test of
+  every strict relation of its weak order, paired by seed, decided by intersection–union
+  (:func:`~gammatrace.principles.claims.check_claim`, the one rule of every report) on
+  each seed's median γ_k — with the continuation
   reference θ* (the verdict; trained beyond the horizon, so the telescoping does not
   close) and with θ* = θ_T beside it — and on each seed's γ at matched training loss
-  (:func:`~gammatrace.reporting.claims.matched_loss`), each with its p-value;
-  convergence speed beside the verdict, never part of it. γ_eff is never the γ of a
+  (:func:`~gammatrace.reporting.claims.matched_loss`), each with its p-values; the
+  paper's stated speed order, where it states one, as a verdict of its own beside. γ_eff is never the γ of a
   claim: with θ* = θ_T it is a function of the losses (DESIGN §1);
 - **Theorem 1** as verdicts per run and per cell (:func:`theorem1_blocks`);
 - a table per run (certified γ_min, fraction γ_k > 0, γ_eff labelled loss-determined,
@@ -22,12 +23,12 @@ turns the runs' own summaries and step tables into:
 Example:
     >>> from gammatrace.reporting.collect import example_entry
     >>> last = [example_entry(f"{c}-s{i}", g + 0.01 * i, [1, 0.1]) for c, g in [("a", 0.3), ("b", 0.2)]
-    ...         for i in range(4)]
+    ...         for i in range(5)]
     >>> meta = StudyMeta(study="s", runs={e.run.path.name: e.label.split("-")[0] for e in last},  # folder -> cell
-    ...                  claims=[Claim("a first", "a > b")])
+    ...                  seed_of={e.run.path.name: int(e.label[-1]) for e in last}, claims=[Claim("a first", "a > b")])
     >>> check = check_study_claim(meta.claims[0], study_runs(meta, last, cont=[]))
-    >>> check.results["median", "last"].text
-    'consistent (p = 0.014 < α = 0.05)'
+    >>> check.results["median", "last"].text  # paired by seed: 5 of 5 seeds above, p = 2^-5
+    'consistent (every relation p < α = 0.05: a > b: p = 0.031)'
     >>> check.results["median", "continuation"].reason
     'cells excluded: a, b'
 """
@@ -37,13 +38,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gammatrace.principles.claims import ALPHA, ClaimResult, RunPoint, check_claim
+from gammatrace.principles.claims import ALPHA, ClaimResult, RunPoint, check_claim, order_text
 from gammatrace.principles.theorem1 import FAILS, HOLDS, NOT_APPLICABLE
 from gammatrace.reporting.claims import (
     LOSS_RATIO_LIMIT,
@@ -107,6 +108,7 @@ class StudyRun:
     group: str
     last: RunEntry
     cont: RunEntry | None
+    seed: int | None = None  # the seed index (study.json's seed_of): a seed's runs are paired across cells
 
     def entry(self, ref: str) -> RunEntry | None:
         return self.last if ref == "last" else self.cont
@@ -114,12 +116,13 @@ class StudyRun:
     def first_epochs(self, n: int) -> StudyRun:
         """The run cut to its first ``n`` epochs under both references (:meth:`RunEntry.first_epochs`)."""
         return StudyRun(self.name, self.cell, self.group, self.last.first_epochs(n),
-                        self.cont.first_epochs(n) if self.cont is not None else None)
+                        self.cont.first_epochs(n) if self.cont is not None else None, self.seed)
 
     def point(self, ref: str, conv: float, gamma: float | None = None) -> RunPoint:
         # The flags that exclude a run come from its training: the same for every reference.
-        return run_point(self.entry(ref), conv, run=self.name, cell=self.cell, trained=self.last, reference=ref,
-                         gamma=gamma)
+        p = run_point(self.entry(ref), conv, run=self.name, cell=self.cell, trained=self.last, reference=ref,
+                      gamma=gamma)
+        return replace(p, seed=self.seed)
 
 
 @dataclass
@@ -175,21 +178,23 @@ def check_study_claim(claim: Claim, runs: Sequence[StudyRun]) -> ClaimCheck:
         entries = [r.entry(ref) for r in ok if r.entry(ref) is not None and r.entry(ref).analysed]
         m = matched[ref] = matched_loss(entries)
         results["median", ref] = check_claim(claim.order, [r.point(ref, conv[r.name]) for r in mine],
-                                             incomparable=apart)
+                                             incomparable=apart, speed=claim.speed,
+                                             equivalent_within=claim.equivalent_within)
 
         def point(r: StudyRun, gamma: float, ref: str = ref, m: MatchedLoss = m) -> RunPoint:
             p = r.point(ref, conv[r.name], gamma=gamma)
             if p.excluded == "median γ_k undefined":
                 why = m.problem or "no step of this run in the matched loss range"
-                p = RunPoint(p.run, p.cell, p.gamma, p.conv, f"γ at matched loss undefined ({why})")
+                p = replace(p, excluded=f"γ at matched loss undefined ({why})")
             return p
 
         label = {r.name: (r.entry(ref).label if r.entry(ref) is not None else r.name) for r in mine}
         results["matched", ref] = check_claim(
-            claim.order, [point(r, m.value.get(label[r.name], math.nan)) for r in mine], incomparable=apart)
+            claim.order, [point(r, m.value.get(label[r.name], math.nan)) for r in mine], incomparable=apart,
+            equivalent_within=claim.equivalent_within)
         per_level[ref] = [check_claim(claim.order, [point(r, float(m.per_level[label[r.name]][i])
                                                           if label[r.name] in m.per_level else math.nan)
-                                                    for r in mine])
+                                                    for r in mine], equivalent_within=claim.equivalent_within)
                           for i in range(len(m.levels))]
     return ClaimCheck(claim, mine, convs, results, matched, per_level)
 
@@ -204,8 +209,8 @@ def _spread(values: Sequence[float]) -> str:
     return f"{fmt(float(np.mean(vals)))} [{fmt(min(vals), 3)}, {fmt(max(vals), 3)}]"
 
 
-def _stat_text(t: Any) -> str:
-    return f"{fmt(t.statistic)} / {t.pairs}" if t is not None else MISSING
+def _trend_text(t: Any) -> str:
+    return f"{fmt(t.statistic)} / {t.pairs}, p = {fmt(t.p_value, 3)}" if t is not None else MISSING
 
 
 def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
@@ -265,18 +270,24 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
         for ref, ref_label in REFERENCES.items():
             r = check.results[stat, ref]
             mark = " — the verdict" if (stat, ref) == ("median", check.verdict_ref) else ""
-            vrows.append([stat_label + mark, ref_label, _stat_text(r.test), fmt(r.p_value, 3), fmt(r.p_reversed, 3),
-                          "+".join(str(n) for n in r.test.sizes) if r.test is not None else MISSING, r.text])
-    blocks.append(Table(["statistic", "reference point", "J / pairs", "p (claimed order)", "p (reversed order)",
-                         "seeds per level", "verdict"], vrows))
+            vrows.append([stat_label + mark, ref_label, r.relations_text or MISSING, fmt(r.p_value, 3),
+                          fmt(r.p_reversed, 3), r.design,
+                          "+".join(str(n) for n in r.trend.sizes) if r.trend is not None else MISSING,
+                          _trend_text(r.trend), r.text])
+    blocks.append(Table(["statistic", "reference point", "relations (exact one-sided p each)",
+                         "p (largest relation p)", "p reversed (Holm)", "design", "seeds per level",
+                         "trend J / pairs, p (side statistic, not the verdict)", "verdict"], vrows))
 
     speed = verdict.speed
     items = [f"by median γ_k, {label}: " + (" > ".join(check.results['median', ref].gamma_order)
                                               or "no comparable cell") for ref, label in REFERENCES.items()]
-    items.append(f"convergence speed, beside the verdict (not part of it) — by {check.conv.text}: "
+    items += [f"tie, {t.text}" for t in verdict.ties]
+    if speed is not None:
+        items.append(f"convergence speed as the paper states it ({order_text(speed.levels)}, fastest first), "
+                     f"by {check.conv.text.split(' (')[0]} — its own verdict, beside the γ verdict: {speed.text}")
+    items.append(f"convergence speed observed, by {check.conv.text}: "
                  + (" > ".join(verdict.speed_order) or "no comparable cell")
-                 + (f"; the same exact test of the claimed order on speed: p = {fmt(speed.p_value, 3)}, "
-                    f"reversed p = {fmt(speed.p_reversed, 3)}" if speed is not None else ""))
+                 + ("" if speed is not None else "; the paper states no speed order for this claim, so none is tested"))
     blocks.append(Bullets(items))
 
     m = check.matched[check.verdict_ref]
@@ -306,20 +317,28 @@ def claim_check_blocks(info: StudyMeta, runs: Sequence[StudyRun]) -> tuple[list[
     """The "Claim check" section: the rule in words, then every claim; and the checks."""
     blocks: list[Block] = [Heading("Claim check", 2), Text(
         "Each claim is a weak order of cells by γ, largest first, as the paper states it (≈: the paper asserts "
-        "no order between those cells). Statistic: each seed's median γ_k. Test: the exact one-sided "
-        "permutation test of the claimed order over all cells' seeds — the Jonckheere–Terpstra count J of "
-        "seed pairs ordered as claimed (pairs inside a tied level do not count), its p-value the share of all "
-        f"assignments of the seeds' values to the cells with J at least as large. Verdict: consistent when p < "
-        f"α = {ALPHA:g}; not consistent when the reversed order's p < α; single seed when a cell has one run "
-        "(never a verdict); inconclusive otherwise, with the reason — also when a cell of the claim has a run "
+        "no order between those cells). Statistic: each seed's median γ_k. The order is the set of its strict "
+        "relations a > b — every cell of a level above every cell of every lower level — and each relation gets an "
+        "exact one-sided test: the sign test on the per-seed differences where the two cells share their seeds "
+        "(a seed's runs share its batch order, and its initial point where the study shares one; a zero "
+        "difference counts against the claim), the Mann–Whitney test where they do not. Verdict "
+        f"(intersection–union): consistent only when every relation's p < α = {ALPHA:g}; not consistent when some "
+        "relation is significantly reversed (Holm over the relations); single seed when a cell has one run (never "
+        "a verdict); inconclusive otherwise, naming the relations not separated and their p, and saying when the "
+        "seed counts cannot reach a verdict at all (paired: 2⁻ⁿ < α for consistent, 2⁻ⁿ < α/r for not consistent "
+        "over r relations) — also when a cell of the claim has a run "
         "that is excluded (no progress, missed target, diverged, not analysed) or the comparable runs' final "
-        f"train losses differ by more than {LOSS_RATIO_LIMIT:g}×. The verdict uses the continuation reference "
+        f"train losses differ by more than {LOSS_RATIO_LIMIT:g}×. A tie (≈) is not tested: the observed per-seed "
+        "difference and an exact confidence interval are shown; a claim with an equivalence margin δ gives each "
+        "tie its own verdict (two one-sided exact tests of |difference| < δ). The Jonckheere–Terpstra count of "
+        "the whole order is shown as a trend statistic only. The verdict uses the continuation reference "
         "θ* (trained beyond the analysed horizon, so the telescoping does not close; θ* = θ_T where no run of a "
         "claim has one, said there); θ* = θ_T is shown beside "
         "it, and both again with each seed's γ at matched training loss (the median over 10 log-spaced levels "
         "of the full training loss that every comparable run reaches; with θ* = θ_T the average γ is a function "
-        "of the losses, DESIGN §1). Convergence speed (epochs to the common target loss, or the final train loss "
-        "without one) is reported beside the verdict, not part of it. γ_eff is not used: with θ* = θ_T it is "
+        "of the losses, DESIGN §1). Where the paper states an order of convergence speed, it gets its own verdict "
+        "by the same rule on −epochs to the common target loss, beside the γ verdict; otherwise the observed "
+        "speed order is listed, untested. γ_eff is not used: with θ* = θ_T it is "
         "a function of the losses alone. The report of runs outside a study applies the same rule.")]
     if not info.claims:
         return blocks + [Text("This study states no claim.")], []
@@ -433,7 +452,7 @@ def study_runs(info: StudyMeta, last: Sequence[RunEntry], cont: Sequence[RunEntr
     folder name), and its cell and group from ``study.json``. Example: see the module."""
     by_name = {e.run.path.name: e for e in cont}
     return [StudyRun(e.run.path.name, info.cell(e.run.path.name), info.group(e.run.path.name), e,
-                     by_name.get(e.run.path.name)) for e in last]
+                     by_name.get(e.run.path.name), info.seed_of.get(e.run.path.name)) for e in last]
 
 
 def safe_stem(text: str) -> str:

@@ -54,17 +54,30 @@ class Claim(BaseModel):
     # A claim the paper states over a window ("in the first 20 epochs"): its statistics
     # use the steps of epochs 0 … first_epochs − 1 only. None: the whole run.
     first_epochs: int | None = Field(None, ge=1)
+    # An equivalence margin δ for the order's ties ("comparable γ"): each tie a ≈ b gets its
+    # own verdict, |γ_a − γ_b| < δ by two one-sided exact tests. None: ties are not tested.
+    equivalent_within: float | None = Field(None, gt=0)
+    # The order of convergence speed the paper states (fastest first), checked by the same
+    # rule on −epochs beside the γ verdict. None: the paper states none for this claim.
+    speed: tuple[tuple[str, ...], ...] | None = None
 
     # Positional construction, Claim(text, order, group), reads like the claim it states.
     def __init__(self, text: str, order: str | Sequence[Any], group: str | None = None,
-                 source: str | None = None, first_epochs: int | None = None) -> None:
-        super().__init__(text=text, order=order, group=group, source=source, first_epochs=first_epochs)
+                 source: str | None = None, first_epochs: int | None = None,
+                 equivalent_within: float | None = None, speed: str | Sequence[Any] | None = None) -> None:
+        super().__init__(text=text, order=order, group=group, source=source, first_epochs=first_epochs,
+                         equivalent_within=equivalent_within, speed=speed)
 
     @field_validator("order", mode="before")
     @classmethod
     def _levels(cls, value: Any) -> Order:
         # A study.json of an earlier version stores a strict order as a list of names.
         return parse_order(value)
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_levels(cls, value: Any) -> Order | None:
+        return None if value is None else parse_order(value)
 
     @property
     def cells(self) -> tuple[str, ...]:

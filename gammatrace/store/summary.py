@@ -9,8 +9,10 @@ are kept as extras.
 Example:
     >>> s = RunSummary(reference="last", n_steps=10, n_steps_total=10, gamma_min=0.2, gamma_median=0.3,
     ...                gamma_frac_positive=1.0, no_progress=False)
-    >>> s.gamma_min, s.certified
+    >>> s.gamma_min, s.certified  # an old summary without gamma_certified: γ_min > 0 and no undefined step
     (0.2, True)
+    >>> RunSummary(reference="last", n_steps=10, gamma_min=0.2, gamma_lo=0.3, gamma_certified=False).certified
+    False
     >>> from pydantic import ValidationError
     >>> try:
     ...     RunSummary.model_validate({"reference": "last", "n_steps": "ten"})
@@ -37,9 +39,21 @@ class RunSummary(BaseModel):
     tail: int = 0
     n_steps: int
     d0_sq: Num = None
-    # γ-optimization principle: γ_k = P_k / (η_k D_0² (ℓ_k − ℓ*_k))
+    # γ-optimization principle: γ_k = P_k / (η_k D_0² (ℓ_k − ℓ*_k)). The certificate is the
+    # interval [gamma_lo, gamma_hi] of γ > 0 with P_k ≥ γ η_k D_0² (ℓ_k − ℓ*_k) on every step
+    # (gamma_lo 0: no lower bound; gamma_hi = gamma_min, null: no upper bound); certified iff
+    # it is non-empty. gamma_*_step: the step binding each end; gamma_certificate: in words.
     gamma_min: Num = None
     gamma_certified: bool | None = None
+    gamma_lo: Num = None
+    gamma_hi: Num = None
+    gamma_lo_step: int | None = None
+    gamma_hi_step: int | None = None
+    gamma_certificate: str | None = None
+    gamma_n_lower: int | None = None
+    gamma_n_zero_gap: int | None = None
+    gamma_n_conflict: int | None = None
+    gamma_n_unmeasured: int | None = None
     gamma_n_steps: int | None = None
     gamma_n_undefined: int | None = None
     gamma_frac_positive: Num = None
@@ -49,7 +63,13 @@ class RunSummary(BaseModel):
     gamma_rp_min: Num = None
     gamma_rp_median: Num = None
     gamma_rp_frac_positive: Num = None
+    gamma_rp_certified: bool | None = None
+    gamma_rp_lo: Num = None
+    gamma_rp_hi: Num = None
     gamma_rc_min: Num = None
+    gamma_rc_certified: bool | None = None
+    gamma_rc_lo: Num = None
+    gamma_rc_hi: Num = None
     star_min: Num = None
     star_frac_nonneg: Num = None
     # loss-determined with θ* = θ_T (DESIGN §1): shown, labelled, never a claim's statistic
@@ -75,5 +95,10 @@ class RunSummary(BaseModel):
 
     @property
     def certified(self) -> bool:
-        """γ_min > 0: the principle holds on the whole trajectory with γ = γ_min."""
-        return self.gamma_min is not None and self.gamma_min > 0
+        """The principle holds on every step outside the tail with one γ > 0: the certified
+        interval [γ_lo, γ_hi] is non-empty (``gamma_certified``). A summary written before the
+        interval existed falls back to γ_min > 0 with no undefined γ_k (an undefined step may
+        be a constraint no γ meets, so it never lets a certificate hold)."""
+        if self.gamma_certified is not None:
+            return self.gamma_certified
+        return self.gamma_min is not None and self.gamma_min > 0 and not self.gamma_n_undefined
