@@ -109,7 +109,8 @@ def test_report_numbers_equal_the_runs_tables(study):
         run = load_run(out / name)
         s, c = run.summary("last"), run.summary("continuation")
         epochs = run.epochs()
-        for header, value in [("certified γ_min", s["gamma_min"]), ("fraction γ_k > 0", s["gamma_frac_positive"]),
+        for header, value in [("certified on every step", s["gamma_certified"]), ("γ_lo", s["gamma_lo"]),
+                              ("γ_hi = min γ_k", s["gamma_min"]), ("fraction γ_k > 0", s["gamma_frac_positive"]),
                               ("median γ_k", s["gamma_median"]), ("median γ_k (continuation)", c["gamma_median"]),
                               ("γ_eff (loss-determined)", s["gamma_eff"]), ("d_k increases", s["dist_n_increase"]),
                               ("rate tightness (actual / bound)", s["rate_tightness"]),

@@ -365,8 +365,8 @@ def theorem1(entry: RunEntry) -> list[Check]:
         >>> from gammatrace.reporting.collect import example_entry
         >>> e = example_entry("relu")
         >>> e.steps = e.steps.assign(lr=0.1, loss=[1.0, 0.8, 0.5], loss_ref=0.0)
-        >>> [(c.item, c.verdict) for c in theorem1(e)][1]
-        ('d_k to θ* non-increasing per epoch', 'holds')
+        >>> [(c.item, c.verdict) for c in theorem1(e)][1]  # item 1 per step: step 1 moves away from θ*
+        ('‖θ_{k+1} − θ*‖ ≤ ‖θ_k − θ*‖ for every k', 'fails')
     """
     if not entry.analysed or not len(entry.steps):
         return []
