@@ -223,7 +223,7 @@ def test_real_run_certificate_equals_brute_force(tmp_path):
     assert s["gamma_hi"] == pytest.approx(defined.min(), rel=1e-12) == s["gamma_min"]
     assert s["gamma_lo_step"] == int(steps["step"][lower].iloc[np.argmax(
         steps["progress"][lower] / (steps["lr"][lower] * d0 * gap[lower]))])
-    assert "need γ ≥" in s["gamma_certificate"] and s["rate_reason"] is not None
+    assert f"step {s['gamma_lo_step']} needs γ ≥" in s["gamma_certificate"] and s["rate_reason"] is not None
     checks = pr.theorem1_checks(steps, d0_sq=d0)
     assert checks[0].verdict == "fails"
     assert checks[1].verdict == "fails"  # a rising step: item 1 must not read "holds"

@@ -91,7 +91,8 @@ def certificate_text(cert: dict[str, Any], gap_words: str = "ℓ_k − ℓ*_k") 
     conflict = list(cert.get("conflict_steps") or [])
     need = [s for s in conflict if s not in cert.get("zero_fail_steps", [])]
     if need and hi > 0:
-        why.append(f"{_steps_text(need)} need γ ≥ {lo:.3g} but step {hi_step} allows at most {hi:.3g}")
+        verb = "needs" if len(need) == 1 else "need"
+        why.append(f"{_steps_text(need)} {verb} γ ≥ {lo:.3g} but step {hi_step} allows at most {hi:.3g}")
     zero = list(cert.get("zero_fail_steps") or [])
     if zero:
         verb = "moves" if len(zero) == 1 else "move"
