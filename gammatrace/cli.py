@@ -6,6 +6,7 @@
     gammatrace report RUN... --out DIR
     gammatrace models [NAME] [--num-classes N] [--SWITCH VALUE ...]
     gammatrace inspect CONFIG.yaml [--out DIR]
+    gammatrace machine [--ray]                     this machine's kind (what a run's bits belong to)
 
 Errors a user can fix (bad config, unknown name, missing data, damaged file) are one
 line on stderr and exit status 2; nothing already on disk is touched.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,7 @@ from gammatrace.engine import ReplayMismatchError, RunConflictError, budget, tra
 from gammatrace.engine.session import build_session
 from gammatrace.errors import UserError, os_error
 from gammatrace.experiments.remote import report_to
+from gammatrace.machine import describe, fingerprint, machine_id, ray_resource
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
 from gammatrace.probe.probe import ReferenceError_
@@ -198,6 +201,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_machine(args: argparse.Namespace) -> int:
+    fp = fingerprint(args.device)
+    if args.ray:
+        # for `ray start --resources "$(gammatrace machine --ray)"`
+        print(json.dumps({ray_resource(fp): 1}))
+        return 0
+    print(f"machine kind {machine_id(fp)}: {describe(fp)}")
+    for key, value in fp.items():
+        print(f"  {key}: {value}")
+    print(f"Ray nodes of this kind: ray start ... --resources '{json.dumps({ray_resource(fp): 1})}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gammatrace", description="Exact measurement of optimization-trajectory principles.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("config")
     i.add_argument("--out", default="inspect")
     i.set_defaults(fn=cmd_inspect)
+
+    mc = sub.add_parser("machine", help="this machine's kind: what a run's bits belong to (and its Ray resource)")
+    mc.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    mc.add_argument("--ray", action="store_true",
+                    help="print only the --resources JSON for `ray start` on a node of this kind")
+    mc.set_defaults(fn=cmd_machine)
 
     # Subcommands that live beside their code: each module has register(subparsers),
     # whose parsers set_defaults(fn=...) like the ones above.

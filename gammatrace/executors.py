@@ -27,14 +27,30 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from gammatrace.errors import UserError
+from gammatrace.machine import fingerprint, ray_resource
 from gammatrace.registry import Registry
+
+# What a task asks of its node's machine-kind resource: a sliver (a node declares 1), so the
+# resource picks the node and never limits how many tasks run there at once.
+MACHINE_SHARE = 0.001
 
 
 class Executor(Protocol):
-    """``map(fn, tasks) -> results`` in task order, raising the first failure."""
+    """``map(fn, tasks) -> results`` in task order, raising the first failure.
+
+    ``machines``: per task, the machine kind (:func:`gammatrace.machine.machine_id`) it
+    must run on, or None for any. Bits belong to a machine kind: a replay segment must run
+    where its run was recorded. Here is the only machine a local executor has (its callers
+    warn when it is of another kind); Ray schedules on nodes that declare the kind.
+    """
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "",
-            progress: bool = True) -> list[Any]: ...
+            progress: bool = True, machines: Sequence[str | None] | None = None) -> list[Any]: ...
+
+
+class MachineUnavailableError(UserError):
+    """No node of the Ray cluster is of the machine kind a task's run was recorded on."""
 
 
 class ExecutorFactory(Protocol):
@@ -98,8 +114,10 @@ class LocalExecutor:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
 
-    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "", progress: bool = True) -> list[Any]:
-        """Results of ``fn(*task)`` in task order; the first failure is raised."""
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "", progress: bool = True,
+            machines: Sequence[str | None] | None = None) -> list[Any]:
+        """Results of ``fn(*task)`` in task order; the first failure is raised. ``machines``
+        is not checked here: this machine is the only one (the caller warns)."""
         bar = _bar(len(tasks), desc, progress)
         try:
             if self.workers == 1 or len(tasks) <= 1:
@@ -166,24 +184,45 @@ class RayExecutor:
                 "executor 'ray' needs Ray, which is not installed: pip install 'gammatrace[ray]'") from None
         return ray
 
-    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "", progress: bool = True) -> list[Any]:
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "", progress: bool = True,
+            machines: Sequence[str | None] | None = None) -> list[Any]:
         """Results of ``fn(*task)`` in task order; the first failure is raised (its own
-        exception type, not Ray's wrapper) and the tasks not yet finished are cancelled."""
+        exception type, not Ray's wrapper) and the tasks not yet finished are cancelled.
+
+        A task with a machine kind in ``machines`` asks for the custom resource
+        ``gammatrace-machine-<kind>`` (a sliver of it, so it never limits concurrency): Ray
+        runs it only on a node that declares that resource (``gammatrace machine`` prints
+        the ``ray start --resources`` argument for the node it runs on; a local instance
+        started here declares its own). A kind no node declares is refused before any task
+        starts, in one line."""
         if not tasks:
             return []
+        machines = list(machines) if machines is not None else [None] * len(tasks)
+        if len(machines) != len(tasks):
+            raise ValueError(f"{len(machines)} machine kinds for {len(tasks)} tasks")
         ray = self._ray()
         started = not ray.is_initialized()
         if started:
             options: dict[str, Any] = {"address": self.address, "log_to_driver": False}
             if self.address is None:
                 # A private local instance: no dashboard, only as many CPUs as asked for, and
-                # loopback only (Ray would otherwise bind the host's interface address).
-                options.update(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1")
+                # loopback only (Ray would otherwise bind the host's interface address). It is
+                # this machine, so it declares this machine's kind.
+                options.update(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                               resources={ray_resource(fingerprint()): 1.0})
             ray.init(**options)
         bar = _bar(len(tasks), desc, progress)
         try:
+            declared = ray.cluster_resources()
+            missing = sorted({m for m in machines if m is not None and ray_resource(m) not in declared})
+            if missing:
+                raise MachineUnavailableError(
+                    f"no node of the Ray cluster{' at ' + self.address if self.address else ''} is of the machine "
+                    f"kind {', '.join(missing)} that the run was recorded on (bitwise replay needs it): start such "
+                    "a node with the resource that `gammatrace machine` prints there, or replay locally on it")
             remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus)(_call)
-            refs = [remote.remote(fn, *t) for t in tasks]
+            refs = [(remote.options(resources={ray_resource(m): MACHINE_SHARE}) if m else remote).remote(fn, *t)
+                    for t, m in zip(tasks, machines, strict=True)]
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

@@ -4,15 +4,21 @@ creates: ``unshare -rnpf --mount-proc python tests/scale_ray_cluster.py``.
 Inside: a network namespace with only loopback (brought up here), a PID namespace (every
 process started here dies with this script; nothing outside is touched), an S3 server
 (moto) on 127.0.0.1, a Ray head with no CPUs and a worker node with two, started in a
-nested mount namespace whose output root is a private tmpfs: a task that wrote a local
+nested mount namespace whose output root is a private tmpfs (each worker its own): a task that wrote a local
 path would write where the driver never looks. The driver runs a study and a replay on
 Ray with the run folders on S3, and the same locally, and compares them bit for bit.
+
+Machine kinds (issue 25): the worker declares this machine's kind (``gammatrace machine
+--ray``, as a user starts a node); a second worker declares a planted other kind, as a
+node with another CPU would. Tasks of a kind run only on the node of that kind (replay
+segments of a run recorded here included), and a kind no node has is refused in one line.
 
 Not a test module: prints ``OK`` and exits 0 when every check holds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -24,7 +30,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gammatrace.machine import fingerprint, machine_id, ray_resource  # noqa: E402
 from tests.scale_s3 import environment, free_port, make_bucket, moto_server  # noqa: E402
+
+OTHER_KIND = "0123456789ab"  # a planted machine kind: a node with another CPU
+
+
+def node_of_task() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def check_machine_kinds(address: str) -> None:
+    """Tasks go to the node of their kind; a kind no node declares is refused before any runs."""
+    import ray
+
+    from gammatrace.executors import MachineUnavailableError, make_executor
+
+    here = machine_id(fingerprint())
+    nodes = {}
+    for node in ray.nodes():
+        for kind in (here, OTHER_KIND):
+            if node["Alive"] and ray_resource(kind) in node["Resources"]:
+                nodes[kind] = node["NodeID"]
+    assert len(set(nodes.values())) == 2, nodes
+    executor = make_executor("ray", address=address)
+    for kind in (here, OTHER_KIND):
+        ran_on = executor.map(node_of_task, [()] * 6, progress=False, machines=[kind] * 6)
+        assert set(ran_on) == {nodes[kind]}, (kind, ran_on, nodes)
+    try:
+        executor.map(node_of_task, [()], progress=False, machines=["fedcba987654"])
+    except MachineUnavailableError as exc:
+        assert "fedcba987654" in str(exc) and "\n" not in str(exc), exc
+    else:
+        raise AssertionError("a machine kind no node declares was not refused")
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None) -> None:
@@ -46,17 +86,24 @@ def main() -> None:
         address = f"127.0.0.1:{port}"
         sh(ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", env=env)
+        here = subprocess.run([str(Path(sys.executable).with_name("gammatrace")), "machine", "--ray"],
+                              capture_output=True, text=True, check=True).stdout.strip()
         sh("unshare", "-m", "sh", "-c",
            f"mount -t tmpfs tmpfs {out_root} && exec {ray_bin} start --address={address} "
-           "--node-ip-address=127.0.0.1 --num-cpus=2 --disable-usage-stats", env=env)
+           f"--node-ip-address=127.0.0.1 --num-cpus=2 --disable-usage-stats --resources='{here}'", env=env)
+        other = json.dumps({ray_resource(OTHER_KIND): 1})
+        sh("unshare", "-m", "sh", "-c",
+           f"mount -t tmpfs tmpfs {out_root} && exec {ray_bin} start --address={address} "
+           f"--node-ip-address=127.0.0.1 --num-cpus=2 --disable-usage-stats --resources='{other}'", env=env)
         with environment({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", *s3)}):
             import ray
 
             ray.init(address=address, _node_ip_address="127.0.0.1", log_to_driver=False)
             deadline = time.monotonic() + 60
-            while ray.cluster_resources().get("CPU", 0) < 2:
-                assert time.monotonic() < deadline, "the worker node did not join"
+            while ray.cluster_resources().get("CPU", 0) < 4:
+                assert time.monotonic() < deadline, "the worker nodes did not join"
                 time.sleep(0.5)
+            check_machine_kinds(address)
             check(address, out_root)
             ray.shutdown()
     print("OK")

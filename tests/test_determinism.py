@@ -207,8 +207,16 @@ def test_run_folder_of_the_flat_optimizer_format_loads_resumes_and_analyses(tmp_
     """tests/fixtures/legacy_rmsprop_run was written by gammatrace 0.1.0 before optimizer
     configs became variants (run.json's optim section held every optimizer's fields, and
     rmsprop took alpha from betas[1]), stopped after epoch 1 of 3. Resumed and analysed by
-    today's code, it must end on the final point and the step table that 0.1.0 produced
-    for the uninterrupted run (also stored, beside it)."""
+    today's code, it must end where an uninterrupted run of the upgraded config ends.
+
+    The fixture's checkpoints, steps and losses carry the bits of the CPU that wrote them,
+    and bits are one machine kind's (issue 25): replayed bit for bit elsewhere they diverge
+    (tests/test_machine.py checks that error). So the bit-carrying files of epoch 0 are
+    made here, by today's code from the upgraded config, in the fixture's own shard
+    columns; the fixture's run.json — the format under test — is kept as written. The
+    final point and step table that 0.1.0 stored for the uninterrupted run are compared
+    with a cross-machine tolerance: they pin the upgrade's meaning (alpha = 0.999, where
+    0.99 moves the largest weight by 100 % of its size, CPU bits by ~1e-5), not the last bit."""
     import shutil
 
     fixtures = Path(__file__).parent / "fixtures"
@@ -220,11 +228,27 @@ def test_run_folder_of_the_flat_optimizer_format_loads_resumes_and_analyses(tmp_
     run = load_run(run_dir)
     assert run.status == "running" and run.meta.epochs_done == 1
     assert (run.config.optim.alpha, run.config.optim.momentum) == (0.999, 0.0)
+
+    here = train_pass(run.config, tmp_path / "here", progress=False, stop_after=1).path
+    for old in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != "run.json"):
+        new = here / old.relative_to(run_dir)
+        if old.suffix == ".parquet":  # the fixture's columns: the 0.1.0 shard format stays under test
+            pd.read_parquet(new)[list(pd.read_parquet(old).columns)].to_parquet(old)
+        else:
+            shutil.copyfile(new, old)
+
     resumed = gammatrace.train(run.config, run_dir, progress=False)
-    assert resumed.status == "complete" and resumed.meta.epochs_done == 3
-    expected = torch.load(fixtures / "legacy_rmsprop_expected_final.pt", weights_only=True)["model"]
+    whole = gammatrace.train(run.config, tmp_path / "whole", progress=False)
+    assert resumed.status == whole.status == "complete" and resumed.meta.epochs_done == 3
     final = torch.load(run_dir / "final.pt", weights_only=True)["model"]
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    uninterrupted = torch.load(whole.path / "final.pt", weights_only=True)["model"]
+    assert final.keys() == uninterrupted.keys() and all(torch.equal(final[k], uninterrupted[k]) for k in final)
     steps = resumed.steps()
+    pd.testing.assert_frame_equal(steps, whole.steps(), check_exact=True)
+
+    # 0.1.0's uninterrupted run, recorded on another machine: equal up to that machine's bits.
+    expected = torch.load(fixtures / "legacy_rmsprop_expected_final.pt", weights_only=True)["model"]
+    assert all(torch.allclose(final[k], expected[k], rtol=1e-3, atol=1e-3) for k in expected)
     want = pd.read_parquet(fixtures / "legacy_rmsprop_expected_steps.parquet")
-    pd.testing.assert_frame_equal(steps[want.columns].reset_index(drop=True), want, check_exact=True)
+    pd.testing.assert_frame_equal(steps[want.columns].reset_index(drop=True), want, check_exact=False,
+                                  rtol=1e-3, atol=1e-6)

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gammatrace"
 
 # Bottom to top; a module may import its own layer or any lower one.
 LAYERS: list[tuple[str, ...]] = [
-    ("_version", "registry", "errors", "cliopts", "principles"),
+    ("_version", "registry", "errors", "cliopts", "principles", "machine"),
     ("probe",),
     ("data", "models"),
     ("techniques",),
@@ -41,7 +41,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # load that most commands never use (plotting, the dataset generators, numba's compiler).
 LAZY_THIRD_PARTY = {"ray", "matplotlib", "mnist1d", "sklearn", "scipy", "numba", "pandas", "lightning",
                     "pytorch_lightning", "transformers", "tensorboard", "wandb", "fsspec", "s3fs",
-                    "boto3", "PIL"}
+                    "boto3", "PIL", "llvmlite"}
 
 
 def module_name(path: Path, root: Path) -> str:

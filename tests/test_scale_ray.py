@@ -23,6 +23,7 @@ from gammatrace.engine.replay import replay
 from gammatrace.engine.trainer import train_pass
 from gammatrace.experiments.study import make_study, run_study
 from gammatrace.landscape.compute import compute_landscape
+from gammatrace.machine import fingerprint, ray_resource
 from gammatrace.store.run import Run, RunStore
 from tests.conftest import tiny_config
 from tests.scale_s3 import environment, make_bucket, moto_available, moto_server
@@ -42,7 +43,9 @@ def ray_on_s3():
     # The S3 environment first: the instance's workers inherit it when they start.
     with moto_server() as env, environment(env):
         make_bucket(env, BUCKET)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # A node declares its machine kind; replay segments of a run recorded here ask for it.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 resources={ray_resource(fingerprint()): 1})
         try:
             yield env
         finally:

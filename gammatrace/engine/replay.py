@@ -46,6 +46,7 @@ from gammatrace.engine.refcache import (
 from gammatrace.engine.session import StepHookFactory, build_session
 from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
+from gammatrace.machine import cross_machine_advice, fingerprint
 from gammatrace.probe import Probe, load_reference
 from gammatrace.probe.probe import ReferenceError_
 from gammatrace.store.run import Run, RunStore, StoreError, params_sha256
@@ -202,12 +203,20 @@ def replay_segment(run_path: str, epoch: int, ref_name: str, ref_file: str,
                   **({"check": False} if lookup is not None else {}))
     made = [make(sess, reference) for make in hooks]
     done = []
-    for e in range(epoch, end):
-        tables = sess.run_epoch(e, probe, check_finite=False, hooks=made)
-        steps, tensors, samples = probe.take()
-        _verify_losses(store, e, steps)
-        done.append((e, tables, steps, tensors, samples))
-    _verify_state(store, run, end, sess, int(done[-1][2]["step"].iloc[-1]) if len(done[-1][2]) else -1)
+    try:
+        for e in range(epoch, end):
+            tables = sess.run_epoch(e, probe, check_finite=False, hooks=made)
+            steps, tensors, samples = probe.take()
+            _verify_losses(store, e, steps)
+            done.append((e, tables, steps, tensors, samples))
+        _verify_state(store, run, end, sess, int(done[-1][2]["step"].iloc[-1]) if len(done[-1][2]) else -1)
+    except ReplayMismatchError as exc:
+        # The usual cause of a divergence on a run moved between machines: name it. The
+        # fingerprint is taken here, in the process (or Ray node) that replayed.
+        advice = cross_machine_advice(run.meta.machine, fingerprint(cfg.device, cfg.threads))
+        if advice:
+            raise ReplayMismatchError(f"{exc}; {advice}") from None
+        raise
     out: dict[str, Any] = {"steps": sum(len(d[2]) for d in done)}
     if lookup is not None:
         out["cache"] = segment_checks(lookup, pd.concat([d[2] for d in done], ignore_index=True))
@@ -222,6 +231,16 @@ def replay_segment(run_path: str, epoch: int, ref_name: str, ref_file: str,
         # The steps shard goes last: its presence marks the epoch as done.
         store.write_parquet(store.shard(store.analysis(ref_name, "steps"), e), steps)
     return out
+
+
+def warn_other_machine(run: Run, recorded: dict[str, Any] | None, device: str, threads: int) -> None:
+    """Before a replay starts here: say when the run was recorded on another machine kind
+    (its bitwise check will then most likely fail; it is still tried, since some kinds agree)."""
+    here = fingerprint(device, threads)
+    advice = cross_machine_advice(recorded, here, "replaying")
+    if advice:
+        print(f"gammatrace: warning: {run.path} was {advice} (if its bits differ here, the replay stops at "
+              "the first diverging step)", file=sys.stderr)
 
 
 def _verify_losses(store: RunStore, epoch: int, steps: pd.DataFrame) -> None:
@@ -324,10 +343,15 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
             store.remove(store.analysis(ref_name, CACHE_CHECKS, name))
     if not todo:
         return ref_name
+    if executor == "local":
+        warn_other_machine(run, run.meta.machine, run.config.device, run.config.threads)
     store.write_json(record_rel, {"mode": mode, "reason": why, "complete": False})
     tasks = [(str(run.path), s, ref_name, ref_file, tuple(hooks), e, mode == "cached") for s, e in todo]
+    # On Ray every segment asks for a node of the recording's machine kind (refused in one
+    # line where the cluster has none); a run that names no machine may go anywhere.
+    kind = run.meta.machine_kind
     make_executor(executor, workers=workers, address=address).map(
-        replay_segment, tasks, desc=f"replay {run.name}", progress=progress)
+        replay_segment, tasks, desc=f"replay {run.name}", progress=progress, machines=[kind] * len(tasks))
     record: dict[str, Any] = {"mode": mode, "reason": why, "complete": True}
     if mode == "cached":
         checks = [store.read_json(store.analysis(ref_name, CACHE_CHECKS, n))

@@ -24,6 +24,7 @@ from gammatrace.config import RunConfig
 from gammatrace.data import AUGMENTATIONS, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
 from gammatrace.errors import UserError
+from gammatrace.machine import fingerprint
 from gammatrace.models import build
 from gammatrace.models.init import apply_init, load_init
 from gammatrace.probe import Probe
@@ -97,6 +98,9 @@ def provenance(cfg: RunConfig) -> dict[str, Any]:
         "gammatrace": __version__, "commit": commit, "torch": torch.__version__,
         "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "cuda": torch.version.cuda, "device": device, "threads": cfg.threads,
+        # What the trajectory's bits belong to (gammatrace.machine): a resume or replay on
+        # another kind is refused or explained by it.
+        "machine": fingerprint(cfg.device, cfg.threads),
     }
 
 

@@ -32,6 +32,7 @@ from gammatrace.config import RunConfig
 from gammatrace.engine.budget import free_bytes, plan_disk
 from gammatrace.engine.session import DivergedError, build_session, provenance
 from gammatrace.errors import UserError
+from gammatrace.machine import OtherMachineError, cross_machine_advice, fingerprint
 from gammatrace.probe import Probe
 from gammatrace.store.run import Run, RunMeta, RunStore, Status, check_out_folder, params_sha256
 
@@ -60,6 +61,12 @@ def _open(store: RunStore, cfg: RunConfig) -> RunMeta:
                 f"{store.root} holds a run with a different config ({_first_difference(stored, wanted)}); "
                 "choose another --out or remove it"
             )
+        if meta.status == Status.RUNNING and meta.machine is not None:
+            # A resumed run must equal an uninterrupted one: its epochs cannot come from two kinds.
+            advice = cross_machine_advice(meta.machine, fingerprint(cfg.device, cfg.threads), "resuming",
+                                          "resume it")
+            if advice:
+                raise OtherMachineError(f"{store.root}: cannot resume: {advice}")
         return meta
     meta = RunMeta(config=wanted, provenance=provenance(cfg), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     store.write_meta(meta)

@@ -41,7 +41,7 @@ from gammatrace.experiments.remote import report_to
 from gammatrace.principles.claims import Order, parse_order, restrict_order
 from gammatrace.registry import Registry
 from gammatrace.store.backend import Location, location
-from gammatrace.store.run import Run, RunStore, check_out_folder
+from gammatrace.store.run import Run, RunStore, check_out_folder, recorded_kind
 from gammatrace.store.study import Claim, StudyMeta
 
 STUDIES = Registry("study")
@@ -541,7 +541,10 @@ def run_study(study: Study, out: str | Path, *, seeds: int | None = None, execut
             if study.shared_init:
                 prepare_init(study, out / "init", seeds)
             tasks = [(cfg.model_dump(mode="json"), str(out / name), plan.prune) for name, cfg in runs.items()]
-            executor_.map(run_task, tasks, desc=study.name, progress=progress)
+            # A run begun earlier resumes and replays on its recording's machine kind
+            # (Ray schedules it there); a new run may start on any node.
+            executor_.map(run_task, tasks, desc=study.name, progress=progress,
+                          machines=[recorded_kind(out / name) for name in runs])
     elif old is None:
         raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
 

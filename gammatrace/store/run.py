@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from gammatrace.config import RunConfig
 from gammatrace.errors import RunInUseError, UserError, os_error
+from gammatrace.machine import machine_id
 from gammatrace.store import integrity
 from gammatrace.store.backend import Location, ObjectFiles, confined, location
 from gammatrace.store.summary import RunSummary
@@ -120,6 +121,18 @@ class RunMeta(BaseModel):
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_stored(self.config)
+
+    @property
+    def machine(self) -> dict[str, Any] | None:
+        """The fingerprint of the machine that recorded the run (:mod:`gammatrace.machine`);
+        None for runs written before machines were recorded."""
+        found = self.provenance.get("machine")
+        return found if isinstance(found, dict) and found else None
+
+    @property
+    def machine_kind(self) -> str | None:
+        """The recorded machine's kind (:func:`gammatrace.machine.machine_id`), or None."""
+        return machine_id(self.machine) if self.machine else None
 
 
 class StoreError(UserError, RuntimeError):
@@ -658,6 +671,16 @@ class Run:
             return RunSummary.model_validate(self.store.read_json(rel))
         except ValidationError as exc:
             raise damaged(self.store.path(rel), exc, fix="rerun `gammatrace analyze` to rewrite it") from None
+
+
+def recorded_kind(path: str | Path | Location) -> str | None:
+    """The machine kind a run folder's run.json records; None where there is no run yet,
+    no recorded machine, or a run.json the run's own task will report as damaged."""
+    store = RunStore(path)
+    try:
+        return store.read_meta().machine_kind if store.exists(RunStore.META) else None
+    except StoreError:
+        return None
 
 
 def load_run(path: str | Path) -> Run:
