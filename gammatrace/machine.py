@@ -42,9 +42,11 @@ from gammatrace.errors import UserError
 # The fields that decide a trajectory's bits; everything else in a fingerprint is a record.
 KIND_FIELDS = ("cpu", "cpu_capability", "llvm_cpu", "blas", "onednn", "torch", "dispatch_env",
                "gpu", "cuda", "cudnn")
-# Environment switches that change which kernels run (recorded when set).
+# Environment switches that change which kernels run (recorded when set). Measured on one
+# machine by benchmarks/portable_bits.py: ATEN_CPU_CAPABILITY and MKL_CBWR change θ_T,
+# ONEDNN_MAX_CPU_ISA a conv net's θ_T, NUMBA_CPU_NAME the probe's columns (not θ_T).
 DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-                "DNNL_MAX_CPU_ISA")
+                "DNNL_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
 RAY_RESOURCE_PREFIX = "gammatrace-machine-"
 
 

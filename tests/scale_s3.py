@@ -29,7 +29,7 @@ def moto_available() -> str | None:
         import moto.server  # noqa: F401
         import s3fs  # noqa: F401
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install -r requirements.txt: moto[server], s3fs)"
+        return f"{exc.name} is not installed (pip install -r requirements-dev.txt: moto[server], s3fs)"
     return None
 
 

@@ -1,7 +1,7 @@
 """What the integration tests share: the rule for a missing optional framework.
 
 An integration's framework is an optional extra; without it the test skips, saying how to
-install it — except under ``CI=true``, where CI installs requirements.txt, so a missing
+install it — except under ``CI=true``, where CI installs requirements-dev.txt, so a missing
 package is a broken install and the test fails instead.
 """
 
@@ -25,7 +25,7 @@ def need(module: str) -> ModuleType:
         extra = EXTRAS.get(module.split(".")[0], module)
         msg = f"{module} is not installed ({exc}); pip install 'gammatrace[{extra}]'"
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + " — CI installs requirements.txt, so this is a broken install")
+            pytest.fail(msg + " — CI installs requirements-dev.txt, so this is a broken install")
         pytest.skip(msg)
 
 

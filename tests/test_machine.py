@@ -74,12 +74,18 @@ def test_fingerprint_names_what_decides_the_bits():
     assert differences(fp, dict(fp)) == [] and cross_machine_advice(fp, fingerprint("cpu", threads=7)) == ""
 
 
-def test_dispatch_switches_are_part_of_the_kind(monkeypatch):
+@pytest.mark.parametrize("switch", ["MKL_CBWR=COMPATIBLE", "NUMBA_CPU_NAME=generic", "ONEDNN_MAX_CPU_ISA=AVX2"])
+def test_dispatch_switches_are_part_of_the_kind(monkeypatch, switch):
+    """Each switch changed some bits in benchmarks/portable_bits.py (NUMBA_CPU_NAME: the
+    probe's columns, not θ_T), so each makes another kind."""
+    key, value = switch.split("=")
+    for name in ("MKL_CBWR", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     plain = fingerprint("cpu")
-    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    monkeypatch.setenv(key, value)
     switched = fingerprint("cpu")
-    assert switched["dispatch_env"] == {"MKL_CBWR": "COMPATIBLE"} and machine_id(switched) != machine_id(plain)
-    assert "MKL_CBWR=COMPATIBLE" in describe(switched)
+    assert switched["dispatch_env"] == {key: value} and machine_id(switched) != machine_id(plain)
+    assert switch in describe(switched)
 
 
 def test_a_run_records_its_machine(tmp_path):
