@@ -198,18 +198,7 @@ def probe_kernel_bytes(probe: Probe | None) -> int:
 
 def probe_scalar_bytes(probe: Probe | None) -> int:
     """Bytes of the per-step values the probe keeps: pending (loss, loss_ref, per-tensor products) + flushed frames."""
-    if probe is None:
-        return 0
-    total = 0
-    for item in probe._pending:
-        for v in item:
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-            elif v is not None:
-                total += v.nbytes
-    for name in ("_frames", "_tensor_frames", "_sample_frames"):
-        total += sum(int(f.memory_usage(deep=True).sum()) for f in getattr(probe, name, []))
-    return total
+    return 0 if probe is None else probe._table.nbytes()
 
 
 def _describe_buffers(results: dict) -> str:

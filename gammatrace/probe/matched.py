@@ -16,7 +16,8 @@ to its hooks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,34 @@ def replaying(state: ForwardState, cuda_index: int | None) -> Iterator[None]:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
         stack.enter_context(torch.no_grad())
         yield
+
+
+def replayed_loss(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    model: nn.Module,
+    batch: Any,
+    state: ForwardState,
+    cuda_index: int | None,
+) -> torch.Tensor:
+    """``loss_fn(model, batch)``, detached, evaluated under ``state`` (see :func:`replaying`)."""
+    with replaying(state, cuda_index):
+        return loss_fn(model, batch).detach()
+
+
+def private_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without autograd state: θ, buffers and modes as now.
+
+    Example:
+        >>> import torch
+        >>> twin = private_copy(torch.nn.Linear(2, 1))
+        >>> [p.requires_grad for p in twin.parameters()]
+        [False, False]
+    """
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return twin
 
 
 def canonical_name(name: str) -> str:

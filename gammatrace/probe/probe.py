@@ -30,19 +30,22 @@ Why the arithmetic looks the way it does:
   (:mod:`gammatrace.probe.matched`), and inside ``fork_rng``: batch-norm statistics and
   random streams of the trained model are untouched, so probing never changes the
   trajectory it measures.
+
+The parts, one job each: this module attaches the hooks and runs the step state machine
+(:class:`Probe`, the public face); :mod:`~gammatrace.probe.state` holds the step in
+progress; :mod:`~gammatrace.probe.kernels` measures a step; :mod:`~gammatrace.probe.table`
+assembles the tables (:class:`~gammatrace.probe.table.StepTable`);
+:mod:`~gammatrace.probe.check` schedules and diagnoses the consistency check.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
-import math
-import numbers
 import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,7 +55,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from gammatrace.principles import derive
+from gammatrace.probe.check import ConsistencyCheck
+from gammatrace.probe.errors import ConsistencyError, ProbeUsageError, ReferenceError_
 from gammatrace.probe.kernels import make_kernel
 from gammatrace.probe.matched import (
     ForwardState,
@@ -64,36 +68,34 @@ from gammatrace.probe.matched import (
     copy_modes,
     is_compiled,
     module_pairs,
-    replaying,
+    private_copy,
+    replayed_loss,
     unwrap,
 )
+from gammatrace.probe.state import (
+    ActiveStep,
+    MicroBatch,
+    as_loss,
+    either,
+    step_starts,
+    weighted_mean,
+)
+from gammatrace.probe.table import REFERENCE_COLUMNS, StepTable
 
-RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq"]
-REFERENCE_COLUMNS = ["loss", "loss_ref", "progress", "dist_sq", "update_sq", "grad_dot", "grad_sq"]
-SKIPPED_COLUMNS = ["next_step", "epoch", "micro_batches", "loss"]
+# Also what other modules import from here: the errors and the reference-mode columns
+# live in the parts below the probe now (errors, table).
+__all__ = [
+    "REFERENCE_COLUMNS",
+    "ReferenceError_",
+    "ConsistencyError",
+    "Probe",
+    "ProbeUsageError",
+    "load_reference",
+]
 
 # Consecutive skipped steps before the probe warns (a GradScaler skips a few at the start
 # while its scale settles; ten in a row means something else is wrong).
 SKIP_WARN = 10
-# Relative tolerance of the consistency check. On one machine the recomputation repeats the
-# training forward's kernels on the same inputs, so it agrees to a few ulps; a loss divided
-# by the accumulation steps, another batch, or float32 against bf16 is off by far more.
-CHECK_RTOL = 1e-4
-# torch.compile (inductor) fuses differently from the eager copy the probe evaluates and
-# draws dropout masks its own way: only gross mismatches are meaningful there, and they warn.
-CHECK_RTOL_COMPILED = 1e-2
-
-
-class ReferenceError_(ValueError):
-    """The reference parameters do not fit the model."""
-
-
-class ConsistencyError(ValueError):
-    """The loss given to :meth:`Probe.batch` is not ``loss_fn(model, batch)`` at θ_k."""
-
-
-class ProbeUsageError(RuntimeError):
-    """The loop calls the probe or the optimizer in an order the probe cannot measure."""
 
 
 def load_reference(
@@ -177,16 +179,6 @@ def _on_stack(frame: FrameType | None) -> bool:
     return False
 
 
-def _or(a: bool | torch.Tensor | None, b: bool | torch.Tensor) -> bool | torch.Tensor:
-    if a is None or a is False:
-        return b
-    if a is True or b is True:
-        return True
-    if b is False:
-        return a
-    return a | b
-
-
 def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer's ``step`` has a ``closure`` argument without default (LBFGS)."""
     try:
@@ -194,66 +186,6 @@ def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is inspect.Parameter.empty
-
-
-def _as_loss(loss: Any, device: torch.device, what: str) -> tuple[torch.Tensor, int | None]:
-    """A detached scalar loss and, for per-sample losses, their number."""
-    if isinstance(loss, torch.Tensor):
-        value = loss.detach()
-        if value.numel() == 1:
-            return value.reshape(()), None
-        if value.numel() == 0:
-            raise ProbeUsageError(
-                f"{what}: the loss is an empty tensor; pass the micro-batch's loss"
-            )
-        return value.mean(), value.numel()
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        # A Python float is the loss's value already; float64 keeps it exact.
-        return torch.tensor(float(loss), dtype=torch.float64, device=device), None
-    raise ProbeUsageError(
-        f"{what}: the loss must be a tensor or a float, got {type(loss).__name__}; "
-        "pass the value loss_fn returned (before .backward())"
-    )
-
-
-@dataclass(eq=False, slots=True)
-class _MicroBatch:
-    """One :meth:`Probe.batch` call."""
-
-    loss: torch.Tensor | None
-    n: int
-    epoch: int
-    batch: Any = None  # kept only until a closure's first evaluation
-    loss_ref: torch.Tensor | None = None
-    ref_samples: torch.Tensor | None = None
-    indices: torch.Tensor | None = None
-    sample_losses: torch.Tensor | None = None
-    # Whether the gradients were reset (None or zero) when this micro-batch's backward began:
-    # None until a backward is attributed to it; a lazy bool tensor on accelerators.
-    reset: bool | torch.Tensor | None = None
-    backward_seen: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Active:
-    """The step between the optimizer's pre- and post-hook."""
-
-    group: list[_MicroBatch]
-    lr: float
-    grad_scale: torch.Tensor | None = None
-    closure: bool = False
-    measured: bool = False
-
-
-def _weighted_mean(values: list[torch.Tensor], weights: list[int]) -> torch.Tensor:
-    """Σ n_i v_i / Σ n_i in float64 (one micro-batch: the value itself, untouched)."""
-    if len(values) == 1:
-        return values[0]
-    total = sum(weights)
-    acc = values[0].to(torch.float64) * weights[0]
-    for v, n in zip(values[1:], weights[1:], strict=True):
-        acc = acc + v.to(torch.float64).to(acc.device) * n
-    return acc / total
 
 
 class Probe:
@@ -350,63 +282,33 @@ class Probe:
         ]
         self.device = self.params[0].device
         self.step_index, self.epoch = step, epoch
-        # D_0² = ‖θ_0 − θ*‖², measured at the first step when the probe counts from step 0.
-        self.d0_sq: float | None = None
-        self._start_step = step
-        self._warned_d0 = False
         self._eager = unwrap(model)
-        self._compiled = any(is_compiled(m) for m in model.modules())
         self._autocast_types = autocast_device_types(self.device)
         self._cuda_index = (
             (self.device.index if self.device.index is not None else torch.cuda.current_device())
             if self.device.type == "cuda"
             else None
         )
-        if isinstance(check, bool):
-            self._check_every = 0 if check else None
-        elif isinstance(check, int) and check >= 1:
-            self._check_every = check
-        else:
-            raise ValueError(f"check must be True, False or a positive int, got {check!r}")
-        self._ref_model: nn.Module | None = None
-        self._ref_pairs: list[tuple[nn.Module, nn.Module]] = []
-        if reference is None:
-            self.mode = "record"
-            anchor = (
-                [p.detach() for p in self.params]
-                if origin is None
-                else self._pick(canonical_state(origin), "origin")
-            )  # θ_0
-        else:
-            self.mode = "reference"
-            if loss_fn is None:
-                raise ValueError(
-                    "reference mode needs loss_fn(model, batch) to evaluate the reference loss"
-                )
-            anchor = self._set_reference(canonical_state(load_reference(reference, self.device)))
-        self.kernel = make_kernel(kernel, self.params, anchor)
-        # Per step: (loss, reference loss or None, the kernel's (n_tensors, 5) products).
-        self._pending: list[
-            tuple[torch.Tensor, torch.Tensor | None, np.ndarray | torch.Tensor]
-        ] = []
-        self._pending_meta: list[tuple[int, int, float]] = []
-        self._pending_samples: list[
-            tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]
-        ] = []
-        self._frames: list[pd.DataFrame] = []
-        self._tensor_frames: list[pd.DataFrame] = []
-        self._sample_frames: list[pd.DataFrame] = []
+        self._consistency = ConsistencyCheck(
+            check,
+            loss_fn,
+            self._eager,
+            compiled=any(is_compiled(m) for m in model.modules()),
+            autocast_types=self._autocast_types,
+            cuda_index=self._cuda_index,
+        )
+        self.kernel = make_kernel(kernel, self.params, self._anchor(reference, origin))
+        self._table = StepTable(self.mode, self.names, per_tensor=per_tensor, start_step=step)
         # Hook-side state: micro-batches told since the last step, the forward state of the
         # current micro-batch, the step in progress.
-        self._micro: list[_MicroBatch] = []
-        self._skips: list[tuple[int, int, int, torch.Tensor | None]] = []
+        self._micro: list[MicroBatch] = []
         self._skip_streak = 0
         self._steps_measured = 0
         self._fwd: ForwardState | None = None
         self._fwd_stale = False
         self._reset_since_batch: bool | torch.Tensor | None = None
         self._fresh_now: bool | torch.Tensor | None = None
-        self._active: _Active | None = None
+        self._active: ActiveStep | None = None
         self._depth = 0
         self._step_frame: FrameType | None = None
         self._warned_no_forward = False
@@ -414,6 +316,26 @@ class Probe:
         self._attach()
 
     # ------------------------------------------------------------------ set-up
+    def _anchor(
+        self,
+        reference: str | Path | Mapping[str, torch.Tensor] | None,
+        origin: Mapping[str, torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        """Set the mode; the anchor a of the kernel: θ_0 in record mode, θ* in reference mode."""
+        self._ref_model: nn.Module | None = None
+        self._ref_pairs: list[tuple[nn.Module, nn.Module]] = []
+        if reference is None:
+            self.mode = "record"
+            if origin is None:
+                return [p.detach() for p in self.params]
+            return self._pick(canonical_state(origin), "origin")
+        self.mode = "reference"
+        if self.loss_fn is None:
+            raise ValueError(
+                "reference mode needs loss_fn(model, batch) to evaluate the reference loss"
+            )
+        return self._set_reference(canonical_state(load_reference(reference, self.device)))
+
     def _pick(self, state: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in state]
         if missing:
@@ -429,17 +351,9 @@ class Probe:
             raise ReferenceError_(f"{what} shapes differ from the model for {bad[:3]}")
         return [state[n].to(self.device) for n in self.names]
 
-    def _private_copy(self) -> nn.Module:
-        """A deep copy of the (eager) model without autograd state: θ, buffers and modes as now."""
-        twin = copy.deepcopy(self._eager)
-        for p in twin.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        return twin
-
     def _set_reference(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         anchor = self._pick(state, "reference")
-        ref = self._private_copy()
+        ref = private_copy(self._eager)
         # Buffers the reference file does not carry (e.g. θ* given as parameters only)
         # keep the model's current values; in train mode they do not affect the loss.
         ref.load_state_dict(
@@ -522,7 +436,7 @@ class Probe:
             module is self.model
             and torch.is_grad_enabled()
             and (self._fwd is None or self._fwd_stale)
-            and (self._ref_model is not None or self._check_due())
+            and (self._ref_model is not None or self._consistency.due(self._steps_measured))
         ):
             self._fwd = capture(self._autocast_types, self._cuda_index)
             self._fwd_stale = False
@@ -552,11 +466,11 @@ class Probe:
         last = self._micro[-1] if self._micro else None
         if last is not None and not last.backward_seen:
             last.reset, last.backward_seen = (
-                _or(last.reset, fresh),
+                either(last.reset, fresh),
                 True,
             )  # probe.batch came before backward
         else:
-            self._reset_since_batch = _or(self._reset_since_batch, fresh)
+            self._reset_since_batch = either(self._reset_since_batch, fresh)
 
     def _seal(self, resolve: bool) -> None:
         """Record the micro-batches of steps that never happened as skipped.
@@ -576,32 +490,22 @@ class Probe:
         micro = self._micro
         if len(micro) < 2:
             return
-        starts = [0]
-        for i in range(1, len(micro)):
-            reset = micro[i].reset
-            if reset is None and not resolve:
-                break  # its backward is still to come
-            if isinstance(reset, torch.Tensor):
-                if not resolve:
-                    break
-                reset = micro[i].reset = bool(reset)
-            if reset:
-                starts.append(i)
+        starts = step_starts(micro, resolve)
         last = starts[-1]
         if last == 0:
             return
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
+        for a, b in pairwise(starts):
             self._record_skip(micro[a:b])
         self._micro = micro[last:]
 
-    def _record_skip(self, group: list[_MicroBatch]) -> None:
+    def _record_skip(self, group: list[MicroBatch]) -> None:
         losses = [mb.loss for mb in group if mb.loss is not None]
         loss = (
-            _weighted_mean(losses, [mb.n for mb in group if mb.loss is not None])
+            weighted_mean(losses, [mb.n for mb in group if mb.loss is not None])
             if losses
             else None
         )
-        self._skips.append((self.step_index, group[0].epoch, len(group), loss))
+        self._table.skip(self.step_index, group[0].epoch, len(group), loss)
         self._skip_streak += 1
         if self._skip_streak == SKIP_WARN:
             warnings.warn(
@@ -654,13 +558,43 @@ class Probe:
                 "GradScaler); call probe.batch(batch) and then optimizer.step(closure)"
             )
         self._seal(resolve=True)
+        active = self._take_step(optimizer, closure)
+        new_call = None
+        if closure is not None:
+            active.closure = True
+            wrapped = self._measured_closure(closure, active)
+            new_call = (
+                (args, {**kwargs, "closure": wrapped})
+                if "closure" in kwargs
+                else ((*args[:1], wrapped, *args[2:]), kwargs)
+            )
+        else:
+            found_inf = getattr(optimizer, "found_inf", None)
+            # An optimizer that handles AMP scaling itself (fused Adam/AdamW/SGD) is stepped by
+            # GradScaler even on overflow and skips internally; its grads arrive still scaled.
+            if found_inf is not None and bool(found_inf.sum() > 0):
+                self._record_skip(active.group)
+                active = None
+            else:
+                self._measure_before(optimizer, active)
+        self._active = active
+        # The frame of torch's step wrapper (1 is _Hook.__call__): it stays on the stack exactly
+        # while this step runs, which tells a nested super().step() from a step that raised.
+        self._depth, self._step_frame = 1, sys._getframe(2)
+        return new_call
+
+    def _take_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None
+    ) -> ActiveStep:
+        """The micro-batches told since the last step, as the step now starting; refuses a
+        step the probe cannot measure (none told, a loss where the closure computes it, ...)."""
         group = self._micro
         if not group:
             fix = (
                 "call probe.batch(batch, loss) between the forward and the step "
                 "(or probe.step(loss, batch) instead of both)"
             )
-            if self._steps_measured or self._skips:
+            if self._steps_measured or self._table.skips:
                 raise ProbeUsageError(
                     "optimizer.step() was called again with no probe.batch since the last step "
                     f"(probe.step already steps: do not also call optimizer.step()); {fix}"
@@ -689,37 +623,20 @@ class Probe:
                 "closure to compute it: pass the loss, probe.batch(batch, loss)"
             )
         self._micro = []
-        active = _Active(group, lr)
-        new_call = None
-        if closure is not None:
-            active.closure = True
-            wrapped = self._measured_closure(closure, active)
-            new_call = (
-                (args, {**kwargs, "closure": wrapped})
-                if "closure" in kwargs
-                else ((*args[:1], wrapped, *args[2:]), kwargs)
-            )
-        else:
-            found_inf = getattr(optimizer, "found_inf", None)
-            # An optimizer that handles AMP scaling itself (fused Adam/AdamW/SGD) is stepped by
-            # GradScaler even on overflow and skips internally; its grads arrive still scaled.
-            if found_inf is not None and bool(found_inf.sum() > 0):
-                self._record_skip(group)
-                active = None
-            else:
-                if not self._sentinel_confirmed:
-                    self._confirm_sentinel()
-                scale = getattr(optimizer, "grad_scale", None)
-                active.grad_scale = scale if isinstance(scale, torch.Tensor) else None
-                self.kernel.before(self.params, [p.grad for p in self.params])
-                active.measured = True
-        self._active = active
-        # The frame of torch's step wrapper (1 is _Hook.__call__): it stays on the stack exactly
-        # while this step runs, which tells a nested super().step() from a step that raised.
-        self._depth, self._step_frame = 1, sys._getframe(2)
-        return new_call
+        return ActiveStep(group, lr)
 
-    def _measured_closure(self, closure: Callable[[], Any], active: _Active) -> Callable[[], Any]:
+    def _measure_before(self, optimizer: torch.optim.Optimizer, active: ActiveStep) -> None:
+        """The kernel's first pass, at θ_k with the gradients the optimizer receives."""
+        if not self._sentinel_confirmed:
+            self._confirm_sentinel()
+        scale = getattr(optimizer, "grad_scale", None)
+        active.grad_scale = scale if isinstance(scale, torch.Tensor) else None
+        self.kernel.before(self.params, [p.grad for p in self.params])
+        active.measured = True
+
+    def _measured_closure(
+        self, closure: Callable[[], Any], active: ActiveStep
+    ) -> Callable[[], Any]:
         def measured() -> Any:
             if active.measured:
                 return closure()
@@ -734,7 +651,7 @@ class Probe:
                 raise ProbeUsageError(
                     "the closure returned None; return the loss from it (as LBFGS requires)"
                 )
-            mb.loss, n = _as_loss(out, self.device, "closure")
+            mb.loss, n = as_loss(out, self.device, "closure")
             mb.n = n or mb.n
             self.kernel.before(self.params, [p.grad for p in self.params])
             active.measured = True
@@ -763,6 +680,34 @@ class Probe:
                 "step's loss and gradient are unknown; pass the loss to probe.batch and step "
                 "without a closure"
             )
+        parts = self._measure_after(active)
+        group = active.group
+        weights = [mb.n for mb in group]
+        loss = weighted_mean([mb.loss for mb in group], weights)
+        loss_ref = (
+            None
+            if self.mode == "record"
+            else weighted_mean([mb.loss_ref for mb in group], weights)
+        )
+        self._table.append(
+            self.step_index,
+            self.epoch,
+            active.lr,
+            loss,
+            loss_ref,
+            parts,
+            [
+                (mb.indices, mb.sample_losses, mb.ref_samples)
+                for mb in group
+                if mb.indices is not None and mb.sample_losses is not None
+            ],
+        )
+        self.step_index += 1
+        self._steps_measured += 1
+        self._skip_streak = 0
+
+    def _measure_after(self, active: ActiveStep) -> np.ndarray | torch.Tensor:
+        """The kernel's second pass, at θ_{k+1}: the step's ``(n_tensors, 5)`` products."""
         parts = self.kernel.after(self.params)
         if active.grad_scale is not None:
             # The fused AMP path hands the optimizer scaled gradients: g = grad / s. GradScaler's
@@ -773,120 +718,20 @@ class Probe:
                 s = float(active.grad_scale)
             parts[:, 1] /= s
             parts[:, 2] /= s * s
-        group = active.group
-        weights = [mb.n for mb in group]
-        loss = _weighted_mean([mb.loss for mb in group], weights)
-        loss_ref = (
-            None
-            if self.mode == "record"
-            else _weighted_mean([mb.loss_ref for mb in group], weights)
-        )
-        self._pending.append((loss, loss_ref, parts))
-        self._pending_meta.append((self.step_index, self.epoch, active.lr))
-        for mb in group:
-            if mb.indices is not None and mb.sample_losses is not None:
-                self._pending_samples.append(
-                    (self.step_index, self.epoch, mb.indices, mb.sample_losses, mb.ref_samples)
-                )
-        self.step_index += 1
-        self._steps_measured += 1
-        self._skip_streak = 0
+        return parts
 
     # --------------------------------------------------------- reference side
-    def _check_due(self) -> bool:
-        every = self._check_every
-        if every is None or self.loss_fn is None:
-            return False
-        return self._steps_measured == 0 or (every > 0 and self._steps_measured % every == 0)
-
-    def _forward(self, model: nn.Module, batch: Any, state: ForwardState) -> torch.Tensor:
-        with replaying(state, self._cuda_index):
-            return self.loss_fn(model, batch).detach()
-
-    def _evaluate(self, mb: _MicroBatch, batch: Any, state: ForwardState) -> None:
+    def _evaluate(self, mb: MicroBatch, batch: Any, state: ForwardState) -> None:
         """ℓ(θ*; B) for this micro-batch (reference mode) and, when due, the consistency check."""
         if self._ref_model is not None:
             copy_modes(self._ref_pairs)
-            out = self._forward(self._ref_model, batch, state)
+            out = replayed_loss(self.loss_fn, self._ref_model, batch, state, self._cuda_index)
             if out.dim() > 0:
                 mb.ref_samples, mb.loss_ref = out, out.mean()
             else:
                 mb.loss_ref = out
-        if self._check_due():
-            self._check(mb, batch, state)
-
-    def _check(self, mb: _MicroBatch, batch: Any, state: ForwardState) -> None:
-        given = float(mb.loss)
-        if not math.isfinite(given):
-            return  # a diverged step is the loop's to report
-        twin = self._private_copy()  # θ_k, the current buffers and every submodule's mode
-        value = float(self._forward(twin, batch, state).mean())
-        rtol = CHECK_RTOL_COMPILED if self._compiled else CHECK_RTOL
-        if abs(given - value) <= rtol * max(abs(given), abs(value)) + 1e-12:
-            return
-        msg = self._diagnose(given, value, twin, batch, state, rtol)
-        if self._compiled:
-            warnings.warn(
-                msg + " (the model is compiled: the probe's eager copy may legitimately differ)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return
-        raise ConsistencyError(msg)
-
-    def _diagnose(
-        self,
-        given: float,
-        value: float,
-        twin: nn.Module,
-        batch: Any,
-        state: ForwardState,
-        rtol: float,
-    ) -> str:
-        head = (
-            f"probe.batch: the loss given ({given:.6g}) is not loss_fn(model, batch) at θ_k "
-            f"({value:.6g}, recomputed on a copy of the model under the training forward's RNG "
-            "and autocast state)"
-        )
-        if value != 0 and given != 0:
-            n = round(value / given)
-            if 2 <= n <= 256 and abs(given * n - value) <= rtol * abs(value):
-                return (
-                    f"{head}: it is 1/{n} of it — a loss divided by {n} gradient-accumulation "
-                    "steps? Pass each micro-batch's own loss to probe.batch (the probe averages "
-                    "micro-batches itself) and divide only what you backpropagate"
-                )
-        on = any(enabled for _, enabled, _ in state.autocast)
-        device_type = self._autocast_types[-1]
-        if on:
-            alternatives = [tuple((t, False, d) for t, _, d in state.autocast)]
-        else:
-            lows = (torch.bfloat16,) if device_type == "cpu" else (torch.float16, torch.bfloat16)
-            alternatives = [
-                tuple(
-                    (t, t == device_type, low if t == device_type else d)
-                    for t, _, d in state.autocast
-                )
-                for low in lows
-            ]
-        for autocast in alternatives:
-            alt = ForwardState(state.cpu_rng, state.cuda_rng, autocast)
-            other = float(self._forward(twin, batch, alt).mean())
-            if abs(given - other) <= rtol * max(abs(given), abs(other)) + 1e-12:
-                what = (
-                    "without autocast"
-                    if on
-                    else f"under autocast ({[d for t, e, d in autocast if e][0]})"
-                )
-                return (
-                    f"{head}, but it is that loss computed {what}: autocast was applied outside "
-                    "loss_fn (or the probe saw no forward of this model under it); put the "
-                    "autocast block inside loss_fn, or around the loop's whole forward and loss"
-                )
-        return (
-            f"{head}: pass probe.batch the batch this loss was computed on, and a loss_fn that "
-            "computes the loop's loss (same model call, reduction, regularisation terms, autocast)"
-        )
+        if self._consistency.due(self._steps_measured):
+            self._consistency(mb.loss, batch, state)
 
     # ------------------------------------------------------------- the loop
     def batch(
@@ -938,10 +783,10 @@ class Probe:
         n_loss = None
         loss_t = None
         if loss is not None:
-            loss_t, n_loss = _as_loss(loss, self.device, "probe.batch")
+            loss_t, n_loss = as_loss(loss, self.device, "probe.batch")
         reset = self._reset_since_batch
         self._reset_since_batch = None
-        mb = _MicroBatch(
+        mb = MicroBatch(
             loss_t,
             n_loss or batch_size(batch) or 1,
             self.epoch,
@@ -952,7 +797,9 @@ class Probe:
             mb.indices, mb.sample_losses = indices.detach(), sample_losses.detach()
         if loss is None:
             mb.batch = batch  # evaluated when the closure first runs
-        elif self.loss_fn is not None and (self._ref_model is not None or self._check_due()):
+        elif self.loss_fn is not None and (
+            self._ref_model is not None or self._consistency.due(self._steps_measured)
+        ):
             if fwd is None:
                 if not self._warned_no_forward:
                     self._warned_no_forward = True
@@ -1027,115 +874,33 @@ class Probe:
             >>> rows["step"].tolist(), "gamma" in rows, bool(probe.d0_sq == probe.steps()["dist_sq"][0])
             ([3, 4, 5], True, True)
         """
-        frame = self.flush()
+        frame = self._table.flush()
         self.epoch += 1
-        if not derived or self.mode == "record" or frame.empty:
+        if not derived:
             return frame
-        return derive(frame, d0_sq=self._d0(d0_sq), ell_inf=ell_inf)
-
-    def _d0(self, d0_sq: float | None) -> float | None:
-        """D_0² for the derived columns: given, measured at step 0, or (with a warning) the
-        squared distance at the first step this probe measured."""
-        if d0_sq is not None or self.d0_sq is not None:
-            return d0_sq if d0_sq is not None else self.d0_sq
-        frames = [f for f in self._frames if len(f)]
-        if not frames:
-            return None
-        if not self._warned_d0:
-            self._warned_d0 = True
-            warnings.warn(
-                f"the probe started counting at step {self._start_step}, so it never saw θ_0: "
-                "γ and γ^RP are normalised by the squared distance at its first step instead "
-                "of D_0²; pass d0_sq=‖θ_0 − θ*‖²",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return float(frames[0]["dist_sq"].iloc[0])
+        return self._table.derived(frame, ell_inf=ell_inf, d0_sq=d0_sq)
 
     def flush(self) -> pd.DataFrame:
         """Move pending per-step values to the host (one synchronisation) and return them raw."""
-        if not self._pending:
-            return pd.DataFrame(columns=["step", "epoch", "lr", *self.columns])
-        # Losses are float32 (one micro-batch) or float64 (a weighted mean, a Python float).
-        losses = torch.stack([loss.to(torch.float64) for loss, _, _ in self._pending]).cpu().numpy()
-        # (steps, tensors, QUANTITIES); a device kernel's values cross to the host here, once.
-        parts = [part for _, _, part in self._pending]
-        parts = (
-            torch.stack(parts).cpu().numpy()
-            if isinstance(parts[0], torch.Tensor)
-            else np.stack(parts)
-        )
-        ee, eg, gg, ed, dd = np.moveaxis(parts.sum(axis=1), 1, 0)
-        if self.mode == "record":
-            values = {"loss": losses, "update_sq": dd, "grad_sq": gg, "dist0_sq": ee}
-        else:
-            loss_ref = (
-                torch.stack([ref.reshape(()).to(torch.float64) for _, ref, _ in self._pending])
-                .cpu()
-                .numpy()
-            )
-            # P_k from Δ_k, never as ½(d_k² − d_{k+1}²), which cancels when steps are small.
-            values = {
-                "loss": losses,
-                "loss_ref": loss_ref,
-                "progress": ed - 0.5 * dd,
-                "dist_sq": ee,
-                "update_sq": dd,
-                "grad_dot": eg,
-                "grad_sq": gg,
-            }
-        meta = np.array(self._pending_meta, dtype=np.float64)
-        frame = pd.DataFrame(
-            {
-                "step": meta[:, 0].astype(np.int64),
-                "epoch": meta[:, 1].astype(np.int64),
-                "lr": meta[:, 2],
-                **{c: values[c] for c in self.columns},
-            }
-        )
-        if self.d0_sq is None and self.mode == "reference" and self._start_step == 0 and len(frame):
-            self.d0_sq = float(frame["dist_sq"].iloc[0])
-        self._frames.append(frame)
-        if self.mode == "reference" and self.per_tensor:
-            per = parts[:, :, 3] - 0.5 * parts[:, :, 4]
-            n_steps, n_t = per.shape
-            self._tensor_frames.append(
-                pd.DataFrame(
-                    {
-                        "step": np.repeat(frame["step"].to_numpy(), n_t),
-                        "epoch": np.repeat(frame["epoch"].to_numpy(), n_t),
-                        "tensor": np.tile(np.array(self.names, dtype=object), n_steps),
-                        "progress": per.reshape(-1),
-                    }
-                )
-            )
-        if self._pending_samples:
-            sample_parts = []
-            for step, epoch, idx, sample_losses, refs in self._pending_samples:
-                part = {
-                    "step": step,
-                    "epoch": epoch,
-                    "index": idx.cpu().numpy(),
-                    "loss": sample_losses.to(torch.float64).cpu().numpy(),
-                }
-                if refs is not None:
-                    part["loss_ref"] = refs.to(torch.float64).cpu().numpy()
-                sample_parts.append(pd.DataFrame(part))
-            self._sample_frames.append(pd.concat(sample_parts, ignore_index=True))
-        self._pending, self._pending_meta, self._pending_samples = [], [], []
-        return frame
+        return self._table.flush()
+
+    @property
+    def d0_sq(self) -> float | None:
+        """D_0² = ‖θ_0 − θ*‖², measured at the first step when the probe counts from step 0."""
+        return self._table.d0_sq
+
+    @d0_sq.setter
+    def d0_sq(self, value: float | None) -> None:
+        self._table.d0_sq = value
 
     @property
     def columns(self) -> list[str]:
         """Raw measured columns of this mode (besides step, epoch, lr)."""
-        return RECORD_COLUMNS if self.mode == "record" else REFERENCE_COLUMNS
+        return self._table.columns
 
     def raw_steps(self) -> pd.DataFrame:
         """All measured rows so far, without derived columns."""
-        self.flush()
-        if not self._frames:
-            return pd.DataFrame(columns=["step", "epoch", "lr", *self.columns])
-        return pd.concat(self._frames, ignore_index=True)
+        return self._table.raw_steps()
 
     def steps(self, ell_inf: float = 0.0, d0_sq: float | None = None) -> pd.DataFrame:
         """The per-step table of DESIGN.md §6 (reference mode) or the record-mode table.
@@ -1147,10 +912,7 @@ class Probe:
         :meth:`take` hands the early rows over. A probe started later (``step=k``) warns and
         uses its first step's d_k². Skipped steps have no row (see :meth:`skipped`).
         """
-        raw = self.raw_steps()
-        if self.mode == "record" or raw.empty:
-            return raw
-        return derive(raw, d0_sq=self._d0(d0_sq), ell_inf=ell_inf)
+        return self._table.derived(self._table.raw_steps(), ell_inf=ell_inf, d0_sq=d0_sq)
 
     def skipped(self) -> pd.DataFrame:
         """Steps the optimizer never made (a GradScaler overflow, a loop that chose not to step).
@@ -1178,33 +940,15 @@ class Probe:
         """
         if not self._depth:
             self._seal(resolve=True)
-        rows = [
-            (step, epoch, n, math.nan if loss is None else float(loss))
-            for step, epoch, n, loss in self._skips
-        ]
-        frame = pd.DataFrame(rows, columns=SKIPPED_COLUMNS)
-        return frame.astype(
-            {
-                "next_step": np.int64,
-                "epoch": np.int64,
-                "micro_batches": np.int64,
-                "loss": np.float64,
-            }
-        )
+        return self._table.skipped()
 
     def tensor_steps(self) -> pd.DataFrame:
         """Per-tensor progress P_k,i as a long table (step, epoch, tensor, progress)."""
-        self.flush()
-        if not self._tensor_frames:
-            return pd.DataFrame(columns=["step", "epoch", "tensor", "progress"])
-        return pd.concat(self._tensor_frames, ignore_index=True)
+        return self._table.tensor_steps()
 
     def sample_steps(self) -> pd.DataFrame:
         """Per-sample losses at each visit (step, epoch, index, loss[, loss_ref])."""
-        self.flush()
-        if not self._sample_frames:
-            return pd.DataFrame(columns=["step", "epoch", "index", "loss"])
-        return pd.concat(self._sample_frames, ignore_index=True)
+        return self._table.sample_steps()
 
     def take(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """Flush and hand over (raw steps, tensor steps, sample steps), clearing host memory.
@@ -1212,6 +956,4 @@ class Probe:
         The trainer writes each epoch's frames to disk and drops them, so host memory
         stays O(steps per epoch).
         """
-        out = (self.raw_steps(), self.tensor_steps(), self.sample_steps())
-        self._frames, self._tensor_frames, self._sample_frames = [], [], []
-        return out
+        return self._table.take()
