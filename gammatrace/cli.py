@@ -8,8 +8,10 @@
     gammatrace inspect CONFIG.yaml [--out DIR]
     gammatrace machine [--ray]                     this machine's kind (what a run's bits belong to)
 
-Errors a user can fix (bad config, unknown name, missing data, damaged file) are one
-line on stderr and exit status 2; nothing already on disk is touched.
+Errors a user can fix (bad config, unknown name, missing data, damaged file: a
+:class:`gammatrace.errors.UserError`, or a config field pydantic refuses) are one line on
+stderr and exit status 2; nothing already on disk is touched. Anything else is a bug in
+gammatrace: its traceback, one line saying so, and exit status 1.
 
 Example (``main`` takes the arguments the ``gammatrace`` command would; unknown
 ``--flags`` of ``models`` are the network's switches):
@@ -31,6 +33,7 @@ import argparse
 import importlib
 import json
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,18 +43,22 @@ from pydantic import ValidationError
 
 from gammatrace.analysis import analyze, train
 from gammatrace.cliopts import add_options, option_help
-from gammatrace.config import AnalysisConfig, RunConfig, error_location, load_yaml, merge_config
-from gammatrace.data.base import DataError
-from gammatrace.engine import ReplayMismatchError, RunConflictError, budget, train_pass
+from gammatrace.config import (
+    AnalysisConfig,
+    RunConfig,
+    check_switches,
+    error_location,
+    load_yaml,
+    merge_config,
+)
+from gammatrace.engine import budget, train_pass
 from gammatrace.engine.session import build_session
-from gammatrace.errors import UserError, os_error
+from gammatrace.errors import BUG_REPORT, ConfigError, UserError, os_error
 from gammatrace.experiments.remote import report_to
 from gammatrace.machine import describe, fingerprint, machine_id, ray_resource
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
-from gammatrace.probe.probe import ReferenceError_
-from gammatrace.registry import UnknownNameError
-from gammatrace.store.run import Status, StoreError, check_out_folder
+from gammatrace.store.run import Status, check_out_folder
 from gammatrace.techniques import per_sample_loss
 
 
@@ -65,7 +72,7 @@ def _preset_path(name: str) -> Path:
         return Path(str(packaged))
     presets = sorted(p.name.removesuffix(".yaml") for p in (resources.files("gammatrace") / "configs").iterdir()
                      if p.name.endswith(".yaml"))
-    raise FileNotFoundError(f"config {name} does not exist (packaged presets: {', '.join(presets)})")
+    raise UserError(f"config {name} does not exist (packaged presets: {', '.join(presets)})")
 
 
 def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
@@ -75,10 +82,10 @@ def expand_runs(data: dict[str, Any]) -> dict[str, RunConfig]:
         return {cfg.name: cfg}
     unknown = set(data) - {"base", "runs"}
     if unknown:
-        raise ValueError(f"a multi-run config has only 'base' and 'runs', not {sorted(unknown)}")
+        raise ConfigError(f"a multi-run config has only 'base' and 'runs', not {sorted(unknown)}")
     runs = data["runs"] or {}
     if not isinstance(runs, dict) or not runs:
-        raise ValueError("'runs' must map run names to overrides")
+        raise ConfigError("'runs' must map run names to overrides")
     return {name: RunConfig.model_validate(merge_config(merge_config(data.get("base") or {}, over or {}), {"name": name}))
             for name, over in runs.items()}
 
@@ -158,17 +165,19 @@ def _parse_switches(tokens: list[str]) -> dict[str, Any]:
     it = iter(tokens)
     for tok in it:
         if not tok.startswith("--"):
-            raise ValueError(f"expected --SWITCH VALUE, got {tok!r}")
+            raise ConfigError(f"expected --SWITCH VALUE, got {tok!r}")
         key = tok[2:].replace("-", "_")
         try:
             out[key] = yaml.safe_load(next(it))
         except StopIteration:
-            raise ValueError(f"switch {tok} needs a value") from None
+            raise ConfigError(f"switch {tok} needs a value") from None
     return out
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
     switches = _parse_switches(extra)
+    if args.name:  # a switch the network does not take, or of another type: one line, as in a config
+        check_switches("model", args.name, MODELS.get(args.name), switches, builder_args={"input_shape", "num_classes"})
     names = [args.name] if args.name else MODELS.names()
     shape = tuple(args.input_shape) if args.input_shape else None
     for name in names:
@@ -287,22 +296,24 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    user_errors = (UserError, ValidationError, UnknownNameError, DataError, StoreError, RunConflictError,
-                   ReplayMismatchError, ReferenceError_, FileNotFoundError, ValueError)
     try:
-        return args.fn(args, extra) if getattr(args, "takes_extra", False) else args.fn(args)
-    except user_errors as exc:
+        try:
+            return args.fn(args, extra) if getattr(args, "takes_extra", False) else args.fn(args)
+        except OSError as exc:  # a full disk, a read-only folder: one line; any other OSError is a bug
+            mapped = os_error(exc, str(exc.filename or "writing the output"))
+            if mapped is None:
+                raise
+            raise mapped from None
+    except (UserError, ValidationError) as exc:  # ValidationError: a config field pydantic refused
         print(f"gammatrace: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        mapped = os_error(exc, str(exc.filename or "writing the output"))
-        if mapped is None:
-            raise
-        print(f"gammatrace: error: {_one_line(mapped)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gammatrace: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback, and where to report it
+        traceback.print_exc()
+        print(f"gammatrace: {BUG_REPORT}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -271,9 +271,9 @@ class RunConfig(_Strict):
         activation = self.model.switches().get("activation")
         if activation is not None:
             ACTIVATIONS.get(activation)
-        _check_switches("model", self.model.name, MODELS.get(self.model.name), self.model.switches(),
+        check_switches("model", self.model.name, MODELS.get(self.model.name), self.model.switches(),
                         builder_args={"input_shape", "num_classes"})
-        _check_switches("data", self.data.name, DATASETS.get(self.data.name), self.data.switches(),
+        check_switches("data", self.data.name, DATASETS.get(self.data.name), self.data.switches(),
                         builder_args=set(), shared=set(TRANSFORM_OPTIONS))
 
     @classmethod
@@ -314,7 +314,7 @@ def check_name(name: str, what: str = "run") -> str:
     return name
 
 
-def _check_switches(section: str, name: str, factory: Any, switches: dict[str, Any], *,
+def check_switches(section: str, name: str, factory: Any, switches: dict[str, Any], *,
                     builder_args: set[str], shared: set[str] = frozenset()) -> None:
     """Unknown switches of a registry entry are refused before anything runs, naming the
     switches it has (a misspelt ``widht`` would otherwise surface as a TypeError deep in

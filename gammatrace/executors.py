@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from gammatrace.errors import UserError
+from gammatrace.errors import ConfigError, UserError
 from gammatrace.machine import fingerprint, ray_resource
 from gammatrace.registry import Registry
 
@@ -62,7 +62,7 @@ class ExecutorFactory(Protocol):
 EXECUTORS: Registry[ExecutorFactory] = Registry("executor")
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(UserError, ImportError):
     """An executor needs an optional package that is not installed."""
 
 
@@ -111,7 +111,7 @@ class LocalExecutor:
 
     def __init__(self, workers: int = 1, **_: Any):
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise ConfigError(f"workers must be >= 1, got {workers}")
         self.workers = workers
 
     def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, desc: str = "", progress: bool = True,
@@ -169,9 +169,9 @@ class RayExecutor:
     def __init__(self, workers: int = 1, address: str | None = None, num_gpus: float = 0.0,
                  num_cpus: float = 1.0, **_: Any):
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise ConfigError(f"workers must be >= 1, got {workers}")
         if num_gpus < 0 or num_cpus <= 0:
-            raise ValueError(f"ray tasks need num_cpus > 0 and num_gpus >= 0, got {num_cpus}, {num_gpus}")
+            raise ConfigError(f"ray tasks need num_cpus > 0 and num_gpus >= 0, got {num_cpus}, {num_gpus}")
         self.workers, self.address, self.num_gpus, self.num_cpus = workers, address, num_gpus, num_cpus
 
     @staticmethod

@@ -108,3 +108,76 @@ def test_cli_invalid_config_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optim.lr" in err[0] and "epochs" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path, capsys, monkeypatch):
+    """A ValueError raised deep in a command is a bug, not a user error: its traceback, one
+    line saying it is a bug and where to report it, exit status 1 (never a one-line exit 2)."""
+    def planted(*args, **kwargs):
+        raise ValueError("planted bug deep in the loader")
+
+    monkeypatch.setattr("gammatrace.engine.session.epoch_batches", planted)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: bug\ndata: {name: digits, n_train: 64, n_test: 32}\nmodel: {name: mlp, width: 8, depth: 1}\n"
+                   "epochs: 1\nbatch_size: 32\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-report", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: planted bug deep in the loader" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gammatrace: this is a bug in gammatrace") and "report it" in last
+    assert "gammatrace: error:" not in err
+
+
+def test_a_bug_in_a_real_process_exits_1_with_its_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from gammatrace import cli\n"
+            "def boom(args): raise ValueError('planted bug')\n"
+            "cli.cmd_machine = boom\n"
+            "sys.exit(cli.main(['machine']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "ValueError: planted bug" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("gammatrace: this is a bug")
+
+
+def test_every_user_fixable_error_is_a_user_error():
+    """One hierarchy (errors.py): the errors defined beside their code are UserErrors and
+    keep the built-in base their callers catch."""
+    from gammatrace.engine.session import DivergedError
+    from gammatrace.errors import ConfigError, IntegrationError, OptionError, UserError
+    from gammatrace.executors import MissingDependencyError
+    from gammatrace.probe import BadReferenceError, ConsistencyError, ProbeUsageError
+    from gammatrace.store.integrity import DamagedTable
+
+    for cls, builtin in [(BadReferenceError, ValueError), (ConsistencyError, ValueError),
+                         (ProbeUsageError, RuntimeError), (DivergedError, RuntimeError),
+                         (DamagedTable, ValueError), (MissingDependencyError, ImportError),
+                         (IntegrationError, RuntimeError), (ConfigError, ValueError), (OptionError, TypeError),
+                         (UnknownNameError, KeyError), (DataError, ValueError), (StoreError, RuntimeError),
+                         (RunConflictError, RuntimeError)]:
+        assert issubclass(cls, UserError) and issubclass(cls, builtin), cls
+    assert not hasattr(gammatrace.probe, "ReferenceError_")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models", "mlp", "--widht", "8"], "has no switch 'widht'"),
+    (["models", "mlp", "--width", "0"], "mlp needs depth >= 0 and width > 0"),
+    (["models", "mlp", "8"], "expected --SWITCH VALUE"),
+    (["models", "mlp", "--width"], "needs a value"),
+    (["run", "no-such-preset", "--out", "X"], "config no-such-preset does not exist"),
+])
+def test_user_input_once_a_bare_value_error_is_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gammatrace: error:") and message in err[0], err
+
+
+def test_a_multi_run_config_with_other_keys_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "multi.yaml"
+    bad.write_text("base: {}\nruns: {a: {}}\nepochs: 3\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only 'base' and 'runs'" in err[0]
+    assert not (tmp_path / "out").exists()

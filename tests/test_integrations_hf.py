@@ -179,3 +179,31 @@ def test_token_losses_match_the_models_own_loss():
     batch = DATA[0]["input_ids"][None]
     out = model(input_ids=batch, labels=batch)
     assert torch.allclose(hf.token_losses(out.logits, batch, shift=True).mean(), out.loss, rtol=1e-6)
+
+
+def test_attach_returns_a_handle_that_detaches(tmp_path):
+    """``attach`` wraps ``compute_loss``; its handle's ``detach`` (or its ``with`` block)
+    restores the Trainer's own and removes the callback; so does the end of training."""
+    trainer = built()
+    own = trainer.compute_loss
+    callback = hf.GammaTrace()
+    handle = callback.attach(trainer)
+    assert trainer.compute_loss != own and callback in trainer.callback_handler.callbacks
+    handle.detach()
+    assert trainer.compute_loss == own and "compute_loss" not in vars(trainer)
+    assert callback not in trainer.callback_handler.callbacks
+    handle.detach()  # twice is harmless
+
+    record: list = []
+    trainer = built(record)  # an instance attribute of its own: kept, and given back
+    own = trainer.compute_loss
+    with hf.GammaTrace().attach(trainer) as handle:
+        assert trainer.compute_loss is not own and handle.trainer is trainer
+    assert trainer.compute_loss is own
+
+    trainer = built()
+    callback = hf.GammaTrace(out=tmp_path / "one")
+    callback.attach(trainer)
+    trainer.train()  # the end of training gives compute_loss back
+    assert "compute_loss" not in vars(trainer) and len(callback.steps()) == STEPS_PER_EPOCH * EPOCHS
+    assert gammatrace.load_run(tmp_path / "one").status.value == "trained"  # record mode: no θ* yet

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from gammatrace.engine.session import Session
+from gammatrace.errors import UserError
 from gammatrace.models.init import preserved_buffers
 
 
@@ -50,7 +51,7 @@ class OnePointConvexity:
         named = [(n, p) for n, p in session.model.named_parameters() if p.requires_grad]
         missing = [n for n, _ in named if n not in reference]
         if missing:
-            raise ValueError(f"the reference lacks trainable tensor(s) {missing[:3]}")
+            raise UserError(f"the reference lacks trainable tensor(s) {missing[:3]}")
         self.params = [p for _, p in named]
         self.reference = [reference[n].detach().to(device=p.device, dtype=torch.float64) for n, p in named]
 

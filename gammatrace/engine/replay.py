@@ -48,7 +48,7 @@ from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
 from gammatrace.machine import cross_machine_advice, fingerprint
 from gammatrace.probe import Probe, load_reference
-from gammatrace.probe.probe import ReferenceError_
+from gammatrace.probe.probe import BadReferenceError
 from gammatrace.store.run import Run, RunStore, StoreError, params_sha256
 
 # Below analysis/<reference>/: the per-sample losses at θ* and the record of how ℓ* was computed.
@@ -100,7 +100,7 @@ def reference_source(run: Run, reference: str | None) -> tuple[str, str]:
         raise StoreError(f"reference file {path} does not exist")
     try:
         state = load_reference(path)
-    except ReferenceError_ as exc:
+    except BadReferenceError as exc:
         raise StoreError(str(exc).split(":")[0] + " (not a state dict or gammatrace checkpoint saved with "
                          "torch.save)") from None
     name = f"file-{path.stem}-{params_sha256(state)[:16]}"

@@ -23,7 +23,7 @@ from gammatrace._version import __version__
 from gammatrace.config import RunConfig
 from gammatrace.data import AUGMENTATIONS, Dataset, load_dataset
 from gammatrace.data.loader import epoch_batches, seed_epoch_rng, stream_seed
-from gammatrace.errors import UserError
+from gammatrace.errors import ConfigError, UserError
 from gammatrace.machine import fingerprint
 from gammatrace.models import build
 from gammatrace.models.init import apply_init, load_init
@@ -34,8 +34,9 @@ from gammatrace.techniques import make_optimizer, make_schedule, per_sample_loss
 _INIT_STREAM = 0x1417
 
 
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+class DivergedError(UserError, RuntimeError):
+    """The training loss became NaN or infinite (a lower learning rate, another technique, ...).
+    The trainer records it as the run's outcome; raised alone, it is one line."""
 
     def __init__(self, step: int, loss: float):
         super().__init__(f"training diverged at step {step}: loss {loss}")
@@ -307,7 +308,7 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
                             f"({exc.__class__.__name__}); save it with gammatrace's save_init or torch.save of a "
                             "state dict") from None
         if not loaded:
-            raise ValueError(f"initial point {path} shares no tensor of matching name and shape with the model")
+            raise UserError(f"initial point {path} (model.init_from) shares no tensor of matching name and shape with the model")
     _check_fits(cfg, data, model)
     model.to(device)
     optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), cfg.optim.name,
@@ -315,7 +316,7 @@ def build_session(cfg: RunConfig, data: Dataset | None = None) -> Session:
     n = data.n_train
     spe = n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
     if spe == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} samples")
+        raise ConfigError(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} samples")
     schedule = make_schedule(cfg.schedule.name, spe, cfg.epochs * spe, warmup_epochs=cfg.schedule.warmup_epochs,
                              **cfg.schedule.options())
     return Session(cfg, data, model, optimizer, device, data.x_train.to(device), data.y_train.to(device), schedule,

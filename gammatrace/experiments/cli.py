@@ -12,11 +12,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from gammatrace.cliopts import add_options, option_help, parsed
-from gammatrace.executors import EXECUTORS, MissingDependencyError
+from gammatrace.executors import EXECUTORS
 from gammatrace.experiments.presets import PRESETS
 from gammatrace.experiments.study import STUDIES, run_study, study_from_yaml
 
@@ -26,11 +25,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         study = study_from_yaml(args.name)
     else:
         study = STUDIES.get(args.name)(args.preset, args.data_dir)
-    try:
-        where = run_study(**{**parsed(args, run_study), "study": study, "out": args.out, "progress": not args.quiet})
-    except MissingDependencyError as exc:
-        print(f"gammatrace: error: {exc}", file=sys.stderr)
-        return 2
+    where = run_study(**{**parsed(args, run_study), "study": study, "out": args.out, "progress": not args.quiet})
     if where is not None:  # None: a --dry-run, whose plan is the output
         print(f"report: {where}")
     return 0

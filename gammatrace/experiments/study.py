@@ -78,7 +78,7 @@ class Study:
         unknown |= {c for cells in self.groups.values() for c in cells} - set(self.cells)
         unknown |= set(self.paths) - set(self.cells)
         if unknown:
-            raise ValueError(f"study {self.name}: claims/groups name unknown cells {sorted(unknown)}")
+            raise StudyError(f"study {self.name}: claims/groups name unknown cells {sorted(unknown)}")
 
     def group_of(self, cell: str) -> str:
         return next((g for g, cells in self.groups.items() if cell in cells), "all")
@@ -93,7 +93,7 @@ class Study:
     def run_names(self, seeds: int = 1) -> dict[str, tuple[str, int]]:
         """Run name -> (cell, seed index); with several seeds ``cell-s0``, ``cell-s1``, …"""
         if seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {seeds}")
+            raise StudyError(f"seeds must be >= 1, got {seeds}")
         return {(cell if seeds == 1 else f"{cell}-s{i}"): (cell, i) for cell in self.cells for i in range(seeds)}
 
     def runs(self, seeds: int = 1, init_dir: str | Path | None = None) -> dict[str, RunConfig]:
@@ -515,11 +515,11 @@ def run_study(study: Study, out: str | Path, *, seeds: int | None = None, execut
     old = StudyMeta.load(path) if RunStore(out).exists(StudyMeta.FILE) else None
     if old is not None:
         if old.study != meta.study:
-            raise ValueError(f"{out} holds another study ({old.study}); choose another --out")
+            raise StudyError(f"{out} holds another study ({old.study}); choose another --out")
         if old.runs != meta.runs:
-            raise ValueError(f"{out} holds study {meta.study} with other runs ({len(old.runs)} "
-                             f"vs {len(meta.runs)}: another preset or --seeds {old.seeds}?); "
-                             "choose another --out")
+            raise StudyError(f"{out} holds study {meta.study} with other runs ({len(old.runs)} "
+                              f"vs {len(meta.runs)}: another preset or --seeds {old.seeds}?); "
+                              "choose another --out")
     runs = study.runs(seeds, init_dir=out / "init")
     if not report_only:
         for cfg in runs.values():
@@ -546,7 +546,7 @@ def run_study(study: Study, out: str | Path, *, seeds: int | None = None, execut
             executor_.map(run_task, tasks, desc=study.name, progress=progress,
                           machines=[recorded_kind(out / name) for name in runs])
     elif old is None:
-        raise ValueError(f"{out} holds no study yet; run it first (without --report-only)")
+        raise StudyError(f"{out} holds no study yet; run it first (without --report-only)")
 
     return report_to([out / name for name in runs], out / "report", title=f"gammatrace study: {study.name}",
                      study=path)

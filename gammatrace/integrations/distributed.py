@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gammatrace.errors import IntegrationError
 from gammatrace.integrations.ranks import global_loss_fn, global_mean, is_writer, world_size
 from gammatrace.principles import derive
 from gammatrace.probe import Probe
@@ -157,8 +158,8 @@ class DistributedProbe:
         local_ref = None
         if reference is not None:
             if reference_model is None or loss_fn is None:
-                raise ValueError("FSDP2 reference mode needs loss_fn and reference_model: a second model of the "
-                                 "same architecture, sharded the same way (FSDP modules cannot be copied)")
+                raise IntegrationError("FSDP2 reference mode needs loss_fn and reference_model: a second model "
+                                       "of the same architecture, sharded the same way (FSDP modules cannot be copied)")
             full = {canonical_name(k): v for k, v in reference.items()}
             set_model_state_dict(reference_model, full, options=StateDictOptions(full_state_dict=True))
             local_ref = {f"shards.{i}": local_shard(full[n], p) for i, (n, p) in enumerate(named)}

@@ -9,7 +9,9 @@ the batch nor the loss, so the hook has two parts, both in :class:`GammaTrace`:
   recorded as skipped), closes each epoch, and writes the run folder;
 * a wrapper around the Trainer's ``compute_loss`` (:meth:`GammaTrace.attach`, which works
   for any Trainer subclass) that tells the probe every micro-batch, between the forward and
-  the step, with the micro-batch's own loss.
+  the step, with the micro-batch's own loss. The end of training restores ``compute_loss``;
+  so does the handle ``attach`` returns (``.detach()``, or leaving its ``with`` block), which
+  also removes the callback.
 
 Which loss is ℓ_k: the one whose gradient the step follows. The Trainer normalises a
 causal LM's summed token loss by the number of target tokens of the *whole* accumulated
@@ -53,14 +55,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 
 from gammatrace.engine.twopass import TwoPass, TwoPassResult, save_run
-from gammatrace.errors import UserError
+from gammatrace.errors import IntegrationError
 from gammatrace.integrations import ranks as D
-from gammatrace.integrations.loggers import Sink, StepLog
+from gammatrace.integrations.core import TraceCore
+from gammatrace.integrations.loggers import Sink
 from gammatrace.probe import Probe
 
 try:  # the optional extra gammatrace[hf]: this module needs it, gammatrace does not
@@ -71,10 +73,6 @@ except ImportError:  # pragma: no cover - only without the extra
     _Callback = object
 
 IGNORE_INDEX = -100  # the label of a position without a target (padding), as in transformers
-
-
-class IntegrationError(UserError, RuntimeError):
-    """The training setup is one the integration cannot measure (the message says what to do)."""
 
 
 def _require() -> None:
@@ -110,10 +108,31 @@ def _shifts_labels(model: nn.Module) -> bool:
             and not getattr(config, "is_encoder_decoder", False))
 
 
-class GammaTrace(_Callback):
-    """Measure ``Trainer.train`` with a :class:`gammatrace.Probe` (see the module docstring).
+class Attached:
+    """What :meth:`GammaTrace.attach` returns: :meth:`detach` (also on leaving a ``with``
+    block) restores the Trainer's ``compute_loss`` and removes the callback."""
 
-    Use ``GammaTrace(...).attach(trainer)`` before ``trainer.train()``.
+    def __init__(self, callback: GammaTrace, trainer: Any):
+        self.callback, self.trainer = callback, trainer
+
+    def detach(self) -> None:
+        self.callback._restore()
+        if self.callback in self.trainer.callback_handler.callbacks:
+            self.trainer.remove_callback(self.callback)
+
+    def __enter__(self) -> Attached:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+
+class GammaTrace(TraceCore, _Callback):
+    """Measure ``Trainer.train`` with a :class:`gammatrace.Probe` (see the module docstring):
+    the Trainer's events translated to the shared :class:`~gammatrace.integrations.core.TraceCore`.
+
+    Use ``GammaTrace(...).attach(trainer)`` before ``trainer.train()`` (or ``with
+    GammaTrace(...).attach(trainer): trainer.train()``).
 
     Args:
         reference: θ* (a state dict or file, e.g. the θ_T of an earlier run) for reference
@@ -131,20 +150,16 @@ class GammaTrace(_Callback):
                  sinks: Iterable[Sink] = (), check: bool | int = True, per_tensor: bool = True,
                  kernel: str | None = None, probe: Probe | None = None):
         _require()
-        self.reference, self.out = reference, out
-        self.log_every, self.sinks = log_every, list(sinks)
-        self.check, self.per_tensor, self.kernel = check, per_tensor, kernel
-        self.probe: Probe | None = probe
-        self._given = probe is not None
-        self._log: StepLog | None = None
+        super().__init__(reference, out=out, log_every=log_every, sinks=sinks, check=check, per_tensor=per_tensor,
+                         kernel=kernel, probe=probe)
         self._per_token: bool | None = None  # decided by the first training micro-batch
         self._shift = False
         self._trainer: Any = None
-        self._world = 1
         self._tokens, self._items, self._count_checked = 0, None, False
 
-    def attach(self, trainer: Any) -> Any:
-        """Add the callback to ``trainer`` and wrap its ``compute_loss``; returns the trainer."""
+    def attach(self, trainer: Any) -> Attached:
+        """Add the callback to ``trainer`` and wrap its ``compute_loss`` until training ends;
+        returns a handle whose ``detach()`` undoes both (a context manager too)."""
         if self._trainer is not None:
             raise IntegrationError("this GammaTrace is attached to a Trainer already; make one per Trainer")
         self._trainer = trainer
@@ -159,8 +174,8 @@ class GammaTrace(_Callback):
                 self._tell(batch, outputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
-        trainer.compute_loss = compute_loss
-        return trainer
+        self._patch(trainer, "compute_loss", compute_loss)
+        return Attached(self, trainer)
 
     # ---------------------------------------------------------------- the loss
     def _value(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -200,14 +215,10 @@ class GammaTrace(_Callback):
                                    "the hook evaluates ℓ(θ*; B_k) with the model's loss only; measure this "
                                    "training with gammatrace.Probe and your loss function in your own loop")
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-        self._world = D.world_size()
-        if self.probe is None:
-            self.probe = Probe(model, optimizer, self.loss_fn, reference=self.reference,
-                               per_tensor=self.per_tensor, kernel=self.kernel, check=self.check)
-        elif self.probe.optimizer is not optimizer:
+        if self.probe is not None and self.probe.optimizer is not optimizer:
             raise IntegrationError("the probe given to GammaTrace measures another optimizer than the Trainer "
                                    "steps (create it with trainer.create_optimizer() before train())")
-        self._log = StepLog(self.probe, self.sinks, log_every=max(self.log_every, 1)) if self.sinks else None
+        self._open(model, optimizer, self.loss_fn)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._per_token and not self._count_checked and self._items is not None and self._world == 1:
@@ -221,26 +232,13 @@ class GammaTrace(_Callback):
                     f"times {self._tokens / items:.4g}; set model.loss_type = 'ForCausalLM'",
                     RuntimeWarning, stacklevel=2)
         self._tokens, self._items = 0, None
-        if self._log is not None:
-            self._log.update()
+        self._end_step()
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._log is not None:
-            self._log.update()
-        self.probe.end_epoch()
+        self._end_epoch()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._log is not None:
-            self._log.close()
-        if not self._given:
-            self.probe.close()
-            if self.out is not None and D.is_writer():
-                save_run(self.probe, self.out)
-
-    # ---------------------------------------------------------------- results
-    def steps(self, ell_inf: float = 0.0) -> pd.DataFrame:
-        """Every measured step: the DESIGN §6 table (reference mode) or the record-mode rows."""
-        return self.probe.steps(ell_inf) if self.probe is not None else pd.DataFrame()
+        self._end_training()
 
 
 def train(build: Callable[[], Any], *, seed: int, threads: int | None = None, out: str | Path | None = None,
@@ -268,7 +266,8 @@ def train(build: Callable[[], Any], *, seed: int, threads: int | None = None, ou
 
     def run(model: nn.Module, optimizer: Any, probe: Probe, trainer: Any, callback: GammaTrace) -> None:
         callback.probe, callback._given = probe, True
-        callback.attach(trainer).train()
+        with callback.attach(trainer):
+            trainer.train()
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         return callbacks[-1].loss_fn(model, batch)  # this pass's callback decides what ℓ is

@@ -67,14 +67,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 
 from gammatrace.engine.twopass import TwoPass, TwoPassResult, save_run
-from gammatrace.errors import UserError
+from gammatrace.errors import IntegrationError
 from gammatrace.integrations import ranks as D
-from gammatrace.integrations.loggers import Sink, StepLog
+from gammatrace.integrations.core import TraceCore
+from gammatrace.integrations.loggers import Sink
 from gammatrace.probe import Probe
 from gammatrace.probe.matched import COMPILED_PREFIX
 
@@ -90,10 +90,6 @@ except ImportError:  # pragma: no cover - only without the extra
 QUIET = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
          "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
          "deterministic": True}
-
-
-class IntegrationError(UserError, RuntimeError):
-    """The training setup is one the integration cannot measure (the message says what to do)."""
 
 
 def _require() -> None:
@@ -149,8 +145,9 @@ def _default_loss_fn(steps: nn.Module, item: tuple) -> torch.Tensor:
     return loss
 
 
-class GammaTrace(_Callback):
-    """Measure a Lightning ``Trainer.fit`` with a :class:`gammatrace.Probe` (see the module docstring).
+class GammaTrace(TraceCore, _Callback):
+    """Measure a Lightning ``Trainer.fit`` with a :class:`gammatrace.Probe` (see the module docstring):
+    Lightning's events translated to the shared :class:`~gammatrace.integrations.core.TraceCore`.
 
     Args:
         reference: θ* (a state dict or file; e.g. the θ_T of an earlier fit) for reference
@@ -171,15 +168,9 @@ class GammaTrace(_Callback):
                  sinks: Iterable[Sink] = (), check: bool | int = True, per_tensor: bool = True,
                  kernel: str | None = None, probe: Probe | None = None):
         _require()
-        super().__init__()
-        self.reference, self.out, self.loss_fn = reference, out, loss_fn
-        self.log_every, self.sinks = log_every, list(sinks)
-        self.check, self.per_tensor, self.kernel = check, per_tensor, kernel
-        self.probe: Probe | None = probe
-        self._given = probe is not None
-        self._undo: list[Callable[[], None]] = []
-        self._log: StepLog | None = None
-        self._world = 1
+        super().__init__(reference, out=out, log_every=log_every, sinks=sinks, check=check, per_tensor=per_tensor,
+                         kernel=kernel, probe=probe)
+        self.loss_fn = loss_fn
 
     # ---------------------------------------------------------------- set-up
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -192,26 +183,22 @@ class GammaTrace(_Callback):
         if isinstance(optimizer, torch.optim.LBFGS):
             raise IntegrationError("LBFGS evaluates its closure many times per step; measure it with "
                                    "gammatrace.Probe in your own loop (probe.batch(batch), then step(closure))")
-        self._world = D.world_size()
-        if self.probe is None:
-            self.probe = Probe(probe_model(pl_module), optimizer, loss_function(self.loss_fn),
-                               reference=self.reference, per_tensor=self.per_tensor, kernel=self.kernel,
-                               check=self.check)
-        elif self.probe.optimizer is not optimizer or getattr(self.probe.model, COMPILED_PREFIX, None) is not pl_module:
+        if self.probe is not None and (self.probe.optimizer is not optimizer
+                                       or getattr(self.probe.model, COMPILED_PREFIX, None) is not pl_module):
             raise IntegrationError("the probe given to GammaTrace measures another module or optimizer than this fit "
                                    "(make it on probe_model(module) and the optimizer configure_optimizers returns)")
-        self._install(pl_module, optimizer, self.probe.model)
         sinks = list(self.sinks)
         if self.log_every:
             # float64 tensors: a Python float would be logged as float32
             sinks.append(lambda step, values: pl_module.log_dict(
                 {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}, on_step=True,
                 on_epoch=False, batch_size=1))
-        self._log = StepLog(self.probe, sinks, log_every=max(self.log_every, 1)) if sinks else None
+        probe = self._open(probe_model(pl_module), optimizer, loss_function(self.loss_fn), sinks)
+        self._install(pl_module, optimizer, probe.model)
 
     def _install(self, pl_module: Any, optimizer: torch.optim.Optimizer, steps: nn.Module) -> None:
         """Wrap ``training_step`` (the true loss, every micro-batch) and ``optimizer.step``
-        (a closure evaluated before the step); :meth:`_uninstall` restores both."""
+        (a closure evaluated before the step); the end of training restores both."""
         probe = self.probe
         world = self._world
 
@@ -223,16 +210,7 @@ class GammaTrace(_Callback):
                 probe.batch((args, kwargs), D.global_mean(loss) if world > 1 else loss)
             return out
 
-        had_own = "training_step" in vars(pl_module)
-        own = vars(pl_module).get("training_step")
-        pl_module.training_step = training_step
-
-        def restore_step() -> None:
-            if had_own:
-                pl_module.training_step = own
-            else:
-                vars(pl_module).pop("training_step", None)
-
+        self._patch(pl_module, "training_step", training_step)
         original = optimizer.step  # the bound method: torch's hooks (the probe's) run inside it
 
         def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
@@ -245,46 +223,20 @@ class GammaTrace(_Callback):
             original(**kwargs)
             return loss
 
-        optimizer.step = step
-        self._undo = [restore_step, lambda: vars(optimizer).pop("step", None)]
-
-    def _uninstall(self) -> None:
-        for undo in self._undo:
-            undo()
-        self._undo = []
+        self._patch(optimizer, "step", step)
 
     # ---------------------------------------------------------------- hooks
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._log is not None:
-            self._log.update()
+        self._end_step()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._log is not None:
-            self._log.update()
-        self.probe.end_epoch()
+        self._end_epoch()
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._uninstall()
-        if self._log is not None:
-            self._log.close()
-        if not self._given:
-            self.probe.close()
-            if self.out is not None and D.is_writer():
-                save_run(self.probe, self.out)
+        self._end_training()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._uninstall()
-        if self.probe is not None and not self._given:
-            self.probe.close()
-
-    # ---------------------------------------------------------------- results
-    def steps(self, ell_inf: float = 0.0) -> pd.DataFrame:
-        """Every measured step: the DESIGN §6 table (reference mode) or the record-mode rows."""
-        return self.probe.steps(ell_inf) if self.probe is not None else pd.DataFrame()
-
-    def skipped(self) -> pd.DataFrame:
-        """Steps the optimizer skipped (a GradScaler overflow), as :meth:`gammatrace.Probe.skipped`."""
-        return self.probe.skipped() if self.probe is not None else pd.DataFrame()
+        self._abort()
 
 
 def probe_model(module: nn.Module) -> nn.Module:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gammatrace.errors import ConfigError, UserError
 from gammatrace.principles import derive
 from gammatrace.probe import Probe
 
@@ -104,7 +105,7 @@ class StepLog:
     def __init__(self, probe: Probe, sinks: Iterable[Sink] = (), *, log_every: int = 1,
                  prefix: str = "gammatrace", ell_inf: float = 0.0):
         if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+            raise ConfigError(f"log_every must be a positive integer, got {log_every!r}")
         self.probe, self.sinks, self.log_every = probe, list(sinks), log_every
         self.prefix, self.ell_inf = prefix, ell_inf
         self._next = -(-probe.step_index // log_every) * log_every  # the first step to log
@@ -181,7 +182,7 @@ class WandbSink:
 
             run = wandb.run
             if run is None:
-                raise ValueError("no active W&B run: call wandb.init(...) first, or pass the run")
+                raise UserError("no active W&B run: call wandb.init(...) first, or pass the run")
         self.run, self.prefix = run, prefix
         self._defined = False
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from gammatrace.data.loader import stream_seed
 from gammatrace.engine.session import build_session
+from gammatrace.errors import ConfigError
 from gammatrace.registry import Registry
 from gammatrace.store.run import Run, StoreError, shard
 
@@ -69,7 +70,7 @@ def evaluation_subset(n_train: int, samples: int, seed: int = 0) -> torch.Tensor
         10
     """
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ConfigError(f"samples must be >= 1, got {samples}")
     if samples >= n_train:
         return torch.arange(n_train)
     g = torch.Generator().manual_seed(stream_seed(seed, 0, _SUBSET_STREAM))

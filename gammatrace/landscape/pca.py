@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gammatrace.errors import UserError
+
 
 @dataclass(frozen=True)
 class PathPCA:
@@ -72,7 +74,7 @@ def path_pca(displacements: np.ndarray) -> PathPCA:
     if M.ndim != 2 or M.shape[1] < 2:
         raise ValueError(f"displacements must be an (n, d) matrix with d >= 2, got shape {M.shape}")
     if not np.isfinite(M).all():
-        raise ValueError("displacements contain NaN or inf (a diverged run?)")
+        raise UserError("the path's displacements contain NaN or inf (a diverged run?)")
     # The thin SVD of the short, wide n×d matrix costs O(n² d): the path's PCA never
     # needs a d×d covariance.
     _, s, vt = np.linalg.svd(M, full_matrices=False)

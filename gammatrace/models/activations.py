@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from gammatrace.errors import OptionError
 from gammatrace.registry import Registry
 
 
@@ -99,7 +100,7 @@ def check_options(kind: str, name: str, factory: Callable, options: dict, fixed:
         >>> check_options("activation", "elu", ACTIVATIONS.get("elu"), {"beta": 1})
         Traceback (most recent call last):
         ...
-        TypeError: activation 'elu' does not take option(s) beta; it takes: alpha
+        gammatrace.errors.OptionError: activation 'elu' does not take option(s) beta; it takes: alpha
     """
     params = inspect.signature(factory).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -108,8 +109,8 @@ def check_options(kind: str, name: str, factory: Callable, options: dict, fixed:
              and n not in set(fixed)]
     unknown = sorted(set(options) - set(takes))
     if unknown:
-        raise TypeError(f"{kind} '{name}' does not take option(s) {', '.join(unknown)}; "
-                        f"it takes: {', '.join(takes) or 'no options'}")
+        raise OptionError(f"{kind} '{name}' does not take option(s) {', '.join(unknown)}; "
+                         f"it takes: {', '.join(takes) or 'no options'}")
 
 
 def make_activation(name: str, **options) -> nn.Module:
@@ -124,7 +125,7 @@ def make_activation(name: str, **options) -> nn.Module:
         >>> make_activation("relu", negative_slope=0.1)
         Traceback (most recent call last):
         ...
-        TypeError: activation 'relu' does not take option(s) negative_slope; it takes: no options
+        gammatrace.errors.OptionError: activation 'relu' does not take option(s) negative_slope; it takes: no options
     """
     factory = ACTIVATIONS.get(name)
     check_options("activation", name, factory, options)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.registry import MODELS
 
 
@@ -59,7 +60,7 @@ class ScalarChain(nn.Module):
                  target: float = 1.0):
         super().__init__()
         if depth <= 0:
-            raise ValueError(f"scalar_chain needs depth > 0, got {depth}")
+            raise ConfigError(f"scalar_chain needs depth > 0, got {depth}")
         values = init_value + init_std * torch.randn(depth)
         self.w = nn.ParameterList([nn.Parameter(v.clone()) for v in values])
         self.target = target

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.activations import check_options
 from gammatrace.models.norms import WEIGHTED_LAYERS
 from gammatrace.registry import Registry
@@ -110,9 +111,9 @@ def set_weight(module: nn.Module, value: torch.Tensor) -> None:
             if not bool(torch.isfinite(module.weight).all()):
                 # Weight norm of an all-zero output unit is g·0/‖0‖ = NaN: the network
                 # would be NaN from the first step, so fail here with the reason.
-                raise ValueError(f"weight {tuple(value.shape)} is not representable by the "
-                                 "layer's parametrization (weight norm of an all-zero unit, "
-                                 "e.g. init 'zero'); choose another init or drop weight norm")
+                raise ConfigError(f"weight {tuple(value.shape)} is not representable by the "
+                                  "layer's parametrization (weight norm of an all-zero unit, "
+                                  "e.g. init 'zero'); choose another init or drop weight norm")
         else:
             module.weight.copy_(value)
 
@@ -195,7 +196,7 @@ def _lsuv(
     uses batch statistics, as the network will see them in training).
     """
     if x is None:
-        raise ValueError("init 'lsuv' needs a data batch: apply_init(model, 'lsuv', x=batch)")
+        raise ConfigError("init 'lsuv' needs a data batch: apply_init(model, 'lsuv', x=batch)")
     _orthogonal(layers, model, x)
     # Biases are 0 (apply_init zeroes them first) and a layer's input does not depend
     # on its own weight, so one rescale by 1/std is exact; the loop, as in the paper,

@@ -26,6 +26,7 @@ from functools import partial
 
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.activations import make_activation
 from gammatrace.models.norms import apply_weight_norm, make_norm, uses_weight_norm
 from gammatrace.registry import Registry
@@ -66,7 +67,7 @@ def spatial_dim(input_shape: tuple[int, ...]) -> int:
     """1 for ``(C, L)`` inputs, 2 for ``(C, H, W)``; anything else is an error."""
     dim = len(input_shape) - 1
     if dim not in CONV:
-        raise ValueError(
+        raise ConfigError(
             f"expected a channels-first (C, L) or (C, H, W) input_shape, got {input_shape}"
         )
     return dim
@@ -75,7 +76,7 @@ def spatial_dim(input_shape: tuple[int, ...]) -> int:
 def scaled(channels: int, width: float) -> int:
     """``channels`` times the width multiplier, at least one channel."""
     if width <= 0:
-        raise ValueError(f"width multiplier must be > 0, got {width}")
+        raise ConfigError(f"width multiplier must be > 0, got {width}")
     return max(1, round(channels * width))
 
 
@@ -111,7 +112,7 @@ def conv_norm(
     as weight norm intends.
     """
     if conv_bias not in (True, False, "auto"):
-        raise ValueError(f"conv_bias must be True, False or 'auto', got {conv_bias!r}")
+        raise ConfigError(f"conv_bias must be True, False or 'auto', got {conv_bias!r}")
     norm = make_norm(norm_type, out_channels, dim) if keep_norm else nn.Identity()
     bias = isinstance(norm, nn.Identity) if conv_bias == "auto" else conv_bias
     conv = CONV[dim](

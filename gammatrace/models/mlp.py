@@ -6,6 +6,7 @@ import math
 
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.activations import make_activation
 from gammatrace.models.registry import MODELS
 
@@ -30,7 +31,7 @@ def mlp(
         (4, 3)
     """
     if depth < 0 or width <= 0:
-        raise ValueError(f"mlp needs depth >= 0 and width > 0, got depth={depth}, width={width}")
+        raise ConfigError(f"mlp needs depth >= 0 and width > 0, got depth={depth}, width={width}")
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = math.prod(input_shape)
     for _ in range(depth):

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.activations import check_options
 from gammatrace.registry import Registry
 
@@ -73,7 +74,7 @@ _REPARAMETRIZATIONS = frozenset({"weight"})
 
 def _check_dim(dim: int, allowed: tuple[int, ...] = (0, 1, 2)) -> None:
     if dim not in allowed:
-        raise ValueError(f"dim must be one of {allowed} (spatial dimensions), got {dim}")
+        raise ConfigError(f"dim must be one of {allowed} (spatial dimensions), got {dim}")
 
 
 @NORMS.register("none")
@@ -128,13 +129,13 @@ def _group(num_features: int, dim: int, num_groups: int | None = None, eps: floa
         # norm degeneracy), so the default keeps at least two channels per group there.
         cap = 32 if dim else min(32, num_features // 2)
         if cap < 1:
-            raise ValueError(f"group norm on (N, C) features needs num_features >= 2, got {num_features}")
+            raise ConfigError(f"group norm on (N, C) features needs num_features >= 2, got {num_features}")
         num_groups = default_num_groups(num_features, cap)
     if num_groups <= 0 or num_features % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide num_features={num_features}")
+        raise ConfigError(f"num_groups={num_groups} must divide num_features={num_features}")
     if dim == 0 and num_groups == num_features:
-        raise ValueError("group norm with one channel per group on (N, C) features normalizes "
-                         "single numbers (output = bias); use fewer groups")
+        raise ConfigError("group norm with one channel per group on (N, C) features normalizes "
+                          "single numbers (output = bias); use fewer groups")
     return nn.GroupNorm(num_groups, num_features, eps=eps)
 
 
@@ -156,7 +157,7 @@ def make_norm(name: str, num_features: int, dim: int = 2, **options) -> nn.Modul
         >>> make_norm("instance", 16, dim=0)
         Traceback (most recent call last):
         ...
-        ValueError: dim must be one of (1, 2) (spatial dimensions), got 0
+        gammatrace.errors.ConfigError: dim must be one of (1, 2) (spatial dimensions), got 0
     """
     factory = NORMS.get(name)
     check_options("norm", name, factory, options, fixed=("num_features", "dim"))

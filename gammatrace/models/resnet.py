@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.layers import (
     GLOBAL_AVG_POOL,
     activation_factory,
@@ -103,7 +104,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(blocks) != len(widths):
-            raise ValueError(f"need one width per stage, got blocks={blocks}, widths={widths}")
+            raise ConfigError(f"need one width per stage, got blocks={blocks}, widths={widths}")
         dim = spatial_dim(input_shape)
         keep_norm, keep_skip = placement(norm), placement(skip)
         act = activation_factory(activation, activation_options)

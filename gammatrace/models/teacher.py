@@ -59,6 +59,7 @@ import math
 import torch
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.activations import make_activation
 from gammatrace.models.init import set_weight
 from gammatrace.models.registry import MODELS
@@ -108,9 +109,9 @@ class TeacherStudent(nn.Module):
                  activation_options: dict | None = None, output: str = "sum"):
         super().__init__()
         if d <= 0:
-            raise ValueError(f"teacher_student needs d > 0, got {d}")
+            raise ConfigError(f"teacher_student needs d > 0, got {d}")
         if output not in OUTPUTS:
-            raise ValueError(f"teacher_student output must be one of {list(OUTPUTS)}, got {output!r}")
+            raise ConfigError(f"teacher_student output must be one of {list(OUTPUTS)}, got {output!r}")
         self.d, self.identity, self.output = d, identity, output
         self.activation, self.activation_options = activation, dict(activation_options or {})
         self.linear = nn.Linear(d, d, bias=False)
@@ -138,7 +139,7 @@ class TeacherStudent(nn.Module):
                     [0., 1.]])
         """
         if tuple(W_star.shape) != (self.d, self.d):
-            raise ValueError(f"W_star must be {self.d}x{self.d}, got {tuple(W_star.shape)}")
+            raise ConfigError(f"W_star must be {self.d}x{self.d}, got {tuple(W_star.shape)}")
         ref = copy.deepcopy(self)
         ref.act = make_activation(self.activation, **self.activation_options)
         set_weight(ref.linear, W_star.detach().to(ref.linear.weight.dtype))
@@ -194,7 +195,7 @@ class IdentityMLP(nn.Module):
                  activation_options: dict | None = None):
         super().__init__()
         if d <= 0 or num_classes <= 0:
-            raise ValueError(f"identity_mlp needs d > 0 and num_classes > 0, got {d}, {num_classes}")
+            raise ConfigError(f"identity_mlp needs d > 0 and num_classes > 0, got {d}, {num_classes}")
         self.identity = identity
         self.hidden = nn.Linear(d, d)
         self.act = make_activation(activation, **dict(activation_options or {}))

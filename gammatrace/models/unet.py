@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gammatrace.errors import ConfigError
 from gammatrace.models.layers import (
     CONV,
     CONV_TRANSPOSE,
@@ -100,7 +101,7 @@ class UNet(nn.Module):
         super().__init__()
         dim = spatial_dim(input_shape)
         if depth < 1 or any(size % 2**depth for size in input_shape[1:]):
-            raise ValueError(
+            raise ConfigError(
                 f"unet with depth {depth} needs spatial sizes divisible by {2**depth}, got {input_shape}"
             )
         keep_norm, keep_skip = placement(norm), placement(skip)

@@ -17,11 +17,11 @@ Example:
 """
 
 from gammatrace.probe.probe import (
+    BadReferenceError,
     ConsistencyError,
     Probe,
     ProbeUsageError,
-    ReferenceError_,
     load_reference,
 )
 
-__all__ = ["ConsistencyError", "Probe", "ProbeUsageError", "ReferenceError_", "load_reference"]
+__all__ = ["BadReferenceError", "ConsistencyError", "Probe", "ProbeUsageError", "load_reference"]

@@ -35,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gammatrace.errors import ConfigError
 from gammatrace.probe import _fused
 from gammatrace.registry import Registry
 
@@ -178,5 +179,5 @@ def make_kernel(name: str | None, params: Sequence[torch.Tensor], anchor: Sequen
     name = name or choose_kernel(params)
     cls = KERNELS.get(name)
     if name == "fused" and not _fused_applies(params):
-        raise ValueError("the 'fused' probe kernel needs CPU float32/float64 parameters; use kernel='torch'")
+        raise ConfigError("the 'fused' probe kernel needs CPU float32/float64 parameters; use kernel='torch'")
     return cls(params, anchor)

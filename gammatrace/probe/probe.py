@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from gammatrace.probe.check import ConsistencyCheck
-from gammatrace.probe.errors import ConsistencyError, ProbeUsageError, ReferenceError_
+from gammatrace.probe.errors import BadReferenceError, ConsistencyError, ProbeUsageError
 from gammatrace.probe.kernels import make_kernel
 from gammatrace.probe.matched import (
     ForwardState,
@@ -86,7 +86,7 @@ from gammatrace.probe.table import REFERENCE_COLUMNS, StepTable
 # live in the parts below the probe now (errors, table).
 __all__ = [
     "REFERENCE_COLUMNS",
-    "ReferenceError_",
+    "BadReferenceError",
     "ConsistencyError",
     "Probe",
     "ProbeUsageError",
@@ -108,18 +108,18 @@ def load_reference(
     if isinstance(reference, (str, Path)):
         path = Path(reference)
         if not path.is_file():
-            raise ReferenceError_(f"reference file {path} does not exist")
+            raise BadReferenceError(f"reference file {path} does not exist")
         try:
             obj = torch.load(path, map_location=device or "cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for damaged files
-            raise ReferenceError_(
+            raise BadReferenceError(
                 f"cannot read reference file {path}: {exc.__class__.__name__}: {exc}"
             ) from None
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         reference = obj
     if not isinstance(reference, Mapping):
-        raise ReferenceError_(
+        raise BadReferenceError(
             f"a reference must be a state dict or a path, got {type(reference).__name__}"
         )
     return dict(reference)
@@ -339,7 +339,7 @@ class Probe:
     def _pick(self, state: dict[str, torch.Tensor], what: str) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in state]
         if missing:
-            raise ReferenceError_(
+            raise BadReferenceError(
                 f"{what} lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}"
             )
         bad = [
@@ -348,7 +348,7 @@ class Probe:
             if tuple(state[n].shape) != tuple(p.shape)
         ]
         if bad:
-            raise ReferenceError_(f"{what} shapes differ from the model for {bad[:3]}")
+            raise BadReferenceError(f"{what} shapes differ from the model for {bad[:3]}")
         return [state[n].to(self.device) for n in self.names]
 
     def _set_reference(self, state: dict[str, torch.Tensor]) -> list[torch.Tensor]:

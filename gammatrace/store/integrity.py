@@ -37,6 +37,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gammatrace.errors import UserError
+
 CHECKSUMS = "checksums"  # run.json's key holding the seal
 # Fields a user may edit or that describe the run without entering a number.
 UNSEALED = frozenset({"config", "provenance", "created", CHECKSUMS})
@@ -45,8 +47,9 @@ SEALED_CONFIG = ("analysis",)  # config sections sealed nonetheless: their defau
 COLUMNS_KEY = b"gammatrace.columns_sha256"  # Parquet key-value metadata: column -> SHA-256 prefix
 
 
-class DamagedTable(ValueError):
-    """A Parquet table is unreadable or differs from what was written (the reason, one line)."""
+class DamagedTable(UserError, ValueError):
+    """A Parquet table is unreadable or differs from what was written (the reason, one line);
+    :meth:`RunStore.read_parquet` names the file and the fix."""
 
 
 def _digest(value: Any) -> str:

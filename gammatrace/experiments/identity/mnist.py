@@ -48,7 +48,7 @@ import torch
 
 from gammatrace.analysis import train
 from gammatrace.config import RunConfig
-from gammatrace.errors import UserError
+from gammatrace.errors import ConfigError, UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.identity.figures import figure_mnist_error
 from gammatrace.experiments.identity.report import mnist_report_blocks
@@ -78,7 +78,7 @@ class MnistPreset:
 
     def __post_init__(self) -> None:
         if self.runs < 1:
-            raise ValueError(f"runs must be >= 1, got {self.runs}")
+            raise ConfigError(f"runs must be >= 1, got {self.runs}")
 
     def selected(self) -> tuple[MnistCell, ...]:
         """The cells this preset runs, in :data:`MNIST_CELLS` order.
@@ -89,7 +89,7 @@ class MnistPreset:
         """
         unknown = set(self.cells) - set(MNIST_CELL_BY_NAME)
         if unknown:
-            raise ValueError(f"unknown cells {sorted(unknown)}; choose from {sorted(MNIST_CELL_BY_NAME)}")
+            raise ConfigError(f"unknown cells {sorted(unknown)}; choose from {sorted(MNIST_CELL_BY_NAME)}")
         return tuple(c for c in MNIST_CELLS if not self.cells or c.name in self.cells)
 
 
@@ -220,7 +220,7 @@ def run_mnist_cell(preset: MnistPreset, cell: MnistCell, out: str | Path, repeat
     finally:
         torch.set_num_threads(before)  # the engine sets the run's thread count
     if run.status == Status.DIVERGED:
-        raise RuntimeError(f"{run.path}: training diverged ({run.meta.error})")
+        raise UserError(f"{run.path}: training diverged ({run.meta.error})")
     epochs = run.epochs()
     epochs = epochs[epochs["epoch"] < run.meta.horizon_epochs]
     summary = run.summary()

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from gammatrace.config import RunConfig
+from gammatrace.errors import ConfigError
 from gammatrace.experiments.identity.sources import Source
 from gammatrace.registry import Registry
 
@@ -71,12 +72,12 @@ class Preset:
 
     def __post_init__(self) -> None:
         if self.continuation_epochs < 1:
-            raise ValueError("continuation_epochs must be >= 1: the study compares against θ_{T+E}")
+            raise ConfigError("continuation_epochs must be >= 1: the study compares against θ_{T+E}")
         if self.runs < 1:
-            raise ValueError(f"runs must be >= 1, got {self.runs}")
+            raise ConfigError(f"runs must be >= 1, got {self.runs}")
         for kind in (self.bounded_norm_kind, self.unbounded_norm_kind):
             if kind not in NORM_SYMBOLS:
-                raise ValueError(f"norm kind must be one of {sorted(NORM_SYMBOLS)}, got {kind!r}")
+                raise ConfigError(f"norm kind must be one of {sorted(NORM_SYMBOLS)}, got {kind!r}")
 
     def selected(self) -> tuple[Cell, ...]:
         """The cells this preset runs, in :data:`CELLS` order.
@@ -87,7 +88,7 @@ class Preset:
         """
         unknown = set(self.cells) - set(CELL_BY_NAME)
         if unknown:
-            raise ValueError(f"unknown cells {sorted(unknown)}; choose from {sorted(CELL_BY_NAME)}")
+            raise ConfigError(f"unknown cells {sorted(unknown)}; choose from {sorted(CELL_BY_NAME)}")
         return tuple(c for c in CELLS if not self.cells or c.name in self.cells)
 
     def seed_of(self, repeat: int) -> int:

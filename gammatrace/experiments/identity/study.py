@@ -46,6 +46,7 @@ from gammatrace.engine.hooks import OnePointConvexity
 from gammatrace.engine.replay import replay
 from gammatrace.engine.session import build_session
 from gammatrace.engine.trainer import train_pass
+from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.identity.figures import (
     figure_loss_distance,
@@ -143,7 +144,7 @@ def run_cell(preset: Preset, cell: Cell, out: str | Path, repeat: int = 0) -> di
         files.write_torch(PLANTED_FILE, student.reference_state(W_star))
         run = train_pass(cfg, folder / "run", progress=False)
         if run.status == Status.DIVERGED:
-            raise RuntimeError(f"{cell.name}: training diverged ({run.meta.error}); see {run.path}")
+            raise UserError(f"{cell.name}: training diverged ({run.meta.error}); see {run.path}")
         W_star = W_star.double().numpy()
         W0 = _weight(run.store.read_torch(run.store.checkpoint(0))["model"])
         W_final = _weight(run.store.read_torch(RunStore.FINAL)["model"])
