@@ -24,7 +24,10 @@ SHORT = "000_236cbbea7b64027d.txt"  # the same study, short version
 PRINCIPLE = "002_e9418eb884993e44.txt"  # "An Optimization Principle of Deep Learning?"
 # Claims a paper states over the first epochs only: (study, preset, group, paper) -> epochs.
 WINDOWS = {("batchnorm", "paper", "resnet18", PRINCIPLE): 25, ("batchnorm", "paper", "resnet34", PRINCIPLE): 25,
-           ("batchnorm", "paper100", "resnet18", PRINCIPLE): 20, ("batchnorm", "paper100", "resnet34", PRINCIPLE): 20}
+           ("batchnorm", "paper100", "resnet18", PRINCIPLE): 20, ("batchnorm", "paper100", "resnet34", PRINCIPLE): 20,
+           ("batchnorm", "paper100", "vgg16", PRINCIPLE): 20}
+# Claims a paper states as "comparable" γ: an equivalence margin δ on each tie, (study, preset, group, paper) -> δ.
+MARGINS = {("batchnorm", "paper100", "vgg11", PRINCIPLE): 0.025, ("skip", "paper", "resnet18", PRINCIPLE): 0.025}
 RESNET_SIMILAR = "We also present the ResNet training results in Section B-B, where one can make very similar observations"
 
 # (study, preset, group) -> (claimed order, paper, the phrase stating it); a group whose papers
@@ -76,9 +79,12 @@ PINNED = {
         ("all ≈ first > none", PRINCIPLE,
          "the training with one BN layers in each block is sufficient to achieve comparable performance to that of "
          "the training with all BN layers, and their γ have similar values throughout the training")],
-    ("batchnorm", "paper100", "vgg16"): (
-        "all > first > none", LONG,
-        "the training trajectories with all BN layers kept obey the regularity principle with a larger"),
+    # VGG-16 on CIFAR-100: the long paper over the whole run, and paper 002's "Similar observation"
+    # right after its ResNet sentence "in the first 20 epochs ... all BN layers ... larger".
+    ("batchnorm", "paper100", "vgg16"): [
+        ("all > first > none", LONG,
+         "the training trajectories with all BN layers kept obey the regularity principle with a larger"),
+        ("all > first > none", PRINCIPLE, "Similar observation is made in the training of the Vgg-16 network")],
     # ResNets on CIFAR-100: 001 "very similar observations" to the VGGs' (whole run), and paper 002
     # "in the first 20 epochs ... the γ in the trainings with all BN layers is larger than that in
     # the trainings with one BN layer in each block, and ... without any BN layer ... the smallest".
@@ -93,11 +99,12 @@ PINNED = {
         "all > first2 > first", LONG,
         "the trainings that keep more skip-connections achieve a faster convergence, and the corresponding "
         "optimization trajectories obey the regularity principle with a larger"),
-    # ResNet-18: 001 without a dataset; 002 names CIFAR-100 (on CIFAR-10 it reports comparable γ,
-    # which the claim's text says).
-    ("skip", "paper", "resnet18"): (
-        "all > first", LONG,
-        "the ResNet-18 training results in Section B-C, where one can make very similar observations"),
+    # ResNet-18: 001 without a dataset; 002 names CIFAR-100, and on CIFAR-10 reports comparable γ:
+    # both papers' claims are checked there, 002's as an equivalence within δ.
+    ("skip", "paper", "resnet18"): [
+        ("all > first", LONG,
+         "the ResNet-18 training results in Section B-C, where one can make very similar observations"),
+        ("all ≈ first", PRINCIPLE, "both trainings have comparable γ values")],
     ("skip", "paper100", "resnet18"): (
         "all > first", PRINCIPLE,
         "the training with more skip connections achieves a slightly faster convergence, and the corresponding γ "
@@ -131,6 +138,13 @@ PINNED = {
 }
 
 
+# Claims across groups, over cell names (study, preset) -> [(order, paper, phrase)]: 002's "skip
+# connections are more effective in deeper resnets" (of both datasets) as a claim about differences.
+DEEPER = ("resnet34-all − resnet34-first > resnet18-all − resnet18-first", PRINCIPLE,
+          "Our training results imply that skip connections are more effective in deeper resnets")
+ACROSS = {("skip", "paper"): [DEEPER], ("skip", "paper100"): [DEEPER]}
+
+
 def normalized(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -158,6 +172,32 @@ def test_claim_order_is_the_papers(key):
         else:
             assert claim.source == f"{paper}: “{phrase}”"
         assert claim.first_epochs == WINDOWS.get((*key, paper)), key
+        assert claim.equivalent_within == MARGINS.get((*key, paper)), key
+
+
+def _across(study: str, preset: str):
+    s = STUDIES.get(study)(preset, None)
+    return [c for c in s.claims if c.group not in s.groups]
+
+
+@pytest.mark.parametrize("key", list(ACROSS), ids=["/".join(k) for k in ACROSS])
+def test_claims_across_groups_are_the_papers(key):
+    claims = _across(*key)
+    assert len(claims) == len(ACROSS[key])
+    for claim, (order, paper, phrase) in zip(claims, ACROSS[key], strict=True):
+        assert claim.order_text == order and claim.source == f"{paper}: “{phrase}”"
+        # A claim about differences: each side is γ_all − γ_first of one network, per seed.
+        assert claim.differences == {"resnet34-all − resnet34-first": ("resnet34-all", "resnet34-first"),
+                                     "resnet18-all − resnet18-first": ("resnet18-all", "resnet18-first")}
+        assert claim.group == "resnet34, resnet18" and claim.first_epochs is None
+        if PAPERS.is_dir():
+            assert normalized(phrase) in normalized((PAPERS / paper).read_text(encoding="utf-8"))
+
+
+def test_no_other_claim_spans_groups():
+    for name in STUDIES.names():
+        for preset in ("quick", "paper", "paper100"):
+            assert len(_across(name, preset)) == len(ACROSS.get((name, preset), [])), (name, preset)
 
 
 def test_every_windowed_claim_is_pinned():
@@ -197,3 +237,31 @@ def test_short_paper_agrees_where_it_says_the_same():
     short = normalized((PAPERS / SHORT).read_text(encoding="utf-8"))
     for key in (("activation", "paper", "resnet18"), ("batchnorm", "paper", "vgg16")):
         assert normalized(_pinned(key)[0][2]) in short
+
+
+def test_every_equivalence_margin_is_pinned():
+    for name in STUDIES.names():
+        for preset in ("quick", "paper", "paper100"):
+            for c in STUDIES.get(name)(preset, None).claims:
+                paper = c.source.split(": ", 1)[0] if c.source else None
+                assert c.equivalent_within == MARGINS.get((name, preset, c.group, paper)), (name, preset, c.group)
+
+
+# The CS260 report's MNIST findings (§5.1–5.3), checked as claims over test accuracy (larger first).
+MNIST_PINNED = [
+    ("prelu-noid-random > relu-noid-random", "The results indicates PReLU's advancement successfully", None),
+    ("prelu-id-random > prelu-noid-random", "result indicates identity mapping's advancement successfully", None),
+    ("prelu-id-zero > prelu-noid-zero", "with identity mapping, the zero initialization will still work", None),
+    ("prelu-id-zero ≈ prelu-id-random", "have the same performance as random initialization", 0.005),
+]
+
+
+def test_mnist_findings_are_the_reports():
+    from gammatrace.experiments.identity.claims import MNIST_CLAIMS
+    from gammatrace.experiments.identity.mnist import MNIST_CELL_BY_NAME
+    assert [(c.order, c.source.phrase, c.equivalent_within) for c in MNIST_CLAIMS] == MNIST_PINNED
+    for c in MNIST_CLAIMS:
+        assert c.source.paper == "003_169288aa6363f27d.txt" and set(c.cells) <= set(MNIST_CELL_BY_NAME)
+        if PAPERS.is_dir():
+            text = normalized((PAPERS / c.source.paper).read_text(encoding="utf-8"))
+            assert normalized(c.source.phrase) in text, c.source.phrase

@@ -82,3 +82,43 @@ def test_page_paints(browser, study_report, tmp_path):
     # Text, tables and plotted lines: many distinct colours, mostly a light page.
     assert len(np.unique(pixels, axis=0)) > 200
     assert (pixels.mean(axis=1) > 200).mean() > 0.5
+
+
+# Records, once loaded: the page's first elements after the title, and for every <details>
+# whether it starts closed, its height and whether its tables are visible, closed and opened.
+FOLDS = """<script>
+window.addEventListener('load', function () {
+  var out = document.createElement('pre');
+  out.id = 'foldcheck';
+  var order = [];
+  var h1 = document.querySelector('h1');
+  for (var e = h1.nextElementSibling; e && order.length < 3; e = e.nextElementSibling) order.push(e.tagName);
+  var folds = Array.prototype.map.call(document.querySelectorAll('body > details'), function (d) {
+    var shown = function () { var n = 0; d.querySelectorAll('table').forEach(function (t) {
+      n += t.checkVisibility() ? 1 : 0; }); return n; };
+    var wasOpen = d.open, closed = [d.getBoundingClientRect().height, shown()];
+    d.open = true;
+    return [d.querySelector('summary').textContent, wasOpen, closed, [d.getBoundingClientRect().height, shown()],
+            d.querySelectorAll('table').length];
+  });
+  out.textContent = JSON.stringify({order: order, folds: folds});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_sections_fold_and_open(browser, study_report, tmp_path):
+    page = tmp_path / "folds.html"
+    page.write_text(study_report.read_text().replace("</body>", FOLDS + "\n</body>"), encoding="utf-8")
+    result = _chromium(browser, tmp_path, "--dump-dom", page.as_uri())
+    found = re.search(r'<pre id="foldcheck">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"no fold record in the dumped DOM (rc {result.returncode}): {result.stderr[-500:]}"
+    record = json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    # The title, then the verdict line (no claim here: one sentence saying so), then the first figure.
+    assert record["order"][:2] == ["P", "FIGURE"]
+    folds = {name: rest for name, *rest in record["folds"]}
+    assert {"Theorem 1", "Runs: one row per run", "Null baseline for alignment"} <= set(folds)
+    for name, (was_open, (closed, closed_shown), (opened, opened_shown), tables) in folds.items():
+        assert not was_open and closed_shown == 0 and closed < 60, (name, closed)  # folded: one summary line
+        assert opened_shown == tables and opened > closed, name  # opened: every table shows
+    assert sum(t for *_, t in folds.values()) >= 4

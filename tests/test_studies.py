@@ -205,7 +205,11 @@ def test_every_study_and_preset_builds_valid_configs(name, preset):
         cfg.check_names()
         assert cell in study.groups[study.group_of(cell)]
     for claim in study.claims:
-        assert len(claim.order) >= 2 and set(claim.cells) <= set(study.groups[claim.group])
+        # Two levels, or one tie with an equivalence margin ("comparable γ"); a claim across
+        # groups names cells of each group it lists.
+        assert len(claim.order) >= 2 or (claim.equivalent_within is not None and len(claim.cells) >= 2)
+        groups = claim.group.split(", ") if claim.group not in study.groups else [claim.group]
+        assert set(claim.cells) <= {c for g in groups for c in study.groups[g]}
     for cfg in study.runs(seeds=2, init_dir="/tmp/init").values():
         assert cfg.reference.kind == "continuation" and cfg.reference.extra_epochs >= 1
         assert (cfg.model.init_from is not None) == study.shared_init
@@ -369,3 +373,112 @@ def test_cli_study_yaml(tmp_path, capsys):
     md = (tmp_path / "o" / "report" / "summary.md").read_text()
     # No continuation analysis: that side of the check says so, and no target: final loss.
     assert "no continuation analysis" in md and "final train loss (lowest first)" in md
+
+
+# ------------------------------------------------------------- report layout (issue 19, 9)
+def test_report_leads_with_the_verdict_then_the_figure(study):
+    out, html = study
+    md = (out / "report" / "summary.md").read_text()
+    parts = md.split("\n\n")
+    assert parts[0] == "# gammatrace study: tiny" or parts[0].startswith("# ")
+    # First content after the title: each claim's verdict in one sentence, with its relations and p …
+    check = S.check_study_claim(StudyMeta.load(out / "study.json").claims[0],
+                                S.study_runs(StudyMeta.load(out / "study.json"),
+                                             *_entries(out)))
+    assert parts[1] == "- " + S.verdict_sentence(check).replace("*", "\\*")
+    assert check.verdict.text in parts[1] and "ReLU first" in parts[1] and "relu > tanh" in parts[1]
+    # … then the trajectory figure, before any table.
+    assert parts[2].startswith("![") and "trajectory_tiny.png" in parts[2]
+    assert md.index("](trajectory_tiny.png)") < md.index("\n| ")
+    # In the page: the same order, and the method text and long tables folded (closed <details>).
+    body = html.read_text().split("<body>", 1)[1]
+    assert body.lstrip().startswith("<h1>")
+    after = body.split("</h1>", 1)[1].lstrip()
+    assert after.startswith("<ul>\n<li>") and after.index("<figure>") < after.index("<table>")
+    assert after.index("</ul>") < after.index("<figure>")
+    summaries = [s.split("</summary>")[0] for s in body.split("<details><summary>")[1:]]
+    for section in ("How each claim is tested", "ReLU first", "Theorem 1", "Runs: one row per run",
+                    "Trajectory principles (θ* = θ_T)", "Null baseline for alignment"):
+        assert any(s.startswith(section) for s in summaries), (section, summaries)
+    assert "<details open" not in body
+    # Every table of the page is inside a fold; the figures are not.
+    depth, seen = 0, 0
+    for token in __import__("re").findall(r"<details>|</details>|<table>|<figure>", body):
+        depth += {"<details>": 1, "</details>": -1}.get(token, 0)
+        if token == "<table>":
+            assert depth > 0
+            seen += 1
+        if token == "<figure>":
+            assert depth == 0
+    assert seen >= 5
+    # The method paragraph is no longer the first thing a reader meets.
+    assert body.index("Each claim is a weak order") > body.index("<figure>")
+
+
+def _entries(out):
+    from gammatrace.reporting.collect import collect
+    runs = [out / "relu", out / "tanh"]
+    last = collect(runs, "last")
+    return last, collect([e.run for e in last], "continuation")
+
+
+# ------------------------------------------------------------- claims about differences
+def _diff_runs(gains: dict[str, list[float]]):
+    """Two networks x, y with cells all / first, six seeds; ``gains``: per seed γ_all − γ_first."""
+    from gammatrace.reporting.collect import example_entry
+    entries, runs, seed_of = [], {}, {}
+    for net, gain in gains.items():
+        for s, d in enumerate(gain):
+            for variant, g in (("all", 0.3 + d), ("first", 0.3)):
+                e = example_entry(f"{net}-{variant}-s{s}", g + 0.001 * s, [1, 0.1])
+                entries.append(e)
+                runs[e.run.path.name] = f"{net}-{variant}"
+                seed_of[e.run.path.name] = s
+    claim = Claim("deeper", "x-all − x-first > y-all − y-first")
+    meta = StudyMeta(study="d", runs=runs, seed_of=seed_of, claims=[claim])
+    return claim, S.study_runs(meta, entries, cont=[])
+
+
+def test_a_claim_about_differences_tests_the_per_seed_differences():
+    claim, runs = _diff_runs({"x": [0.10, 0.12, 0.09, 0.11, 0.10, 0.13], "y": [0.01, 0.02, 0.00, 0.01, 0.03, 0.02]})
+    assert claim.cells == ("x-all", "x-first", "y-all", "y-first")
+    r = S.check_study_claim(claim, runs).results["median", "last"]
+    # Six seeds, every per-seed difference of differences positive: the paired sign test, p = 2^-6.
+    assert r.verdict == "consistent" and r.design == "paired"
+    assert [(t.above, t.below, t.p_value) for t in r.relations] == [
+        ("x-all − x-first", "y-all − y-first", pytest.approx(0.5 ** 6))]
+    stats = {c.cell: c for c in r.cells}
+    assert stats["x-all − x-first"].gamma == pytest.approx(np.mean([0.10, 0.12, 0.09, 0.11, 0.10, 0.13]))
+    # Reversed in every seed: not consistent; the verdict names the relation.
+    claim, runs = _diff_runs({"x": [0.0] * 6, "y": [0.1] * 6})
+    r = S.check_study_claim(claim, runs).results["median", "last"]
+    assert r.verdict == "not consistent" and "x-all − x-first > y-all − y-first" in r.text
+    # The same gains in both networks, each difference of differences 0: counted against the claim.
+    claim, runs = _diff_runs({"x": [0.05] * 6, "y": [0.05] * 6})
+    assert S.check_study_claim(claim, runs).results["median", "last"].verdict == "inconclusive"
+
+
+def test_a_difference_lacking_a_seed_excludes_that_side():
+    claim, runs = _diff_runs({"x": [0.1] * 6, "y": [0.0] * 6})
+    runs = [r for r in runs if (r.cell, r.seed) != ("y-first", 3)]
+    r = S.check_study_claim(claim, runs).results["median", "last"]
+    assert r.verdict == "inconclusive" and "no run of y-first with seed 3" in r.excluded["y-all − y-first"]
+    blocks = S.claim_blocks(S.check_study_claim(claim, runs))
+    table = next(b for b in blocks if getattr(b, "header", [None])[0] == "cell")
+    assert [row[:2] for row in table.rows] == [["x-all", "1 (+ in x-all − x-first)"],
+                                              ["x-first", "1 (− in x-all − x-first)"],
+                                              ["y-all", "2 (+ in y-all − y-first)"],
+                                              ["y-first", "2 (− in y-all − y-first)"]]
+
+
+def test_a_difference_item_is_two_cells():
+    assert Claim("t", "a - b > c - d").order_text == "a − b > c − d"  # ASCII, spaced, reads as the minus sign
+    with pytest.raises(UserError, match="two different cells"):
+        Claim("t", "a − a > c − d")
+    with pytest.raises(UserError, match="two different cells"):
+        Claim("t", "a − b − c > d")
+    with pytest.raises(UserError, match="unknown cells"):
+        grid_study({"name": "g", "base": {"data": {"name": "digits"}},
+                    "variants": {"relu": {"model": {"activation": "relu"}}, "tanh": {"model": {"activation": "tanh"}}},
+                    "groups": {"a": {}, "b": {}},
+                    "across": [{"text": "t", "order": "a-relu − a-tanh > b-relu − b-gelu"}]})

@@ -245,3 +245,30 @@ def test_reported_errors_are_the_reports_numbers():
     for name, (value, source) in REPORTED.items():
         assert name in MNIST_CELL_BY_NAME and source.phrase.endswith(f"{value:g}")
     assert REPORTED["prelu-noid-zero"][0] == pytest.approx(1 - 1135 / 10000)  # MNIST's test share of "1"s
+
+
+def test_report_leads_with_the_findings_checked_as_claims(digits_study):
+    from gammatrace.experiments.identity.claims import (
+        MNIST_CLAIMS,
+        check_mnist_claims,
+        final_accuracy,
+        mnist_points,
+    )
+    summary, data = digits_study
+    parts = summary.read_text().split("\n\n")
+    # After the title, each finding's verdict in one sentence, then the figure.
+    bullets = parts[1].splitlines()
+    assert len(bullets) == len(MNIST_CLAIMS) and all(b.startswith("- ") for b in bullets)
+    assert parts[2].startswith("![")
+    checked = dict((c.order, r) for c, r in check_mnist_claims(mnist_points(data["cells"])))
+    # The tiny preset runs prelu-noid-zero and prelu-id-zero: that finding is checked, with 2 seeds
+    # (it cannot reach a verdict: 2^-2 ≥ α, said), the others lack a cell.
+    r = checked["prelu-id-zero > prelu-noid-zero"]
+    assert r is not None and r.design == "paired" and r.verdict == "inconclusive" and "cannot be reached" in r.text
+    assert checked["prelu-noid-random > relu-noid-random"] is None
+    assert any("prelu-id-zero > prelu-noid-zero by test accuracy — inconclusive" in b for b in bullets)
+    # Its numbers are the runs' final test accuracy, the error table's 1 − error.
+    for name in ("prelu-id-zero", "prelu-noid-zero"):
+        accs = [final_accuracy(p)[0] for p in data["cells"][name]["run_paths"]]
+        assert 1 - np.mean(accs) == pytest.approx(data["cells"][name]["final_error"]["mean"], abs=1e-12)
+    assert "<details><summary>How the findings are checked</summary>" in (summary.parent / "report.html").read_text()

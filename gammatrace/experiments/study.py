@@ -218,6 +218,9 @@ class GridSpec(_Spec):
     with fewer than two of its levels skips it); a group's own ``claims`` replace the
     study's there and must name its variants. With one group a cell is named after its
     variant, otherwise ``group-variant``. ``seeds``: seeds per cell by default.
+    ``across``: claims over cells of several groups, by cell name; an item ``"a − b"``
+    of their order is the per-seed difference of two cells' γ (a claim about differences,
+    tested on them by the same rule: paired by seed).
 
     Example:
         >>> spec = GridSpec(name="d", base={"data": {"name": "digits"}},
@@ -229,6 +232,10 @@ class GridSpec(_Spec):
         >>> s = spec.build()
         >>> sorted(s.cells), [(c.group, c.order_text) for c in s.claims]
         (['cnn-relu', 'cnn-tanh', 'mlp-relu', 'mlp-tanh'], [('mlp', 'mlp-relu > mlp-tanh'), ('cnn', 'cnn-relu > cnn-tanh')])
+        >>> deeper = ClaimSpec(text="ReLU helps the CNN more", order="cnn-relu − cnn-tanh > mlp-relu − mlp-tanh")
+        >>> c = spec.model_copy(update={"across": [deeper]}).build().claims[-1]
+        >>> c.group, c.cells
+        ('cnn, mlp', ('cnn-relu', 'cnn-tanh', 'mlp-relu', 'mlp-tanh'))
     """
 
     name: str = "study"
@@ -240,6 +247,10 @@ class GridSpec(_Spec):
     shared_init: bool = False
     seeds: int = Field(1, ge=1)
     paths: list[str] = []  # variants whose paths the report draws on their own PCA planes, in every group
+    # Claims across groups, over cell names (``group-variant``): e.g. a claim about
+    # differences, "r34-all − r34-first > r18-all − r18-first" (each item per seed: γ of the
+    # first cell minus γ of the second), checked once, in the groups of its cells.
+    across: list[ClaimSpec] = []
 
     def build(self, preset: str = "custom") -> Study:
         """The :class:`Study` this grid defines (cell configs validated)."""
@@ -270,6 +281,14 @@ class GridSpec(_Spec):
                                         c.source.text if c.source else None, c.first_epochs, c.equivalent_within,
                                         [[cell_name[v] for v in lv] for lv in speed]
                                         if speed is not None and len(speed) >= 2 else None))
+        for c in self.across:
+            claim = Claim(c.text, c.order, None, c.source.text if c.source else None, c.first_epochs,
+                          c.equivalent_within, c.speed)
+            unknown = sorted(set(claim.cells) - set(cells))
+            if unknown:
+                raise StudyError(f"study {self.name}: claim {c.text!r} names unknown cells {unknown}")
+            names = {cell: g for g, ms in members.items() for cell in ms}
+            claims.append(claim.model_copy(update={"group": ", ".join(dict.fromkeys(names[x] for x in claim.cells))}))
         known = {v for g in groups.values() for v in (g.variants or self.variants)}
         typos = {v for c in self.claims for lv in (*c.order, *(c.speed or ())) for v in lv} - known
         if typos:  # a misspelt variant would silently drop out of every claim

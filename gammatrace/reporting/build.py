@@ -27,11 +27,13 @@ from gammatrace.reporting.content import (
 from gammatrace.reporting.document import (
     MISSING,
     Block,
+    Bullets,
     Figure,
     Heading,
     Table,
     Text,
     fmt,
+    fold,
     to_html,
     to_markdown,
 )
@@ -164,31 +166,39 @@ def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, titl
     members = S.study_runs(info, last, cont)
     groups = list(dict.fromkeys(r.group for r in members))
 
-    blocks: list[Block] = [Heading(title), Text(
-        f"Study {info.name} (preset {info.preset or 'custom'}): {info.question} {len(members)} run(s) in "
-        f"{len(groups)} group(s) ({', '.join(groups)}), {info.seeds} seed(s) per cell. "
-        "— marks a number that is absent or undefined.")]
-    claim_blocks, checks = S.claim_check_blocks(info, members)
-    blocks += claim_blocks
-    blocks += S.theorem1_blocks(members)
-    blocks += [Heading("Runs", 2), *S.runs_table(members)]
-    blocks += [Heading("Trajectory principles (θ* = θ_T)", 2)]
-    if any(e.analysed for e in last):
-        blocks.append(principles_table(last, GAMMA_EFF_LOSS_LABEL))
-    blocks += caveats(last)
-    blocks += S.null_blocks(members)
-
-    blocks.append(Heading("Figures", 2))
+    claim_section, checks = S.claim_check_blocks(info, members)
     seeded = info.seeds > 1
+    # What a reader wants first: each claim's verdict in one sentence, then the trajectories;
+    # the study in a line, then the method and the long tables, each folded.
+    blocks: list[Block] = [Heading(title), Bullets([S.verdict_sentence(c) for c in checks]) if checks
+                           else Text("This study states no claim: its runs are reported below.")]
     for group in groups:
-        stem = S.safe_stem(group)
         cells = S.cells_of_group(members, group)
-        blocks.append(Heading(f"Group {group}", 3))
+        stem = S.safe_stem(group)
         notes: list[str] = []
         png = trajectory_figure([e for es in cells.values() for e in es], out, notes,
                                 title=f"{info.name}: {group} — θ* = θ_T", cells=cells, stem=f"trajectory_{stem}")
         caption = TRAJECTORY_CAPTION + (SEEDED_CAPTION if seeded else UNSEEDED_CAPTION)
         blocks.append(_figure_or_note(png, f"trajectory_{stem}.png", f"{group}. {caption}", notes))
+    blocks.append(Text(
+        f"Study {info.name} (preset {info.preset or 'custom'}): {info.question} {len(members)} run(s) in "
+        f"{len(groups)} group(s) ({', '.join(groups)}), {info.seeds} seed(s) per cell. "
+        "— marks a number that is absent or undefined. In report.html the sections below are folded: a "
+        "click opens one."))
+    blocks += claim_section
+    blocks.append(fold(S.theorem1_blocks(members)))
+    blocks.append(fold([Heading("Runs: one row per run", 2), *S.runs_table(members)]))
+    principles = [principles_table(last, GAMMA_EFF_LOSS_LABEL)] if any(e.analysed for e in last) else [
+        Text("No run has an analysis.")]
+    blocks.append(fold([Heading("Trajectory principles (θ* = θ_T)", 2), *principles]))
+    blocks.append(fold(caveats(last)))
+    blocks.append(fold(S.null_blocks(members)))
+
+    blocks.append(Heading("More figures", 2))
+    for group in groups:
+        stem = S.safe_stem(group)
+        cells = S.cells_of_group(members, group)
+        blocks.append(Heading(f"Group {group}", 3))
         # γ at matched loss, with the matched levels of the group's first claim.
         check = next((c for c in checks if c.claim.group in (group, None)), None)
         if check is not None:

@@ -83,7 +83,41 @@ class Figure:
     notes: list[str] = field(default_factory=list)
 
 
-Block = Heading | Text | Bullets | Table | Figure
+@dataclass(frozen=True)
+class Details:
+    """Blocks folded under a one-line ``summary``: ``<details>`` in HTML, closed until the
+    reader opens it. ``summary.md`` does not fold: there the summary is a heading of
+    ``level`` and the blocks follow it, so the file reads straight through as text."""
+
+    summary: str
+    blocks: list[Block]
+    level: int = 2
+
+
+Block = Heading | Text | Bullets | Table | Figure | Details
+
+
+def fold(blocks: list[Block], summary: str | None = None) -> Details:
+    """``blocks`` folded: a section that starts with its heading becomes a :class:`Details`
+    whose summary is that heading (or ``summary``).
+
+    Example:
+        >>> d = fold([Heading("Runs", 2), Text("one row per run")])
+        >>> d.summary, d.blocks, d.level
+        ('Runs', [Text(text='one row per run')], 2)
+        >>> print(to_markdown([d]))
+        ## Runs
+        <BLANKLINE>
+        one row per run
+        <BLANKLINE>
+        >>> print(to_html([d], title="t").split("<body>")[1].split("</body>")[0].strip())
+        <details><summary>Runs</summary>
+        <p>one row per run</p>
+        </details>
+    """
+    if blocks and isinstance(blocks[0], Heading):
+        return Details(summary or blocks[0].text, list(blocks[1:]), blocks[0].level)
+    return Details(summary or "Details", list(blocks))
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -152,6 +186,8 @@ def to_markdown(blocks: list[Block]) -> str:
                 lines[-1] += f" ([PDF]({b.pdf}))"
             lines += ["", *("- " + md_escape(n) for n in b.notes)] if b.notes else []
             parts.append("\n".join(lines))
+        elif isinstance(b, Details):  # not folded in Markdown: its summary is the section's heading
+            parts.append(to_markdown([Heading(b.summary, b.level), *b.blocks]).rstrip())
         else:  # pragma: no cover - a new block type must get a renderer
             raise TypeError(f"no Markdown renderer for {type(b).__name__}")
     return "\n\n".join(parts) + "\n"
@@ -168,6 +204,8 @@ th { background: #f3f3f3; }
 figure { margin: 1.5rem 0; }
 figure img { max-width: 100%; }
 figcaption { font-size: 0.9rem; color: #444; }
+details { margin: 0.75rem 0; border-left: 3px solid #ddd; padding-left: 0.75rem; }
+summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -180,7 +218,12 @@ def to_html(blocks: list[Block], title: str, base: str | Path = ".") -> str:
 
     ``base`` is the folder the figures' file names are relative to.
     """
-    base = Path(base)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_h(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + _html_body(blocks, Path(base)) + "\n</body>\n</html>\n")
+
+
+def _html_body(blocks: list[Block], base: Path) -> str:
     body: list[str] = []
     for b in blocks:
         if isinstance(b, Heading):
@@ -199,8 +242,8 @@ def to_html(blocks: list[Block], title: str, base: str | Path = ".") -> str:
             notes = "".join(f"<br>{_h(n)}" for n in b.notes)
             body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_h(b.caption)}">'
                         f"<figcaption>{_h(b.caption)}{notes}</figcaption></figure>")
+        elif isinstance(b, Details):
+            body.append(f"<details><summary>{_h(b.summary)}</summary>\n{_html_body(b.blocks, base)}\n</details>")
         else:  # pragma: no cover
             raise TypeError(f"no HTML renderer for {type(b).__name__}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_h(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
+    return "\n".join(body)

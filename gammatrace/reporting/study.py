@@ -63,7 +63,17 @@ from gammatrace.reporting.claims import (
 )
 from gammatrace.reporting.collect import RunEntry, num
 from gammatrace.reporting.content import GAMMA_EFF_LOSS_LABEL
-from gammatrace.reporting.document import MISSING, Block, Bullets, Heading, Table, Text, fmt
+from gammatrace.reporting.document import (
+    MISSING,
+    Block,
+    Bullets,
+    Details,
+    Heading,
+    Table,
+    Text,
+    fmt,
+    fold,
+)
 from gammatrace.store.run import Run, StoreError
 from gammatrace.store.study import Claim, StudyMeta
 
@@ -151,6 +161,41 @@ class ClaimCheck:
         return self.results["median", self.verdict_ref]
 
 
+def difference_points(claim: Claim, points: Sequence[RunPoint]) -> list[RunPoint]:
+    """The claim's points with each difference item ``"a − b"`` (:attr:`Claim.differences`)
+    made per seed: γ_a,s − γ_b,s (and conv_a,s − conv_b,s), excluded when either run is or
+    a seed lacks one of them; plain cells' points as they are.
+
+    Example:
+        >>> c = Claim("deeper", "x-all − x-first > y-all − y-first")
+        >>> pts = [RunPoint(f"{cell}-s{s}", cell, g + s, 10.0, seed=s)
+        ...        for cell, g in [("x-all", 3.0), ("x-first", 1.0), ("y-all", 2.0), ("y-first", 1.5)] for s in (0, 1)]
+        >>> [(p.cell, p.gamma, p.seed) for p in difference_points(c, pts)][:2]
+        [('x-all − x-first', 2.0, 0), ('x-all − x-first', 2.0, 1)]
+    """
+    diffs = claim.differences
+    if not diffs:
+        return list(points)
+    parts = {c for pair in diffs.values() for c in pair}
+    plain = {c for lv in claim.order for c in lv if c not in diffs}
+    out = [p for p in points if p.cell in plain or p.cell not in parts]
+    for name, (a, b) in diffs.items():
+        of = {cell: {p.seed: p for p in points if p.cell == cell} for cell in (a, b)}
+        for seed in sorted(set(of[a]) | set(of[b]), key=lambda x: (x is None, x)):
+            pa, pb = of[a].get(seed), of[b].get(seed)
+            run = f"{name}, seed {seed}"
+            if seed is None:
+                out.append(RunPoint(run, name, math.nan, math.nan, "no seed index: a per-seed difference pairs runs "
+                                    "by seed", seed))
+            elif pa is None or pb is None:
+                out.append(RunPoint(run, name, math.nan, math.nan, f"no run of {b if pa else a} with seed {seed}",
+                                    seed))
+            else:
+                why = "; ".join(f"{p.run}: {p.excluded}" for p in (pa, pb) if p.excluded) or None
+                out.append(RunPoint(run, name, pa.gamma - pb.gamma, pa.conv - pb.conv, why, seed))
+    return out
+
+
 def check_study_claim(claim: Claim, runs: Sequence[StudyRun]) -> ClaimCheck:
     """Test ``claim`` on the study's runs by the one rule, for each statistic and reference.
 
@@ -171,13 +216,17 @@ def check_study_claim(claim: Claim, runs: Sequence[StudyRun]) -> ClaimCheck:
         mine = [r.first_epochs(claim.first_epochs) for r in mine]
     apart = end_point_problem([r.last for r in mine])
     ok = [r for r in mine if exclusion(r.last) is None]
+
+    def paired(points: list[RunPoint]) -> list[RunPoint]:
+        return difference_points(claim, points)
+
     results: dict[tuple[str, str], ClaimResult] = {}
     matched: dict[str, MatchedLoss] = {}
     per_level: dict[str, list[ClaimResult]] = {}
     for ref in REFERENCES:
         entries = [r.entry(ref) for r in ok if r.entry(ref) is not None and r.entry(ref).analysed]
         m = matched[ref] = matched_loss(entries)
-        results["median", ref] = check_claim(claim.order, [r.point(ref, conv[r.name]) for r in mine],
+        results["median", ref] = check_claim(claim.order, paired([r.point(ref, conv[r.name]) for r in mine]),
                                              incomparable=apart, speed=claim.speed,
                                              equivalent_within=claim.equivalent_within)
 
@@ -190,11 +239,11 @@ def check_study_claim(claim: Claim, runs: Sequence[StudyRun]) -> ClaimCheck:
 
         label = {r.name: (r.entry(ref).label if r.entry(ref) is not None else r.name) for r in mine}
         results["matched", ref] = check_claim(
-            claim.order, [point(r, m.value.get(label[r.name], math.nan)) for r in mine], incomparable=apart,
+            claim.order, paired([point(r, m.value.get(label[r.name], math.nan)) for r in mine]), incomparable=apart,
             equivalent_within=claim.equivalent_within)
-        per_level[ref] = [check_claim(claim.order, [point(r, float(m.per_level[label[r.name]][i])
-                                                          if label[r.name] in m.per_level else math.nan)
-                                                    for r in mine], equivalent_within=claim.equivalent_within)
+        per_level[ref] = [check_claim(claim.order, paired([point(r, float(m.per_level[label[r.name]][i])
+                                                                 if label[r.name] in m.per_level else math.nan)
+                                                           for r in mine]), equivalent_within=claim.equivalent_within)
                           for i in range(len(m.levels))]
     return ClaimCheck(claim, mine, convs, results, matched, per_level)
 
@@ -249,18 +298,21 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
                 if r.cell == cell and r.entry(ref) is not None]
 
     rows = []
-    for rank, level in enumerate(claim.order, 1):
-        for cell in level:
-            runs = [r for r in mine if r.cell == cell]
-            cv = [conv[r.name] for r in runs]
-            cv_text = "not reached" if cv and not np.isfinite(cv).all() else _spread(cv)
-            # The verdict's own reason first: the other tests may exclude a cell for another one.
-            why = next((res.excluded[cell] for res in (verdict, *check.results.values()) if cell in res.excluded),
-                       "—")
-            rows.append([cell, str(rank), str(len(runs)), _spread(values("continuation", cell, "gamma_median")),
-                         _spread(values("last", cell, "gamma_median")), _spread(matched_values("continuation", cell)),
-                         _spread(values("last", cell, "gamma_frac_positive")),
-                         _spread(values("last", cell, "gamma_min")), cv_text, why])
+    diffs = claim.differences
+    ranked = [(str(rank), cell) if name not in diffs else (f"{rank} ({sign} in {name})", cell)
+              for rank, level in enumerate(claim.order, 1) for name in level
+              for sign, cell in (zip("+−", diffs[name], strict=True) if name in diffs else [("", name)])]
+    for rank, cell in ranked:
+        runs = [r for r in mine if r.cell == cell]
+        cv = [conv[r.name] for r in runs]
+        cv_text = "not reached" if cv and not np.isfinite(cv).all() else _spread(cv)
+        # The verdict's own reason first: the other tests may exclude a cell for another one.
+        why = next((res.excluded[cell] for res in (verdict, *check.results.values()) if cell in res.excluded),
+                   "—")
+        rows.append([cell, rank, str(len(runs)), _spread(values("continuation", cell, "gamma_median")),
+                     _spread(values("last", cell, "gamma_median")), _spread(matched_values("continuation", cell)),
+                     _spread(values("last", cell, "gamma_frac_positive")),
+                     _spread(values("last", cell, "gamma_min")), cv_text, why])
     blocks.append(Table(["cell", "claimed rank", "seeds", "median γ_k, continuation θ*", "median γ_k, θ* = θ_T",
                          "γ at matched loss, continuation θ*", "fraction γ_k > 0", "γ_hi = min γ_k",
                          check.conv.text.split(" (")[0], "excluded"], rows))
@@ -282,6 +334,13 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
     items = [f"by median γ_k, {label}: " + (" > ".join(check.results['median', ref].gamma_order)
                                               or "no comparable cell") for ref, label in REFERENCES.items()]
     items += [f"tie, {t.text}" for t in verdict.ties]
+    for name in diffs:  # a claim about differences: the values its relations test
+        for ref, label in REFERENCES.items():
+            res = check.results["median", ref]
+            stat = next((c for c in res.cells if c.cell == name), None)
+            items.append(f"{name}, median γ_k per seed, {label}: " + (
+                f"mean {fmt(stat.gamma)} [{fmt(stat.gamma_lo, 3)}, {fmt(stat.gamma_hi, 3)}] over {stat.n} seeds"
+                if stat is not None else f"not computed ({res.excluded.get(name, 'no comparable seed')})"))
     if speed is not None:
         items.append(f"convergence speed as the paper states it ({order_text(speed.levels)}, fastest first), "
                      f"by {check.conv.text.split(' (')[0]} — its own verdict, beside the γ verdict: {speed.text}")
@@ -313,6 +372,30 @@ def claim_blocks(check: ClaimCheck, heading_level: int = 3) -> list[Block]:
     return blocks
 
 
+def verdict_sentence(check: ClaimCheck) -> str:
+    """The claim's verdict in one sentence: what is claimed, where, the verdict with every
+    relation and its p (:attr:`ClaimResult.text`), on what statistic, and the paper's speed
+    order's own verdict where it states one.
+
+    Example:
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> last = [example_entry(f"{c}-s{i}", g + 0.01 * i, [1, 0.1]) for c, g in [("a", 0.3), ("b", 0.2)]
+        ...         for i in range(5)]
+        >>> meta = StudyMeta(study="s", runs={e.run.path.name: e.label.split("-")[0] for e in last},
+        ...                  seed_of={e.run.path.name: int(e.label[-1]) for e in last}, claims=[Claim("a first", "a > b")])
+        >>> verdict_sentence(check_study_claim(meta.claims[0], study_runs(meta, last, cont=[])))
+        'a first: a > b — consistent (every relation p < α = 0.05: a > b: p = 0.031), by median γ_k per seed, θ* = θ_T (last iterate).'
+    """
+    claim, verdict = check.claim, check.verdict
+    where = f" ({claim.group}{', ' + claim.window_text if claim.first_epochs else ''})" if claim.group else (
+        f" ({claim.window_text})" if claim.first_epochs else "")
+    out = (f"{claim.text}{where}: {claim.order_text} — {verdict.text}, by {STATISTICS['median']}, "
+           f"{REFERENCES[check.verdict_ref]}")
+    if verdict.speed is not None:
+        out += f"; speed as the paper states it, {order_text(verdict.speed.levels)}: {verdict.speed.text}"
+    return out + "."
+
+
 def claim_check_blocks(info: StudyMeta, runs: Sequence[StudyRun]) -> tuple[list[Block], list[ClaimCheck]]:
     """The "Claim check" section: the rule in words, then every claim; and the checks."""
     blocks: list[Block] = [Heading("Claim check", 2), Text(
@@ -340,11 +423,12 @@ def claim_check_blocks(info: StudyMeta, runs: Sequence[StudyRun]) -> tuple[list[
         "by the same rule on −epochs to the common target loss, beside the γ verdict; otherwise the observed "
         "speed order is listed, untested. γ_eff is not used: with θ* = θ_T it is "
         "a function of the losses alone. The report of runs outside a study applies the same rule.")]
+    blocks = [blocks[0], Details("How each claim is tested", blocks[1:], level=3)]
     if not info.claims:
         return blocks + [Text("This study states no claim.")], []
     checks = [check_study_claim(claim, runs) for claim in info.claims]
-    for check in checks:
-        blocks += claim_blocks(check)
+    for check in checks:  # each claim's numbers and tests, folded under its title
+        blocks.append(fold(claim_blocks(check)))
     return blocks, checks
 
 

@@ -24,9 +24,39 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gammatrace.principles.claims import Order, order_text, parse_order
+from gammatrace.principles.claims import ClaimError, Order, order_text, parse_order
 from gammatrace.store.backend import location
 from gammatrace.store.run import RunStore, StoreError, damaged
+
+# A claim about differences: an item "a − b" of an order is, per seed, the γ of cell a minus
+# the γ of cell b of the same seed ("skip connections are more effective in deeper resnets":
+# "r34-all − r34-first > r18-all − r18-first"). Spelt with the minus sign U+2212, or " - "
+# with spaces (cell names have none), which is read as it.
+MINUS = " − "
+
+
+def difference(name: str) -> tuple[str, str] | None:
+    """The two cells of a difference item ``"a − b"``, None for a plain cell.
+
+    Example:
+        >>> difference("resnet34-all − resnet34-first"), difference("resnet34-all")
+        (('resnet34-all', 'resnet34-first'), None)
+    """
+    if MINUS not in name:
+        return None
+    parts = [part.strip() for part in name.split(MINUS)]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise ClaimError(f"a difference item names two different cells, 'a − b': got {name!r}")
+    return parts[0], parts[1]
+
+
+def _minus(order: Any) -> Any:
+    """``" - "`` (spaced ASCII hyphen) spelt as the minus sign in every item of ``order``."""
+    if isinstance(order, str):
+        return order.replace(" - ", MINUS)
+    if isinstance(order, (list, tuple)):
+        return type(order)(_minus(x) for x in order)
+    return order
 
 
 class Claim(BaseModel):
@@ -72,7 +102,11 @@ class Claim(BaseModel):
     @classmethod
     def _levels(cls, value: Any) -> Order:
         # A study.json of an earlier version stores a strict order as a list of names.
-        return parse_order(value)
+        order = parse_order(_minus(value))
+        for level in order:
+            for name in level:
+                difference(name)  # a malformed difference item is refused here
+        return order
 
     @field_validator("speed", mode="before")
     @classmethod
@@ -80,9 +114,25 @@ class Claim(BaseModel):
         return None if value is None else parse_order(value)
 
     @property
+    def differences(self) -> dict[str, tuple[str, str]]:
+        """The order's items that are differences of two cells, ``"a − b"`` -> (a, b).
+
+        Example:
+            >>> Claim("deeper", "r34-all − r34-first > r18-all − r18-first").differences["r34-all − r34-first"]
+            ('r34-all', 'r34-first')
+        """
+        return {name: pair for level in self.order for name in level if (pair := difference(name)) is not None}
+
+    @property
     def cells(self) -> tuple[str, ...]:
-        """The claim's cells in claimed order (tied cells side by side)."""
-        return tuple(c for level in self.order for c in level)
+        """The runs' cells the claim needs, in claimed order (tied cells side by side; a
+        difference ``"a − b"`` needs a and b).
+
+        Example:
+            >>> Claim("deeper", "r34-all − r34-first > r18-all − r18-first").cells
+            ('r34-all', 'r34-first', 'r18-all', 'r18-first')
+        """
+        return tuple(c for level in self.order for name in level for c in (difference(name) or (name,)))
 
     @property
     def order_text(self) -> str:

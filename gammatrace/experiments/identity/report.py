@@ -13,10 +13,15 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+from gammatrace.experiments.identity.claims import (
+    check_mnist_claims,
+    mnist_points,
+    verdict_sentences,
+)
 from gammatrace.experiments.identity.figures import LOSS_DISTANCE, ONE_POINT, REFERENCES
 from gammatrace.experiments.identity.problem import SOURCES, Preset
 from gammatrace.experiments.identity.summary import PROXIES, WINDOW_LABELS, WINDOWS
-from gammatrace.reporting.document import Block, Figure, Heading, Table, Text
+from gammatrace.reporting.document import Block, Bullets, Details, Figure, Heading, Table, Text
 
 FIGURE_CAPTIONS = {
     LOSS_DISTANCE: "Training loss, distance to the planted W* and to the exact minimizer reached",
@@ -143,22 +148,38 @@ def repeat_blocks(summaries: dict[str, dict[str, Any]], preset: Preset) -> list[
 
 def mnist_report_blocks(cells: dict[str, dict[str, Any]], settings: dict[str, Any], preset_name: str,
                         sources: dict[str, Any], wall: float, figures: list[str]) -> list[Block]:
-    """The identity-mnist report: settings (and, for the paper preset, where they come
-    from), the figure and the error table, beside the report's numbers.
+    """The identity-mnist report: the verdict of each of the report's findings
+    (:mod:`~gammatrace.experiments.identity.claims`, read from the runs of ``cells``) in
+    one sentence, the figure, the settings (and, for the paper preset, where they come
+    from), the claims' sources and the error table, beside the report's numbers.
 
     Example:
         >>> blocks = mnist_report_blocks({}, {"data": "digits"}, "quick", {}, 1.0, [])
         >>> [type(b).__name__ for b in blocks]
         ['Heading', 'Text', 'Heading', 'Table', 'Text']
     """
-    blocks: list[Block] = [
-        Heading("Identity mapping on MNIST-style data: the CS260 report's Fig. 3"),
+    checked = check_mnist_claims(mnist_points(cells)) if cells else []
+    blocks: list[Block] = [Heading("Identity mapping on MNIST-style data: the CS260 report's Fig. 3")]
+    if checked:
+        blocks.append(Bullets(verdict_sentences(checked)))
+    blocks += [
+        *(Figure(name, "Test error per epoch: mean over the runs, band min–max") for name in figures),
         Text(f"Preset {preset_name}: {json.dumps(settings)}. Wall time {wall:.0f} s. One hidden layer as wide as "
              "the input, logits = V σ((I + W) x + b) + c with the identity mapping, V σ(W x + b) + c without; "
              "ReLU or PReLU (one learned slope, initially 0.25); zero init: every weight and bias 0. Each cell and "
              "run is one engine run (pass 1 trains, pass 2 replays against θ_T, verified step by step)."),
-        *(Figure(name, "Test error per epoch: mean over the runs, band min–max") for name in figures),
     ]
+    if checked:
+        blocks.append(Details("How the findings are checked", [
+            Text("Each finding of the report (§5.1–5.3) is a weak order of cells by test accuracy after the last "
+                 "epoch (1 − test error, larger first). Run r of every cell has the same seed (the preset's seed + r: "
+                 "its initialization draw and batch order), so each relation a > b is tested by the exact one-sided sign test on the per-seed "
+                 "differences (a zero difference counts against the claim): consistent only when every relation's "
+                 "p < 0.05; not consistent when one is significantly reversed (Holm); inconclusive otherwise. The "
+                 "tie (≈) is tested for equivalence within its margin by two one-sided exact sign tests."),
+            Table(["finding", "order (test accuracy, larger first)", "source", "verdict"],
+                  [[c.text, c.order, str(c.source), r.verdict if r is not None else "not checked"]
+                   for c, r in checked])]))
     if sources:
         blocks += [Heading("Settings and where they come from", 2),
                    Table(["setting", "source"], [[k, str(v)] for k, v in sources.items()])]
