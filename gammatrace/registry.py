@@ -19,11 +19,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from gammatrace.errors import UserError
 
-F = TypeVar("F", bound=Callable[..., Any])
+# Mostly factories (typed by their Protocol); a few registries hold values (IMAGE_TARGETS).
+F = TypeVar("F")
 
 
 class UnknownNameError(UserError, KeyError, ValueError):

@@ -89,10 +89,10 @@ def test_cli_options_are_the_functions_own_defaults(monkeypatch):
     from gammatrace.cli import build_parser
     from gammatrace.experiments.identity.study import run_identity_mapping
     from gammatrace.experiments.study import run_study
-    from gammatrace.landscape.compute import compute_landscape
+    from gammatrace.landscape.compute import LandscapeConfig
 
     p = build_parser()
-    cases = [(["landscape", "r", "--out", "o"], compute_landscape, {"progress"}),
+    cases = [(["landscape", "r", "--out", "o"], LandscapeConfig, set()),
              (["study", "activation", "--out", "o"], run_study, {"progress"}),
              (["identity-mapping", "--out", "o"], run_identity_mapping, {"progress"}),
              (["analyze", "r"], analyze, {"progress", "tail", "ell_inf"}),
@@ -105,16 +105,10 @@ def test_cli_options_are_the_functions_own_defaults(monkeypatch):
     # tail and ell_inf default to "the run config's" (None), their help is AnalysisConfig's
     assert vars(p.parse_args(["analyze", "r"]))["tail"] is None
 
-    import gammatrace.landscape.compute as compute_mod
-
-    original = compute_mod.compute_landscape
-
-    def patched(runs, out, *, grid: int = 7, extent: float = 1.2, samples: int = 512, bn: str = "train",
-                seed: int = 0, workers: int = 1, executor: str = "local", progress: bool = True):
-        return original(runs, out, grid=grid, extent=extent, samples=samples, bn=bn, seed=seed, workers=workers,
-                        executor=executor, progress=progress)
+    class Patched(LandscapeConfig):
+        grid: int = 7
 
     import gammatrace.landscape.cli as landscape_cli
 
-    monkeypatch.setattr(landscape_cli, "compute_landscape", patched)
+    monkeypatch.setattr(landscape_cli, "LandscapeConfig", Patched)
     assert build_parser().parse_args(["landscape", "r", "--out", "o"]).grid == 7

@@ -66,7 +66,7 @@ class Teacher:
         return h
 
 
-TEACHERS = Registry("teacher")
+TEACHERS: Registry[Callable[[int, int, int, torch.Generator], Teacher]] = Registry("teacher")
 
 
 def _gaussian(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
@@ -247,7 +247,7 @@ class ImageTarget:
     outputs: Callable[[int, int], int]  # (channels, num_classes) -> Dataset.num_classes
 
 
-IMAGE_TARGETS = Registry("synthetic image target")
+IMAGE_TARGETS: Registry[ImageTarget] = Registry("synthetic image target")
 IMAGE_TARGETS.register("class")(ImageTarget("classification", lambda clean, labels: labels, lambda ch, k: k))
 IMAGE_TARGETS.register("denoise")(ImageTarget("regression", lambda clean, labels: clean, lambda ch, k: ch))
 

@@ -80,7 +80,7 @@ def downscale_dataset(ds: Dataset, spec: int | Sequence[int]) -> Dataset:
 
 # --------------------------------------------------------------------------- normalize
 
-NORMALIZERS = Registry("normalization")
+NORMALIZERS: Registry[Callable[[Dataset], Dataset]] = Registry("normalization")
 
 
 @NORMALIZERS.register("none")

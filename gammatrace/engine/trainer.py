@@ -127,6 +127,105 @@ def _resume_epoch(store: RunStore, done: int) -> int:
     return e
 
 
+class _Epochs:
+    """What every epoch of pass 1 does, whichever loop runs it: train it under the probe,
+    write its tables, count it against ``stop_after``."""
+
+    def __init__(self, store: RunStore, cfg: RunConfig, sess, probe: Probe, epochs: pd.DataFrame, bar: tqdm,
+                 stop_after: int | None) -> None:
+        self.store, self.cfg, self.sess, self.probe, self.epochs, self.bar = store, cfg, sess, probe, epochs, bar
+        self.stop_after = stop_after
+        self.ran = 0
+        self.check_each_step = sess.device.type == "cpu"
+
+    def train(self, e: int, phase: str) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame] | None:
+        """Epoch ``e``'s metrics, steps and samples; None when this process ends before it
+        (``stop_after`` epochs ran: it stops here as a kill would, the bar closed); raises
+        :class:`DivergedError` at a non-finite loss."""
+        if self.stop_after is not None and self.ran >= self.stop_after:
+            self.bar.close()
+            return None
+        t0 = time.perf_counter()
+        self.sess.run_epoch(e, self.probe, check_finite=self.check_each_step)
+        steps, _, samples = self.probe.take()
+        bad = np.flatnonzero(~np.isfinite(steps["loss"].to_numpy()))
+        if len(bad):
+            raise DivergedError(int(steps["step"].iloc[bad[0]]), float(steps["loss"].iloc[bad[0]]))
+        metrics = {"epoch": e, **self.sess.evaluate(), "mean_batch_loss": float(steps["loss"].mean()),
+                   "seconds": time.perf_counter() - t0, "phase": phase}
+        return metrics, steps, samples
+
+    def write(self, e: int, metrics: dict[str, Any], steps: pd.DataFrame, samples: pd.DataFrame,
+              checkpoint: bool) -> None:
+        """Epoch ``e``'s tables, and the checkpoint after it when one is due (every
+        ``checkpoint_every`` epochs, or ``checkpoint``: the horizon always ends a replay segment)."""
+        self.store.write_parquet(self.store.shard(RunStore.STEPS, e), steps)
+        if len(samples):
+            self.store.write_parquet(self.store.shard(RunStore.SAMPLES, e), samples)
+        if (e + 1) % self.cfg.checkpoint_every == 0 or checkpoint:
+            self.store.write_torch(self.store.checkpoint(e + 1), self.sess.state(e + 1))
+        self.epochs = pd.concat([self.epochs, pd.DataFrame([metrics])], ignore_index=True)
+        self.store.write_parquet(RunStore.EPOCHS, self.epochs)
+        self.ran += 1
+
+    def done(self, metrics: dict[str, Any], **updates: Any) -> None:
+        """run.json commits the epoch (the commit point), then the bar moves."""
+        self.store.update_meta(**updates)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+
+
+def _train_horizon(run: _Epochs, start: int) -> int | None:
+    """Epochs from ``start`` until the target loss is reached or ``cfg.epochs`` have run;
+    the horizon (θ_T is final.pt), or None when this process stopped or the run diverged."""
+    store, cfg, sess = run.store, run.cfg, run.sess
+    for e in range(start, cfg.epochs):
+        try:
+            epoch = run.train(e, "main")
+        except DivergedError as exc:
+            _record_divergence(store, run.probe, e, exc)
+            run.bar.close()
+            return None
+        if epoch is None:
+            return None
+        metrics, steps, samples = epoch
+        reached = cfg.target_loss is not None and metrics["train_loss"] <= cfg.target_loss
+        ends = reached or e + 1 == cfg.epochs
+        run.write(e, metrics, steps, samples, checkpoint=ends)
+        if not ends:
+            run.done(metrics, epochs_done=e + 1)
+            continue
+        final = {"model": sess.model.state_dict()}
+        store.write_torch(RunStore.FINAL, final)
+        run.bar.total = e + 1 + cfg.reference.extra_epochs
+        run.done(metrics, epochs_done=e + 1, horizon_epochs=e + 1, horizon_steps=(e + 1) * sess.steps_per_epoch,
+                 reached_target=reached if cfg.target_loss is not None else None,
+                 final_sha256=params_sha256(final["model"]))
+        return e + 1
+    raise AssertionError("unreachable: the horizon ends at cfg.epochs at the latest")
+
+
+def _train_continuation(run: _Epochs, epochs: range) -> bool:
+    """The ``extra_epochs`` past the horizon, whose end is the reference θ* (reference.pt);
+    False when this process stopped. A divergence here keeps the horizon: it is noted and
+    ends the continuation."""
+    for e in epochs:
+        try:
+            epoch = run.train(e, "continuation")
+        except DivergedError as exc:
+            # The analysed horizon is intact: only the continuation reference is lost.
+            run.store.update_meta(continuation_error=(
+                f"the continuation beyond the horizon diverged at step {exc.step} (loss {exc.loss}); "
+                "analyse against θ_T ('last'), or retrain with a smaller lr or fewer extra_epochs"))
+            break
+        if epoch is None:
+            return False
+        run.write(e, *epoch, checkpoint=False)
+        run.done(epoch[0], epochs_done=e + 1)
+    run.bar.close()
+    return True
+
+
 def _train_locked(store: RunStore, cfg: RunConfig, sess, progress: bool, stop_after: int | None) -> Run:
     meta = _open(store, cfg)
     if meta.status != Status.RUNNING:  # finished by another process while we waited
@@ -149,64 +248,18 @@ def _train_locked(store: RunStore, cfg: RunConfig, sess, progress: bool, stop_af
                   epoch=done, origin=origin)
     epochs = store.read_parquet(RunStore.EPOCHS) if store.exists(RunStore.EPOCHS) and done else pd.DataFrame()
     epochs = epochs[epochs["epoch"] < done] if len(epochs) else epochs
-    horizon = meta.horizon_epochs
-    cap = (horizon if horizon is not None else cfg.epochs) + cfg.reference.extra_epochs
-    bar = _progress(cap, done, cfg.name, progress)
-    check_each_step = sess.device.type == "cpu"
-    every = cfg.checkpoint_every
-    ran = 0
-    e = done
-    while e < cap:
-        if stop_after is not None and ran >= stop_after:
-            bar.close()
+    horizon = meta.horizon_epochs  # known when resuming past it
+    extra = cfg.reference.extra_epochs
+    bar = _progress((horizon if horizon is not None else cfg.epochs) + extra, done, cfg.name, progress)
+    run = _Epochs(store, cfg, sess, probe, epochs, bar, stop_after)
+
+    if horizon is None:
+        horizon = _train_horizon(run, done)
+        if horizon is None:  # stopped (as a kill would) or diverged
             return Run(store.root)
-        t0 = time.perf_counter()
-        try:
-            sess.run_epoch(e, probe, check_finite=check_each_step)
-            steps, _, samples = probe.take()
-            bad = np.flatnonzero(~np.isfinite(steps["loss"].to_numpy()))
-            if len(bad):
-                raise DivergedError(int(steps["step"].iloc[bad[0]]), float(steps["loss"].iloc[bad[0]]))
-        except DivergedError as exc:
-            if horizon is not None and e >= horizon:
-                # The analysed horizon is intact: only the continuation reference is lost.
-                store.update_meta(continuation_error=(
-                    f"the continuation beyond the horizon diverged at step {exc.step} (loss {exc.loss}); "
-                    "analyse against θ_T ('last'), or retrain with a smaller lr or fewer extra_epochs"))
-                break
-            _record_divergence(store, probe, e, exc)
-            bar.close()
-            return Run(store.root)
-        metrics = {"epoch": e, **sess.evaluate(), "mean_batch_loss": float(steps["loss"].mean()),
-                   "seconds": time.perf_counter() - t0, "phase": "main" if horizon is None or e < horizon else "continuation"}
-        store.write_parquet(store.shard(RunStore.STEPS, e), steps)
-        if len(samples):
-            store.write_parquet(store.shard(RunStore.SAMPLES, e), samples)
-        reached = cfg.target_loss is not None and metrics["train_loss"] <= cfg.target_loss
-        ends_horizon = horizon is None and (reached or e + 1 == cfg.epochs)
-        if (e + 1) % every == 0 or ends_horizon:
-            # A replay segment ends at every checkpoint; the horizon always ends one.
-            store.write_torch(store.checkpoint(e + 1), sess.state(e + 1))
-        epochs = pd.concat([epochs, pd.DataFrame([metrics])], ignore_index=True)
-        store.write_parquet(RunStore.EPOCHS, epochs)
-        e += 1
-        ran += 1
-        updates: dict[str, Any] = {"epochs_done": e}
-        if horizon is None:
-            if ends_horizon:
-                horizon = e
-                updates.update(horizon_epochs=e, horizon_steps=e * sess.steps_per_epoch,
-                               reached_target=reached if cfg.target_loss is not None else None)
-                final = {"model": sess.model.state_dict()}
-                store.write_torch(RunStore.FINAL, final)
-                updates["final_sha256"] = params_sha256(final["model"])
-                cap = horizon + cfg.reference.extra_epochs
-                bar.total = cap
-        meta = store.update_meta(**updates)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-    bar.close()
-    if cfg.reference.extra_epochs and not store.read_meta().continuation_error:
+    if not _train_continuation(run, range(max(done, horizon), horizon + extra)):
+        return Run(store.root)
+    if extra and not store.read_meta().continuation_error:
         reference = {"model": sess.model.state_dict()}
         store.write_torch(RunStore.REFERENCE, reference)
         store.update_meta(reference_sha256=params_sha256(reference["model"]))

@@ -2,7 +2,7 @@
 or "not stated" with the choice made where the paper is silent.
 
 One provenance type for every study: the identity studies keep a :class:`Source` per value
-(:mod:`gammatrace.experiments.identity.sources`, whose quotes default to the CS260 report),
+(quoted through :func:`gammatrace.experiments.identity.sources.quote`, from the CS260 report),
 the built-in studies' paper presets a table of :class:`Setting` rows — a run-config field
 (dotted path), the cells it applies to, its value and its :class:`Source`
 (:mod:`gammatrace.experiments.presets`). Reports print them; tests find every quoted phrase

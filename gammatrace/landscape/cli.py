@@ -31,7 +31,7 @@ import warnings
 from gammatrace.cliopts import add_options, option_help, parsed
 from gammatrace.executors import EXECUTORS
 from gammatrace.landscape import landscape
-from gammatrace.landscape.compute import DIRECTIONS, PCA_PLANES, compute_landscape
+from gammatrace.landscape.compute import DIRECTIONS, PCA_PLANES, LandscapeConfig, compute_landscape
 from gammatrace.landscape.directions import IGNORE
 from gammatrace.landscape.evaluate import BN_MODES
 from gammatrace.landscape.sources import LandscapeWarning
@@ -57,7 +57,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
                 show(message, category, filename, lineno, file, line)
 
         warnings.showwarning = one_line
-        files = landscape(**{**parsed(args, compute_landscape), "progress": not args.quiet})
+        # The fields of LandscapeConfig, which compute_landscape validates into one.
+        files = landscape(args.runs, args.out, **parsed(args, LandscapeConfig), progress=not args.quiet)
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0
@@ -69,8 +70,8 @@ def register(subparsers) -> None:
                                                 "filter-normalised directions, and θ_0→θ_T interpolation")
     p.add_argument("runs", nargs="+", help=option_help(compute_landscape).get("runs"))
     p.add_argument("--out", required=True, help=option_help(compute_landscape).get("out"))
-    # Every other option, its type, default and help come from compute_landscape itself.
-    add_options(p, compute_landscape, skip={"runs", "out", "progress"},
+    # Every other option, its type, default and help come from LandscapeConfig itself.
+    add_options(p, LandscapeConfig,
                 choices={"bn": BN_MODES.names(), "executor": EXECUTORS.names(), "plane": PCA_PLANES.names(),
                          "directions": DIRECTIONS.names(), "dims": [1, 2], "ignore": IGNORE.names(),
                          "loss": LOSSES.names()})

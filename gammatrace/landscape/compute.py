@@ -100,6 +100,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from gammatrace.executors import make_executor
 from gammatrace.landscape.directions import IGNORE, filter_normalized_directions
@@ -339,17 +340,67 @@ def _read_npz(path: str | Path | Location) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------ the planes
 
-@dataclass(frozen=True)
-class PlaneOptions:
-    """The settings a plane builder reads."""
+class LandscapeConfig(BaseModel):
+    """What a landscape is computed with: the planes, the grid, the evaluation, and where
+    the rows run. The ``gammatrace landscape`` options are generated from these fields
+    (:func:`~gammatrace.cliopts.add_options`); :meth:`key` says which of them a stored
+    landscape is reused for.
 
-    plane: str = "shared"
-    dims: int = 2
-    grid: int = 21
-    extent: float = 1.2
-    span: float = 1.0
-    ignore: str = "biasbn"
-    seed: int = 0  # of random directions
+    Example:
+        >>> cfg = LandscapeConfig(directions="random", dims=1, grid=5)
+        >>> cfg.key()["dims"], "extent" in cfg.key(), "workers" in cfg.key()
+        (1, False, False)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plane: str = Field("shared", description="PCA directions: one plane for all paths (shared, centred on the first "
+                       "run's θ_T) or one plane per path (per_path, as the γ-principle paper's Fig. 12)")
+    directions: str = Field("pca", description="pca (the paths' principal plane, with the paths drawn) or random "
+                            "(filter-normalised Gaussian directions around each path's θ_T, Li et al. 2018)")
+    dims: int = Field(2, description="number of random directions: 1 (a curve) or 2 (contours); PCA planes are 2-D")
+    grid: int = Field(21, description="grid points per axis")
+    extent: float = Field(1.2, description="PCA planes: half-width of the grid / the path's reach on each axis")
+    span: float = Field(1.0, description="random directions: α (and β) run over [-span, span]")
+    samples: int = Field(512, description="size of the fixed training subset the loss is evaluated on (the whole "
+                         "set when it is smaller)")
+    bn: str = Field("train", description="module mode of every evaluation")
+    ignore: str = Field("biasbn", description="random directions: biasbn (biases and norm parameters stay at θ*, as "
+                        "Li et al.) or none (their direction is θ* itself)")
+    seed: int = Field(0, description="seed of the evaluation subset (and of dropout)")
+    direction_seed: int = Field(0, description="random directions: seed of their Gaussian draws (the same for every "
+                                "path; apart from seed so that another direction is evaluated on the same samples)")
+    model: str | None = Field(None, description="checkpoint files: 'package.module:factory', a zero-argument callable "
+                              "returning the nn.Module")
+    data: str | None = Field(None, description="checkpoint files: 'package.module:factory' returning the training "
+                             "data as (inputs, targets) tensors or a map-style Dataset of (input, target) pairs")
+    loss: str = Field("cross_entropy", description="checkpoint files: per-sample loss of the model's output and the "
+                      "targets (runs use their config's)")
+    workers: int = Field(1, description="processes for the grid rows")
+    executor: str = Field("local", description="where the grid rows run (local processes or Ray)")
+    address: str | None = Field(None, description="Ray cluster address (executor ray); default: a local instance")
+
+    def check(self) -> None:
+        """Refuse a value out of range or a name outside its registry before any work."""
+        if self.grid < 2:
+            raise LandscapeInputError(f"grid must be >= 2 points per axis, got {self.grid}")
+        if not self.extent > 0 or not self.span > 0:
+            raise LandscapeInputError(f"extent and span must be > 0, got {self.extent} and {self.span}")
+        if self.dims not in (1, 2):
+            raise LandscapeInputError(f"dims must be 1 or 2, got {self.dims}")
+        if self.directions == "pca" and self.dims != 2:
+            raise LandscapeInputError("the PCA plane is 2-D: --dims 1 needs --directions random")
+        DIRECTIONS.get(self.directions)
+        PCA_PLANES.get(self.plane)
+        BN_MODES.get(self.bn)
+        IGNORE.get(self.ignore)
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change a landscape's numbers (the inputs, model, data and loss
+        included, are fingerprinted apart; where the rows run changes no number)."""
+        shared = ("directions", "grid", "samples", "bn", "seed")
+        own = ("plane", "extent") if self.directions == "pca" else ("dims", "span", "ignore", "direction_seed")
+        return {"version": LANDSCAPE_VERSION, **{name: getattr(self, name) for name in shared + own}}
 
 
 @dataclass
@@ -384,7 +435,7 @@ class PlaneAxes:
         return out
 
 
-PlaneBuilder = Callable[[list[Trajectory], list[LossEvaluator], PlaneOptions], list[PlaneAxes]]
+PlaneBuilder = Callable[[list[Trajectory], list[LossEvaluator], LandscapeConfig], list[PlaneAxes]]
 DIRECTIONS: Registry[PlaneBuilder] = Registry("landscape directions")
 # Which runs' displacements make one PCA plane: n runs -> groups of run indices.
 PCA_PLANES: Registry[Callable[[int], list[list[int]]]] = Registry("PCA plane")
@@ -393,7 +444,7 @@ PCA_PLANES.register("per_path")(lambda n: [[r] for r in range(n)])
 
 
 @DIRECTIONS.register("pca")
-def pca_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: PlaneOptions) -> list[PlaneAxes]:
+def pca_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: LandscapeConfig) -> list[PlaneAxes]:
     """One PCA plane per group of :data:`PCA_PLANES` (``opt.plane``), centred on θ_T of
     the group's first run, its grid ``opt.extent`` × the group's reach on each axis."""
     out = []
@@ -426,13 +477,14 @@ def pca_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: PlaneOpti
 
 
 @DIRECTIONS.register("random")
-def random_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: PlaneOptions) -> list[PlaneAxes]:
+def random_planes(trajs: list[Trajectory], evs: list[LossEvaluator], opt: LandscapeConfig) -> list[PlaneAxes]:
     """Per run: ``opt.dims`` filter-normalised random directions around its θ_T (one seed
     for all runs), α (and β) on ``opt.grid`` points of [−span, span]."""
     out = []
     for r, t in enumerate(trajs):
         center = t.points[-1]
-        basis = filter_normalized_directions(center, evs[r].shapes, n=opt.dims, seed=opt.seed, ignore=opt.ignore)
+        basis = filter_normalized_directions(center, evs[r].shapes, n=opt.dims, seed=opt.direction_seed,
+                                             ignore=opt.ignore)
         axis = np.linspace(-opt.span, opt.span, opt.grid)
         out.append(PlaneAxes(name=t.name, origin_label=f"theta_T of {t.name}", runs=[r], source=r, origin=center,
                         basis=basis, explained=np.empty(0), alphas=axis,
@@ -634,8 +686,7 @@ def _path_analysis(t: Trajectory, ev: LossEvaluator, axes: PlaneAxes, r: int,
 
 
 def _grid_losses(axes: list[PlaneAxes], sources: list[PathSource], basis_file: Path | Location,
-                 rows_store: RunStore, key: dict[str, Any], evaluation: tuple[int, str, int],
-                 executor: str, workers: int, address: str | None, progress: bool) -> list[np.ndarray]:
+                 rows_store: RunStore, key: dict[str, Any], cfg: LandscapeConfig, progress: bool) -> list[np.ndarray]:
     """Each plane's loss grid: the rows stored for ``key`` read back, the others computed."""
     have = _stored_rows(rows_store, key)
     done: dict[tuple[int, int], np.ndarray] = {}
@@ -644,7 +695,7 @@ def _grid_losses(axes: list[PlaneAxes], sources: list[PathSource], basis_file: P
             row = _read_row(rows_store, row_file(p, j)) if row_file(p, j) in have else None
             if row is not None:
                 done[p, j] = row
-    samples, bn, seed = evaluation
+    workers = cfg.workers
     total = sum(ax.n_rows for ax in axes)
     if progress and done and len(done) < total:
         print(f"landscape grid: {len(done)} of {total} rows already on disk, computing the other "
@@ -658,12 +709,12 @@ def _grid_losses(axes: list[PlaneAxes], sources: list[PathSource], basis_file: P
         n_tasks = len(missing) if workers <= 1 else min(len(missing), 2 * workers)
         for chunk in np.array_split(np.array(missing, dtype=int), n_tasks) if missing else []:
             rows = [int(j) for j in chunk]
-            tasks.append((str(basis_file), sources[ax.source], p, samples, bn, seed, ax.alphas, ax.betas, rows,
+            tasks.append((str(basis_file), sources[ax.source], p, cfg.samples, cfg.bn, cfg.seed, ax.alphas, ax.betas, rows,
                           str(rows_store.root), digest))
             where.append((p, rows))
     if tasks:
         try:
-            results = make_executor(executor, workers=workers, address=address).map(
+            results = make_executor(cfg.executor, workers=workers, address=cfg.address).map(
                 grid_rows_task, tasks, desc="landscape grid", progress=progress)
         finally:
             _cached_plane_inputs.cache_clear()  # d-sized arrays: not kept in this process after the grid
@@ -676,11 +727,8 @@ def _grid_losses(axes: list[PlaneAxes], sources: list[PathSource], basis_file: P
 # ---------------------------------------------------------------------- entry point
 
 def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[str | Path]],
-                      out: str | Path, *, plane: str = "shared", directions: str = "pca", dims: int = 2,
-                      grid: int = 21, extent: float = 1.2, span: float = 1.0, samples: int = 512, bn: str = "train",
-                      ignore: str = "biasbn", seed: int = 0, direction_seed: int = 0, model: str | None = None,
-                      data: str | None = None, loss: str = "cross_entropy", workers: int = 1,
-                      executor: str = "local", address: str | None = None, progress: bool = True) -> Landscape:
+                      out: str | Path, config: LandscapeConfig | None = None, *, progress: bool = True,
+                      **options: Any) -> Landscape:
     """Loss surface(s), projected paths, gradient/step directions and interpolations (see module doc).
 
     Reuses the stored landscape when it was computed with the same settings from the
@@ -692,64 +740,30 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
             (θ_0 first, θ_T last)
             (in Python also several paths: a list of such lists, or a dict {name: files})
         out: output folder (figures and the stored grid)
-        plane: PCA directions: one plane for all paths (shared, centred on the first run's θ_T) or one plane per
-            path (per_path, as the γ-principle paper's Fig. 12)
-        directions: pca (the paths' principal plane, with the paths drawn) or random (filter-normalised Gaussian
-            directions around each path's θ_T, Li et al. 2018)
-        dims: number of random directions: 1 (a curve) or 2 (contours); PCA planes are 2-D
-        grid: grid points per axis
-        extent: PCA planes: half-width of the grid / the path's reach on each axis
-        span: random directions: α (and β) run over [-span, span]
-        samples: size of the fixed training subset the loss is evaluated on (the whole set when it is smaller)
-        bn: module mode of every evaluation
-        ignore: random directions: biasbn (biases and norm parameters stay at θ*, as Li et al.) or none (their
-            direction is θ* itself)
-        seed: seed of the evaluation subset (and of dropout)
-        direction_seed: random directions: seed of their Gaussian draws (the same for every path; apart from seed so
-            that another direction is evaluated on the same samples)
-        model: checkpoint files: 'package.module:factory', a zero-argument callable returning the nn.Module
-        data: checkpoint files: 'package.module:factory' returning the training data as (inputs, targets) tensors or
-            a map-style Dataset of (input, target) pairs
-        loss: checkpoint files: per-sample loss of the model's output and the targets (runs use their config's)
-        workers: processes for the grid rows
-        executor: where the grid rows run (local processes or Ray)
-        address: Ray cluster address (executor ray); default: a local instance
+        config: the settings (:class:`LandscapeConfig`; its defaults when None)
         progress: show a progress bar
+        options: fields of :class:`LandscapeConfig` that replace ``config``'s (``grid=11``)
 
     Example:
         >>> ls = compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64)  # needs a trained run  # doctest: +SKIP
         >>> ls.loss.shape, ls.reused                                                  # doctest: +SKIP
         ((5, 5), False)
-        >>> compute_landscape(["runs/quickstart/relu"], "out", grid=5, samples=64).reused  # doctest: +SKIP
+        >>> compute_landscape(["runs/quickstart/relu"], "out", LandscapeConfig(grid=5, samples=64)).reused  # doctest: +SKIP
         True
     """
-    if grid < 2:
-        raise LandscapeInputError(f"grid must be >= 2 points per axis, got {grid}")
-    if not extent > 0 or not span > 0:
-        raise LandscapeInputError(f"extent and span must be > 0, got {extent} and {span}")
-    if dims not in (1, 2):
-        raise LandscapeInputError(f"dims must be 1 or 2, got {dims}")
-    if directions == "pca" and dims != 2:
-        raise LandscapeInputError("the PCA plane is 2-D: --dims 1 needs --directions random")
-    build_planes = DIRECTIONS.get(directions)  # unknown names fail before any work
-    PCA_PLANES.get(plane)
-    BN_MODES.get(bn)
-    IGNORE.get(ignore)
+    cfg = LandscapeConfig.model_validate({**(config.model_dump() if config else {}), **options})
+    cfg.check()
     out = location(out)
-    sources = make_sources(runs, model=model, data=data, loss=loss)
+    sources = make_sources(runs, model=cfg.model, data=cfg.data, loss=cfg.loss)
     for s in sources:
         s.check()
-    names = [s.name for s in sources]
-    stem = landscape_stem(directions, plane, dims)
-    settings: dict[str, Any] = {"version": LANDSCAPE_VERSION, "directions": directions, "grid": grid,
-                                "samples": samples, "bn": bn, "seed": seed}
-    if directions == "pca":
-        shared = PCA_PLANES.get(plane)(len(sources)) == [list(range(len(sources)))]
-        settings.update(plane=plane, extent=extent,
-                        origin=f"theta_T of {names[0]}" if shared else "theta_T of each path")
+    stem = landscape_stem(cfg.directions, cfg.plane, cfg.dims)
+    settings = cfg.key()
+    if cfg.directions == "pca":
+        shared = PCA_PLANES.get(cfg.plane)(len(sources)) == [list(range(len(sources)))]
+        settings["origin"] = f"theta_T of {sources[0].name}" if shared else "theta_T of each path"
     else:
-        settings.update(dims=dims, span=span, ignore=ignore, direction_seed=direction_seed,
-                        origin="theta_T of each path")
+        settings["origin"] = "theta_T of each path"
     settings["inputs"] = [s.fingerprint() for s in sources]
     settings = json.loads(json.dumps(settings))  # as it reads back from the JSON
     store = RunStore(out)
@@ -762,18 +776,16 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
         except (json.JSONDecodeError, KeyError, OSError, ValueError, TypeError, StoreError):
             pass  # damaged or older store: recompute and overwrite it
 
-    evs = [s.evaluator(samples, bn, seed) for s in sources]
+    evs = [s.evaluator(cfg.samples, cfg.bn, cfg.seed) for s in sources]
     trajs = [s.trajectory(ev) for s, ev in zip(sources, evs, strict=True)]
-    if directions == "pca" and len(PCA_PLANES.get(plane)(len(sources))[0]) > 1:
+    if cfg.directions == "pca" and len(PCA_PLANES.get(cfg.plane)(len(sources))[0]) > 1:
         _check_compatible(sources, trajs)
     # The loss along each path before the (long) grid: a path that ends above its start
     # is said at once.
     path_losses = [_path_losses(t, ev) for t, ev in zip(trajs, evs, strict=True)]
     for s, pl in zip(sources, path_losses, strict=True):
         _warn_if_ends_higher(s, pl)
-    opt = PlaneOptions(plane=plane, dims=dims, grid=grid, extent=extent, span=span, ignore=ignore,
-                       seed=direction_seed)
-    axes = build_planes(trajs, evs, opt)
+    axes = DIRECTIONS.get(cfg.directions)(trajs, evs, cfg)
     basis_arrays = {k: v for p, ax in enumerate(axes) for k, v in ax.arrays(p).items()}
     basis_file = out / f"{stem}_basis.npz"
     _atomic_npz(basis_file, basis_arrays)
@@ -781,8 +793,7 @@ def compute_landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str
     # Rows are kept for exactly these settings, inputs and planes (bit for bit).
     key = {"settings": settings, "planes": [hashlib.sha256(ax.origin.tobytes() + ax.basis.tobytes()).hexdigest()
                                             for ax in axes]}
-    losses = _grid_losses(axes, sources, basis_file, rows_store, key, (samples, bn, seed), executor, workers,
-                          address, progress)
+    losses = _grid_losses(axes, sources, basis_file, rows_store, key, cfg, progress)
     planes = [Plane(name=ax.name, origin=ax.origin_label, runs=ax.runs, source=ax.source, alphas=ax.alphas,
                     betas=ax.betas, loss=loss, explained=ax.explained) for ax, loss in zip(axes, losses, strict=True)]
     per_run: dict[str, list[np.ndarray]] = {name: [] for name in Landscape._PER_RUN}

@@ -49,9 +49,9 @@ from gammatrace.data.loader import stream_seed
 from gammatrace.engine.session import build_session
 from gammatrace.errors import ConfigError
 from gammatrace.registry import Registry
-from gammatrace.store.run import Run, StoreError, shard
+from gammatrace.store.run import Run, RunStore, StoreError
 
-BN_MODES = Registry("batch-norm mode")
+BN_MODES: Registry[Callable[[nn.Module], nn.Module]] = Registry("batch-norm mode")
 BN_MODES.register("train")(lambda model: model.train())
 BN_MODES.register("eval")(lambda model: model.eval())
 
@@ -132,12 +132,12 @@ def load_trajectory(run: str | Path | Run, names: list[str] | None = None) -> Tr
     """
     run = run if isinstance(run, Run) else Run(run)
     horizon = run.meta.horizon_epochs
-    if horizon is None or not run.store.exists("final.pt"):
+    if horizon is None or not run.store.exists(RunStore.FINAL):
         raise StoreError(f"{run.path} has no final point yet (status {run.status}); train it first")
     every = run.config.checkpoint_every if isinstance(run.config.checkpoint_every, int) else 1
     at = list(range(0, int(horizon), every))  # the stored checkpoints (checkpoint_every epochs apart)
-    states = [run.store.read_torch(shard("checkpoints", e, "pt"))["model"] for e in at]
-    states.append(run.store.read_torch("final.pt")["model"])
+    states = [run.store.read_torch(RunStore.checkpoint(e))["model"] for e in at]
+    states.append(run.store.read_torch(RunStore.FINAL)["model"])
     if names is None:
         names = trainable_names(build_session(run.config).model)
     points = np.stack([flatten(s, names) for s in states])

@@ -91,7 +91,7 @@ from gammatrace.landscape.evaluate import (
     flatten,
     load_trajectory,
 )
-from gammatrace.store.run import Run, StoreError
+from gammatrace.store.run import Run, RunStore, StoreError
 from gammatrace.techniques import LOSSES
 
 
@@ -192,7 +192,7 @@ class RunSource:
         # and the config, which is part of the fingerprint too).
         r = Run(self.path)
         return {"path": str(r.path.resolve()), "horizon": r.meta.horizon_epochs, "config": r.meta.config,
-                "final": hashlib.sha256(r.store.read_bytes("final.pt")).hexdigest(),
+                "final": hashlib.sha256(r.store.read_bytes(RunStore.FINAL)).hexdigest(),
                 "start": hashlib.sha256(r.store.read_bytes(r.store.checkpoint(0))).hexdigest()}
 
     def evaluator(self, samples: int, bn: str, seed: int) -> LossEvaluator:
@@ -209,7 +209,7 @@ class RunSource:
 
     def final_buffers(self, ev: LossEvaluator) -> dict[str, torch.Tensor]:
         keep = set(ev.names)
-        return {k: v for k, v in Run(self.path).store.read_torch("final.pt")["model"].items() if k not in keep}
+        return {k: v for k, v in Run(self.path).store.read_torch(RunStore.FINAL)["model"].items() if k not in keep}
 
     def compatibility(self) -> Any:
         cfg = Run(self.path).config

@@ -31,7 +31,7 @@ from gammatrace.models.activations import make_activation
 from gammatrace.models.norms import apply_weight_norm, make_norm, uses_weight_norm
 from gammatrace.registry import Registry
 
-PLACEMENTS = Registry("placement")
+PLACEMENTS: Registry[Callable[[int, int], bool]] = Registry("placement")
 """name -> ``keep(i, n) -> bool`` for site i (0-based, in forward order) of n sites."""
 
 

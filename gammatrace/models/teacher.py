@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ from gammatrace.models.registry import MODELS
 from gammatrace.registry import Registry
 
 # How the student's W starts. Each entry: fn(weight, scale) in place, under no_grad.
-STUDENT_INITS = Registry("teacher_student init")
+STUDENT_INITS: Registry[Callable[[torch.Tensor, float], None]] = Registry("teacher_student init")
 # The student's output over its hidden units h = σ(z): Σ_i h_i (eq. (4)) or Σ_i |h_i|.
 OUTPUTS = ("sum", "abs")
 

@@ -23,13 +23,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -161,6 +164,211 @@ def _cell_label(name: str, runs: Sequence[RunEntry], seeded: bool) -> str:
     return f"{label} ({flagged}/{len(runs)} no progress)" if flagged else label
 
 
+@dataclass(frozen=True)
+class _Line:
+    """One line of the trajectory figure: a cell's analysed runs (one run, or its seeds) and their style."""
+
+    name: str
+    runs: list[RunEntry]
+    color: Any
+    seeded: bool  # some line of the figure has several runs: lines are means, bands min–max
+
+    @property
+    def ls(self) -> str:
+        return "--" if all(e.no_progress for e in self.runs) else "-"
+
+    def handle(self) -> Line2D:
+        return Line2D([], [], color=self.color, ls=self.ls, lw=1.5, label=_cell_label(self.name, self.runs, self.seeded))
+
+    def draw(self, ax: Axes, agg: pd.DataFrame, x: np.ndarray, marker: str | None = None) -> None:
+        """The mean over the line's runs (with their min–max band when the figure is seeded)."""
+        if self.seeded:
+            ax.fill_between(x, agg["lo"], agg["hi"], color=self.color, alpha=0.15, lw=0)
+        ax.plot(x, agg["mean"], self.ls, marker=marker, ms=3, color=self.color, lw=1.3)
+
+
+@dataclass
+class RowDrawn:
+    """What one row of the trajectory figure did, per line: its legend handle where the row
+    drew it (None where not), and its notes (why a run was left out, what the row shows instead)."""
+
+    handles: list[Line2D | None] = field(default_factory=list)
+    notes: list[list[str]] = field(default_factory=list)
+
+    def add(self, line: _Line, notes: list[str], drew: bool) -> None:
+        self.handles.append(line.handle() if drew else None)
+        self.notes.append(notes)
+
+
+def distance_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
+    """Row 1 (needs :data:`DISTANCE` and the steps per epoch): d_k/D_0 per step, x = step /
+    steps per epoch, with the end point d_T/D_0."""
+    drawn = RowDrawn()
+    for line in lines:
+        notes, curves = [], []
+        for e in line.runs:
+            miss, spe = DISTANCE.missing(_tables(e)), e.steps_per_epoch
+            if miss or not spe:
+                notes.append(f"{e.label}: distance row skipped (missing {', '.join(miss) or 'steps per epoch'})")
+                continue
+            steps = e.steps.sort_values("step")
+            curve = P.monotone_distance(steps)["curve"]  # d_k/D_0 for k = 0 … T
+            index = np.append(steps["step"].to_numpy(), steps["step"].iloc[-1] + 1) / spe
+            curves.append(pd.Series(curve, index=index))
+        if curves:
+            agg = _aggregate(curves)
+            line.draw(ax, agg, agg.index.to_numpy())
+        drawn.add(line, notes, bool(curves))
+    ax.set_ylabel(r"$d_k / D_0$")
+    ax.set_ylim(bottom=0)
+    ax.set_title("normalized distance to the reference point", fontsize=10)
+    return drawn
+
+
+def loss_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
+    """Row 2 (needs :data:`LOSS`, else :data:`LOSS_FALLBACK`): the full training loss after
+    each epoch (x = epoch + 1); log y when it spans more than a decade."""
+    drawn, values = RowDrawn(), []
+    for line in lines:
+        notes, losses = [], []
+        for e in line.runs:
+            tables = _tables(e)
+            ep = tables["epochs"]
+            if not LOSS.missing(tables):
+                y = ep["train_loss"].to_numpy(float)
+            elif not LOSS_FALLBACK.missing(tables):
+                y = ep["mean_batch_loss"].to_numpy(float)
+                notes.append(f"{e.label}: loss row shows the mean batch loss (no full training loss measured)")
+            else:
+                notes.append(f"{e.label}: loss row skipped (missing {', '.join(LOSS.missing(tables))})")
+                continue
+            if len(y):
+                losses.append(pd.Series(y, index=ep["epoch"].to_numpy() + 1))
+                values.append(y)
+        if losses:
+            agg = _aggregate(losses)
+            line.draw(ax, agg, agg.index.to_numpy(), marker="o")
+        drawn.add(line, notes, bool(losses))
+    ax.set_ylabel("training loss")
+    every = np.concatenate(values) if values else np.empty(0)
+    every = every[np.isfinite(every)]
+    if len(every) and (every > 0).all() and every.max() / every.min() > 10:
+        ax.set_yscale("log")
+    ax.set_title("full training loss after each epoch", fontsize=10)
+    return drawn
+
+
+def gradient_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
+    """Row 3 (needs :data:`GRAD`): the median raw mini-batch ‖g_k‖ per epoch (x = epoch + ½,
+    log y; ``grad_sq``: before clipping, unscaled), dashed the gradient the optimizer received
+    (``grad_sq_used``) where a run's differs (clipping), and ✕ with a dotted line at each
+    run's gradient collapse (read from the raw one)."""
+    drawn = RowDrawn()
+    for line in lines:
+        notes, norms, collapses, used = [], [], [], []
+        for e in line.runs:
+            miss = GRAD.missing(_tables(e))
+            if miss:
+                notes.append(f"{e.label}: gradient row skipped (missing {', '.join(miss)})")
+                continue
+            steps = e.steps.sort_values("step")
+            norms.append(P.grad_norm_per_epoch(steps)["median"])
+            if "grad_sq_used" in steps and not np.array_equal(steps["grad_sq_used"], steps["grad_sq"]):
+                used.append(P.grad_norm_per_epoch(steps.assign(grad_sq=steps["grad_sq_used"]))["median"])
+            epoch = e.gradient_collapse
+            if epoch is not None:
+                collapses.append((epoch, float(norms[-1].loc[epoch])))
+                notes.append(f"{e.label}: gradient collapse at epoch {epoch} (median ‖g_k‖ fell to ≤ "
+                             f"{COLLAPSE_RATIO:g} of its peak with the loss still high)")
+        if norms:
+            agg = _aggregate(norms)
+            line.draw(ax, agg, agg.index.to_numpy() + 0.5, marker="o")
+            if used:
+                agg_used = _aggregate(used)
+                ax.plot(agg_used.index.to_numpy() + 0.5, agg_used["mean"], "--", color=line.color, lw=1.0,
+                        gid="grad-used")
+            for epoch, value in collapses:
+                # The line shows the epoch even when the norm is exactly 0 (off a log axis).
+                ax.axvline(epoch + 0.5, color=line.color, ls=":", lw=1.0, gid="collapse-epoch")
+                if value > 0:
+                    ax.plot([epoch + 0.5], [value], ls="none", marker="X", ms=9, color=line.color, mec="k", mew=0.6,
+                            zorder=5, gid="collapse")
+        drawn.add(line, notes, bool(norms))
+    ax.set_ylabel(r"$\|g_k\|$ per epoch")
+    if ax.lines:
+        ax.set_yscale("log")
+        keys = [Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖ (raw)")]
+        if any(drawn_line.get_gid() == "grad-used" for drawn_line in ax.lines):
+            keys.append(Line2D([], [], color="0.3", ls="--", label="as the optimizer received it (clipped)"))
+        if any(drawn_line.get_gid() == "collapse-epoch" for drawn_line in ax.lines):
+            keys.append(Line2D([], [], color="0.3", ls=":", marker="X", ms=8, mec="k", label="gradient collapse"))
+        ax.legend(handles=keys, fontsize=7, loc="best", ncols=2)
+    ax.set_title("mini-batch gradient norm (raw: before clipping, unscaled)", fontsize=10)
+    return drawn
+
+
+def gamma_row(column: str, ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
+    """Rows 4 and 5 (needs :data:`GAMMA` / :data:`GAMMA_RP`, one row of :data:`GAMMA_ROWS`
+    per ``column``): the γ column per epoch at the epoch's middle, median as the line and
+    minimum as ▼; log y, or symlog when a value is ≤ 0 (:func:`_gamma_scale`)."""
+    _, needs, row_title, ylabel = next(row for row in GAMMA_ROWS if row[0] == column)
+    drawn, values = RowDrawn(), []
+    seeded = any(line.seeded for line in lines)
+    for line in lines:
+        notes, stats = [], []
+        for e in line.runs:
+            miss = needs.missing(_tables(e))
+            if miss:
+                notes.append(f"{e.label}: {column} row skipped (missing {', '.join(miss)})")
+                continue
+            st = gamma_epoch_stats(e.steps, column)
+            if st["median"].notna().any():
+                stats.append(st)
+                values.append(st.to_numpy().ravel())
+            else:
+                notes.append(f"{e.label}: {column} row skipped (no defined value)")
+        if stats:
+            _draw_gamma(ax, line, stats)
+        drawn.add(line, notes, bool(stats))
+    scale, linthresh = _gamma_scale(np.concatenate(values) if values else np.empty(0))
+    if any(drawn.handles):
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ax.axhline(0.0, color="0.5", lw=0.6)
+        else:
+            ax.set_yscale("log")
+        band = "seed min–max" if seeded else "25–75%"
+        style = [Line2D([], [], color="0.3", marker="o", ms=3, label="mean of medians" if seeded else "median"),
+                 Patch(color="0.3", alpha=0.15, label=band),
+                 Line2D([], [], color="0.3", ls="none", marker="v", ms=4, label="min")]
+        ax.legend(handles=style, fontsize=7, loc="best", ncols=3)
+    ax.set_ylabel(ylabel + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
+    ax.set_title(row_title, fontsize=8.5)
+    return drawn
+
+
+def _draw_gamma(ax: Axes, line: _Line, stats: list[pd.DataFrame]) -> None:
+    """One line's γ: the median (mean of its runs' medians when seeded) with its band, and ▼ at the minimum."""
+    if line.seeded:
+        agg = _aggregate([st["median"] for st in stats])
+        low = pd.concat([st["min"] for st in stats], axis=1).min(axis=1)
+        line.draw(ax, agg, agg.index.to_numpy() + 0.5, marker="o")
+    else:
+        st = stats[0]
+        x = st.index.to_numpy() + 0.5
+        ax.fill_between(x, st["q25"], st["q75"], color=line.color, alpha=0.15, lw=0)
+        ax.plot(x, st["median"], line.ls, marker="o", ms=3, color=line.color, lw=1.3)
+        low = st["min"]
+    # clip_on=False: the lowest minimum sits on the axis edge and would be cut in half.
+    ax.plot(low.index.to_numpy() + 0.5, low, ls="none", marker="v", ms=4, color=line.color, alpha=0.8,
+            clip_on=False)
+
+
+# The trajectory figure's rows, top to bottom: each draws every line on its own axis.
+TRAJECTORY_ROWS: tuple[Callable[[Axes, Sequence[_Line]], RowDrawn], ...] = (
+    distance_row, loss_row, gradient_row, *(functools.partial(gamma_row, column) for column, *_ in GAMMA_ROWS))
+
+
 def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
                       title: str = "", cells: dict[str, list[RunEntry]] | None = None,
                       stem: str = "trajectory") -> Path | None:
@@ -183,7 +391,8 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     is the mean over its runs (of d_k/D_0, of the loss, of the per-epoch median) and
     the band is the min–max over them. Lines whose runs are all flagged "no progress"
     are dashed. Appends to ``notes`` why a run or row was left out; returns None when
-    nothing is drawable.
+    nothing is drawable. Each row is one function of :data:`TRAJECTORY_ROWS` (its columns,
+    its lines, its axis); this function keeps the layout.
 
     Example (the module's example draws one; here nothing is drawable):
         >>> import tempfile
@@ -198,164 +407,27 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     if cells is None:
         cells = {e.label: [e] for e in entries}
     seeded = any(len(runs) > 1 for runs in cells.values())
-    colors = run_colors(len(cells))
-    drawable = []
-    for (name, runs), color in zip(cells.items(), colors, strict=True):
-        for e in runs:
-            if not e.analysed:
-                notes.append(f"{e.label} not drawn: {e.problem}")
+    lines = []
+    for (name, runs), color in zip(cells.items(), run_colors(len(cells)), strict=True):
+        notes.extend(f"{e.label} not drawn: {e.problem}" for e in runs if not e.analysed)
         ok = [e for e in runs if e.analysed]
         if ok:
-            drawable.append((name, ok, color))
-    if not drawable:
+            lines.append(_Line(name, ok, color, seeded))
+    if not lines:
         notes.append("trajectory figure not drawn: no analysed run")
         return None
 
     fig = Figure(figsize=(7.5, 13.5), layout="constrained")
-    ax_d, ax_l, ax_n, *ax_gammas = fig.subplots(3 + len(GAMMA_ROWS), 1, sharex=True)
-    handles: list[Line2D] = []
-    loss_values: list[np.ndarray] = []
-
-    def draw(ax, agg: pd.DataFrame, x: np.ndarray, ls: str, color, marker: str | None = None) -> None:
-        if seeded:
-            ax.fill_between(x, agg["lo"], agg["hi"], color=color, alpha=0.15, lw=0)
-        ax.plot(x, agg["mean"], ls, marker=marker, ms=3, color=color, lw=1.3)
-
-    gamma_drawn: dict[str, list] = {column: [] for column, *_ in GAMMA_ROWS}
-    gamma_values: dict[str, list[np.ndarray]] = {column: [] for column, *_ in GAMMA_ROWS}
-    for name, runs, color in drawable:
-        ls = "--" if all(e.no_progress for e in runs) else "-"
-        drew = False
-        # --- row 1: normalized distance, aligned on the step index
-        curves = []
-        for e in runs:
-            tables, spe = _tables(e), e.steps_per_epoch
-            miss = DISTANCE.missing(tables)
-            if miss or not spe:
-                notes.append(f"{e.label}: distance row skipped (missing {', '.join(miss) or 'steps per epoch'})")
-                continue
-            steps = e.steps.sort_values("step")
-            curve = P.monotone_distance(steps)["curve"]  # d_k/D_0 for k = 0 … T
-            index = np.append(steps["step"].to_numpy(), steps["step"].iloc[-1] + 1) / spe
-            curves.append(pd.Series(curve, index=index))
-        if curves:
-            agg = _aggregate(curves)
-            draw(ax_d, agg, agg.index.to_numpy(), ls, color)
-            drew = True
-        # --- row 2: training loss per epoch
-        losses = []
-        for e in runs:
-            tables = _tables(e)
-            ep = tables["epochs"]
-            if not LOSS.missing(tables):
-                y = ep["train_loss"].to_numpy(float)
-            elif not LOSS_FALLBACK.missing(tables):
-                y = ep["mean_batch_loss"].to_numpy(float)
-                notes.append(f"{e.label}: loss row shows the mean batch loss (no full training loss measured)")
-            else:
-                notes.append(f"{e.label}: loss row skipped (missing {', '.join(LOSS.missing(tables))})")
-                continue
-            if len(y):
-                losses.append(pd.Series(y, index=ep["epoch"].to_numpy() + 1))
-                loss_values.append(y)
-        if losses:
-            agg = _aggregate(losses)
-            draw(ax_l, agg, agg.index.to_numpy(), ls, color, marker="o")
-            drew = True
-        # --- row 3: gradient norm per epoch, and where it collapsed
-        norms, collapses = [], []
-        for e in runs:
-            miss = GRAD.missing(_tables(e))
-            if miss:
-                notes.append(f"{e.label}: gradient row skipped (missing {', '.join(miss)})")
-                continue
-            norms.append(P.grad_norm_per_epoch(e.steps.sort_values("step"))["median"])
-            epoch = e.gradient_collapse
-            if epoch is not None:
-                collapses.append((epoch, float(norms[-1].loc[epoch])))
-                notes.append(f"{e.label}: gradient collapse at epoch {epoch} (median ‖g_k‖ fell to ≤ "
-                             f"{COLLAPSE_RATIO:g} of its peak with the loss still high)")
-        if norms:
-            agg = _aggregate(norms)
-            draw(ax_n, agg, agg.index.to_numpy() + 0.5, ls, color, marker="o")
-            for epoch, value in collapses:
-                # The line shows the epoch even when the norm is exactly 0 (off a log axis).
-                ax_n.axvline(epoch + 0.5, color=color, ls=":", lw=1.0, gid="collapse-epoch")
-                if value > 0:
-                    ax_n.plot([epoch + 0.5], [value], ls="none", marker="X", ms=9, color=color, mec="k", mew=0.6,
-                              zorder=5, gid="collapse")
-            drew = True
-        # --- rows 4, 5: both γ's per epoch
-        for column, needs, _, _ in GAMMA_ROWS:
-            stats = []
-            for e in runs:
-                miss = needs.missing(_tables(e))
-                if miss:
-                    notes.append(f"{e.label}: {column} row skipped (missing {', '.join(miss)})")
-                    continue
-                st = gamma_epoch_stats(e.steps, column)
-                if st["median"].notna().any():
-                    stats.append(st)
-                    gamma_values[column].append(st.to_numpy().ravel())
-                else:
-                    notes.append(f"{e.label}: {column} row skipped (no defined value)")
-            if stats:
-                gamma_drawn[column].append((ls, color, stats))
-                drew = True
-        if drew:
-            handles.append(Line2D([], [], color=color, ls=ls, lw=1.5, label=_cell_label(name, runs, seeded)))
-
-    for ax_g, (column, _, row_title, ylabel) in zip(ax_gammas, GAMMA_ROWS, strict=True):
-        values = gamma_values[column]
-        scale, linthresh = _gamma_scale(np.concatenate(values) if values else np.empty(0))
-        for ls, color, stats in gamma_drawn[column]:
-            if seeded:
-                agg = _aggregate([st["median"] for st in stats])
-                low = pd.concat([st["min"] for st in stats], axis=1).min(axis=1)
-                draw(ax_g, agg, agg.index.to_numpy() + 0.5, ls, color, marker="o")
-            else:
-                st = stats[0]
-                x = st.index.to_numpy() + 0.5
-                ax_g.fill_between(x, st["q25"], st["q75"], color=color, alpha=0.15, lw=0)
-                ax_g.plot(x, st["median"], ls, marker="o", ms=3, color=color, lw=1.3)
-                low = st["min"]
-            # clip_on=False: the lowest minimum sits on the axis edge and would be cut in half.
-            ax_g.plot(low.index.to_numpy() + 0.5, low, ls="none", marker="v", ms=4, color=color, alpha=0.8,
-                      clip_on=False)
-        if gamma_drawn[column]:
-            if scale == "symlog":
-                ax_g.set_yscale("symlog", linthresh=linthresh)
-                ax_g.axhline(0.0, color="0.5", lw=0.6)
-            else:
-                ax_g.set_yscale("log")
-            band = "seed min–max" if seeded else "25–75%"
-            style = [Line2D([], [], color="0.3", marker="o", ms=3, label="mean of medians" if seeded else "median"),
-                     Patch(color="0.3", alpha=0.15, label=band),
-                     Line2D([], [], color="0.3", ls="none", marker="v", ms=4, label="min")]
-            ax_g.legend(handles=style, fontsize=7, loc="best", ncols=3)
-        ax_g.set_ylabel(ylabel + (" (symlog)" if scale == "symlog" else ""), fontsize=9)
-        ax_g.set_title(row_title, fontsize=8.5)
-
-    ax_d.set_ylabel(r"$d_k / D_0$")
-    ax_d.set_ylim(bottom=0)
-    ax_d.set_title("normalized distance to the reference point", fontsize=10)
-    ax_l.set_ylabel("training loss")
-    all_loss = np.concatenate(loss_values) if loss_values else np.empty(0)
-    all_loss = all_loss[np.isfinite(all_loss)]
-    if len(all_loss) and (all_loss > 0).all() and all_loss.max() / all_loss.min() > 10:
-        ax_l.set_yscale("log")
-    ax_l.set_title("full training loss after each epoch", fontsize=10)
-    ax_n.set_ylabel(r"$\|g_k\|$ per epoch")
-    if ax_n.lines:
-        ax_n.set_yscale("log")
-        keys = [Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖")]
-        if any(line.get_gid() == "collapse-epoch" for line in ax_n.lines):
-            keys.append(Line2D([], [], color="0.3", ls=":", marker="X", ms=8, mec="k", label="gradient collapse"))
-        ax_n.legend(handles=keys, fontsize=7, loc="best", ncols=2)
-    ax_n.set_title("mini-batch gradient norm (raw, as the optimizer received it)", fontsize=10)
-    ax_gammas[-1].set_xlabel("epoch")
-    ax_gammas[-1].set_xlim(left=0)
-    for ax in (ax_d, ax_l, ax_n, *ax_gammas):
+    axes = fig.subplots(len(TRAJECTORY_ROWS), 1, sharex=True)
+    rows = [row(ax, lines) for row, ax in zip(TRAJECTORY_ROWS, axes, strict=True)]
+    handles = []
+    for i in range(len(lines)):  # notes line by line, as a reader goes through the legend
+        for row in rows:
+            notes.extend(row.notes[i])
+        handles += [h for h in (row.handles[i] for row in rows) if h is not None][:1]
+    axes[-1].set_xlabel("epoch")
+    axes[-1].set_xlim(left=0)
+    for ax in axes:
         ax.grid(alpha=0.3, lw=0.5)
     # Below the plots rather than inside one: with several runs a legend covers curves.
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 3))
@@ -459,67 +531,75 @@ def matched_figure(panels: dict[str, tuple[dict[str, list[RunEntry]], object]], 
         return None
     fig = Figure(figsize=(6.0 * len(usable), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(usable), squeeze=False)).ravel()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)  # one stream over the panels, in order
     for ax, (panel, (cells, m)) in zip(axes, usable.items(), strict=True):
-        colors = run_colors(len(cells))
-        values = []
-        for (cell, runs), color in zip(cells.items(), colors, strict=True):
-            if not runs:
-                continue
-            x = np.concatenate([e.steps["loss"].to_numpy(float) for e in runs])
-            y = np.concatenate([e.steps["gamma"].to_numpy(float) for e in runs])
-            keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
-            x, y = x[keep], y[keep]
-            if len(x) > 3000:  # a readable cloud: a fixed subsample
-                pick = rng.choice(len(x), 3000, replace=False)
-                x, y = x[pick], y[pick]
-            ax.scatter(x, y, s=2, color=color, alpha=0.12, lw=0)
-            values.append(y)
-            if m is not None and len(m.levels):
-                per = [m.per_level[e.label] for e in runs if e.label in m.per_level]
-                if per:
-                    table = np.vstack(per)
-                    defined = np.isfinite(table)
-                    count = defined.sum(axis=0)
-                    with np.errstate(invalid="ignore"):  # a level no seed reached stays NaN
-                        mean = np.where(defined, table, 0.0).sum(axis=0) / count
-                    ax.plot(m.levels, mean, "-o", ms=3, color=color, lw=1.5, label=cell)
-                    if len(per) > 1:
-                        lo = np.where(defined, table, np.inf).min(axis=0)
-                        hi = np.where(defined, table, -np.inf).max(axis=0)
-                        ok = count > 0
-                        ax.fill_between(m.levels[ok], lo[ok], hi[ok], color=color, alpha=0.2, lw=0)
-                    values.append(table.ravel())
-                    continue
-            ax.plot([], [], "-o", ms=3, color=color, label=cell)
-        if m is not None and len(m.levels):
-            ax.axvspan(m.edges[0], m.edges[-1], color="0.85", alpha=0.4, lw=0, zorder=0)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
-        all_y = np.concatenate(values) if values else np.empty(0)
-        scale, linthresh = _gamma_scale(all_y)
-        if scale == "symlog":
-            # The linear zone at the 5% quantile of |γ_k|: a few tiny values would stretch the log part.
-            small = np.abs(all_y[np.isfinite(all_y) & (all_y != 0)])
-            if len(small):
-                linthresh = max(linthresh, 10.0 ** math.floor(math.log10(np.quantile(small, 0.05))))
-            ax.set_yscale("symlog", linthresh=linthresh)
-            ax.axhline(0.0, color="0.5", lw=0.6)
-        else:
-            ax.set_yscale("log")
-        ax.invert_xaxis()  # training moves left to right: loss falls
-        ax.set_xlabel(r"training loss ($\ell_k$ for dots, full loss for the levels)")
-        ax.set_ylabel(r"$\gamma_k$")
-        ax.set_title(panel, fontsize=10)
-        ax.grid(alpha=0.3, lw=0.5)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "no analysed run for this reference", transform=ax.transAxes, ha="center",
-                    fontsize=9, color="0.4")
+        _matched_panel(ax, panel, cells, m, rng)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, out, stem)
+
+
+def _matched_panel(ax: Axes, panel: str, cells: dict[str, list[RunEntry]], m: Any, rng: np.random.Generator) -> None:
+    """One reference's panel: each cell's dots and matched-level line, the shared loss range, the axes."""
+    values = []
+    for (cell, runs), color in zip(cells.items(), run_colors(len(cells)), strict=True):
+        if runs:
+            values += _matched_cell(ax, cell, runs, color, m, rng)
+    if m is not None and len(m.levels):
+        ax.axvspan(m.edges[0], m.edges[-1], color="0.85", alpha=0.4, lw=0, zorder=0)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+    all_y = np.concatenate(values) if values else np.empty(0)
+    scale, linthresh = _gamma_scale(all_y)
+    if scale == "symlog":
+        # The linear zone at the 5% quantile of |γ_k|: a few tiny values would stretch the log part.
+        small = np.abs(all_y[np.isfinite(all_y) & (all_y != 0)])
+        if len(small):
+            linthresh = max(linthresh, 10.0 ** math.floor(math.log10(np.quantile(small, 0.05))))
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.axhline(0.0, color="0.5", lw=0.6)
+    else:
+        ax.set_yscale("log")
+    ax.invert_xaxis()  # training moves left to right: loss falls
+    ax.set_xlabel(r"training loss ($\ell_k$ for dots, full loss for the levels)")
+    ax.set_ylabel(r"$\gamma_k$")
+    ax.set_title(panel, fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no analysed run for this reference", transform=ax.transAxes, ha="center",
+                fontsize=9, color="0.4")
+
+
+def _matched_cell(ax: Axes, cell: str, runs: list[RunEntry], color: Any, m: Any,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """One cell's every-step dots, and its median γ_k at the matched levels (mean over seeds,
+    band min–max); the γ values drawn (they set the panel's y scale)."""
+    x = np.concatenate([e.steps["loss"].to_numpy(float) for e in runs])
+    y = np.concatenate([e.steps["gamma"].to_numpy(float) for e in runs])
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    x, y = x[keep], y[keep]
+    if len(x) > 3000:  # a readable cloud: a fixed subsample
+        pick = rng.choice(len(x), 3000, replace=False)
+        x, y = x[pick], y[pick]
+    ax.scatter(x, y, s=2, color=color, alpha=0.12, lw=0)
+    per = [m.per_level[e.label] for e in runs if e.label in m.per_level] if m is not None and len(m.levels) else []
+    if not per:
+        ax.plot([], [], "-o", ms=3, color=color, label=cell)
+        return [y]
+    table = np.vstack(per)
+    defined = np.isfinite(table)
+    count = defined.sum(axis=0)
+    with np.errstate(invalid="ignore"):  # a level no seed reached stays NaN
+        mean = np.where(defined, table, 0.0).sum(axis=0) / count
+    ax.plot(m.levels, mean, "-o", ms=3, color=color, lw=1.5, label=cell)
+    if len(per) > 1:
+        lo = np.where(defined, table, np.inf).min(axis=0)
+        hi = np.where(defined, table, -np.inf).max(axis=0)
+        ok = count > 0
+        ax.fill_between(m.levels[ok], lo[ok], hi[ok], color=color, alpha=0.2, lw=0)
+    return [y, table.ravel()]
 
 
 # ---------------------------------------------------------------------- layers figure

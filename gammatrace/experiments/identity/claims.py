@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gammatrace.experiments.identity.sources import Source
+from gammatrace.experiments.identity.sources import Source, quote
 from gammatrace.principles.claims import ClaimResult, RunPoint, check_claim, parse_order
 from gammatrace.store.run import Run
 
@@ -63,17 +63,17 @@ class MnistClaim:
 MNIST_CLAIMS = (
     MnistClaim("PReLU gives a lower test error than ReLU (no identity mapping, random init)",
                "prelu-noid-random > relu-noid-random",
-               Source.quote("The results indicates PReLU's advancement successfully")),
+               quote("The results indicates PReLU's advancement successfully")),
     MnistClaim("The identity mapping lowers PReLU's test error (random init)",
                "prelu-id-random > prelu-noid-random",
-               Source.quote("result indicates identity mapping's advancement successfully")),
+               quote("result indicates identity mapping's advancement successfully")),
     MnistClaim("With the identity mapping a zero init still trains: a lower test error than without it (PReLU)",
                "prelu-id-zero > prelu-noid-zero",
-               Source.quote("with identity mapping, the zero initialization will still work")),
+               quote("with identity mapping, the zero initialization will still work")),
     MnistClaim(f"With the identity mapping a zero init does almost as well as a random one (PReLU; test accuracy "
                f"within ±{ERROR_MARGIN:g}, a margin the report does not state)",
                "prelu-id-zero ≈ prelu-id-random",
-               Source.quote("have the same performance as random initialization"), equivalent_within=ERROR_MARGIN),
+               quote("have the same performance as random initialization"), equivalent_within=ERROR_MARGIN),
 )
 
 

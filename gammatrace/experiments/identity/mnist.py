@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,12 @@ from gammatrace.errors import ConfigError, UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.identity.figures import figure_mnist_error
 from gammatrace.experiments.identity.report import mnist_report_blocks
-from gammatrace.experiments.identity.sources import Source
+from gammatrace.experiments.identity.sources import Source, quote
 from gammatrace.registry import Registry
 from gammatrace.reporting.document import to_html, to_markdown
 from gammatrace.store.run import RunStore, Status
 
-MNIST_PRESETS = Registry("identity-mnist preset")
+MNIST_PRESETS: Registry[Callable[[], MnistPreset]] = Registry("identity-mnist preset")
 RESULTS_FILE = "identity_mnist.json"
 
 
@@ -132,27 +133,27 @@ PANELS = (
 
 # The report's average test errors (its §5.1–5.3), for its five cells.
 REPORTED = {
-    "relu-noid-random": (0.01768, Source.quote(
+    "relu-noid-random": (0.01768, quote(
         "For ReLU without identity mapping, random initialization, we get an average error rate of 0.01768")),
-    "prelu-noid-random": (0.01742, Source.quote(
+    "prelu-noid-random": (0.01742, quote(
         "For PReLU without identity mapping, random initialization, we get an average error rate of 0.01742")),
-    "prelu-id-random": (0.01646, Source.quote(
+    "prelu-id-random": (0.01646, quote(
         "And for PReLU with identity mapping, random initialization, we get an error rate of 0.01646")),
-    "prelu-noid-zero": (0.8865, Source.quote(
+    "prelu-noid-zero": (0.8865, quote(
         "For PReLU without identity mapping, zero initialization, we get an average error rate of 0.8865")),
-    "prelu-id-zero": (0.0165, Source.quote(
+    "prelu-id-zero": (0.0165, quote(
         "for PReLU with identity mapping, zero initialization, we get an error rate of 0.0165")),
 }
 
 # Where each value of the paper preset comes from.
 MNIST_SOURCES: dict[str, dict[str, Source]] = {"paper": {
-    "data": Source.quote("Here we used MNIST handwritten digits dataset"),
-    "network": Source.quote("one-hidden-layer neural network", "model identity_mlp"),
-    "activations": Source.quote("with PReLU activation and ReLU activation respectively"),
-    "identity": Source.quote("two layer NN with and without identity mapping respectively"),
-    "inits": Source.quote("for the initialization we use zeros instead of some random values",
-                          "zero: every weight and bias 0; random: PyTorch's default"),
-    "runs": Source.quote("We conducted each setting of experiments for 5 times and took the"),
+    "data": quote("Here we used MNIST handwritten digits dataset"),
+    "network": quote("one-hidden-layer neural network", "model identity_mlp"),
+    "activations": quote("with PReLU activation and ReLU activation respectively"),
+    "identity": quote("two layer NN with and without identity mapping respectively"),
+    "inits": quote("for the initialization we use zeros instead of some random values",
+                   "zero: every weight and bias 0; random: PyTorch's default"),
+    "runs": quote("We conducted each setting of experiments for 5 times and took the"),
     "hidden_width": Source.not_stated("the input size (784), so that I + W is defined as in eq. (1)"),
     "output_layer": Source.not_stated("linear 784 → 10 with bias, no identity mapping (the widths differ)"),
     "biases": Source.not_stated("both layers have biases"),

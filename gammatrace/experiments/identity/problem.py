@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,10 +36,10 @@ import numpy as np
 
 from gammatrace.config import RunConfig
 from gammatrace.errors import ConfigError
-from gammatrace.experiments.identity.sources import Source
+from gammatrace.experiments.identity.sources import Source, quote
 from gammatrace.registry import Registry
 
-PRESETS = Registry("identity-mapping preset")
+PRESETS: Registry[Callable[[], Preset]] = Registry("identity-mapping preset")
 NORM_SYMBOLS = {"spectral": "‖W*‖₂", "frobenius": "‖W*‖_F"}
 
 
@@ -120,24 +121,24 @@ PRESETS.register("tiny")(lambda: Preset(d=4, n=100, batch_size=5, lr=0.2, max_ep
 # quoted phrase in ../shared/papers/). Training values the report does not state are
 # "not stated" with the choice; the measurement's own settings are marked as such.
 SOURCES: dict[str, dict[str, Source]] = {"paper": {
-    "d": Source.quote("random generalized input dataset of dimension $d = 10$"),
-    "n": Source.quote("and size of 5000"),
-    "lr": Source.quote("we set learning rate as 0.1"),
-    "max_epochs": Source.quote("epoch as 10", "T = 10 epochs exactly: no early stop at a target loss"),
+    "d": quote("random generalized input dataset of dimension $d = 10$"),
+    "n": quote("and size of 5000"),
+    "lr": quote("we set learning rate as 0.1"),
+    "max_epochs": quote("epoch as 10", "T = 10 epochs exactly: no early stop at a target loss"),
     "target_loss": Source.not_stated("none: the report trains a fixed 10 epochs"),
-    "bounded_norm": Source.quote("= 0.1 and $\\|w^*\\|_F = 1$",
-                                 "‖W*‖₂ = 0.1 for the bounded teacher: both cannot hold at once for d = 10, "
-                                 "since ‖W‖_F ≤ √10·‖W‖₂ ≈ 0.32"),
-    "bounded_norm_kind": Source.quote("For the bound, we set $\\|w^*\\|_2$"),
-    "unbounded_norm": Source.quote("= 0.1 and $\\|w^*\\|_F = 1$", "‖W*‖_F = 1 for the teacher without the bound"),
-    "unbounded_norm_kind": Source.quote("= 0.1 and $\\|w^*\\|_F = 1$", "Frobenius"),
-    "runs": Source.quote("To avoid coincidence, we conducted each setting of experiments for 5 times"),
-    "output": Source.quote("L(W) = \\mathbb{E}_x[(\\sum_i(\\sigma(\\langle w_i + e_i, x \\rangle)",
-                           "eq. (4): Σ_i σ(·), the sum eq. (1)'s ‖·‖₁ is defined as"),
-    "activation": Source.quote("share the same structure of 2-layer with PReLU activation"),
-    "loss": Source.quote("W via l_2 loss", "the mean squared error"),
-    "optimizer": Source.quote("SGD can converge to global minima", "plain SGD, no momentum"),
-    "inputs": Source.quote("x \\sim \\mathcal{N}(0, I)"),
+    "bounded_norm": quote("= 0.1 and $\\|w^*\\|_F = 1$",
+                          "‖W*‖₂ = 0.1 for the bounded teacher: both cannot hold at once for d = 10, "
+                          "since ‖W‖_F ≤ √10·‖W‖₂ ≈ 0.32"),
+    "bounded_norm_kind": quote("For the bound, we set $\\|w^*\\|_2$"),
+    "unbounded_norm": quote("= 0.1 and $\\|w^*\\|_F = 1$", "‖W*‖_F = 1 for the teacher without the bound"),
+    "unbounded_norm_kind": quote("= 0.1 and $\\|w^*\\|_F = 1$", "Frobenius"),
+    "runs": quote("To avoid coincidence, we conducted each setting of experiments for 5 times"),
+    "output": quote("L(W) = \\mathbb{E}_x[(\\sum_i(\\sigma(\\langle w_i + e_i, x \\rangle)",
+                    "eq. (4): Σ_i σ(·), the sum eq. (1)'s ‖·‖₁ is defined as"),
+    "activation": quote("share the same structure of 2-layer with PReLU activation"),
+    "loss": quote("W via l_2 loss", "the mean squared error"),
+    "optimizer": quote("SGD can converge to global minima", "plain SGD, no momentum"),
+    "inputs": quote("x \\sim \\mathcal{N}(0, I)"),
     "batch_size": Source.not_stated("100, the batch size of the settings before (the report gives none)"),
     "negative_slope": Source.not_stated("0.25, PReLU's initial value (He et al. 2015); the teacher's slope too"),
     "learned_slope": Source.not_stated("not learned: with a learned slope SGD at lr 0.1 diverges here"),
