@@ -6,9 +6,12 @@ channels-last conv net}, one condition per cell, plus one cell with everything a
 a tiny dropout Transformer. Every cell runs the same loop three times:
 
 * plain: no probe, no recording (the trajectory the probe must not change);
-* oracle: hook-free, stores every θ_k and g_k in float64 and the generator state before
-  each forward; the §6 columns are then computed in float64 NumPy, and ℓ(θ*; B_k) by
-  replaying each forward on a fresh model at θ* under the stored generator state;
+* oracle: hook-free, stores every θ_k in float64, the raw gradient g_k (read right after
+  the step's last backward, divided by the GradScaler's scale: DESIGN §1) and the gradient
+  the optimizer received (read just before the step: clipped, unscaled), and the generator
+  state before each forward; the §6 columns are then computed in float64 NumPy, and
+  ℓ(θ*; B_k) by replaying each forward on a fresh model at θ* under the stored generator
+  state;
 * probed: ``probe.batch`` plus the loop's own step call, in reference mode against the
   oracle's θ_T.
 """
@@ -190,6 +193,9 @@ class Plain:
     def batch(self, b, loss):
         pass
 
+    def after_backward(self, scale):
+        pass
+
     def before_step(self, skipped):
         pass
 
@@ -203,9 +209,10 @@ class Plain:
 @dataclass
 class StepRecord:
     theta: np.ndarray
-    grad: np.ndarray | None
+    grad: np.ndarray | None  # as the optimizer received it
     lr: float
     micro: list = field(default_factory=list)  # (batch, loss float64, n, rng state)
+    raw: np.ndarray | None = None  # g_k: after the last backward, unscaled, before clipping
 
 
 class Oracle(Plain):
@@ -214,7 +221,7 @@ class Oracle(Plain):
     def attach(self, model, opt):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt, self.steps, self.skips, self.micro = opt, [], [], []
-        self._first = False
+        self._first = self._raw_pending = False
 
     def forward(self):
         self._rng = torch.get_rng_state()
@@ -225,20 +232,31 @@ class Oracle(Plain):
     def grads(self):
         return flat64([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
 
+    def after_backward(self, scale):
+        # Dividing float32 values by a power of two in float64 is exact.
+        if not self._first:
+            self._raw = self.grads() / scale
+        elif self._raw_pending:
+            self._raw_pending, self.steps[-1].raw = False, self.grads() / scale
+
     def before_step(self, skipped):
         if skipped:
             self.skips.append(len(self.steps))
         else:
             self.steps.append(
                 StepRecord(
-                    flat64(self.params), self.grads(), self.opt.param_groups[0]["lr"], self.micro
+                    flat64(self.params),
+                    self.grads(),
+                    self.opt.param_groups[0]["lr"],
+                    self.micro,
+                    raw=self._raw,
                 )
             )
         self.micro = []
 
     def step_closure(self, opt, closure, b):
         self.steps.append(StepRecord(flat64(self.params), None, opt.param_groups[0]["lr"]))
-        self._first, self._b = True, b
+        self._first, self._b, self._raw_pending = True, b, True
         opt.step(closure)
 
     def forward_in_closure(self):
@@ -300,6 +318,7 @@ def train(spec: Spec, optim: str, obs: Plain) -> nn.Module:
                 with autocast():
                     loss = spec.loss_fn(model, b)
                 loss.backward()
+                obs.after_backward(1.0)
                 if spec.clip is not None:
                     nn.utils.clip_grad_norm_(params, spec.clip)
                 obs.closure_done(loss)
@@ -320,6 +339,7 @@ def train(spec: Spec, optim: str, obs: Plain) -> nn.Module:
             scaled.backward()
             if not spec.batch_before_backward:
                 obs.batch(b, loss)
+        obs.after_backward(scaler.get_scale() if scaler is not None else 1.0)
         if k in spec.overflow:
             params[0].grad.view(-1)[0] = float("inf")
         if scaler is not None:
@@ -377,7 +397,7 @@ def oracle_table(spec: Spec, oracle: Oracle, model: nn.Module, ref_state) -> pd.
                 torch.set_rng_state(rng)  # the oracle's own matched randomness
                 refs.append(float(spec.loss_fn(ref, b).double()))
         ns = [n for _, _, n, _ in s.micro]
-        e, delta, g = thetas[k] - star, thetas[k] - thetas[k + 1], s.grad
+        e, delta, g, used = thetas[k] - star, thetas[k] - thetas[k + 1], s.raw, s.grad
         rows.append(
             {
                 "step": k,
@@ -389,6 +409,8 @@ def oracle_table(spec: Spec, oracle: Oracle, model: nn.Module, ref_state) -> pd.
                 "update_sq": delta @ delta,
                 "grad_dot": e @ g,
                 "grad_sq": g @ g,
+                "grad_dot_used": e @ used,
+                "grad_sq_used": used @ used,
             }
         )
     df = pd.DataFrame(rows)
@@ -404,7 +426,7 @@ def oracle_table(spec: Spec, oracle: Oracle, model: nn.Module, ref_state) -> pd.
 
 
 def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
-    assert list(ours.columns[:14]) == [
+    assert list(ours.columns[:16]) == [
         "step",
         "epoch",
         "lr",
@@ -415,6 +437,8 @@ def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
         "update_sq",
         "grad_dot",
         "grad_sq",
+        "grad_dot_used",
+        "grad_sq_used",
         "gamma",
         "gamma_rp",
         "gamma_rc",
@@ -426,12 +450,13 @@ def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
     # Same float32 forward on the same inputs under the same generator state: bit for bit.
     np.testing.assert_array_equal(ours.loss, exp.loss)
     np.testing.assert_array_equal(ours.loss_ref, exp.loss_ref)
-    for c in ("dist_sq", "update_sq", "grad_sq"):
+    for c in ("dist_sq", "update_sq", "grad_sq", "grad_sq_used"):
         np.testing.assert_allclose(ours[c], exp[c], rtol=1e-12, atol=0, err_msg=c)
     # Inner products of vectors much longer than the result: float64 round-off of the norms.
     tol = {
         "progress": 1e-13 * exp.dist_sq.max(),
         "grad_dot": 1e-13 * np.sqrt(exp.dist_sq * exp.grad_sq).max(),
+        "grad_dot_used": 1e-13 * np.sqrt(exp.dist_sq * exp.grad_sq_used).max(),
     }
     for c, atol in tol.items():
         np.testing.assert_allclose(ours[c], exp[c], rtol=1e-10, atol=atol, err_msg=c)
@@ -472,8 +497,16 @@ def test_table_matches_brute_force(optim, condition):
         assert (
             len(skipped) == 2 and (skipped.micro_batches == 1).all() and skipped.loss.notna().all()
         )
-    if condition == "clipping" and optim != "lbfgs":
-        assert (np.sqrt(expected.grad_sq) <= 0.05 * (1 + 1e-6)).all()  # g_k as the optimizer saw it
+    if condition == "clipping":
+        # g_k is the raw gradient (DESIGN §1); the clipped one the optimizer received is
+        # grad_*_used. (Before issue 21 grad_sq was the clipped one.)
+        steps = probe.steps()
+        assert (np.sqrt(expected.grad_sq_used) <= 0.05 * (1 + 1e-6)).all()
+        assert (np.sqrt(expected.grad_sq) > 0.05 * 1.5).all()  # every step clipped
+        assert (steps.grad_sq > steps.grad_sq_used * 2).all()
+        np.testing.assert_allclose(
+            steps.star, expected.grad_dot - (expected.loss - expected.loss_ref), rtol=1e-8
+        )
 
 
 @pytest.mark.parametrize("kernel", ["fused", "torch"])
@@ -675,25 +708,37 @@ def test_check_names_autocast_the_probe_did_not_see():
 
 
 def test_check_schedule():
-    """check=True: the first step only; check=N: also every N-th step; check=False: never."""
-    data = [step[0] for step in _data(15, [[8, 8]] * 4)]
+    """check=True: steps 0, 1, 2, 4, 8, … and the first and last step of every epoch (issue
+    21: before, the first step only); check=N: also every N-th step; check=False: never."""
+    data = [step[0] for step in _data(15, [[8, 8]] * 12)]
 
-    def run(check, wrong_at):
+    def run(check, wrong_at, epoch_len=None, steps=4):
         model, opt = _mlp_and_opt()
         probe = gammatrace.Probe(model, opt, classify, check=check)
-        for k, b in enumerate(data):
+        for k, b in enumerate(data[:steps]):
             other = data[(k + 1) % len(data)]
             opt.zero_grad()
             loss = classify(model, b)
             loss.backward()
             probe.batch(other if k == wrong_at else b, loss)
             opt.step()
+            if epoch_len and (k + 1) % epoch_len == 0:
+                probe.end_epoch()
         return probe
 
-    assert len(run(True, wrong_at=2).steps()) == 4
+    for k in (1, 2):  # beyond step 0 by default
+        with pytest.raises(ConsistencyError, match=f"at step {k}"):
+            run(True, wrong_at=k)
+    assert len(run(True, wrong_at=3).steps()) == 4  # not a checked step
+    with pytest.raises(ConsistencyError, match="at step 3"):
+        run(3, wrong_at=3)
+    # Epochs of 5 steps: 5 (the first of epoch 1), 9 (its last, predicted from epoch 0), 10.
+    for k in (5, 9, 10):
+        with pytest.raises(ConsistencyError, match=f"at step {k}"):
+            run(True, wrong_at=k, epoch_len=5, steps=12)
+    for k in (3, 6, 7, 11):
+        assert len(run(True, wrong_at=k, epoch_len=5, steps=12).steps()) == 12
     assert len(run(False, wrong_at=0).steps()) == 4
-    with pytest.raises(ConsistencyError):
-        run(2, wrong_at=2)
     with pytest.raises(ValueError, match="check must be"):
         gammatrace.Probe(*_mlp_and_opt(), classify, check=0)
 
@@ -989,7 +1034,7 @@ def test_tied_weights_are_counted_once():
 # ----------------------------------------------------------------------------- docs and cost
 
 
-@pytest.mark.parametrize("module", ["probe", "matched", "kernels"])
+@pytest.mark.parametrize("module", ["probe", "matched", "kernels", "check", "table", "state"])
 def test_docstring_examples_run(module):
     mod = importlib.import_module(f"gammatrace.probe.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
@@ -1009,3 +1054,216 @@ def test_hooks_cost_microseconds():
         probe._on_accumulated(None)
     per_call = (time.perf_counter() - t0) / n
     assert per_call < 50e-6, per_call
+
+
+# ------------------------------------------------- issue 21: pickles and the check after step 0
+
+
+def test_probed_model_pickles_without_any_gammatrace_object(tmp_path):
+    """torch.save(model) + torch.load, with the probe attached and after it is closed: the
+    pickle holds no gammatrace global (issue 21, item 5: it held probe._dead_hook, the model's
+    forward pre-hook, and torch.load with weights_only failed on it)."""
+    model, opt = _mlp_and_opt(dropout=0.1)
+    probe = gammatrace.Probe(
+        model, opt, classify, reference={k: v.clone() for k, v in model.state_dict().items()}
+    )
+    data = [step[0] for step in _data(30, [[8]] * 4)]
+    x = data[0][0]
+    for state, b in zip(("attached", "closed"), data[:2], strict=True):
+        _one_step(model, opt, probe, b)
+        path = tmp_path / f"{state}.pt"
+        torch.save(model, path)
+        assert b"gammatrace" not in path.read_bytes(), state
+        assert b"gammatrace" not in pickle.dumps(model), state
+        model.eval()
+        expected = model(x)
+        model.train()
+        for weights_only in (False, True):
+            with torch.serialization.safe_globals([MLP, nn.Linear, nn.Dropout]):
+                restored = torch.load(path, weights_only=weights_only)
+            restored.eval()
+            assert torch.equal(restored(x), expected), (state, weights_only)
+            assert not restored._forward_pre_hooks
+        probe.close()
+    assert len(probe.steps()) == 1  # the second step ran after close
+    _one_step(model, opt, gammatrace.Probe(model, opt, classify), data[2])  # still attachable
+
+
+def test_forward_hook_is_global_and_invisible_to_torch_compile():
+    """The probe's forward hook is torch's global module pre-hook, filtered to the probed
+    model: a compiled model elsewhere in the process traces through it without error, and a
+    compiled probed model still has its forward seen (the reference forward replays its
+    dropout masks: backend="eager" keeps the eager RNG)."""
+    model, opt = _mlp_and_opt()
+    probe = gammatrace.Probe(model, opt, classify)
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
+    other = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that global hooks exist
+        compiled_other = torch.compile(other, backend="eager")
+        torch.testing.assert_close(compiled_other(x), other(x))
+    torch.manual_seed(5)
+    target = MLP(dropout=0.3).state_dict()
+    for compiled in (False, True):
+        m, o = _mlp_and_opt(dropout=0.3)
+        net = torch.compile(m, backend="eager") if compiled else m
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p = gammatrace.Probe(net, o, classify, reference=target)
+            torch.manual_seed(1)
+            for (b,) in _data(31, [[8]] * 3):
+                _one_step(net, o, p, b)
+        # Neither "saw no forward" nor torch's note on global hooks (the probe's own, about the
+        # call it watches).
+        assert not [str(w.message) for w in caught], compiled
+        rows = p.steps()
+        if not compiled:
+            eager_rows = rows
+        p.close()
+    pd.testing.assert_frame_equal(rows, eager_rows)
+    probe.close()
+    from gammatrace.probe import probe as probe_module
+
+    gc.collect()
+    assert not probe_module._WATCHED and not probe_module._GLOBAL_HOOK  # removed with the last
+
+
+class LSTMLM(nn.Module):
+    VOCAB, WIDTH = 11, 16
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(self.VOCAB, 8)
+        self.lstm = nn.LSTM(8, self.WIDTH, batch_first=True)
+        self.head = nn.Linear(self.WIDTH, self.VOCAB)
+
+    def forward(self, tokens, hidden=None):
+        out, hidden = self.lstm(self.emb(tokens), hidden)
+        return self.head(out), hidden
+
+
+def lm_loss(model, batch):
+    """batch = (x, y) or (x, y, hidden): the hidden state travels in the batch."""
+    x, y, *state = batch
+    logits, _ = model(x, *state)
+    return F.cross_entropy(logits.reshape(-1, LSTMLM.VOCAB), y.reshape(-1))
+
+
+class HandSGD(torch.optim.Optimizer):
+    """A hand-written SGD update (as an LSTM LM script writes it), inside an Optimizer so that
+    its step is a step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def bptt(with_state: bool, probe_factory=None, record=None, steps=8, bptt_len=5, clip=0.1):
+    """An LSTM LM with truncated BPTT: the hidden state is carried (detached) from step to
+    step and starts at zero; clipping; a hand-written SGD update."""
+    torch.manual_seed(0)
+    model = LSTMLM()
+    opt = HandSGD(model.parameters(), lr=1.0)
+    probe = probe_factory(model, opt) if probe_factory else None
+    g = torch.Generator().manual_seed(32)
+    stream = torch.randint(0, LSTMLM.VOCAB, (4, steps * bptt_len + 1), generator=g)
+    hidden = (torch.zeros(1, 4, LSTMLM.WIDTH), torch.zeros(1, 4, LSTMLM.WIDTH))
+    params = list(model.parameters())
+    for k in range(steps):
+        x = stream[:, k * bptt_len : (k + 1) * bptt_len]
+        y = stream[:, k * bptt_len + 1 : (k + 1) * bptt_len + 1]
+        batch = (x, y, hidden) if with_state else (x, y)
+        opt.zero_grad()
+        logits, new_hidden = model(x, hidden)
+        loss = F.cross_entropy(logits.reshape(-1, LSTMLM.VOCAB), y.reshape(-1))
+        loss.backward()
+        if record is not None:
+            record.append({"theta": flat64(params), "raw": flat64(p.grad for p in params),
+                           "batch": batch, "loss": float(loss.detach().double())})
+        nn.utils.clip_grad_norm_(params, clip)
+        if record is not None:
+            record[-1]["used"] = flat64(p.grad for p in params)
+        if probe is not None:
+            probe.batch(batch, loss)
+        opt.step()
+        hidden = tuple(h.detach() for h in new_hidden)
+    return model, probe
+
+
+def test_check_after_step_0_names_a_hidden_state_the_batch_lacks():
+    """The batch given to probe.batch lacks the LSTM's hidden state: fine at step 0 (the state
+    is zero, as loss_fn recomputes it), wrong from step 1 on; the check runs beyond step 0 by
+    default and names it (issue 21, item 6: it ran at step 0 only and this went unnoticed)."""
+    with pytest.raises(ConsistencyError) as err:
+        bptt(False, lambda m, o: gammatrace.Probe(m, o, lm_loss))
+    msg = str(err.value)
+    assert "at step 1" in msg and "recurrent hidden state" in msg and "2 positional arguments" in msg
+    assert "a tuple of 2 tensors [1, 4, 16], [1, 4, 16]" in msg and "\n" not in msg
+    # A hidden state in the batch, but the one after the forward instead of before it.
+    with pytest.raises(ConsistencyError, match=r"at step \d+.*argument 2 of the model's forward"):
+        _stale_state_loop()
+
+
+def _stale_state_loop():
+    torch.manual_seed(0)
+    model = LSTMLM()
+    opt = HandSGD(model.parameters(), lr=1.0)
+    probe = gammatrace.Probe(model, opt, lm_loss)
+    g = torch.Generator().manual_seed(32)
+    stream = torch.randint(0, LSTMLM.VOCAB, (4, 41), generator=g)
+    hidden = (torch.zeros(1, 4, LSTMLM.WIDTH), torch.zeros(1, 4, LSTMLM.WIDTH))
+    for k in range(8):
+        x, y = stream[:, k * 5 : (k + 1) * 5], stream[:, k * 5 + 1 : (k + 1) * 5 + 1]
+        opt.zero_grad()
+        logits, new_hidden = model(x, hidden)
+        loss = F.cross_entropy(logits.reshape(-1, LSTMLM.VOCAB), y.reshape(-1))
+        loss.backward()
+        hidden = tuple(h.detach() for h in new_hidden)
+        probe.batch((x, y, hidden), loss)  # the state after this forward: wrong
+        opt.step()
+
+
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
+def test_lstm_with_state_in_the_batch_matches_brute_force(kernel):
+    """Truncated BPTT, hidden state in the batch, clipping every step, a hand-written update:
+    every column against the brute force (raw and used gradients)."""
+    record = []
+    model, _ = bptt(True, record=record)
+    ref_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model_p, probe = bptt(
+        True, lambda m, o: gammatrace.Probe(m, o, lm_loss, reference=ref_state, kernel=kernel)
+    )
+    for a, b in zip(model.parameters(), model_p.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ref = LSTMLM()
+    ref.load_state_dict(ref_state)
+    star = flat64(ref.parameters())
+    thetas = [r["theta"] for r in record] + [flat64(model.parameters())]
+    rows = []
+    for k, r in enumerate(record):
+        with torch.no_grad():
+            loss_ref = float(lm_loss(ref, r["batch"]).double())
+        e, d = thetas[k] - star, thetas[k] - thetas[k + 1]
+        rows.append({"loss": r["loss"], "loss_ref": loss_ref, "progress": e @ d - 0.5 * (d @ d),
+                     "dist_sq": e @ e, "update_sq": d @ d, "grad_dot": e @ r["raw"],
+                     "grad_sq": r["raw"] @ r["raw"], "grad_dot_used": e @ r["used"],
+                     "grad_sq_used": r["used"] @ r["used"]})
+    exp = pd.DataFrame(rows)
+    ours = probe.steps()
+    assert (exp.grad_sq > 3 * exp.grad_sq_used).all()  # clipped on every step
+    np.testing.assert_array_equal(ours.loss, exp.loss)
+    np.testing.assert_allclose(ours.loss_ref, exp.loss_ref, rtol=1e-6)
+    for c in ("dist_sq", "update_sq", "grad_sq", "grad_sq_used"):
+        np.testing.assert_allclose(ours[c], exp[c], rtol=1e-12, err_msg=c)
+    for c, scale in (("progress", exp.dist_sq.max()),
+                     ("grad_dot", np.sqrt(exp.dist_sq * exp.grad_sq).max()),
+                     ("grad_dot_used", np.sqrt(exp.dist_sq * exp.grad_sq_used).max())):
+        np.testing.assert_allclose(ours[c], exp[c], rtol=1e-10, atol=1e-13 * scale, err_msg=c)
+    np.testing.assert_allclose(ours.star, exp.grad_dot - (exp.loss - ours.loss_ref), rtol=1e-8, atol=1e-12)

@@ -25,16 +25,25 @@ def flat(tensors) -> torch.Tensor:
 
 
 class Recorder:
-    """A stand-in for Probe with the same step() signature that stores everything."""
+    """A stand-in for Probe with the same step() signature that stores everything.
+
+    ``grads`` are the raw gradients g_k (DESIGN §1): each tensor's .grad copied by its own
+    post-accumulate-grad hook, i.e. as the backward left it, before the loop clips;
+    ``used`` are the gradients the optimizer received (read at step())."""
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.thetas, self.grads, self.losses, self.lrs, self.batches = [], [], [], [], []
+        self.used, self._raw = [], {}
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(lambda q: self._raw.__setitem__(id(q), q.grad.detach().clone()))
 
     def step(self, loss, batch=None, **_):
         self.thetas.append(flat(self.params))
-        self.grads.append(flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]))
+        self.grads.append(flat([self._raw.get(id(p), torch.zeros_like(p)) for p in self.params]))
+        self.used.append(flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]))
+        self._raw = {}
         self.losses.append(float(loss.detach()))
         self.lrs.append(self.optimizer.param_groups[0]["lr"])
         self.batches.append(tuple(t.clone() for t in batch))
@@ -63,6 +72,7 @@ def brute_force(rec: Recorder, model: nn.Module, loss_fn, theta_T: torch.Tensor,
             "progress_identity": 0.5 * (float(e @ e) - float((thetas[k + 1] - theta_star) @ (thetas[k + 1] - theta_star))),
             "dist_sq": float(e @ e), "update_sq": float(delta @ delta),
             "grad_dot": float(e @ rec.grads[k]), "grad_sq": float(rec.grads[k] @ rec.grads[k]),
+            "grad_dot_used": float(e @ rec.used[k]), "grad_sq_used": float(rec.used[k] @ rec.used[k]),
         })
     return pd.DataFrame(rows)
 
@@ -95,10 +105,10 @@ def _compare(ours: pd.DataFrame, expected: pd.DataFrame) -> None:
     np.testing.assert_array_equal(ours["lr"].to_numpy(), expected["lr"].to_numpy())
     # Same float32 kernels on the same inputs: the reference loss agrees to float32 rounding.
     np.testing.assert_allclose(ours["loss_ref"], expected["loss_ref"], rtol=1e-6, atol=1e-7)
-    for col in ("dist_sq", "update_sq", "grad_sq"):
+    for col in ("dist_sq", "update_sq", "grad_sq", "grad_sq_used"):
         np.testing.assert_allclose(ours[col], expected[col], rtol=1e-12, atol=0)
     # Inner products that can be tiny compared to the squared norms: absolute float64 tolerance.
-    for col in ("progress", "grad_dot"):
+    for col in ("progress", "grad_dot", "grad_dot_used"):
         np.testing.assert_allclose(ours[col], expected[col], rtol=1e-10, atol=1e-13 * scale)
     # The identity P_k = ½(d_k² − d_{k+1}²) to float64 round-off of the squared distances.
     np.testing.assert_allclose(ours["progress"], expected["progress_identity"], rtol=0, atol=1e-12 * scale)
@@ -138,6 +148,26 @@ def test_replay_matches_brute_force(tmp_path, optim, batchnorm):
     np.testing.assert_allclose(record["grad_sq"], expected["grad_sq"], rtol=1e-12)
     dist0 = [float((t - rec.thetas[0]) @ (t - rec.thetas[0])) for t in rec.thetas]
     np.testing.assert_allclose(record["dist0_sq"], dist0, rtol=1e-12, atol=0)
+
+
+def test_trainer_with_clipping_records_the_raw_gradient(tmp_path):
+    """The engine's own trainer with optim.clip_grad_norm clipping every step (issue 21, item
+    1): grad_sq, grad_dot and star hold the raw gradient of ℓ_k (DESIGN §1), both passes;
+    grad_*_used the clipped one the optimizer received. Before, grad_sq was the clipped one."""
+    cfg = tiny_config(optim={"name": "momentum", "lr": 0.1, "momentum": 0.9, "clip_grad_norm": 0.05}, epochs=2)
+    rec, sess, theta_T = _brute(cfg)
+    run = gammatrace.train(cfg, out=tmp_path / "run", progress=False)
+    final = torch.load(run.path / "final.pt", weights_only=True)["model"]
+    assert torch.equal(flat([final[n] for n, p in sess.model.named_parameters() if p.requires_grad]), theta_T)
+    expected = brute_force(rec, sess.model, sess.loss_fn, theta_T, final)
+    assert (np.sqrt(expected["grad_sq_used"]) <= 0.05 * (1 + 1e-6)).all()
+    assert (np.sqrt(expected["grad_sq"]) > 0.1).all()  # every step clipped
+    steps = run.steps("last")
+    _compare(steps, expected)
+    gap = expected["loss"] - expected["loss_ref"]
+    np.testing.assert_allclose(steps["star"], expected["grad_dot"] - gap, rtol=1e-6, atol=1e-7)
+    record = run.record_steps()
+    np.testing.assert_allclose(record["grad_sq"], expected["grad_sq"], rtol=1e-12)
 
 
 def _user_loop(model, opt, data, probe=None, sched=None):

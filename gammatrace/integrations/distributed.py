@@ -84,7 +84,7 @@ __all__ = ["DistributedProbe", "full_state", "global_loss_fn", "global_mean", "i
 
 # The measured columns that are sums over parameter entries (so over shards): summed across
 # ranks under FSDP. The losses are all-reduced where they are computed.
-SUMMED = ("progress", "dist_sq", "update_sq", "grad_dot", "grad_sq", "dist0_sq")
+SUMMED = ("progress", "dist_sq", "update_sq", "grad_dot", "grad_sq", "dist0_sq", "grad_dot_used", "grad_sq_used")
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -38,7 +38,9 @@ def _jit(fn):
 def compiled() -> SimpleNamespace:
     """The loops below, compiled on first use. ``float64(x)`` is NumPy's cast, which Numba
     compiles to the same register widening as its own."""
-    return SimpleNamespace(before_step=_jit(before_step), after_step=_jit(after_step))
+    return SimpleNamespace(
+        before_step=_jit(before_step), after_step=_jit(after_step), grad_step=_jit(grad_step)
+    )
 
 
 def before_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, snap: np.ndarray, out: np.ndarray) -> None:
@@ -68,3 +70,15 @@ def after_step(theta_next: np.ndarray, anchor: np.ndarray, snap: np.ndarray, out
         dd += d * d
     out[3] = ed
     out[4] = dd
+
+
+def grad_step(theta: np.ndarray, anchor: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+    """out[0:2] = ⟨θ_k − a, g⟩, ‖g‖² (the raw gradient, read at the end of a backward)."""
+    eg = gg = 0.0
+    for i in range(theta.shape[0]):
+        e = float64(theta[i]) - float64(anchor[i])
+        g = float64(grad[i])
+        eg += e * g
+        gg += g * g
+    out[0] = eg
+    out[1] = gg

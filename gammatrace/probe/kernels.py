@@ -8,6 +8,8 @@ principles need (DESIGN.md §1, §6), in two passes around ``optimizer.step()``:
 
 where a is the anchor: θ* in reference mode, θ_0 in record mode. ``after`` returns a
 ``(n_tensors, 5)`` float64 array (or device tensor) in the order of :data:`QUANTITIES`.
+``raw`` reduces eg and gg alone, for a gradient read elsewhere (the probe reads the raw
+gradient at the end of each backward, before the loop clips it): ``(n_tensors, 2)``.
 Reading g_k before the step makes the result independent of what the optimizer does to
 ``.grad``; keeping θ_k makes it independent of anything that touches the parameters
 between two steps.
@@ -41,9 +43,6 @@ from gammatrace.registry import Registry
 
 QUANTITIES = ("ee", "eg", "gg", "ed", "dd")
 
-KERNELS = Registry("probe kernel")
-
-
 class Kernel(Protocol):
     """What :class:`~gammatrace.probe.Probe` needs from its arithmetic."""
 
@@ -53,8 +52,22 @@ class Kernel(Protocol):
     def after(self, params: Sequence[torch.Tensor]) -> np.ndarray | torch.Tensor:
         """Reduce ed, dd against θ_{k+1}; return the step's ``(n_tensors, 5)`` float64 values."""
 
+    def raw(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> np.ndarray | torch.Tensor:
+        """⟨θ − a, g⟩ and ‖g‖² per tensor, ``(n_tensors, 2)`` float64, keeping nothing."""
+
     def nbytes(self) -> int:
         """Bytes of the O(d) buffers the kernel holds."""
+
+
+class KernelFactory(Protocol):
+    """``factory(params, anchor) -> Kernel``: a kernel's class, registered in :data:`KERNELS`."""
+
+    def __call__(self, params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]) -> Kernel: ...
+
+
+KERNELS: Registry[KernelFactory] = Registry("probe kernel")
 
 
 def _flat_numpy(t: torch.Tensor) -> np.ndarray:
@@ -108,6 +121,13 @@ class FusedKernel:
             self._k.after_step(_flat_numpy(p), self._anchor_np[i], self._snap_np[i], out[i])
         return out
 
+    def raw(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> np.ndarray:
+        out = np.zeros((len(self.snap), 2))
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if g is not None:  # a tensor the loss did not reach: g = 0, both products 0
+                self._k.grad_step(_flat_numpy(p), self._anchor_np[i], _flat_numpy(g), out[i])
+        return out
+
     def nbytes(self) -> int:
         return (sum(t.numel() * t.element_size() for t in [*self.snap, *self.anchor])
                 + sum(z.nbytes for z in self._zero_grads.values()))
@@ -143,6 +163,11 @@ class TorchKernel:
         torch._foreach_sub_(self._theta, [p.detach() for p in params])  # Δ_k, exact
         # One 3x3 Gram matrix per tensor: all five products in one pass over its slice.
         return torch.stack([(x @ x.T)[self._pick] for x in (self.block[:, a:b] for a, b in self._bounds)])
+
+    def raw(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        # The buffers are rewritten by the step's own ``before``, so they can be borrowed here.
+        self.before(params, grads)
+        return torch.stack([x[:2] @ x[1] for x in (self.block[:, a:b] for a, b in self._bounds)])
 
     def nbytes(self) -> int:
         return (self.block.numel() + self.anchor.numel()) * 8

@@ -11,8 +11,23 @@ whatever the optimizer (DESIGN.md §1), and every inner product the principles n
 How it attaches to a loop (DESIGN §6): the user tells it the batch and the loss with
 :meth:`Probe.batch`, once per micro-batch, and keeps calling the optimizer as before.
 The measurement runs in the optimizer's own step hooks, so whatever calls
-``optimizer.step()`` — the loop, ``GradScaler.step``, a framework — is measured, and the
-gradients are read as the optimizer receives them (after unscaling and clipping).
+``optimizer.step()`` — the loop, ``GradScaler.step``, a framework — is measured.
+
+Which gradient: g_k of DESIGN §1 is the *raw* mini-batch gradient of ℓ_k — accumulated over
+the step's micro-batches (after DDP's all-reduce), divided by the GradScaler's scale, before
+clipping. By the optimizer's pre-hook a loop has usually clipped it already
+(``clip_grad_norm_`` runs between the last backward and ``optimizer.step()``), so the raw
+gradient is read earlier: at the end of every backward (a callback queued from the sentinel
+tensor's post-accumulate-grad hook, re-queued once so that it runs after DDP's own
+end-of-backward callback has written the all-reduced gradients), the last one before the
+step being the step's. It is read in the units the backward produced; the scale of the
+GradScaler whose ``step`` calls the optimizer (the scale in force during the step's
+backwards: ``update()`` runs after the step) divides it, exactly (a power of two). The
+gradient the optimizer received (clipped, unscaled, or otherwise changed by the loop) is
+read at the pre-hook as before and kept in its own columns, ``grad_dot_used`` and
+``grad_sq_used``; ``grad_dot``, ``grad_sq`` and ``star`` are the raw ones. A step with no
+backward the probe saw (gradients set by hand, a sharded probe fed at the pre-hook) has
+raw = used.
 
 Why the arithmetic looks the way it does:
 
@@ -80,12 +95,13 @@ from gammatrace.probe.state import (
     step_starts,
     weighted_mean,
 )
-from gammatrace.probe.table import REFERENCE_COLUMNS, StepTable
+from gammatrace.probe.table import REFERENCE_COLUMNS, USED_COLUMNS, StepTable
 
 # Also what other modules import from here: the errors and the reference-mode columns
 # live in the parts below the probe now (errors, table).
 __all__ = [
     "REFERENCE_COLUMNS",
+    "USED_COLUMNS",
     "BadReferenceError",
     "ConsistencyError",
     "Probe",
@@ -165,6 +181,81 @@ def _remove(handles: list) -> None:
         handle.remove()
 
 
+# ------------------------------------------------------------ the forward hook
+# The probe needs to see the training forward (to capture its RNG and autocast state, and
+# the arguments the consistency check compares). A hook registered on the user's model would
+# be pickled with it: ``torch.save(model)`` would then carry a gammatrace object, and
+# ``torch.load`` (weights_only, or without gammatrace installed) would fail. So the probe's
+# forward hook lives in torch's *global* forward pre-hook table, which no pickle of a module
+# includes, and is filtered to the probed models by identity. The price: every module call
+# of the process takes the hooked path while a probe with a loss_fn lives (about a
+# microsecond per module call: benchmarks/README.md, probe_hooks_cost.py); the hook is
+# removed when the last such probe closes. Under torch.compile the hook returns at once while
+# Dynamo traces (torch.compiler.is_compiling()), so compiled graphs contain no trace of it; a
+# compiled model's own call (the OptimizedModule, called eagerly) is seen as usual.
+_WATCHED: dict[int, tuple[weakref.ref, list[weakref.ref]]] = {}
+_GLOBAL_HOOK: list = []  # the handle of the global hook while _WATCHED is not empty
+
+
+def _global_forward_pre_hook(module: nn.Module, args: tuple) -> None:
+    if torch.compiler.is_compiling():
+        return None
+    entry = _WATCHED.get(id(module))
+    if entry is None or entry[0]() is not module:
+        return None
+    for ref in entry[1]:
+        probe = ref()
+        if probe is not None:
+            probe._on_forward(module, args)
+    return None
+
+
+class _ForwardWatch:
+    """A probe's entry in the global forward hook; ``remove()`` like a hook handle."""
+
+    __slots__ = ("_key", "_ref")
+
+    def __init__(self, model: nn.Module, probe: Probe):
+        self._key, self._ref = id(model), weakref.ref(probe)
+        entry = _WATCHED.get(self._key)
+        if entry is None or entry[0]() is not model:
+            entry = _WATCHED[self._key] = (weakref.ref(model), [])
+        entry[1].append(self._ref)
+        if not _GLOBAL_HOOK:
+            _GLOBAL_HOOK.append(
+                torch.nn.modules.module.register_module_forward_pre_hook(_global_forward_pre_hook)
+            )
+
+    def remove(self) -> None:
+        entry = _WATCHED.get(self._key)
+        if entry is not None and self._ref in entry[1]:
+            entry[1].remove(self._ref)
+            if not entry[1]:
+                del _WATCHED[self._key]
+        if not _WATCHED and _GLOBAL_HOOK:
+            _GLOBAL_HOOK.pop().remove()
+
+
+def _scaler_scale() -> torch.Tensor | None:
+    """The scale of the GradScaler whose ``step`` is calling the optimizer now, if any (a copy:
+    ``update()`` changes it in place after the step)."""
+    f = sys._getframe(2)
+    for _ in range(40):
+        if f is None:
+            return None
+        if f.f_code is _GRADSCALER_STEP:
+            scaler = f.f_locals.get("self")
+            scale = getattr(scaler, "_scale", None)
+            if not getattr(scaler, "_enabled", False) or not isinstance(scale, torch.Tensor):
+                return None
+            return scale.detach().clone()
+        f = f.f_back
+    return None
+
+
+_GRADSCALER_STEP = torch.amp.GradScaler.step.__code__
+
+
 # Which probe measures an optimizer: a second probe on one optimizer replaces the first
 # (two would each demand their own probe.batch for every step).
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -221,9 +312,17 @@ class Probe:
             numbers to float64 round-off.
         check: recompute ℓ(θ_k; B_k) with ``loss_fn`` on a private copy of the model (never
             the model itself) and compare it with the loss given to :meth:`batch`:
-            ``True`` at the first step, an int N also every N-th step, ``False`` never.
-            A mismatch raises :class:`ConsistencyError` naming the likely cause. Needs
-            ``loss_fn``; costs one copy of the model and one forward per checked step.
+            ``True`` at steps 0, 1, 2, 4, 8, … and at the first and last step of every
+            epoch (:meth:`ConsistencyCheck.due <gammatrace.probe.check.ConsistencyCheck.due>`),
+            an int N also every N-th step, ``False`` never. A mismatch raises
+            :class:`ConsistencyError` naming what differs (the loss, the batch, an argument of
+            the model's forward such as a recurrent hidden state the batch lacks). Needs
+            ``loss_fn``; costs one copy of the model and one forward per checked step, at
+            most ⌊log₂ T⌋ + 1 + 2 per epoch of them.
+
+    The probe stores no hook on the model's modules (its forward hook is a global one,
+    filtered to this model), so ``torch.save(model)`` pickles no gammatrace object, with the
+    probe attached or closed.
 
     Gradient accumulation: call :meth:`batch` once per micro-batch; ℓ_k and ℓ*_k are the
     sample-weighted means over the micro-batches of the step. A step that never happens
@@ -305,7 +404,13 @@ class Probe:
         self._skip_streak = 0
         self._steps_measured = 0
         self._fwd: ForwardState | None = None
+        self._fwd_args: tuple | None = None  # the training forward's arguments, when checked
         self._fwd_stale = False
+        # The raw gradient's products (⟨θ_k − a, g⟩, ‖g‖² per tensor) read at the end of the
+        # last backward, and whether the end-of-backward callback is queued.
+        self._raw: np.ndarray | torch.Tensor | None = None
+        self._raw_queued = -1  # the id of the backward whose end is awaited
+        self._closure_first = False
         self._reset_since_batch: bool | torch.Tensor | None = None
         self._fresh_now: bool | torch.Tensor | None = None
         self._active: ActiveStep | None = None
@@ -378,7 +483,16 @@ class Probe:
             opt.register_step_post_hook(_Hook(self, "_after_step")),
         ]
         if self.loss_fn is not None:
-            handles.append(self.model.register_forward_pre_hook(_Hook(self, "_on_forward")))
+            # Not model.register_forward_pre_hook: see _ForwardWatch.
+            handles.append(_ForwardWatch(self.model, self))
+            if is_compiled(self.model):
+                # torch warns that global hooks fire "an extra time" for the OptimizedModule: that
+                # call is the one the probe watches (the inner one it skips while Dynamo traces).
+                warnings.filterwarnings(
+                    "ignore",
+                    message=r"Using `torch.compile\(module\)` when there are global hooks",
+                    category=UserWarning,
+                )
         self._handles = handles
         self._finalizer = weakref.finalize(self, _remove, handles)
         self._sentinel_handles: list = []
@@ -426,7 +540,7 @@ class Probe:
             del _ATTACHED[self.optimizer]
 
     # ------------------------------------------------------------- hook bodies
-    def _on_forward(self, module: nn.Module, _args: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple) -> None:
         # The first forward since the last probe.batch, step or backward is the one whose
         # state ℓ(θ_k; B_k) was drawn in: a loss that calls the model twice (two views,
         # R-Drop) replays from its first call, and a forward whose backward already ran
@@ -436,10 +550,14 @@ class Probe:
             module is self.model
             and torch.is_grad_enabled()
             and (self._fwd is None or self._fwd_stale)
-            and (self._ref_model is not None or self._consistency.due(self._steps_measured))
+            and (self._ref_model is not None or self._check_due())
         ):
             self._fwd = capture(self._autocast_types, self._cuda_index)
+            self._fwd_args = args if self._check_due() else None
             self._fwd_stale = False
+
+    def _check_due(self) -> bool:
+        return self._consistency.due(self._steps_measured, self.epoch)
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         # Runs during backward, before the sentinel's gradient is accumulated: .grad still
@@ -461,6 +579,16 @@ class Probe:
     def _on_accumulated(self, _param: torch.Tensor) -> None:
         # Only a backward that accumulates into .grad counts (torch.autograd.grad does not).
         fresh, self._fresh_now = self._fresh_now, None
+        if not self._depth or self._closure_first:
+            # The raw gradient is read when this backward has finished (see the module doc):
+            # one callback per backward (a backward that raised never ran its callbacks, so
+            # the flag is the backward's id, not a bool).
+            task = torch._C._current_graph_task_id()
+            if task != -1 and task != self._raw_queued:
+                self._raw_queued = task
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    _Hook(self, "_backward_done")
+                )
         if self._depth or fresh is None:
             return
         last = self._micro[-1] if self._micro else None
@@ -471,6 +599,18 @@ class Probe:
             )  # probe.batch came before backward
         else:
             self._reset_since_batch = either(self._reset_since_batch, fresh)
+
+    def _backward_done(self) -> None:
+        # Queued while the backward ran, so it runs after the callbacks queued before it; DDP
+        # queues its end-of-backward callback (which writes the all-reduced gradients) at its
+        # last bucket, possibly after this one was queued: go to the back of the queue once.
+        torch.autograd.Variable._execution_engine.queue_callback(_Hook(self, "_read_raw"))
+
+    def _read_raw(self) -> None:
+        """The raw gradient's products at the end of a backward: every micro-batch's
+        gradient accumulated so far, before anything the loop does between backward and step."""
+        self._raw_queued = -1
+        self._raw = self.kernel.raw(self.params, [p.grad for p in self.params])
 
     def _seal(self, resolve: bool) -> None:
         """Record the micro-batches of steps that never happened as skipped.
@@ -626,11 +766,14 @@ class Probe:
         return ActiveStep(group, lr)
 
     def _measure_before(self, optimizer: torch.optim.Optimizer, active: ActiveStep) -> None:
-        """The kernel's first pass, at θ_k with the gradients the optimizer receives."""
+        """The kernel's first pass, at θ_k with the gradients the optimizer receives; the raw
+        gradient's products were read at the end of the last backward."""
         if not self._sentinel_confirmed:
             self._confirm_sentinel()
         scale = getattr(optimizer, "grad_scale", None)
         active.grad_scale = scale if isinstance(scale, torch.Tensor) else None
+        active.raw, self._raw = self._raw, None
+        active.raw_scale = _scaler_scale()
         self.kernel.before(self.params, [p.grad for p in self.params])
         active.measured = True
 
@@ -643,9 +786,17 @@ class Probe:
             # ℓ_k and g_k are the first evaluation's: optimizers evaluate the closure before
             # they move θ, so θ_k is still in place here.
             before = capture(self._autocast_types, self._cuda_index)
-            self._fwd, self._fwd_stale = None, False
-            out = closure()
+            self._fwd, self._fwd_args, self._fwd_stale = None, None, False
+            self._raw, self._closure_first = None, True
+            try:
+                out = closure()
+            finally:
+                self._closure_first = False
             fwd, self._fwd = self._fwd, None
+            fwd_args, self._fwd_args = self._fwd_args, None
+            # The raw gradient of the first evaluation, read at the end of its backward (a
+            # framework may clip inside the closure, after the backward: Lightning does).
+            active.raw, self._raw = self._raw, None
             mb = active.group[0]
             if out is None:
                 raise ProbeUsageError(
@@ -658,7 +809,7 @@ class Probe:
             if not self._sentinel_confirmed:
                 self._confirm_sentinel()
             if self.loss_fn is not None:
-                self._evaluate(mb, mb.batch, fwd or before)
+                self._evaluate(mb, mb.batch, fwd or before, fwd_args if fwd else None)
             mb.batch = None
             return out
 
@@ -671,7 +822,7 @@ class Probe:
         if self._depth:
             return
         active, self._active, self._step_frame = self._active, None, None
-        self._fwd, self._reset_since_batch = None, None
+        self._fwd, self._fwd_args, self._reset_since_batch, self._raw = None, None, None, None
         if active is None:
             return  # skipped inside the optimizer (fused AMP optimizer, inf found)
         if not active.measured:
@@ -707,21 +858,35 @@ class Probe:
         self._skip_streak = 0
 
     def _measure_after(self, active: ActiveStep) -> np.ndarray | torch.Tensor:
-        """The kernel's second pass, at θ_{k+1}: the step's ``(n_tensors, 5)`` products."""
+        """The kernel's second pass, at θ_{k+1}: the step's ``(n_tensors, 7)`` products
+        (:data:`~gammatrace.probe.table.STEP_QUANTITIES`: the raw gradient's in columns 1-2,
+        the used gradient's in 5-6)."""
         parts = self.kernel.after(self.params)
+        on_device = isinstance(parts, torch.Tensor)
+
+        def divide(values: np.ndarray | torch.Tensor, scale: torch.Tensor) -> None:
+            # GradScaler's scales are powers of two, so the division is exact.
+            s = scale.to(device=values.device, dtype=torch.float64) if on_device else float(scale)
+            values[:, 0] /= s
+            values[:, 1] /= s * s
+
+        used = parts[:, 1:3].clone() if on_device else parts[:, 1:3].copy()
         if active.grad_scale is not None:
-            # The fused AMP path hands the optimizer scaled gradients: g = grad / s. GradScaler's
-            # scales are powers of two, so the division is exact.
-            if isinstance(parts, torch.Tensor):
-                s = active.grad_scale.to(device=parts.device, dtype=torch.float64)
-            else:
-                s = float(active.grad_scale)
-            parts[:, 1] /= s
-            parts[:, 2] /= s * s
-        return parts
+            divide(used, active.grad_scale)  # the fused AMP path: the optimizer got grad · s
+        if active.raw is None:
+            raw = used  # no backward seen since the last step: the optimizer's is all there is
+        else:
+            raw = active.raw
+            if active.raw_scale is not None:
+                divide(raw, active.raw_scale)
+        if on_device:
+            return torch.cat([parts[:, :1], raw.to(parts.device), parts[:, 3:5], used], dim=1)
+        return np.concatenate([parts[:, :1], raw, parts[:, 3:5], used], axis=1)
 
     # --------------------------------------------------------- reference side
-    def _evaluate(self, mb: MicroBatch, batch: Any, state: ForwardState) -> None:
+    def _evaluate(
+        self, mb: MicroBatch, batch: Any, state: ForwardState, forward_args: tuple | None = None
+    ) -> None:
         """ℓ(θ*; B) for this micro-batch (reference mode) and, when due, the consistency check."""
         if self._ref_model is not None:
             copy_modes(self._ref_pairs)
@@ -730,8 +895,8 @@ class Probe:
                 mb.ref_samples, mb.loss_ref = out, out.mean()
             else:
                 mb.loss_ref = out
-        if self._consistency.due(self._steps_measured):
-            self._consistency(mb.loss, batch, state)
+        if self._check_due():
+            self._consistency(mb.loss, batch, state, forward_args, step=self.step_index)
 
     # ------------------------------------------------------------- the loop
     def batch(
@@ -780,6 +945,7 @@ class Probe:
                 )
             self._discard_failed_step()
         fwd, self._fwd = self._fwd, None
+        fwd_args, self._fwd_args = self._fwd_args, None
         n_loss = None
         loss_t = None
         if loss is not None:
@@ -797,10 +963,9 @@ class Probe:
             mb.indices, mb.sample_losses = indices.detach(), sample_losses.detach()
         if loss is None:
             mb.batch = batch  # evaluated when the closure first runs
-        elif self.loss_fn is not None and (
-            self._ref_model is not None or self._consistency.due(self._steps_measured)
-        ):
+        elif self.loss_fn is not None and (self._ref_model is not None or self._check_due()):
             if fwd is None:
+                fwd_args = None
                 if not self._warned_no_forward:
                     self._warned_no_forward = True
                     warnings.warn(
@@ -811,7 +976,7 @@ class Probe:
                         stacklevel=2,
                     )
                 fwd = capture(self._autocast_types, self._cuda_index)
-            self._evaluate(mb, batch, fwd)
+            self._evaluate(mb, batch, fwd, fwd_args)
         self._micro.append(mb)
         self._seal(resolve=False)
 

@@ -53,7 +53,12 @@ class ActiveStep:
 
     group: list[MicroBatch]
     lr: float
+    # The scale of the gradients the optimizer receives (a fused optimizer under GradScaler).
     grad_scale: torch.Tensor | None = None
+    # The raw gradient's per-tensor (⟨θ_k − a, g⟩, ‖g‖²), read at the end of the step's last
+    # backward (None: no backward seen), and the GradScaler scale it is to be divided by.
+    raw: Any = None
+    raw_scale: torch.Tensor | None = None
     closure: bool = False
     measured: bool = False
 

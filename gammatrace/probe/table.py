@@ -11,11 +11,13 @@ Example:
     >>> import numpy as np, torch
     >>> from gammatrace.probe.table import StepTable
     >>> table = StepTable("record", ["w"])
-    >>> parts = np.array([[4.0, 0.0, 1.0, 0.0, 0.25]])   # one tensor: ee, eg, gg, ed, dd
+    >>> parts = np.array([[4.0, 0.0, 1.0, 0.0, 0.25, 0.0, 0.01]])  # ee, eg, gg, ed, dd, eg/gg used
     >>> table.append(0, 0, 0.1, torch.tensor(2.0), None, parts)
     >>> table.skip(1, 0, 2, None)                        # two micro-batches, never stepped
+    >>> table.steps().columns.tolist()
+    ['step', 'epoch', 'lr', 'loss', 'update_sq', 'grad_sq', 'dist0_sq', 'grad_sq_used']
     >>> table.steps().values.tolist()
-    [[0.0, 0.0, 0.1, 2.0, 0.25, 1.0, 4.0]]
+    [[0.0, 0.0, 0.1, 2.0, 0.25, 1.0, 4.0, 0.01]]
     >>> table.skipped()[["next_step", "micro_batches"]].values.tolist()
     [[1, 2]]
 """
@@ -32,8 +34,28 @@ import torch
 
 from gammatrace.principles import derive
 
-RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq"]
+# The measured columns (besides step, epoch, lr). g_k is the raw mini-batch gradient of ℓ_k
+# (DESIGN §1): accumulated over the step's micro-batches, divided by the GradScaler's scale,
+# before clipping (read at the end of the step's last backward, see gammatrace.probe.probe):
+#   loss        ℓ_k, the sample-weighted mean of the micro-batch losses given to probe.batch
+#   loss_ref    ℓ(θ*; B_k), the reference forward under the training forward's RNG/autocast
+#   progress    P_k = ⟨θ_k − θ*, Δ_k⟩ − ½‖Δ_k‖²
+#   dist_sq     d_k² = ‖θ_k − θ*‖²          dist0_sq  ‖θ_k − θ_0‖² (record mode)
+#   update_sq   ‖Δ_k‖², Δ_k = θ_k − θ_{k+1}
+#   grad_dot    ⟨θ_k − θ*, g_k⟩ (raw g_k; star = grad_dot − (ℓ_k − ℓ*_k))
+#   grad_sq     ‖g_k‖² (raw g_k; the gradient-collapse rule reads it)
+# and the gradient the optimizer received (after clipping or anything else the loop did to
+# .grad between the backward and the step; equal to the raw one where nothing did):
+#   grad_dot_used  ⟨θ_k − θ*, ĝ_k⟩        grad_sq_used  ‖ĝ_k‖²
+# REFERENCE_COLUMNS is what every stored reference-mode step shard holds (runs written before
+# the *_used columns existed lack those).
+RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq", "grad_sq_used"]
 REFERENCE_COLUMNS = ["loss", "loss_ref", "progress", "dist_sq", "update_sq", "grad_dot", "grad_sq"]
+USED_COLUMNS = ["grad_dot_used", "grad_sq_used"]
+# The probe's per-step, per-tensor products, in this order: the kernel's five
+# (:data:`gammatrace.probe.kernels.QUANTITIES`) with eg, gg of the raw gradient, then eg, gg of
+# the gradient the optimizer received.
+STEP_QUANTITIES = ("ee", "eg", "gg", "ed", "dd", "eg_used", "gg_used")
 SKIPPED_COLUMNS = ["next_step", "epoch", "micro_batches", "loss"]
 
 
@@ -72,7 +94,7 @@ class StepTable:
     @property
     def columns(self) -> list[str]:
         """Raw measured columns of this mode (besides step, epoch, lr)."""
-        return RECORD_COLUMNS if self.mode == "record" else REFERENCE_COLUMNS
+        return RECORD_COLUMNS if self.mode == "record" else REFERENCE_COLUMNS + USED_COLUMNS
 
     # ----------------------------------------------------------------- input
     def append(
@@ -85,7 +107,8 @@ class StepTable:
         parts: np.ndarray | torch.Tensor,
         samples: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = (),
     ) -> None:
-        """One measured step: its losses, the kernel's ``(n_tensors, 5)`` products and the
+        """One measured step: its losses, the ``(n_tensors, 7)`` products (:data:`STEP_QUANTITIES`;
+        ``(n_tensors, 5)``: the used gradient is the raw one) and the
         per-sample (indices, losses, reference losses or None) of its micro-batches."""
         self._pending.append((loss, loss_ref, parts))
         self._pending_meta.append((step, epoch, lr))
@@ -126,9 +149,17 @@ class StepTable:
         return frame
 
     def _step_frame(self, losses: np.ndarray, parts: np.ndarray) -> pd.DataFrame:
-        ee, eg, gg, ed, dd = np.moveaxis(parts.sum(axis=1), 1, 0)
+        sums = np.moveaxis(parts.sum(axis=1), 1, 0)
+        ee, eg, gg, ed, dd = sums[:5]
+        eg_used, gg_used = sums[5:7] if len(sums) >= 7 else (eg, gg)
         if self.mode == "record":
-            values = {"loss": losses, "update_sq": dd, "grad_sq": gg, "dist0_sq": ee}
+            values = {
+                "loss": losses,
+                "update_sq": dd,
+                "grad_sq": gg,
+                "dist0_sq": ee,
+                "grad_sq_used": gg_used,
+            }
         else:
             loss_ref = (
                 torch.stack([ref.reshape(()).to(torch.float64) for _, ref, _ in self._pending])
@@ -144,6 +175,8 @@ class StepTable:
                 "update_sq": dd,
                 "grad_dot": eg,
                 "grad_sq": gg,
+                "grad_dot_used": eg_used,
+                "grad_sq_used": gg_used,
             }
         meta = np.array(self._pending_meta, dtype=np.float64)
         return pd.DataFrame(

@@ -297,7 +297,7 @@ def gradient_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
     ax.set_ylabel(r"$\|g_k\|$ per epoch")
     if ax.lines:
         ax.set_yscale("log")
-        keys = [Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖ (raw)")]
+        keys = [Line2D([], [], color="0.3", marker="o", ms=3, label="median ‖g_k‖")]
         if any(drawn_line.get_gid() == "grad-used" for drawn_line in ax.lines):
             keys.append(Line2D([], [], color="0.3", ls="--", label="as the optimizer received it (clipped)"))
         if any(drawn_line.get_gid() == "collapse-epoch" for drawn_line in ax.lines):
