@@ -178,7 +178,7 @@ def test_token_losses_match_the_models_own_loss():
     model = make_model().eval()
     batch = DATA[0]["input_ids"][None]
     out = model(input_ids=batch, labels=batch)
-    assert torch.allclose(hf.token_losses(out.logits, batch, shift=True).mean(), out.loss, rtol=1e-6)
+    assert torch.allclose(hf.token_losses(out.logits, batch, shift=True).mean(), out.loss.double(), rtol=1e-6)
 
 
 def test_attach_returns_a_handle_that_detaches(tmp_path):
@@ -207,3 +207,141 @@ def test_attach_returns_a_handle_that_detaches(tmp_path):
     trainer.train()  # the end of training gives compute_loss back
     assert "compute_loss" not in vars(trainer) and len(callback.steps()) == STEPS_PER_EPOCH * EPOCHS
     assert gammatrace.load_run(tmp_path / "one").status.value == "trained"  # record mode: no θ* yet
+
+
+# ------------------------------------------------------------------ the objective the Trainer differentiates
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+BERT = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)  # no dropout: the brute force re-evaluates plainly
+
+
+def bert_trainer(n: int, record: list, accepts: bool | None = None) -> Trainer:
+    """A tiny BERT classifier (it takes **kwargs and ignores num_items_in_batch), accumulation 2,
+    no clipping; ``record`` gets, per training micro-batch: its inputs, the Trainer's global
+    step, current_gradient_accumulation_steps, θ (the parameters as the step starts) and the
+    loss the Trainer computed."""
+    transformers.set_seed(SEED)
+    g = torch.Generator().manual_seed(2)
+    data = [{"input_ids": t, "labels": y} for t, y in zip(torch.randint(0, 40, (n, 8), generator=g),
+                                                         torch.randint(0, 3, (n,), generator=g), strict=True)]
+    args = TrainingArguments(tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             num_train_epochs=2, learning_rate=1e-2, max_grad_norm=0.0, lr_scheduler_type="constant",
+                             seed=SEED, report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, log_level="error")
+    trainer = Trainer(model=BertForSequenceClassification(BERT), args=args, train_dataset=data)
+    trainer.remove_callback(transformers.PrinterCallback)
+    if accepts is not None:
+        trainer.model_accepts_loss_kwargs = accepts
+    record.clear()
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = out[0] if return_outputs else out
+            record.append({"inputs": {k: v.clone() for k, v in inputs.items()}, "step": trainer.state.global_step,
+                           "M": trainer.current_gradient_accumulation_steps, "loss": loss.detach().double(),
+                           "theta": {k: v.detach().clone() for k, v in model.named_parameters()}})
+        return out
+
+    trainer.compute_loss = compute_loss
+    return trainer
+
+
+def by_step(record: list) -> list[list[dict]]:
+    steps: dict[int, list] = {}
+    for mb in record:
+        steps.setdefault(mb["step"], []).append(mb)
+    return [steps[k] for k in sorted(steps)]
+
+
+@pytest.mark.parametrize("n, accepts, divided", [(23, None, False),   # ragged last micro-batch (4, 3)
+                                                  (19, None, False),   # an epoch's last step has 1 micro-batch
+                                                  (23, False, True)])  # no loss kwargs: the Trainer divides by M
+def test_hf_loss_is_the_objective_the_trainer_differentiates(n, accepts, divided):
+    """Issue 21 item 2: BERT takes **kwargs but ignores num_items_in_batch, so the Trainer does not
+    divide: the step follows ∇(sum of the micro-batch means); without loss kwargs it divides each
+    by current_gradient_accumulation_steps. ℓ_k is that objective, in float64."""
+    record: list = []
+    trainer = bert_trainer(n, record, accepts)
+    callback = hf.GammaTrace()
+    callback.attach(trainer)
+    trainer.train()
+    ours = callback.steps()["loss"].to_numpy()
+    groups = by_step(record)
+    assert len(groups) == len(ours) and {len(g) for g in groups} >= ({1, 2} if n == 19 else {2})
+    expected = []
+    for g in groups:
+        assert g[0]["M"] == len(g)
+        expected.append(sum(mb["loss"] for mb in g) / (len(g) if divided else 1))
+    np.testing.assert_allclose(ours, torch.stack(expected).numpy(), rtol=1e-14, atol=0)
+    if not divided:  # the sum of the means, not their sample-weighted mean
+        assert not np.allclose(ours[0], float(torch.stack([mb["loss"] for mb in groups[0]]).mean()))
+
+
+def test_hf_two_pass_measures_bert_against_a_brute_force():
+    """Issue 21 item 2: ℓ_k, ℓ(θ*; B_k), ‖g_k‖² and γ_k of a BERT classifier with accumulation 2,
+    each recomputed from the stored θ_k and θ* in float64 (DESIGN §1)."""
+    record: list = []
+    result = hf.train(lambda: bert_trainer(23, record), seed=SEED, threads=1)
+    steps = result.steps()
+    groups = by_step(record)  # the last pass's micro-batches
+    model = BertForSequenceClassification(BERT).eval()
+    names = [n for n, _ in model.named_parameters()]
+
+    def objective(theta, group, grad=False):
+        model.load_state_dict({**model.state_dict(), **theta})
+        model.zero_grad()
+        with torch.set_grad_enabled(grad):
+            total = sum(model(**mb["inputs"]).loss for mb in group)  # the Trainer's: not divided
+        if grad:
+            total.backward()
+            return float(total.detach()), sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())
+        return float(total)
+
+    theta = [g[0]["theta"] for g in groups] + [{k: result.theta_T[k] for k in names}]
+    d_sq = [sum(float((t[k].double() - result.theta_T[k].double()).pow(2).sum()) for k in names) for t in theta]
+    for k, group in enumerate(groups):
+        loss, grad_sq = objective(theta[k], group, grad=True)
+        loss_ref = objective(theta[-1], group)
+        np.testing.assert_allclose(steps["loss"].iloc[k], loss, rtol=1e-6)
+        np.testing.assert_allclose(steps["loss_ref"].iloc[k], loss_ref, rtol=1e-6)
+        np.testing.assert_allclose(steps["grad_sq"].iloc[k], grad_sq, rtol=1e-4)
+        progress = 0.5 * (d_sq[k] - d_sq[k + 1])
+        gamma = progress / (steps["lr"].iloc[k] * d_sq[0] * (loss - loss_ref))
+        np.testing.assert_allclose(steps["gamma"].iloc[k], gamma, rtol=1e-4)
+
+
+def test_a_model_that_divides_by_num_items_but_not_as_token_cross_entropy_is_refused():
+    """Issue 21 item 2: a loss that uses num_items_in_batch (measured) but is not the tokens'
+    cross-entropy cannot be re-evaluated: refused in one line, saying why."""
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(48, 48)
+
+        def forward(self, input_ids, labels=None, num_items_in_batch=None, **kwargs):
+            logits = self.emb(input_ids)
+            loss = logits.logsumexp(-1).sum() / (num_items_in_batch if num_items_in_batch is not None else 1)
+            return {"loss": loss, "logits": logits}
+
+    args = TrainingArguments(tempfile.mkdtemp(), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             num_train_epochs=1, report_to="none", use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, log_level="error")
+    trainer = Trainer(model=Odd(), args=args, train_dataset=DATA)
+    trainer.remove_callback(transformers.PrinterCallback)
+    hf.GammaTrace().attach(trainer)
+    with pytest.raises(hf.IntegrationError, match=r"divides its loss by num_items_in_batch, but not as the token "
+                                                  r"cross-entropy") as err:
+        trainer.train()
+    assert "\n" not in str(err.value)
+
+
+def test_a_taken_output_folder_is_refused_before_training(tmp_path):
+    """Issue 21 item 9: the folder is checked before pass 1, not after both passes."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "run.json").write_text("{}")
+    with pytest.raises(gammatrace.engine.RunConflictError, match="already holds a run"):
+        hf.train(lambda: pytest.fail("built before the folder was checked"), seed=SEED, out=tmp_path / "taken")

@@ -194,3 +194,46 @@ def test_manual_optimization_is_refused_with_what_to_do():
     with warnings.catch_warnings(), pytest.raises(gl.IntegrationError, match="manual optimization"):
         warnings.simplefilter("ignore")
         trainer.fit(Manual(), train_dataloaders=loader())
+
+
+class Scheduled(Lit):
+    """Warm-up + cosine written, as usual, with ``trainer.estimated_stepping_batches``."""
+
+    def configure_optimizers(self):
+        import math
+
+        opt = torch.optim.AdamW(self.parameters(), lr=0.02, weight_decay=0.01)
+        total = self.trainer.estimated_stepping_batches
+        warm = max(1, total // 3)
+
+        def factor(s):
+            if s < warm:
+                return (s + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_two_pass_fit_sees_what_a_plain_fit_sees(tmp_path):
+    """Issue 21 item 3: Lightning configures the optimizers itself in both passes, so a schedule
+    written with estimated_stepping_batches is the plain fit's, bit for bit."""
+    def scheduled():
+        trainer, _, kwargs = build()
+        return trainer, Scheduled(), kwargs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(SEED)
+        trainer, module, kwargs = scheduled()
+        trainer.fit(module, **kwargs)
+        plain = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+    result = gl.fit(scheduled, seed=SEED, threads=1, out=tmp_path / "lit")
+    assert_same(plain, {k: result.theta_T[k] for k in plain})
+    lr = result.steps()["lr"]
+    assert len(lr) == STEPS_PER_EPOCH * EPOCHS and (lr > 0).all()
+    with pytest.raises(gammatrace.engine.RunConflictError, match="already holds a run"):
+        gl.fit(lambda: pytest.fail("built before the folder was checked"), seed=SEED, threads=1, out=tmp_path / "lit")

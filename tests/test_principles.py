@@ -692,6 +692,31 @@ def test_no_progress_flag(epoch_factors, min_rel_drop, ell_inf):
     assert s["no_progress"] == (ml - ell_inf > (1 - min_rel_drop) * (mf - ell_inf))
 
 
+def test_no_progress_is_decided_from_the_steps_not_the_epochs():
+    """Issue 21 item 4: a loop without epochs (one epoch for the whole run) whose batch loss fell
+    from 3.99 to 2.13 trained; the first vs the last tenth of its steps says so."""
+    run = make_run(15, "last")
+    T = run.T
+    df = run.df.copy()
+    df["epoch"] = 0
+    df["loss"] = np.linspace(3.99, 2.13, T)
+    s = pr.summarize(df)
+    tenth = math.ceil(T / 10)
+    close(s["loss_first_steps"], float(np.mean(df["loss"].to_numpy()[:tenth])))
+    close(s["loss_last_steps"], float(np.mean(df["loss"].to_numpy()[-tenth:])))
+    assert s["loss_rel_drop_steps"] > 0.4 and s["no_progress"] is False
+    assert math.isnan(s["loss_rel_drop"])  # one epoch is not compared with itself
+
+    df["loss"] = 2.3 + 0.001 * np.sin(np.arange(T))  # flat, one epoch: flagged by its steps
+    assert pr.summarize(df)["no_progress"] is True
+
+    # Never flagged when either measure shows a fall beyond the threshold: a fast first epoch, flat after.
+    many = run.df.copy()
+    many["loss"] = np.where(run.epoch == 0, np.linspace(3.0, 2.0, T), 2.0)
+    epochs = pr.summarize(many)
+    assert epochs["loss_rel_drop"] > 0.1 and epochs["no_progress"] is False
+
+
 def test_principles_import_only_numpy_pandas_and_stdlib():
     """No torch, directly or through another gammatrace subpackage (static check:
     importing the package itself runs gammatrace/__init__, which is not ours)."""

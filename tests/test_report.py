@@ -322,3 +322,32 @@ def test_theorem1_table_numbers_are_the_runs(full):
     assert f"for {100 * s['sample_frac_improved']:.1f}% of {s['sample_n_revisited']} revisited samples" in samples
     rate = rows["adam"]["O(1/γK) rate bound with γ = γ_min"]
     assert rate.startswith("not applicable") == (not s["gamma_certified"])
+
+
+def test_no_progress_of_a_loop_without_epochs_is_decided_by_its_steps():
+    """Issue 21 item 4: a loop without epochs is one epoch; its batch loss fell from 3.99 to
+    2.13, so it is neither "no progress" nor left out of orderings, and what the report says of
+    a flagged one-epoch run is what the flag was decided on (its steps)."""
+    import pandas as pd
+
+    from gammatrace.principles import summarize
+    from gammatrace.reporting.claims import exclusion, loss_drop_words
+    from gammatrace.reporting.collect import example_entry
+
+    n = 40
+    steps = pd.DataFrame({"step": range(n), "epoch": 0, "lr": 0.1, "loss": np.linspace(3.99, 2.13, n),
+                          "loss_ref": 2.0, "progress": 0.01, "dist_sq": np.linspace(1.0, 0.1, n),
+                          "update_sq": 0.01, "grad_dot": 0.2})
+    keys = ("no_progress", "loss_rel_drop", "loss_rel_drop_steps", "loss_first_steps", "loss_last_steps",
+            "loss_first_epoch", "loss_last_epoch")
+    entry = example_entry("gpt", 0.3, [3.0, 2.1])
+    entry.summary.update({k: v for k, v in summarize(steps).items() if k in keys})
+    assert entry.summary["no_progress"] is False and exclusion(entry) is None
+
+    steps["loss"] = 2.3 + 0.001 * np.sin(np.arange(n))
+    flat = example_entry("flat", 0.3, [3.0, 2.1])
+    flat.summary.update({k: v for k, v in summarize(steps).items() if k in keys})
+    s = flat.summary
+    assert s["no_progress"] is True and exclusion(flat).startswith("no progress (mean batch loss ")
+    words = loss_drop_words(s)
+    assert "epoch" not in words and f"(first tenth of the steps {fmt(s['loss_first_steps'])} → last tenth" in words

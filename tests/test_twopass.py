@@ -260,6 +260,94 @@ def test_a_build_that_is_not_seeded_is_named():
     assert err.value.cause == "init" and err.value.step is None
 
 
+ITERATION = {"n": 0}  # a module-level counter, as a script keeps its iter_num: not reset between passes
+
+
+def test_state_carried_between_passes_is_named_with_plain_numbers():
+    """Issue 21 item 9: an iteration counter kept at module level across the passes (pass 2
+    starts where pass 1 stopped) is named as such, and the numbers print as plain numbers."""
+    data = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 96, 16)]
+
+    def train(model, opt, probe):
+        for _ in range(8):
+            it = ITERATION["n"]
+            ITERATION["n"] += 1
+            for group in opt.param_groups:
+                group["lr"] = 0.01 * (1 + it) / 16  # a warm-up written with the counter
+            batch = data[it % len(data)]
+            opt.zero_grad()
+            loss = _loss_fn(model, batch)
+            loss.backward()
+            probe.batch(batch, loss)
+            opt.step()
+
+    ITERATION["n"] = 0
+    with pytest.raises(TwoPassMismatchError, match=r"at step 0 \(epoch 0\): lr 0\.000625 in pass 1, 0\.005625 in "
+                                                   r"pass 2; likely cause: state carried between the passes") as err:
+        TwoPass(_build, train, loss_fn=_loss_fn, seed=0, threads=1).run()
+    assert (err.value.step, err.value.cause) == (0, "carried")
+    assert "pass 2's first batch is the one pass 1 used at step 2" in str(err.value)
+    assert "np.float64" not in str(err.value)
+
+    def counted_data(model, opt, probe):  # the counter moves the data only
+        for _ in range(4):
+            it = ITERATION["n"]
+            ITERATION["n"] += 1
+            batch = (data[it % len(data)][0] + it, data[it % len(data)][1])
+            opt.zero_grad()
+            loss = _loss_fn(model, batch)
+            loss.backward()
+            probe.batch(batch, loss)
+            opt.step()
+
+    with pytest.raises(TwoPassMismatchError, match=r"at step 0 .*state carried between the passes.*the first batch "
+                                                   r"differs") as err:
+        TwoPass(_build, counted_data, loss_fn=_loss_fn, seed=0, threads=1).run()
+    assert err.value.cause == "carried"
+
+
+def test_a_taken_output_folder_is_refused_before_any_compute(tmp_path):
+    """Issue 21 item 9: ``TwoPass(out=...)`` checks the folder before pass 1, not after both."""
+    ran = []
+    loop = _loop()
+
+    def train(model, opt, probe):
+        ran.append(1)
+        loop(model, opt, probe)
+
+    result = TwoPass(_build, train, loss_fn=_loss_fn, seed=0, threads=1, out=tmp_path / "run").run()
+    assert len(ran) == 2 and load_run(tmp_path / "run").status.value == "complete"
+    assert len(load_run(tmp_path / "run").steps()) == len(result.steps())
+    with pytest.raises(gammatrace.engine.RunConflictError, match="already holds a run"):
+        TwoPass(_build, train, loss_fn=_loss_fn, seed=0, threads=1, out=tmp_path / "run").run()
+    assert len(ran) == 2  # refused before any training
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        TwoPass(_build, train, loss_fn=_loss_fn, seed=0, threads=1, out=tmp_path / "file").run()
+    assert len(ran) == 2
+
+
+def test_a_loop_that_makes_its_optimizer_attaches_the_pending_probe():
+    """``build()`` may return no optimizer; ``train`` attaches the pending probe to the one it makes."""
+    loop = _loop()
+
+    def build():
+        model, _ = _build()
+        return model, None
+
+    def train(model, _none, pending):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        loop(model, opt, pending.attach(opt))
+
+    result = TwoPass(build, train, loss_fn=_loss_fn, seed=5, threads=2).run()
+    plain = TwoPass(_build, _loop(), loss_fn=_loss_fn, seed=5, threads=2).run()
+    assert all(torch.equal(result.theta_T[k], plain.theta_T[k]) for k in plain.theta_T)
+    pd.testing.assert_frame_equal(result.steps(), plain.steps())
+    assert result.optimizer_class == "AdamW"
+    with pytest.raises(UserError, match="never called probe.attach"):
+        TwoPass(build, lambda m, o, p: None, loss_fn=_loss_fn, seed=5, threads=2).run()
+
+
 def test_continuation_and_given_references(tmp_path):
     loop = _loop(epochs=2)
     cont = TwoPass(_build, loop, loss_fn=_loss_fn, seed=1, threads=1, continuation=_loop(epochs=1)).run()

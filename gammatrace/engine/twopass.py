@@ -206,13 +206,82 @@ class _PassProbe(Probe):
         super().batch(batch, loss, **kwargs)
 
 
+class PendingProbe:
+    """What ``train`` gets in place of the probe when ``build()`` returned no optimizer (``None``):
+    the loop makes its optimizer itself (a framework that configures it when training starts)
+    and calls :meth:`attach` with it before the first step, which makes the pass's probe.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> pending = PendingProbe(lambda optimizer: Probe(model, optimizer))
+        >>> probe = pending.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> pending.probe is probe
+        True
+    """
+
+    def __init__(self, make: Callable[[torch.optim.Optimizer], Probe]):
+        self._make = make
+        self.probe: Probe | None = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Probe:
+        """The pass's probe, made on ``optimizer`` (once; before the optimizer's first step)."""
+        if self.probe is not None:
+            raise UserError("TwoPass: the pending probe is attached already (one optimizer per pass)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"TwoPass: attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.probe = self._make(optimizer)
+        return self.probe
+
+    def made(self) -> Probe:
+        if self.probe is None:
+            raise UserError("TwoPass: build() returned no optimizer, and the loop never called "
+                            "probe.attach(optimizer), so no step was measured")
+        return self.probe
+
+
+def _made(probe: Probe | PendingProbe) -> Probe | None:
+    return probe.probe if isinstance(probe, PendingProbe) else probe
+
+
+def _plain_number(value: Any) -> str:
+    """A table value as a plain number (``4.76e-05``, not ``np.float64(4.76e-05)``).
+
+    Example:
+        >>> _plain_number(np.float64(4.76e-05)), _plain_number(np.int64(3)), _plain_number(float("nan"))
+        ('4.76e-05', '3', 'nan')
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return repr(value)
+
+
+def check_run_folder(run_dir: str | Path) -> RunStore:
+    """The store of ``run_dir`` if a run may be written there, else the one-line error
+    (:class:`RunConflictError`: it holds a run; :class:`~gammatrace.errors.UserError`: it is a
+    file). The two-pass helpers call it before any compute, :func:`save_run` again at the end.
+
+    Example:
+        >>> import tempfile
+        >>> check_run_folder(tempfile.mkdtemp() + "/new").root.name
+        'new'
+    """
+    store = RunStore(check_out_folder(run_dir, "run_dir"))
+    if store.exists(RunStore.META):
+        raise RunConflictError(f"{store.root} already holds a run; choose another folder or remove it")
+    return store
+
+
 # --------------------------------------------------------------------------- the helper
-def _unpack(built: Any) -> tuple[nn.Module, torch.optim.Optimizer, tuple]:
+def _unpack(built: Any) -> tuple[nn.Module, torch.optim.Optimizer | None, tuple]:
     if not isinstance(built, (tuple, list)) or len(built) < 2:
         raise UserError("TwoPass: build() must return (model, optimizer) or (model, optimizer, extra...), "
                         f"got {type(built).__name__}")
     model, optimizer, *extra = built
-    if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+    if not isinstance(model, nn.Module) or not (optimizer is None or isinstance(optimizer, torch.optim.Optimizer)):
         raise UserError("TwoPass: build() must return (model, optimizer, ...) with an nn.Module and a "
                         f"torch.optim.Optimizer, got ({type(model).__name__}, {type(optimizer).__name__}, ...)")
     return model, optimizer, tuple(extra)
@@ -333,7 +402,9 @@ class TwoPass:
         build: ``build() -> (model, optimizer[, extra, ...])``, fresh objects for each pass
             (a scheduler, a GradScaler, a data loader go in ``extra``). It runs after the
             global generators are seeded, so a default-initialised model is the same θ_0
-            in both passes.
+            in both passes. ``optimizer`` may be ``None`` when the loop makes its optimizer
+            itself: ``train`` then gets a :class:`PendingProbe` and calls its
+            ``attach(optimizer)`` before the first step.
         train: ``train(model, optimizer, probe, *extra)``, your loop. It tells ``probe`` each
             micro-batch with ``probe.batch(batch, loss)`` and steps its optimizer as usual
             (:class:`~gammatrace.probe.Probe`); ``probe.end_epoch()`` counts epochs.
@@ -350,6 +421,8 @@ class TwoPass:
             warn only, for ops without a deterministic implementation).
         per_tensor, kernel, check: passed to the pass-2 :class:`~gammatrace.probe.Probe`
             (``check`` to both passes' probes).
+        out: write the run folder here (:func:`save_run`) after pass 2; checked before
+            pass 1, so a folder that already holds a run is refused before any training.
 
     Between the passes the helper compares every step bit for bit: loss, ‖Δ_k‖², ‖g_k‖²,
     learning rate and epoch, the skipped steps, the fingerprint of every batch, the thread
@@ -410,6 +483,7 @@ class TwoPass:
         per_tensor: bool = True,
         kernel: str | None = None,
         check: bool | int = True,
+        out: str | Path | None = None,
     ):
         if not callable(build) or not callable(train):
             raise UserError("TwoPass(build, train, ...): build and train must be callables")
@@ -426,6 +500,7 @@ class TwoPass:
         self.reference, self.continuation = reference, continuation
         self.deterministic = deterministic
         self.per_tensor, self.kernel, self.check = per_tensor, kernel, check
+        self.out = out
         self.result: TwoPassResult | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -441,14 +516,20 @@ class TwoPass:
         np.random.seed(self.seed % 2**32)
         torch.manual_seed(self.seed)
 
-    def _probe(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-               reference: Mapping[str, torch.Tensor] | None) -> _PassProbe:
-        return _PassProbe(model, optimizer, self.loss_fn, reference=reference, per_tensor=self.per_tensor,
-                          kernel=self.kernel, check=self.check)
+    def _probe(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               reference: Mapping[str, torch.Tensor] | None) -> _PassProbe | PendingProbe:
+        def make(optimizer: torch.optim.Optimizer) -> _PassProbe:
+            return _PassProbe(model, optimizer, self.loss_fn, reference=reference, per_tensor=self.per_tensor,
+                              kernel=self.kernel, check=self.check)
+
+        return PendingProbe(make) if optimizer is None else make(optimizer)
 
     # ------------------------------------------------------------------ the passes
     def run(self) -> TwoPassResult:
-        """Pass 1, then pass 2 against θ*, verified; returns (and keeps as ``.result``) the result."""
+        """Pass 1, then pass 2 against θ*, verified; returns (and keeps as ``.result``) the result
+        (and writes it to ``out``)."""
+        if self.out is not None:
+            check_run_folder(self.out)  # before any compute: a taken folder costs no training
         saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                  torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
         try:
@@ -457,6 +538,8 @@ class TwoPass:
             torch.set_num_threads(saved[0])
             torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
             torch.backends.cudnn.benchmark = saved[3]
+        if self.out is not None:
+            save_run(self.result, self.out)
         return self.result
 
     def _run(self) -> TwoPassResult:
@@ -465,9 +548,11 @@ class TwoPass:
         model, optimizer, extra = _unpack(self.build())
         theta_0 = _state(model)
         rng_after_build = _rng_digest()
-        first = self._probe(model, optimizer, None)
-        self.train(model, optimizer, first, *extra)
+        pending = self._probe(model, optimizer, None)
+        self.train(model, optimizer, pending, *extra)
+        first = pending.made() if isinstance(pending, PendingProbe) else pending
         first.close()
+        optimizer = first.optimizer
         record = first.raw_steps()
         if record.empty:
             raise UserError("TwoPass: the loop made no measured step; call probe.batch(batch, loss) before each "
@@ -488,15 +573,19 @@ class TwoPass:
                 f"pass 2 did not start where pass 1 did: build() made another θ_0 ({what}); build() must make "
                 "everything afresh from the global generators TwoPass seeds (no state kept between calls)",
                 None, "init")
-        second = self._probe(model, optimizer, reference)
+        pending = self._probe(model, optimizer, reference)
         try:
-            returned = self.train(model, optimizer, second, *extra)
+            returned = self.train(model, optimizer, pending, *extra)
         except Exception as exc:
             # A pass 2 that left pass 1's trajectory may fail later (a NaN check, a shape):
             # name the first difference, if any, rather than its consequence.
-            second.close()
-            self._verify(first, second, theta_T, None, cause=exc)
+            second = _made(pending)
+            if second is not None:
+                second.close()
+                self._verify(first, second, theta_T, None, cause=exc)
             raise
+        second = pending.made() if isinstance(pending, PendingProbe) else pending
+        optimizer = second.optimizer
         second.close()
         self._verify(first, second, theta_T, _state(model))
         return TwoPassResult(
@@ -556,12 +645,14 @@ class TwoPass:
                     "optimizer.step() in one pass only", None, "final")
             return
         k = min(found)
-        kind, why = self._cause(k, k_batch, first, second)
+        col = None
         if k_rows == k:
             col = next(c for c in VERIFIED_COLUMNS if not _equal(a[c].to_numpy()[row:row + 1],
                                                                   b[c].to_numpy()[row:row + 1])[0])
+        kind, why = self._cause(k, k_batch, first, second, col)
+        if col is not None:
             head = (f"pass 2 diverged from pass 1 at step {k} (epoch {int(a['epoch'].iloc[row])}): {col} "
-                    f"{a[col].iloc[row]!r} in pass 1, {b[col].iloc[row]!r} in pass 2")
+                    f"{_plain_number(a[col].iloc[row])} in pass 1, {_plain_number(b[col].iloc[row])} in pass 2")
         elif k_count == k and kind == "nondeterministic":
             kind, why = "steps", ("the loop's number of steps depends on something besides the seed "
                                   "(a time budget, a file that changed, a global counter)")
@@ -571,6 +662,33 @@ class TwoPass:
         if cause is not None:
             head += f", then failed ({type(cause).__name__})"
         raise TwoPassMismatchError(f"{head}; likely cause: {why}", k, kind) from cause
+
+    @staticmethod
+    def _carried(k: int, k_batch: int | None, first: _PassProbe, second: _PassProbe,
+                 column: str | None) -> str | None:
+        """Why pass 2 differs at its very first step although it began from pass 1's θ_0 and
+        random state, if that points at state carried from pass 1 (else None)."""
+        start = min(first.setups, default=0)
+        s1, s2 = first.setups.get(start), second.setups.get(start)
+        if k != start or s1 is None or s2 is None or s1.rng != s2.rng:
+            return None
+        head = ("state carried between the passes: both began from the same θ_0 and random state, yet differ at "
+                "their first step, so the loop reads something pass 1 left behind — an iteration or step counter, "
+                "an iterator, a cache kept at module level or on an object build() does not make afresh (pass 2 "
+                "starts where pass 1 stopped)")
+        fix = "; make it in build() (or reset it at the start of train())"
+        later = [j for j, f in first.batches if j > start]
+        if second.batches and second.batches[0][0] == start:
+            mine = second.batches[0][1]
+            seen = next((j for j, f in first.batches if j > start and _same(f, mine)), None)
+            if seen is not None:
+                return f"{head}: pass 2's first batch is the one pass 1 used at step {seen}{fix}"
+        if column == "lr":
+            return f"{head}: the learning rate of the first step differs, with the schedule built afresh{fix}"
+        if k_batch == start and later:
+            return (f"{head}: the first batch differs{fix}; or the data are drawn from a source the seed does not "
+                    "set (an unseeded generator, the clock)")
+        return None
 
     @staticmethod
     def _first_batch_difference(a: list, b: list, complete: bool = True) -> int | None:
@@ -591,8 +709,10 @@ class TwoPass:
             return (x if len(x) > len(y) else y)[min(len(x), len(y))]
         return None
 
-    def _cause(self, k: int, k_batch: int | None, first: _PassProbe, second: _PassProbe) -> tuple[str, str]:
-        """The likely reason pass 2 left pass 1's trajectory at step ``k``."""
+    def _cause(self, k: int, k_batch: int | None, first: _PassProbe, second: _PassProbe,
+               column: str | None = None) -> tuple[str, str]:
+        """The likely reason pass 2 left pass 1's trajectory at step ``k`` (``column``: the
+        first verified column that differs there, if the step's row does)."""
         for j in sorted(s for s in first.setups if s <= k):
             s1, s2 = first.setups[j], second.setups.get(j)
             if s2 is None:
@@ -607,6 +727,9 @@ class TwoPass:
                 return "deterministic", (
                     f"torch.use_deterministic_algorithms was {on(s1.deterministic)} in pass 1 and "
                     f"{on(s2.deterministic)} in pass 2 at step {j}; leave it to TwoPass(deterministic=...)")
+        carried = self._carried(k, k_batch, first, second, column)
+        if carried is not None:
+            return "carried", carried
         if k_batch is not None and k_batch <= k:
             return "batch", (
                 f"the batch of step {k_batch} differs from pass 1's: the data (its order, augmentation or values) "
@@ -694,9 +817,7 @@ def save_run(measured: TwoPass | TwoPassResult | Probe, run_dir: str | Path, *, 
         if measured.result is None:
             raise UserError("save_run: this TwoPass has not run yet; call .run() first")
         measured = measured.result
-    store = RunStore(check_out_folder(run_dir, "run_dir"))
-    if store.exists(RunStore.META):
-        raise RunConflictError(f"{store.root} already holds a run; choose another folder or remove it")
+    store = check_run_folder(run_dir)
     name = name or (store.root.name if _plain_name(store.root.name) else "own-loop")
     check_name(name)
     with store.lock():

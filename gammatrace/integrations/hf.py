@@ -13,17 +13,35 @@ the batch nor the loss, so the hook has two parts, both in :class:`GammaTrace`:
   so does the handle ``attach`` returns (``.detach()``, or leaving its ``with`` block), which
   also removes the callback.
 
-Which loss is ℓ_k: the one whose gradient the step follows. The Trainer normalises a
-causal LM's summed token loss by the number of target tokens of the *whole* accumulated
-batch (``num_items_in_batch``), so ℓ_k is the token-weighted mean over the step's
-micro-batches: the hook hands the probe each micro-batch's per-token losses (from the
-training forward's logits; the probe weights micro-batches by their token counts). For a
-model whose ``loss_type`` is unset (GPT-2 in transformers 5), the Trainer counts the
-*unshifted* labels, so its objective is that mean times a constant (the hook warns once,
-with the factor); set ``model.loss_type = "ForCausalLM"`` and the two agree. When
-the Trainer averages micro-batch means instead (a model without loss kwargs), the hook
-hands it the model's own mean loss. ℓ(θ*; B_k) is evaluated the same way on θ*, under the
-training forward's generator and autocast state (dropout masks match).
+Which loss is ℓ_k: the one whose gradient the step follows, Σ_i c_i loss_i over the step's
+micro-batches i, as the Trainer (transformers 5) forms it. When the model accepts loss
+kwargs (``model_accepts_loss_kwargs``: its ``forward`` takes ``**kwargs``) and the batch has
+labels, the Trainer passes ``num_items_in_batch`` (the target count of the whole step) to
+the model and does not divide (c_i = 1); otherwise — or when ``loss_is_scaled_for_ga`` is
+False — it divides each micro-batch's loss by ``current_gradient_accumulation_steps`` M
+(c_i = 1/M; the last step of an epoch may have fewer micro-batches). Whether a model *uses*
+``num_items_in_batch`` cannot be read from its signature (BERT's classifiers take
+``**kwargs`` and ignore it), so the hook measures it at the first training micro-batch:
+the model's loss with ``num_items_in_batch`` = N and = 2N, in eval mode without gradient
+(no dropout, no random draw, no statistics updated), halves iff it is used. Then:
+
+* used (a causal or masked LM): loss_i = (summed token loss of i) / N, so ℓ_k is the
+  token-weighted mean over the step: the hook hands the probe each micro-batch's per-token
+  losses (from the training forward's logits; the probe weights micro-batches by their
+  token counts), after checking at the first micro-batch that they sum to the model's loss
+  (else it refuses, in one line). For a model whose ``loss_type`` is unset (GPT-2 in
+  transformers 5), the Trainer counts the *unshifted* labels, so its objective is that mean
+  times a constant (the hook warns once, with the factor); set ``model.loss_type =
+  "ForCausalLM"`` and the two agree.
+* not used: loss_i is the model's own mean loss of micro-batch i, and ℓ_k = Σ_i c_i loss_i —
+  e.g. with accumulation 2 and a model that ignores ``num_items_in_batch``, the *sum* of the
+  two micro-batch means, as the Trainer differentiates it. The hook hands the probe M c_i loss_i
+  with equal weights (two equal values per micro-batch, whatever its size), so the probe's
+  mean over the step is Σ_i c_i loss_i.
+
+Every value is handed over in float64 (per-token losses are computed in float32, as
+transformers does, and averaged in float64). ℓ(θ*; B_k) is evaluated the same way on θ*,
+under the training forward's generator and autocast state (dropout masks match).
 
 Example (a 2-layer GPT-2 built from a config — nothing is downloaded — trained twice:
 pass 1 records, pass 2 measures against θ_T and checks every step's loss):
@@ -58,7 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gammatrace.engine.twopass import TwoPass, TwoPassResult, save_run
+from gammatrace.engine.twopass import TwoPass, TwoPassResult, check_run_folder, save_run
 from gammatrace.errors import IntegrationError
 from gammatrace.integrations import ranks as D
 from gammatrace.integrations.core import TraceCore
@@ -73,6 +91,7 @@ except ImportError:  # pragma: no cover - only without the extra
     _Callback = object
 
 IGNORE_INDEX = -100  # the label of a position without a target (padding), as in transformers
+_FACTOR = "_gammatrace_loss_factor"  # M c_i, carried in the batch the probe is told (see the module)
 
 
 def _require() -> None:
@@ -82,13 +101,14 @@ def _require() -> None:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
-    """The per-token cross-entropy of the targeted positions, in float32 (as transformers
-    upcasts): for a causal LM (``shift``) position i predicts label i+1.
+    """The per-token cross-entropy of the targeted positions, computed in float32 (as
+    transformers upcasts) and returned in float64, so that their mean is taken in float64:
+    for a causal LM (``shift``) position i predicts label i+1.
 
     Example:
         >>> logits = torch.zeros(1, 3, 4)       # uniform over 4 tokens
         >>> token_losses(logits, torch.tensor([[1, 2, -100]]), shift=True)   # one target: label 2
-        tensor([1.3863])
+        tensor([1.3863], dtype=torch.float64)
     """
     logits = logits.float()
     if shift:
@@ -96,7 +116,41 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> 
     labels = labels.reshape(-1).to(logits.device)
     losses = nn.functional.cross_entropy(logits.reshape(labels.numel(), -1), labels, reduction="none",
                                          ignore_index=IGNORE_INDEX)
-    return losses[labels != IGNORE_INDEX]
+    return losses[labels != IGNORE_INDEX].to(torch.float64)
+
+
+def _model_loss(outputs: Any) -> torch.Tensor:
+    return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+
+
+def uses_num_items(model: nn.Module, inputs: Mapping[str, Any], num_items: Any) -> bool:
+    """Whether the model's loss depends on ``num_items_in_batch`` (a signature cannot say):
+    its loss on ``inputs`` with N and with 2N, in eval mode and without gradient — no dropout,
+    no batch-norm statistics updated, the random generators left as they were.
+
+    Example:
+        >>> class Mean(nn.Module):
+        ...     def forward(self, x, labels, **kwargs):  # accepts num_items_in_batch, ignores it
+        ...         return {"loss": (x - labels).pow(2).mean()}
+        >>> class Summed(nn.Module):
+        ...     def forward(self, x, labels, num_items_in_batch=None, **kwargs):
+        ...         return {"loss": (x - labels).pow(2).sum() / num_items_in_batch}
+        >>> batch = {"x": torch.ones(3), "labels": torch.zeros(3)}
+        >>> uses_num_items(Mean(), batch, 6), uses_num_items(Summed(), batch, 6)
+        (False, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    n = num_items if not torch.is_tensor(num_items) else num_items.detach()
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            at_n = float(_model_loss(model(**inputs, num_items_in_batch=n)))
+            at_2n = float(_model_loss(model(**inputs, num_items_in_batch=n * 2)))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return abs(at_n - at_2n) > 1e-3 * max(abs(at_n), abs(at_2n))
 
 
 def _shifts_labels(model: nn.Module) -> bool:
@@ -152,7 +206,7 @@ class GammaTrace(TraceCore, _Callback):
         _require()
         super().__init__(reference, out=out, log_every=log_every, sinks=sinks, check=check, per_tensor=per_tensor,
                          kernel=kernel, probe=probe)
-        self._per_token: bool | None = None  # decided by the first training micro-batch
+        self._per_token: bool | None = None  # decided by the first training micro-batch (see the module)
         self._shift = False
         self._trainer: Any = None
         self._tokens, self._items, self._count_checked = 0, None, False
@@ -171,7 +225,7 @@ class GammaTrace(TraceCore, _Callback):
             batch = dict(inputs)  # before the Trainer pops the labels (label smoothing, custom losses)
             loss, outputs = original(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
             if model.training and torch.is_grad_enabled() and self.probe is not None:
-                self._tell(batch, outputs, num_items_in_batch)
+                self._tell(model, batch, outputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
         self._patch(trainer, "compute_loss", compute_loss)
@@ -179,30 +233,70 @@ class GammaTrace(TraceCore, _Callback):
 
     # ---------------------------------------------------------------- the loss
     def _value(self, outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-        """What the probe is told for one forward: per-token losses or the mean loss."""
+        """What the probe is told for one forward, in float64: per-token losses (times c_i
+        where that is not 1), or M c_i times the model's loss as two equal values (one weight
+        per micro-batch, whatever its size)."""
+        factor = float(batch.get(_FACTOR, 1.0))
         if self._per_token:
             logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
-            return token_losses(logits.detach(), batch["labels"], shift=self._shift)
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
-        return loss.detach()
+            value = token_losses(logits.detach(), batch["labels"], shift=self._shift)
+        else:
+            value = _model_loss(outputs).detach().to(torch.float64)
+        if factor != 1.0:
+            value = value * factor
+        if self._world > 1:
+            value = D.global_mean(value)
+        return value if self._per_token else value.reshape(1).expand(2)
 
     def loss_fn(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         """ℓ(θ; B) as the hook tells it for a training forward (the probe's ``loss_fn``)."""
         inputs = dict(batch)
+        inputs.pop(_FACTOR, None)
         if self._per_token:
             inputs.pop("labels", None)  # the logits are all it needs
-        value = self._value(model(**inputs), batch)
-        return D.global_mean(value) if self._world > 1 else value
+        return self._value(model(**inputs), batch)
 
-    def _tell(self, batch: dict, outputs: Any, num_items: Any) -> None:
+    def _decide(self, model: nn.Module, batch: dict, outputs: Any, num_items: Any) -> None:
+        """At the first training micro-batch: does the Trainer pass ``num_items_in_batch`` to
+        the model, and does the model use it (measured)? Per-token losses iff both."""
+        trainer = self._trainer
+        passed = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items is not None
+        self._per_token = passed and "labels" in batch and uses_num_items(model, batch, num_items)
+        if not self._per_token:
+            return
+        self._shift = _shifts_labels(self.probe.model)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+        loss = float(_model_loss(outputs).detach())
+        summed = (float(token_losses(logits.detach(), batch["labels"], shift=self._shift).sum()) / float(num_items)
+                  if logits is not None else float("nan"))
+        if not abs(summed - loss) <= 1e-4 * max(abs(loss), 1e-12):
+            raise IntegrationError(
+                f"{type(self.probe.model).__name__} divides its loss by num_items_in_batch, but not as the token "
+                f"cross-entropy of its logits (its loss {loss:.6g}, the tokens' {summed:.6g}), so the hook cannot "
+                "re-evaluate what the Trainer differentiates; measure it with gammatrace.Probe in your own loop")
+
+    def _factor(self, num_items: Any) -> float:
+        """M c_i of this micro-batch: what the Trainer divides it by, relative to 1/M."""
+        trainer = self._trainer
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items is not None
+        steps = int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1)
+        if self._per_token:  # token-weighted mean already; the Trainer divides it by M again if unscaled
+            return 1.0 if scaled else 1.0 / steps
+        return float(steps) if scaled else 1.0
+
+    def _tell(self, model: nn.Module, batch: dict, outputs: Any, num_items: Any) -> None:
         if self._per_token is None:
-            self._per_token = num_items is not None and "labels" in batch
-            self._shift = self._per_token and _shifts_labels(self.probe.model)
+            self._decide(model, batch, outputs, num_items)
+        factor = self._factor(num_items)
+        if factor != 1.0:
+            batch[_FACTOR] = factor
         value = self._value(outputs, batch)
         if self._per_token:
             self._tokens += value.numel()
             self._items = num_items
-        self.probe.batch(batch, D.global_mean(value) if self._world > 1 else value)
+        self.probe.batch(batch, value)
 
     # ---------------------------------------------------------------- callback events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -253,9 +347,12 @@ def train(build: Callable[[], Any], *, seed: int, threads: int | None = None, ou
     compares them step by step (loss, update, gradient norm, learning rate, the batch, the
     random state) and θ_T, bit for bit. The optimizer is created in ``build``'s place
     (``trainer.create_optimizer()``) so the probe can be made on it; ``train()`` then uses it.
-    ``sinks`` get pass 2's quantities every ``log_every`` steps.
+    ``sinks`` get pass 2's quantities every ``log_every`` steps. ``out`` is checked before
+    pass 1: a folder that holds a run is refused before any training.
     """
     _require()
+    if out is not None and D.is_writer():
+        check_run_folder(out)
     callbacks: list[GammaTrace] = []
 
     def build_for_two_pass() -> tuple:

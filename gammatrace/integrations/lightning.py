@@ -70,7 +70,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gammatrace.engine.twopass import TwoPass, TwoPassResult, save_run
+from gammatrace.engine.twopass import (
+    PendingProbe,
+    TwoPass,
+    TwoPassResult,
+    check_run_folder,
+    save_run,
+)
 from gammatrace.errors import IntegrationError
 from gammatrace.integrations import ranks as D
 from gammatrace.integrations.core import TraceCore
@@ -160,17 +166,22 @@ class GammaTrace(TraceCore, _Callback):
         sinks: more places to log to (:mod:`gammatrace.integrations.loggers`).
         check, per_tensor, kernel: as for :class:`gammatrace.Probe`.
         probe: a probe made elsewhere (by :func:`fit`'s :class:`gammatrace.TwoPass`) on
-            :func:`probe_model` of the module and the optimizer the fit will use.
+            :func:`probe_model` of the module and the optimizer the fit will use, or a
+            :class:`gammatrace.engine.twopass.PendingProbe` (made on :func:`probe_model` of the
+            module), attached when training starts to the optimizer Lightning configured.
     """
 
     def __init__(self, reference: Any = None, *, out: str | Path | None = None,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, log_every: int = 1,
                  sinks: Iterable[Sink] = (), check: bool | int = True, per_tensor: bool = True,
-                 kernel: str | None = None, probe: Probe | None = None):
+                 kernel: str | None = None, probe: Probe | PendingProbe | None = None):
         _require()
+        pending = probe if isinstance(probe, PendingProbe) else None
         super().__init__(reference, out=out, log_every=log_every, sinks=sinks, check=check, per_tensor=per_tensor,
-                         kernel=kernel, probe=probe)
+                         kernel=kernel, probe=None if pending is not None else probe)
         self.loss_fn = loss_fn
+        self._pending = pending
+        self._given = self._given or pending is not None
 
     # ---------------------------------------------------------------- set-up
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -183,6 +194,10 @@ class GammaTrace(TraceCore, _Callback):
         if isinstance(optimizer, torch.optim.LBFGS):
             raise IntegrationError("LBFGS evaluates its closure many times per step; measure it with "
                                    "gammatrace.Probe in your own loop (probe.batch(batch), then step(closure))")
+        if self._pending is not None and self.probe is None:
+            # Lightning has configured the optimizers itself (with estimated_stepping_batches
+            # known): the probe is made on what the fit steps, before its first step.
+            self.probe = self._pending.attach(optimizer)
         if self.probe is not None and (self.probe.optimizer is not optimizer
                                        or getattr(self.probe.model, COMPILED_PREFIX, None) is not pl_module):
             raise IntegrationError("the probe given to GammaTrace measures another module or optimizer than this fit "
@@ -257,27 +272,6 @@ def loss_function(loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = Non
     return D.global_loss_fn(fn) if D.world_size() > 1 else fn
 
 
-def _single_optimizer(configured: Any) -> torch.optim.Optimizer:
-    """The one optimizer in what ``configure_optimizers`` returned (any of Lightning's forms)."""
-    found = []
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, torch.optim.Optimizer):
-            found.append(obj)
-        elif isinstance(obj, Mapping):
-            visit(obj.get("optimizer"))
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                if isinstance(item, (torch.optim.Optimizer, Mapping, list, tuple)):
-                    visit(item)
-
-    visit(configured)
-    if len(found) != 1:
-        raise IntegrationError(f"configure_optimizers returned {len(found)} optimizers; the two-pass measures "
-                               "exactly one (automatic optimization)")
-    return found[0]
-
-
 def fit(build: Callable[[], tuple[Any, Any, Mapping[str, Any]]], *, seed: int, threads: int | None = None,
         out: str | Path | None = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         log_every: int = 0, reference: Any = None, check: bool | int = True, per_tensor: bool = True,
@@ -293,23 +287,22 @@ def fit(build: Callable[[], tuple[Any, Any, Mapping[str, Any]]], *, seed: int, t
     gradient norm, learning rate, the batch, the random state) and θ_T, bit for bit, and
     names the first difference and its likely cause.
 
-    The probe must exist before ``fit`` starts, so the module's ``configure_optimizers`` is
-    called in ``build``'s place, with the trainer attached, and the fit then uses what it
-    returned (a ``configure_optimizers`` that needs state ``fit`` sets up first, such as
-    ``trainer.estimated_stepping_batches``, cannot run that early).
+    Lightning configures the optimizers itself, as in a plain fit (``configure_optimizers``
+    sees the same ``trainer.estimated_stepping_batches``, so a schedule written with it is the
+    same); the probe is made on the optimizer when training starts, before its first step.
+    ``out`` is checked before pass 1: a folder that holds a run is refused before any training.
     """
     _require()
+    if out is not None and D.is_writer():
+        check_run_folder(out)
 
     def build_for_two_pass() -> tuple:
         trainer, module, fit_kwargs = build()
-        module.trainer = trainer
-        configured = module.configure_optimizers()
-        module.configure_optimizers = lambda: configured
-        return probe_model(module), _single_optimizer(configured), trainer, module, dict(fit_kwargs)
+        return probe_model(module), None, trainer, module, dict(fit_kwargs)
 
-    def train(steps: nn.Module, optimizer: torch.optim.Optimizer, probe: Probe, trainer: Any, module: Any,
+    def train(steps: nn.Module, _optimizer: None, pending: PendingProbe, trainer: Any, module: Any,
               fit_kwargs: dict) -> None:
-        trainer.callbacks.append(GammaTrace(probe=probe, log_every=log_every))
+        trainer.callbacks.append(GammaTrace(probe=pending, log_every=log_every))
         trainer.fit(module, **fit_kwargs)
 
     result = TwoPass(build_for_two_pass, train, loss_fn=loss_function(loss_fn), seed=seed,

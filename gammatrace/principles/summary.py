@@ -15,28 +15,42 @@ from gammatrace.principles.series import derive
 from gammatrace.principles.theorem1 import monotone_distance, rate_bound
 
 
-def _loss_drop(body: pd.DataFrame, ell_inf: float, min_rel_drop: float) -> dict[str, Any]:
-    """First/last-epoch mean loss and the "does not train" flag."""
-    loss = col(body, "loss")
-    if len(body) == 0 or not np.isfinite(loss).any():
-        return {
-            "loss_first_epoch": math.nan,
-            "loss_last_epoch": math.nan,
-            "loss_rel_drop": math.nan,
-            "no_progress": None,
-        }
-    means = pd.Series(loss).groupby(body["epoch"].to_numpy(), sort=True).mean()
-    first, last = float(means.iloc[0]), float(means.iloc[-1])
-    # Measured above ℓ_inf so the criterion means "the excess loss fell by less than
-    # min_rel_drop"; with the default ℓ_inf = 0 it is last > (1 − drop) · first.
+def _shows_progress(first: float, last: float, ell_inf: float, min_rel_drop: float) -> bool:
+    # Measured above ℓ_inf so the criterion means "the excess loss fell by at least
+    # min_rel_drop"; with the default ℓ_inf = 0 it is last ≤ (1 − drop) · first.
+    return bool(last - ell_inf <= (1.0 - min_rel_drop) * (first - ell_inf))
+
+
+def _rel_drop(first: float, last: float, ell_inf: float) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel_drop = 1.0 - (last - ell_inf) / (first - ell_inf)
-    return {
-        "loss_first_epoch": first,
-        "loss_last_epoch": last,
-        "loss_rel_drop": float(rel_drop),
-        "no_progress": bool(last - ell_inf > (1.0 - min_rel_drop) * (first - ell_inf)),
-    }
+        return float(1.0 - (np.float64(last) - ell_inf) / (np.float64(first) - ell_inf))
+
+
+def _loss_drop(body: pd.DataFrame, ell_inf: float, min_rel_drop: float) -> dict[str, Any]:
+    """How far the batch loss fell, over the steps and over the epochs, and the "does not
+    train" flag: set only when neither shows a fall of ``min_rel_drop``."""
+    loss = col(body, "loss")
+    nan = {"loss_first_steps": math.nan, "loss_last_steps": math.nan, "loss_rel_drop_steps": math.nan,
+           "loss_first_epoch": math.nan, "loss_last_epoch": math.nan, "loss_rel_drop": math.nan}
+    finite = np.isfinite(loss)
+    if len(body) == 0 or not finite.any():
+        return {**nan, "no_progress": None}
+    # The steps: the first and the last tenth of the steps with a finite loss (one step at least).
+    values = loss[finite]
+    tenth = max(1, math.ceil(len(values) / 10))
+    first_s, last_s = float(values[:tenth].mean()), float(values[-tenth:].mean())
+    out = {**nan, "loss_first_steps": first_s, "loss_last_steps": last_s,
+           "loss_rel_drop_steps": _rel_drop(first_s, last_s, ell_inf)}
+    progress = _shows_progress(first_s, last_s, ell_inf, min_rel_drop)
+    # The epochs, where there are two (one epoch compared with itself says nothing).
+    means = pd.Series(loss).groupby(body["epoch"].to_numpy(), sort=True).mean()
+    out["loss_first_epoch"], out["loss_last_epoch"] = float(means.iloc[0]), float(means.iloc[-1])
+    if len(means) > 1:
+        first_e, last_e = out["loss_first_epoch"], out["loss_last_epoch"]
+        out["loss_rel_drop"] = _rel_drop(first_e, last_e, ell_inf)
+        progress = progress or _shows_progress(first_e, last_e, ell_inf, min_rel_drop)
+    out["no_progress"] = not progress
+    return out
 
 
 def summarize(
@@ -74,10 +88,14 @@ def summarize(
       reason) when the interval is empty (:func:`rate_bound`)
     - ``path_length``, ``path_ratio`` (NaN without ``displacement``),
       ``cos_align_mean``, ``cos_align_frac_positive``
-    - ``loss_first_epoch``, ``loss_last_epoch``, ``loss_rel_drop``, ``no_progress``:
-      the run "does not train" when mean(loss of last epoch) − ℓ_inf >
-      (1 − ``min_rel_drop``) · (mean(loss of first epoch) − ℓ_inf). A one-epoch
-      table compares the epoch with itself and is always flagged.
+    - ``loss_first_steps``, ``loss_last_steps``, ``loss_rel_drop_steps``: the mean batch
+      loss of the first and of the last tenth of the steps (one step at least) and its
+      relative drop above ℓ_inf, 1 − (last − ℓ_inf) / (first − ℓ_inf);
+      ``loss_first_epoch``, ``loss_last_epoch``, ``loss_rel_drop``: the same for the mean
+      batch loss of the first and the last epoch (``loss_rel_drop`` NaN with one epoch);
+      ``no_progress``: the run "does not train" — neither drop reaches ``min_rel_drop``
+      (a loop without epochs is judged by its steps; a run whose loss fell by more than
+      ``min_rel_drop`` either way is never flagged).
     - ``n_steps_total``, ``tail``, ``n_steps``, ``d0_sq``
 
     What the numbers cannot say (DESIGN §1): with θ* = θ_T the progress telescopes

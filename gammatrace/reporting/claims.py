@@ -62,6 +62,36 @@ def target_of(entry: RunEntry) -> float | None:
     return entry.run.config.target_loss
 
 
+def _change(drop: float) -> str:
+    return f"fell by only {drop:.1%}" if not drop < 0 else f"rose by {-drop:.1%}"
+
+
+def loss_drop_words(summary: dict) -> str:
+    """How far a run's mean batch loss fell, in words, over the epochs (where there are two)
+    and over the steps (first vs last tenth): what the "no progress" flag was decided on.
+
+    Example:
+        >>> loss_drop_words({"loss_rel_drop": 0.009, "loss_first_epoch": 2.3, "loss_last_epoch": 2.28})
+        'the mean batch loss fell by only 0.9% (first epoch 2.3 → last epoch 2.28)'
+        >>> loss_drop_words({"loss_rel_drop": None, "loss_rel_drop_steps": -0.01, "loss_first_steps": 2.3,
+        ...                  "loss_last_steps": 2.323})
+        'the mean batch loss rose by 1.0% (first tenth of the steps 2.3 → last tenth 2.323)'
+    """
+    epochs, steps = num(summary.get("loss_rel_drop")), num(summary.get("loss_rel_drop_steps"))
+    parts = []
+    if math.isfinite(epochs):
+        parts.append(f"{_change(epochs)} (first epoch {fmt(summary.get('loss_first_epoch'))} → last epoch "
+                     f"{fmt(summary.get('loss_last_epoch'))})")
+    if math.isfinite(steps):
+        parts.append(f"{_change(steps)} (first tenth of the steps "
+                     f"{fmt(summary.get('loss_first_steps'))} → last tenth {fmt(summary.get('loss_last_steps'))})")
+    if not parts:
+        return "the mean batch loss is unknown"
+    above = num(summary.get("ell_inf"))
+    where = f" above ℓ_inf = {fmt(above)}" if math.isfinite(above) and above != 0 else ""
+    return f"the mean batch loss{where} " + " and ".join(parts)
+
+
 def exclusion(entry: RunEntry) -> str | None:
     """Why a run cannot enter an ordering of γ (None: it can).
 
@@ -84,7 +114,9 @@ def exclusion(entry: RunEntry) -> str | None:
         return entry.problem if not entry.diverged else f"diverged at step {entry.diverged_at_step}"
     s = entry.summary
     if entry.no_progress:
-        return f"no progress (mean batch loss fell by only {num(s.get('loss_rel_drop')):.1%})"
+        drop = num(s.get("loss_rel_drop"))
+        drop = drop if math.isfinite(drop) else num(s.get("loss_rel_drop_steps"))  # one epoch: the steps'
+        return f"no progress (mean batch loss {_change(drop)})"
     if entry.window is None and target_of(entry) is not None and entry.run.meta.reached_target is False:
         return (f"missed the target loss {fmt(target_of(entry))} (final train loss {fmt(entry.final_train_loss)} "
                 f"after {entry.n_epochs} epochs)")

@@ -29,6 +29,7 @@ from gammatrace.reporting.claims import (
     check_runs,
     eligible,
     exclusion,
+    loss_drop_words,
     loss_spread,
     theorem1,
 )
@@ -154,8 +155,7 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
         items = []
         for e in flagged:
             s = e.summary
-            items.append(f"{e.label}: the mean batch loss fell by only {num(s.get('loss_rel_drop')):.1%} "
-                         f"(first epoch {fmt(s.get('loss_first_epoch'))} → last epoch {fmt(s.get('loss_last_epoch'))}); "
+            items.append(f"{e.label}: {loss_drop_words(s)}; "
                          f"its D_0² = {fmt(s.get('d0_sq'))} and its loss gaps are near 0, so its γ_k are noise.")
         blocks.append(Text("Runs flagged \"no progress\" are kept out of every ordering:"))
         blocks.append(Bullets(items))
