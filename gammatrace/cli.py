@@ -58,6 +58,7 @@ from gammatrace.experiments.remote import report_to
 from gammatrace.machine import describe, fingerprint, machine_id, ray_resource
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
+from gammatrace.store.backend import inside, is_remote
 from gammatrace.store.run import Status, check_out_folder
 from gammatrace.techniques import per_sample_loss
 
@@ -109,6 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = check_out_folder(args.out)
     single = len(configs) == 1 and "runs" not in load_yaml(_preset_path(args.config))
     where_of = {name: out if single else out / name for name in configs}
+    if not is_remote(out):  # a run's folder or the report: never a symbolic link planted in --out
+        for name in [*([] if single else configs), "report"]:
+            inside(out, name)
     # The disk estimate before anything is trained (and all of it for --dry-run).
     plan = budget.plan_disk({where_of[n].name if single else n: c for n, c in configs.items()}, out,
                             max_disk=args.max_disk, prune_checkpoints=args.prune_checkpoints,

@@ -236,8 +236,8 @@ def test_single_run_without_layers_table(runs, tmp_path):
     (ref / "layers.parquet").unlink()
     (ref / "modules.parquet").unlink()
     shutil.rmtree(ref / "tensors")
-    (tmp_path / "out" / "layers.png").parent.mkdir()
-    (tmp_path / "out" / "layers.png").write_bytes(b"stale")  # from an earlier report
+    report([paths["adam"]], tmp_path / "out", title="earlier")  # an earlier report drew layers.png
+    assert (tmp_path / "out" / "layers.png").exists()
     html = report([bare], tmp_path / "out", title="one run")
     assert (tmp_path / "out" / "trajectory.png").exists()
     assert not (tmp_path / "out" / "layers.png").exists()

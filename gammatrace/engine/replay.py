@@ -328,7 +328,7 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
     segs = segments(run)
     todo = missing(segs)
     if not todo and (reference_cache is None or before is None):
-        return ref_name
+        return _finalise(run, ref_name, record_rel, before)
     if todo and run.meta.checkpoints_pruned:
         raise pruned_error(run, f"replaying against '{ref_name}'")
     if before is None and len(todo) < len(segs):
@@ -342,7 +342,7 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
         for name in store.files(store.analysis(ref_name, CACHE_CHECKS)):
             store.remove(store.analysis(ref_name, CACHE_CHECKS, name))
     if not todo:
-        return ref_name
+        return _finalise(run, ref_name, record_rel, before)
     if executor == "local":
         warn_other_machine(run, run.meta.machine, run.config.device, run.config.threads)
     store.write_json(record_rel, {"mode": mode, "reason": why, "complete": False})
@@ -352,8 +352,19 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
     kind = run.meta.machine_kind
     make_executor(executor, workers=workers, address=address).map(
         replay_segment, tasks, desc=f"replay {run.name}", progress=progress, machines=[kind] * len(tasks))
-    record: dict[str, Any] = {"mode": mode, "reason": why, "complete": True}
-    if mode == "cached":
+    return _finalise(run, ref_name, record_rel, {"mode": mode, "reason": why, "complete": False})
+
+
+def _finalise(run: Run, ref_name: str, record_rel: str, record: dict[str, Any] | None) -> str:
+    """Complete the record ``reference_cache.json`` once every segment is on disk (the
+    cached segments' checks summarised, and the warning when they may move γ_k), whether
+    the segments were replayed now or by a run interrupted before it could finish the
+    record; a complete record (or none: an analysis older than the record) is kept."""
+    if record is None or record.get("complete"):
+        return ref_name
+    store = run.store
+    record = {"mode": record.get("mode"), "reason": record.get("reason"), "complete": True}
+    if record["mode"] == "cached":
         checks = [store.read_json(store.analysis(ref_name, CACHE_CHECKS, n))
                   for n in store.files(store.analysis(ref_name, CACHE_CHECKS))]
         record.update(summarize_checks(checks))

@@ -21,6 +21,7 @@ from typing import Any
 
 from gammatrace.reporting import report
 from gammatrace.store.backend import Location, ObjectFiles, location
+from gammatrace.store.run import RunStore
 
 
 def _tables_only(rel: str) -> bool:
@@ -55,5 +56,7 @@ def report_to(runs: Sequence[str | Path | Location], out: str | Path | Location,
         where = report(local_runs, local_out, **({"study": study} if study is not None else {}), **options)
         if not isinstance(out, Location):
             return where
-        ObjectFiles(out).upload(local_out, "")
+        (local_out / ".lock").unlink(missing_ok=True)  # the local copy's lock is not the folder's
+        with RunStore(out).lock():  # one writer per report folder, as locally
+            ObjectFiles(out).upload(local_out, "")
         return out / Path(where).relative_to(local_out).as_posix()

@@ -40,7 +40,7 @@ from gammatrace.executors import make_executor
 from gammatrace.experiments.remote import report_to
 from gammatrace.principles.claims import Order, parse_order, restrict_order
 from gammatrace.registry import Registry
-from gammatrace.store.backend import Location, location
+from gammatrace.store.backend import Location, inside, location
 from gammatrace.store.run import Run, RunStore, check_out_folder, recorded_kind
 from gammatrace.store.study import Claim, StudyMeta
 
@@ -555,6 +555,9 @@ def run_study(study: Study, out: str | Path, *, seeds: int | None = None, execut
         executor_ = make_executor(executor, workers=workers, address=address, num_gpus=gpus_per_task)
         # The study folder's lock is held by this command; each task holds its run's lock.
         with RunStore(check_out_folder(out)).lock():
+            if not isinstance(out, Location):  # every cell, the shared points, the report: never a planted link
+                for name in (*runs, "init", "report"):
+                    inside(out, name, what="the study folder")
             if old != meta:
                 meta.write(out)  # unchanged on resume: finished work keeps its mtimes
             if study.shared_init:

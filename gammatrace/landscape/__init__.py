@@ -54,6 +54,7 @@ shared plane, of one plane per path, and of one random direction:
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,8 @@ from gammatrace.landscape.sources import (
     LandscapeWarning,
     RunSource,
 )
-from gammatrace.store.backend import Location, ObjectFiles, location
+from gammatrace.store.backend import Location, ObjectFiles, inside, location, output_folder
+from gammatrace.store.run import RunStore
 
 _PLOTS = {"landscape": plot_landscape, "interpolation": plot_interpolation}
 
@@ -104,10 +106,21 @@ def landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[s
         {'landscape': PosixPath('out/landscape_per_path.png'), 'interpolation': ..., 'grid': ..., ...}
     """
     out = location(out)
+    if not isinstance(out, Location):
+        # Resolved once (a link planted in a run or study folder is refused); one writer at a time.
+        out, note = output_folder(out)
+        if note:
+            print(f"gammatrace: {note}", file=sys.stderr)
+        with RunStore(out).lock(clean=False):
+            # The row cache is a folder of its own below out: never a link planted there.
+            config = options.get("config")
+            pick = {k: options.get(k, getattr(config, k, default))
+                    for k, default in (("directions", "pca"), ("plane", "shared"), ("dims", 2))}
+            inside(out, landscape_stem(pick["directions"], pick["plane"], pick["dims"]) + "_rows")
+            ls = compute_landscape(runs, out, **options)
+            return {**{k: _PLOTS[k](ls, out / name) for k, name in ls.figure_names().items()}, **ls.files}
     ls = compute_landscape(runs, out, **options)
     names = ls.figure_names()
-    if not isinstance(out, Location):
-        return {**{k: _PLOTS[k](ls, out / name) for k, name in names.items()}, **ls.files}
     with tempfile.TemporaryDirectory(prefix="gammatrace-landscape-") as tmp:
         # Figures are drawn locally, then uploaded next to the stored arrays.
         for k, name in names.items():

@@ -48,6 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from gammatrace.landscape.compute import Landscape, Plane
+from gammatrace.store.backend import write_inside
 
 GRADIENT_COLOR = "black"
 # Arrows are drawn at a fixed length (this fraction of each axis's span) because only their *directions* are comparable: an epoch's step and a single
@@ -282,9 +283,9 @@ def figure_landscape(ls: Landscape) -> Figure:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    # Atomically, never through a symbolic link planted at the figure's name.
+    return write_inside(path.parent, path.name,
+                        lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png"))
 
 
 def plot_landscape(ls: Landscape, path: str | Path) -> Path:

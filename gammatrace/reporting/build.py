@@ -7,6 +7,11 @@ Two layouts from the same pieces: a plain report of any runs, and the report of 
 
 from __future__ import annotations
 
+import contextvars
+import json
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +48,16 @@ from gammatrace.reporting.figures import (
     theorem1_figure,
     trajectory_figure,
 )
-from gammatrace.store.run import Run, StoreError
+from gammatrace.store.backend import confined, inside, output_folder, remove_inside, write_inside
+from gammatrace.store.run import Run, RunStore, StoreError
 from gammatrace.store.study import StudyMeta
 
-FIGURE_GLOBS = ("trajectory*.png", "trajectory*.pdf", "layers*.png", "layers*.pdf", "theorem1*.png", "theorem1*.pdf",
-                "matched*.png", "matched*.pdf")
+# The files the last report into a folder wrote (names relative to it): the next report
+# removes those it does not write again, and nothing else (the folder may hold the user's own).
+MANIFEST = ".gammatrace-report.json"
+# The folder a report being drawn (in a temporary folder) is published to: the paths figure
+# keeps its landscape's stored grid there, to be reused by the next report.
+_PUBLISHED: contextvars.ContextVar[Path | None] = contextvars.ContextVar("published", default=None)
 TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, and per epoch "
                       "both γ's (median line, ▼ minimum; log or symlog axis): the γ-optimization principle's γ_k "
                       "(paper 002, Def. 1: gap to ℓ(θ*; B_k)) and the regularity principle's γ^RP_k/‖θ_0 − θ_T‖² "
@@ -105,22 +115,57 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
     """
     if not runs:
         raise ValueError("report() needs at least one run")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # A figure skipped this time must not leave last time's file behind to be mistaken for it.
-    for pattern in FIGURE_GLOBS:
-        for stale in out.glob(pattern):
-            stale.unlink()
-    if study is None:
-        study = S.find_study(runs)
-    if study is not None:
-        blocks = _study_blocks(runs, out, StudyMeta.load(study), title)
-    else:
-        blocks = _plain_blocks(collect(runs, reference), out, title)
-    (out / "summary.md").write_text(to_markdown(blocks), encoding="utf-8")
-    html_path = out / "report.html"
-    html_path.write_text(to_html(blocks, title=title, base=out), encoding="utf-8")
-    return html_path
+    # Resolved once (a link planted in a run or study folder is refused); one writer at a time.
+    folder, note = output_folder(out)
+    if note:
+        print(f"gammatrace: {note}", file=sys.stderr)
+    with RunStore(folder).lock(clean=False), tempfile.TemporaryDirectory(prefix="gammatrace-report-") as tmp:
+        # Drawn in a folder of its own, then published file by file (confined, atomic).
+        stage = Path(tmp)
+        token = _PUBLISHED.set(folder)
+        try:
+            if study is None:
+                study = S.find_study(runs)
+            if study is not None:
+                blocks = _study_blocks(runs, stage, StudyMeta.load(study), title)
+            else:
+                blocks = _plain_blocks(collect(runs, reference), stage, title)
+        finally:
+            _PUBLISHED.reset(token)
+        (stage / "summary.md").write_text(to_markdown(blocks), encoding="utf-8")
+        (stage / "report.html").write_text(to_html(blocks, title=title, base=stage), encoding="utf-8")
+        _publish(stage, folder)
+    return folder / "report.html"
+
+
+def _manifest(out: Path) -> list[str]:
+    """The names the last report into ``out`` wrote (none when it has no readable manifest)."""
+    try:
+        names = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and confined(n) == n and n != MANIFEST]
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Copy the report drawn in ``stage`` into ``out`` (every file through
+    :func:`~gammatrace.store.backend.write_inside`), then remove what the last report there
+    wrote and this one did not: a figure skipped this time must not be mistaken for this
+    report's. The manifest lists both until they are gone, so an interrupted publish
+    forgets nothing."""
+    new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    old = _manifest(out)
+
+    def manifest(names: list[str]) -> None:
+        text = json.dumps({"files": sorted(set(names))}, indent=1) + "\n"
+        write_inside(out, MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+    manifest(old + new)
+    for rel in new:
+        write_inside(out, rel, lambda p, src=stage / rel: shutil.copyfile(src, p))
+    for rel in sorted(set(old) - set(new)):
+        remove_inside(out, rel)
+    manifest(new)
 
 
 def _figure_or_note(png: Path | None, name: str, caption: str, notes: list[str]) -> Block:
@@ -234,8 +279,10 @@ def _paths_blocks(info: StudyMeta, members: list[S.StudyRun], group: str, out: P
     if not runs:
         return []
     stem = f"paths_{S.safe_stem(group)}"
+    # The stored grid lives in the report's folder (reused by the next report); the figure is drawn with the rest.
+    grid_folder = inside(_PUBLISHED.get() or out, stem)  # a planted link is refused, not drawn around
     try:
-        ls = compute_landscape([r.last.run.path for r in runs], out / stem, plane="per_path", grid=PATHS_GRID,
+        ls = compute_landscape([r.last.run.path for r in runs], grid_folder, plane="per_path", grid=PATHS_GRID,
                                samples=PATHS_SAMPLES, progress=False)
     except (UserError, StoreError, ValueError) as exc:  # e.g. pruned checkpoints: the report goes on
         return [Text(f"{stem}.png not drawn: {exc}")]

@@ -13,6 +13,14 @@ storage the same contract is kept another way:
   expiry has passed, or whose holder is a dead process on this host, is taken over;
 * **confinement** compares URL prefixes: a name below the folder never leaves it.
 
+Locally, every file the tool writes into an output folder (run files, reports, figures,
+landscapes, study cells, caches) goes through :func:`write_inside`: the name must stay
+below the folder, and no folder or file below it may be a symbolic link (one planted
+there would carry the write elsewhere): each folder is opened with ``O_NOFOLLOW`` relative
+to the one above it, the file is written to a temporary name in that folder and renamed
+into place there. :func:`remove_inside` deletes the same way, and :func:`inside` checks a
+path before a writer that takes a folder (a run, a landscape) is given it.
+
 fsspec and the file system's own package (``s3fs`` for ``s3://``) are optional:
 ``pip install 'gammatrace[s3]'``. Endpoint and credentials come from the usual places
 (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, … or ``~/.aws``).
@@ -25,15 +33,27 @@ Example:
     (PosixPath('/tmp/runs/a'), False, True)
     >>> confined("analysis/last/../last/steps"), confined("../other")
     ('analysis/last/steps', None)
+    >>> import tempfile; root = Path(tempfile.mkdtemp())
+    >>> write_inside(root, "report/summary.md", lambda p: Path(p).write_text("ok")).read_text()
+    'ok'
+    >>> (root / "link").symlink_to(tempfile.mkdtemp())
+    >>> write_inside(root, "link/x.md", lambda p: Path(p).write_text("no"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    gammatrace.store.backend.UnsafePathError: .../link is a symbolic link inside the output folder ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import posixpath
+import secrets
 import socket
+import stat
+import sys
 import tempfile
 import threading
 import time
@@ -147,6 +167,170 @@ def confined(rel: str) -> str | None:
         return None
     norm = posixpath.normpath(rel)
     return None if norm == ".." or norm.startswith("../") or norm == "." else norm
+
+
+class UnsafePathError(UserError):
+    """A write would leave its output folder: the name climbs out of it, or a folder or file
+    below it is a symbolic link (planted there, it would carry the write elsewhere)."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _parts(root: Path, rel: str, what: str) -> list[str]:
+    norm = confined(rel)
+    if norm is None:
+        raise UnsafePathError(f"{root / rel} lies outside {what} {root}; refusing to write there")
+    return norm.split("/")
+
+
+def _link_error(path: Path, root: Path, what: str) -> UnsafePathError:
+    return UnsafePathError(f"{path} is a symbolic link inside {what} {root}; refusing to write through it "
+                           "(remove the link, or choose another --out)")
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _folder(root: Path, parts: list[str], what: str, create: bool) -> Iterator[int]:
+    """A descriptor of the folder ``root/parts…``, each step opened with ``O_NOFOLLOW``
+    relative to the one above (``create``: made where missing). ``root`` itself is trusted:
+    the caller chose it (see :func:`output_folder`)."""
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | _DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            for _ in range(3):  # a concurrent writer may create the same folder meanwhile
+                try:
+                    nxt = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=fd)
+                    break
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                except OSError:
+                    if _is_link(part, fd):
+                        raise _link_error(root.joinpath(*parts[:i + 1]), root, what) from None
+                    raise
+            else:
+                raise FileNotFoundError(str(root.joinpath(*parts[:i + 1])))
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def inside(root: str | os.PathLike, rel: str, what: str = "the output folder") -> Path:
+    """``root/rel``, refused (:class:`UnsafePathError`) when ``rel`` climbs out of ``root`` or
+    an existing folder or file on the way below ``root`` is a symbolic link; for a writer
+    that takes a folder (a run, a landscape, a report), before it is given one."""
+    root = Path(root)
+    parts = _parts(root, rel, what)
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise _link_error(path, root, what)
+        if not path.exists():
+            break
+    return root / "/".join(parts)
+
+
+def write_inside(root: str | os.PathLike, rel: str, write: Callable[[str], None],
+                 what: str = "the output folder") -> Path:
+    """Write ``root/rel`` atomically: ``write(path)`` fills a temporary file in the target's
+    folder, which is then renamed into place. Refused (:class:`UnsafePathError`) when ``rel``
+    leaves ``root`` or a folder or the file below ``root`` is a symbolic link; the folders are
+    opened with ``O_NOFOLLOW`` (and created) one by one, and the temporary file is reached
+    through the folder's descriptor, so a link planted meanwhile is not followed either.
+    Returns ``root/rel``. The temporary file follows the umask."""
+    root = Path(root)
+    parts = _parts(root, rel, what)
+    target = root / "/".join(parts)
+    name = parts[-1]
+    with _folder(root, parts[:-1], what, create=True) as dfd:
+        if _is_link(name, dfd):
+            raise _link_error(target, root, what)
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=dfd)
+        os.close(fd)
+        proc = f"/proc/self/fd/{dfd}"
+        path = f"{proc}/{tmp}" if os.path.isdir(proc) else str(target.parent / tmp)
+        try:
+            write(path)
+            if not stat.S_ISREG(os.stat(tmp, dir_fd=dfd, follow_symlinks=False).st_mode) or _is_link(name, dfd):
+                raise _link_error(target, root, what)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    return target
+
+
+def write_bytes_inside(root: str | os.PathLike, rel: str, data: bytes, what: str = "the output folder") -> Path:
+    """:func:`write_inside` of ``data``."""
+    def put(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+    return write_inside(root, rel, put, what)
+
+
+def remove_inside(root: str | os.PathLike, rel: str, what: str = "the output folder") -> bool:
+    """Delete the regular file ``root/rel`` (never through a symbolic link, never a link
+    itself); False when there was none."""
+    root = Path(root)
+    parts = _parts(root, rel, what)
+    try:
+        with _folder(root, parts[:-1], what, create=False) as dfd:
+            if not stat.S_ISREG(os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False).st_mode):
+                return False
+            os.unlink(parts[-1], dir_fd=dfd)
+            return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def check_owner(path: str | os.PathLike) -> None:
+    """Refuse ``path`` when a symbolic link leads to it from inside a run or study folder
+    (the outermost folder above holding run.json or study.json): planted where the tool
+    writes, it would carry a run, a study cell or a report elsewhere."""
+    given = Path(os.path.abspath(path))
+    owner = None
+    for parent in given.parents:
+        if (parent / "run.json").is_file() or (parent / "study.json").is_file():
+            owner = parent
+    if owner is not None:
+        kind = "run" if (owner / "run.json").is_file() else "study"
+        inside(owner, given.relative_to(owner).as_posix(), what=f"the {kind} folder")
+
+
+def output_folder(out: str | os.PathLike, flag: str = "--out") -> tuple[Path, str | None]:
+    """An output folder the user named, resolved once: (the folder, a line saying where a
+    symbolic link led, else None). Refused by :func:`check_owner`.
+
+    Example:
+        >>> import tempfile; base = Path(tempfile.mkdtemp())
+        >>> (base / "docs").symlink_to(base / "real", target_is_directory=True)
+        >>> folder, note = output_folder(base / "docs")
+        >>> folder == (base / "real"), note.endswith("is a symbolic link to " + str(base / "real") + "; writing there")
+        (True, True)
+    """
+    check_owner(out)
+    given = Path(os.path.abspath(out))
+    resolved = given.resolve()
+    if resolved == given:
+        return Path(out), None
+    return resolved, f"{flag} {out} is a symbolic link to {resolved}; writing there"
 
 
 def _fsspec():
@@ -354,16 +538,22 @@ class ObjectLock:
 
     def _holder(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            info = self.files.fs.info(self.files.key(self.name))
-            data = json.loads(self.files.read_bytes(self.name))
+            info = self.files._call(f"reading the lock {self.files.root / self.name}",
+                                    lambda: self.files.fs.info(self.files.key(self.name)))
+            raw = self.files.read_bytes(self.name)
         except FileNotFoundError:
             return None, None
+        try:
+            data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            return {}, None  # a damaged lock object: treat as expired
+            data = None  # a damaged lock object: expired (taken over with its ETag, so conditionally)
         return (data if isinstance(data, dict) else {}), info.get("ETag")
 
     def _stale(self, holder: dict[str, Any]) -> bool:
-        if not isinstance(holder.get("expires"), (int, float)) or holder["expires"] < time.time():
+        expires = holder.get("expires")
+        # NaN compares false with everything: a NaN (or infinite) expiry would hold forever
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires) \
+                or expires < time.time():
             return True
         me = _host_identity()
         same_host = all(holder.get(k) == me.get(k) for k in ("host", "boot", "pidns"))
@@ -382,9 +572,23 @@ class ObjectLock:
                     f"{where} is in use by {who} (lock {where / self.name}); wait for it to finish, or stop it and "
                     "rerun the same command to resume (a lock of a killed process expires "
                     f"{self.ttl:.0f} s after its last renewal)") from None
+            print(f"gammatrace: taking over the lock {where / self.name}: {self._why_stale(holder)}", file=sys.stderr)
             self._take_over(etag)
         self._thread = threading.Thread(target=self._renew, daemon=True, name="gammatrace-lock")
         self._thread.start()
+
+    @staticmethod
+    def _why_stale(holder: dict[str, Any] | None) -> str:
+        if holder is None:
+            return "it vanished"
+        if not holder:
+            return "it is not a lock gammatrace wrote (damaged or foreign)"
+        expires = holder.get("expires")
+        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+            return f"its expiry {expires!r:.40} is not a time"
+        if expires < time.time():
+            return f"it expired {time.time() - expires:.0f} s ago (its holder stopped renewing it)"
+        return f"its holder, process {holder.get('pid')} on this machine, is gone"
 
     def _take_over(self, etag: str | None) -> None:
         where = self.files.root
@@ -419,6 +623,10 @@ class ObjectLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder, _ = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-            self.files.remove(self.name)
+        try:
+            holder, _ = self._holder()
+            if holder is not None and holder.get("token") == self.token:
+                self.files.remove(self.name)
+        except UserError as exc:  # the store dropped out after the work: the lock expires by itself
+            print(f"gammatrace: warning: the lock {self.files.root / self.name} was not removed ({exc}); it expires "
+                  f"{self.ttl:.0f} s after its last renewal", file=sys.stderr)

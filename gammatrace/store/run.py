@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
@@ -49,7 +48,16 @@ from gammatrace.config import RunConfig
 from gammatrace.errors import RunInUseError, UserError, os_error
 from gammatrace.machine import machine_id
 from gammatrace.store import integrity
-from gammatrace.store.backend import Location, ObjectFiles, confined, location
+from gammatrace.store.backend import (
+    Location,
+    ObjectFiles,
+    UnsafePathError,
+    check_owner,
+    confined,
+    location,
+    remove_inside,
+    write_inside,
+)
 from gammatrace.store.summary import RunSummary
 
 FORMAT_VERSION = 1
@@ -186,7 +194,8 @@ def _umask() -> int:
 
 def check_out_folder(path: str | Path | Location, flag: str = "--out") -> Path | Location:
     """``path`` as an output folder: refused (one line) when it, or a folder above it, is a file
-    (a URL: when an object is stored under its very name)."""
+    (a URL: when an object is stored under its very name), or when a symbolic link planted in
+    a run or study folder leads there (:func:`~gammatrace.store.backend.check_owner`)."""
     path = location(path)
     if isinstance(path, Location):
         if ObjectFiles(path.parent).is_file(path.name):
@@ -196,6 +205,7 @@ def check_out_folder(path: str | Path | Location, flag: str = "--out") -> Path |
         if p.exists() and not p.is_dir():
             where = "is a file" if p == path else f"lies below the file {p}"
             raise UserError(f"{flag} {path} {where}; choose a folder")
+    check_owner(path)  # a link planted in a run or study folder (a study cell -> elsewhere)
     return path
 
 
@@ -233,6 +243,7 @@ class RunStore:
     REFERENCE = "reference.pt"  # θ* of a continuation reference
     STEPS = "steps"  # pass-1 step shards
     SAMPLES = "samples"  # pass-1 per-sample shards
+    SKIPPED = "skipped.parquet"  # an own loop's steps the optimizer never made
 
     def __init__(self, root: str | Path | Location):
         self.root = location(root)
@@ -312,7 +323,7 @@ class RunStore:
             self.remote.remove(str(confined(rel)))
             return
         try:
-            Path(target).unlink(missing_ok=True)
+            remove_inside(self.root, rel, what="the run folder")
         except OSError as exc:
             raise (os_error(exc, f"removing {target}") or exc) from None
 
@@ -353,23 +364,17 @@ class RunStore:
             self.remote.write(str(confined(rel)), write)
             return
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            # mkstemp creates 0600; a run folder on a shared disk must follow the umask.
-            os.chmod(tmp, 0o666 & ~_umask())
+            # A temporary file in the target's folder, renamed into place; no folder or file
+            # below the root may be a symbolic link (backend.write_inside). No fsync: rename
+            # is atomic against a killed process (the failure resume handles); fsync per file
+            # would cost more than a small run's training.
+            write_inside(self.root, rel, write, what="the run folder")
         except OSError as exc:
-            raise (os_error(exc, f"writing {target}") or exc) from None
-        try:
-            # No fsync: rename is atomic against a killed process (the failure resume
-            # handles); fsync per file would cost more than a small run's training.
-            write(tmp)
-            os.replace(tmp, target)
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(exc, OSError) and os_error(exc, f"writing {target}") is not None:
+            if os_error(exc, f"writing {target}") is not None:
                 raise os_error(exc, f"writing {target}") from None
-            if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+            raise
+        except RuntimeError as exc:
+            if "unexpected pos" in str(exc):
                 # torch.save reports a short write (a full disk) this way
                 raise StoreError(f"writing {target}: the write was cut short (no space left on device?); "
                                  "free some space and rerun the same command to resume") from None
@@ -377,14 +382,16 @@ class RunStore:
 
     # ---------------------------------------------------------------- lock
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, clean: bool = True) -> Iterator[None]:
         """Hold the run folder's lock (``.lock``, an ``fcntl`` lock that dies with its process).
 
         A second writer is refused while a live holder exists, with the holder's PID; the
         lock is released when the holder exits, however it exits. Temporary files left
-        by a killed writer are removed once the lock is held.
+        by a killed writer are removed once the lock is held (``clean``; False for a folder
+        the tool does not own, as a report's ``--out``: it may hold the user's own files).
 
         Example:
+            >>> import tempfile
             >>> store = RunStore(tempfile.mkdtemp())
             >>> with store.lock():
             ...     with store.lock():   # re-entrant within one process
@@ -404,8 +411,13 @@ class RunStore:
             return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            f = open(key, "a+")
+            # Never through a link planted as .lock (its target would be truncated).
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            f = os.fdopen(fd, "r+")
         except OSError as exc:
+            if (self.root / ".lock").is_symlink():
+                raise UnsafePathError(f"{self.root / '.lock'} is a symbolic link inside the folder {self.root}; "
+                                      "refusing to write through it (remove the link)") from None
             raise (os_error(exc, f"locking {self.root}") or exc) from None
         try:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -424,7 +436,8 @@ class RunStore:
         f.flush()
         _HELD[key] = [f, 1]
         try:
-            self._remove_stale_temporaries()
+            if clean:
+                self._remove_stale_temporaries()
             yield
         finally:
             del _HELD[key]
