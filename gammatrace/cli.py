@@ -296,6 +296,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C anywhere, building the parser (it imports the plugin commands) included: one
+    # line, exit status 130 (`gammatrace.__main__` covers the imports before and the exit after).
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("gammatrace: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
@@ -311,9 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValidationError) as exc:  # ValidationError: a config field pydantic refused
         print(f"gammatrace: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gammatrace: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
     except Exception:  # a bug: its traceback, and where to report it
         traceback.print_exc()
         print(f"gammatrace: {BUG_REPORT}", file=sys.stderr)

@@ -37,6 +37,20 @@ from gammatrace.models.init import INITS
 from gammatrace.registry import UnknownNameError
 from gammatrace.techniques import LOSSES, OPTIMIZERS, SCHEDULES
 
+# Ceilings on what a config may ask for, checked before anything is allocated (a count
+# beyond them is a typo or hostile input, not an experiment): an epoch count of 10**12
+# would otherwise build a set of every epoch, a width of 10**9 ask torch for 10**18 bytes.
+MAX_EPOCHS = 1_000_000  # epochs, and epochs + reference.extra_epochs
+MAX_SEEDS = 10_000  # seeds per study cell
+MAX_SAMPLES = 100_000_000  # n_train, n_test, batch sizes, a dataset's num_samples/num_train/num_test
+MAX_THREADS = 1024
+# Optimizer and clipping values: torch converts them to the parameters' dtype (float32's
+# largest is 3.4e38; an lr of 1e308 raises inside the first step), with room for the
+# optimizer's own arithmetic (Adam divides the lr by 1 - β1^t).
+MAX_OPTIM_VALUE = 1e30
+MAX_NAME = 100  # characters of a run, cell, group or config name (a folder name; most file systems allow 255 bytes)
+MAX_CONFIG_NODES = 100_000  # values in a config file once its YAML aliases are expanded
+
 
 class _Strict(BaseModel):
     # inf/NaN are refused by name: an lr of 1e400 (YAML reads it as text) must not train
@@ -54,10 +68,19 @@ class _Open(BaseModel):
 
 class DataConfig(_Open):
     name: str = "mnist1d"
-    n_train: PositiveInt | None = None  # samples kept from the training split
-    n_test: PositiveInt | None = None
+    n_train: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None  # samples kept from the training split
+    n_test: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = None
     classes: list[int] | None = None
     augment: str = "none"  # data.augment registry; seeded from (seed, epoch, index)
+
+    @model_validator(mode="after")
+    def _sample_counts(self) -> DataConfig:
+        # A dataset's own sample counts (mnist1d's num_samples, teacher's num_train) are
+        # switches: bounded here, before a generator allocates them.
+        for key, value in self.switches().items():
+            if _is_sample_count(key) and isinstance(value, int) and not isinstance(value, bool) and value > MAX_SAMPLES:
+                raise ValueError(f"data.{key} = {value} is beyond the ceiling of {MAX_SAMPLES:,} samples")
+        return self
 
 
 class ModelConfig(_Open):
@@ -71,9 +94,10 @@ class _OptimBase(_Strict):
     ``torch.optim`` class uses (``gammatrace.techniques`` registers the same signatures), so
     an argument an optimizer would ignore is a validation error, not a silent no-op."""
 
-    lr: PositiveFloat = 0.05  # base learning rate η
-    weight_decay: float = Field(0.0, ge=0)
-    clip_grad_norm: PositiveFloat | None = None  # max global gradient norm, if clipping (not an optimizer argument)
+    lr: float = Field(0.05, gt=0, le=MAX_OPTIM_VALUE)  # base learning rate η
+    weight_decay: float = Field(0.0, ge=0, le=MAX_OPTIM_VALUE)
+    # max global gradient norm, if clipping (not an optimizer argument)
+    clip_grad_norm: float | None = Field(None, gt=0, le=MAX_OPTIM_VALUE)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the optimizer factory (everything but name and clipping)."""
@@ -91,20 +115,20 @@ class MomentumConfig(_OptimBase):
 
 class AdamConfig(_OptimBase):
     name: Literal["adam", "amsgrad", "adamw"] = "adam"
-    betas: tuple[float, float] = (0.9, 0.999)  # β1, β2
-    eps: PositiveFloat = 1e-8
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)  # β1, β2
+    eps: float = Field(1e-8, gt=0, le=MAX_OPTIM_VALUE)
 
 
 class AdagradConfig(_OptimBase):
     name: Literal["adagrad"] = "adagrad"
-    eps: PositiveFloat = 1e-8
+    eps: float = Field(1e-8, gt=0, le=MAX_OPTIM_VALUE)
 
 
 class RMSpropConfig(_OptimBase):
     name: Literal["rmsprop"] = "rmsprop"
     alpha: float = Field(0.99, gt=0, lt=1)  # smoothing constant of the squared-gradient average
     momentum: float = Field(0.0, ge=0, lt=1)
-    eps: PositiveFloat = 1e-8
+    eps: float = Field(1e-8, gt=0, le=MAX_OPTIM_VALUE)
 
 
 OptimConfig = Annotated[SGDConfig | MomentumConfig | AdamConfig | AdagradConfig | RMSpropConfig,
@@ -175,7 +199,7 @@ class ReferenceConfig(_Strict):
     """Which θ* the analysis uses (DESIGN.md §1)."""
 
     kind: Literal["last", "continuation", "file"] = "last"
-    extra_epochs: int = Field(0, ge=0)  # continuation: epochs trained beyond the horizon
+    extra_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)  # continuation: epochs trained beyond the horizon
     path: str | None = None  # file: a state dict / checkpoint
 
     @model_validator(mode="after")
@@ -204,7 +228,7 @@ class AnalysisConfig(_Strict):
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
-    threads: PositiveInt = 1  # torch intra-op threads; part of the trajectory's identity
+    threads: int = Field(1, ge=1, le=MAX_THREADS)  # torch intra-op threads; part of the trajectory's identity
     device: str = "cpu"
     # Floating dtype of the parameters and data. float64 for problems whose loss gaps fall
     # below float32 round-off (a realizable teacher–student converges to loss 0).
@@ -214,17 +238,17 @@ class RunConfig(_Strict):
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     optim: OptimConfig = Field(default_factory=SGDConfig)
     schedule: ScheduleConfig = ScheduleConfig()
-    epochs: PositiveInt = 10  # the cap when target_loss is set
-    batch_size: PositiveInt = 128
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)  # the cap when target_loss is set
+    batch_size: int = Field(128, ge=1, le=MAX_SAMPLES)
     drop_last: bool = False
     target_loss: PositiveFloat | None = None  # stop once the full training loss ≤ this
     reference: ReferenceConfig = ReferenceConfig()
     analysis: AnalysisConfig = AnalysisConfig()
-    eval_batch_size: PositiveInt = 1024
+    eval_batch_size: int = Field(1024, ge=1, le=MAX_SAMPLES)
     # Epochs between checkpoints: replay segments are this many epochs long. Larger saves
     # disk (see `gammatrace run --dry-run`) at the price of replay parallelism; "auto" takes
     # the densest spacing whose estimate fits the disk budget (resolved before training).
-    checkpoint_every: PositiveInt | Literal["auto"] = 1
+    checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | Literal["auto"] = 1
 
     @field_validator("name")
     @classmethod
@@ -248,6 +272,13 @@ class RunConfig(_Strict):
             raise UserError(f"invalid config: {bad[0]}: {bad[1]!r:.60} is not a finite number in the "
                             "64-bit range")
         return data
+
+    @model_validator(mode="after")
+    def _horizon(self) -> RunConfig:
+        if self.epochs + self.reference.extra_epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs + reference.extra_epochs = {self.epochs + self.reference.extra_epochs} is "
+                             f"beyond the ceiling of {MAX_EPOCHS:,} epochs")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -293,12 +324,17 @@ class RunConfig(_Strict):
         return RunConfig.model_validate(deep_merge(self.model_dump(), overrides))
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+,@-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+,@-]*")
+
+
+def _is_sample_count(key: str) -> bool:
+    return key in {"num_samples", "num_train", "num_test", "n_train", "n_test"} or key.endswith("_samples")
 
 
 def check_name(name: str, what: str = "run") -> str:
     """A run, cell or group name that is safe as one folder name: no path separators,
-    no ``..``, not absolute, not hidden.
+    no ``..``, not absolute, not hidden, no control character (a trailing newline
+    included: the whole name must match), at most :data:`MAX_NAME` characters.
 
     Example:
         >>> check_name("relu-s0")
@@ -308,8 +344,10 @@ def check_name(name: str, what: str = "run") -> str:
         ...
         gammatrace.errors.UserError: run name '../x' is not a plain folder name (letters, digits and _ . = + , @ -, not starting with '.'; no '/', no '..')
     """
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise UserError(f"{what} name {name!r} is not a plain folder name (letters, digits and _ . = + , @ -, "
+    if isinstance(name, str) and len(name) > MAX_NAME:
+        raise UserError(f"{what} name {name[:40]!r}... is {len(name)} characters long; at most {MAX_NAME}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise UserError(f"{what} name {name!r:.80} is not a plain folder name (letters, digits and _ . = + , @ -, "
                         "not starting with '.'; no '/', no '..')")
     return name
 
@@ -423,6 +461,47 @@ def _optim_variant(name: str) -> type[_OptimBase] | None:
     return next((v for v in OPTIM_VARIANTS if name in v.model_fields["name"].annotation.__args__), None)
 
 
+def expanded_size(data: Any, bound: int) -> int | None:
+    """How many values ``data`` holds once YAML aliases are expanded (a shared list counts
+    once per reference), or None beyond ``bound`` or for a structure that contains itself.
+    ``yaml.safe_load`` keeps an alias as a shared reference, so a file of a few hundred
+    bytes can stand for 10**9 values; any walk of it (validation, merging, dumping) takes
+    forever. Counted once per distinct node (memoised by identity), so the count itself is
+    fast whatever the expansion.
+
+    Example:
+        >>> leaf = [0] * 10
+        >>> bomb = [leaf] * 10
+        >>> for _ in range(7):
+        ...     bomb = [bomb] * 10
+        >>> expanded_size({"a": [1, 2]}, 100), expanded_size(bomb, 10**6)
+        (4, None)
+        >>> loop = []; loop.append(loop); expanded_size(loop, 100) is None
+        True
+    """
+    sizes: dict[int, int | None] = {}
+
+    def count(node: Any) -> int | None:
+        if not isinstance(node, (dict, list, tuple)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]  # None while in progress: the node contains itself
+        sizes[key] = None
+        total = 1
+        for child in (node.items() if isinstance(node, dict) else node):
+            sub = count(child[1]) if isinstance(node, dict) else count(child)
+            if sub is None:
+                return None
+            total += sub + (isinstance(node, dict))  # a mapping's key is a value too
+            if total > bound:
+                return None
+        sizes[key] = total
+        return total
+
+    return count(data)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A config file as a dict; a missing file, a YAML syntax error or a non-mapping is
     one :class:`~gammatrace.errors.UserError` naming the file (and the line)."""
@@ -441,6 +520,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot be read as a config ({exc.__class__.__name__}: {exc})") from None
+    try:
+        size = expanded_size(data, MAX_CONFIG_NODES)
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a config") from None
+    if size is None:
+        raise UserError(f"{path}: its YAML aliases expand to more than {MAX_CONFIG_NODES:,} values (or refer to "
+                        "themselves); a config is far smaller: write the values out")
     if data is None:  # an empty (truncated, unsaved) file must not train the defaults
         raise UserError(f"{path} holds no settings (it is empty or all comments); write `{{}}` "
                         "to mean every default")

@@ -100,6 +100,14 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
+def _worker_init(parent: int) -> None:
+    """A local worker: ends with its parent, and leaves Ctrl-C to it (SIGINT was blocked
+    while it started; ignored from now on, a pending one dropped)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    die_with_parent(parent)
+
+
 @EXECUTORS.register("local")
 class LocalExecutor:
     """Tasks in this process (``workers=1``) or in ``workers`` spawned processes.
@@ -126,11 +134,19 @@ class LocalExecutor:
                     out.append(fn(*t))
                     bar.update(1)
                 return out
-            # spawn: a forked child would inherit torch's thread pools and locks.
+            # spawn: a forked child would inherit torch's thread pools and locks. Ctrl-C
+            # reaches every process of the terminal's group: the workers are started with
+            # SIGINT blocked (a mask survives exec; the pool starts them in submit) and
+            # ignore it from then on, so an interrupt is the driver's alone: it stops the
+            # workers and prints one line, instead of a traceback from every worker.
             pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=mp.get_context("spawn"),
-                                       initializer=die_with_parent, initargs=(os.getpid(),))
+                                       initializer=_worker_init, initargs=(os.getpid(),))
             try:
-                futures = [pool.submit(fn, *t) for t in tasks]
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    futures = [pool.submit(fn, *t) for t in tasks]
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C is raised here
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -139,6 +155,12 @@ class LocalExecutor:
                         if fut.exception() is not None:
                             raise fut.exception()
                 return [f.result() for f in futures]
+            except KeyboardInterrupt:
+                # The workers ignore SIGINT: end them (a rerun resumes what they were writing,
+                # as after any kill), rather than wait for their tasks to finish.
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                raise
             finally:
                 # On a failure, queued tasks are dropped rather than run to completion
                 # first; running ones finish (a resumed study picks up the rest).

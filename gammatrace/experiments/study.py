@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gammatrace.analysis import analyze
-from gammatrace.config import RunConfig, load_yaml
+from gammatrace.config import MAX_SEEDS, RunConfig, check_name, load_yaml
 from gammatrace.config import merge_config as merge
 from gammatrace.data import load_dataset
 from gammatrace.engine import budget, train_pass
@@ -72,8 +72,9 @@ class Study:
     paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.seeds < 1:
-            raise StudyError(f"study {self.name}: seeds must be >= 1, got {self.seeds}")
+        _check_seeds(self.seeds, f"study {self.name}: ")
+        for cell in self.cells:  # printable, bounded folder names, before any run name is built from them
+            check_name(cell, "cell")
         unknown = {c for claim in self.claims for c in claim.cells} - set(self.cells)
         unknown |= {c for cells in self.groups.values() for c in cells} - set(self.cells)
         unknown |= set(self.paths) - set(self.cells)
@@ -92,9 +93,11 @@ class Study:
 
     def run_names(self, seeds: int = 1) -> dict[str, tuple[str, int]]:
         """Run name -> (cell, seed index); with several seeds ``cell-s0``, ``cell-s1``, …"""
-        if seeds < 1:
-            raise StudyError(f"seeds must be >= 1, got {seeds}")
-        return {(cell if seeds == 1 else f"{cell}-s{i}"): (cell, i) for cell in self.cells for i in range(seeds)}
+        _check_seeds(seeds)
+        names = {(cell if seeds == 1 else f"{cell}-s{i}"): (cell, i) for cell in self.cells for i in range(seeds)}
+        for name in names:  # a cell name near the length ceiling plus "-s12"
+            check_name(name)
+        return names
 
     def runs(self, seeds: int = 1, init_dir: str | Path | None = None) -> dict[str, RunConfig]:
         """Run name -> config. With ``shared_init`` and an ``init_dir``, every run loads
@@ -127,6 +130,12 @@ class Study:
                          seed_of={name: i for name, (_, i) in names.items()},
                          groups={name: self.group_of(cell) for name, (cell, _) in names.items()},
                          claims=list(self.claims), paths=list(self.paths))
+
+
+def _check_seeds(seeds: int, where: str = "") -> None:
+    """1 <= seeds <= MAX_SEEDS, before a name per seed is built."""
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise StudyError(f"{where}seeds must be between 1 and {MAX_SEEDS:,}, got {seeds}")
 
 
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
@@ -245,7 +254,7 @@ class GridSpec(_Spec):
     groups: dict[str, GroupSpec] = {}
     claims: list[ClaimSpec] = []
     shared_init: bool = False
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1, le=MAX_SEEDS)
     paths: list[str] = []  # variants whose paths the report draws on their own PCA planes, in every group
     # Claims across groups, over cell names (``group-variant``): e.g. a claim about
     # differences, "r34-all − r34-first > r18-all − r18-first" (each item per seed: γ of the
@@ -330,7 +339,7 @@ class CellsSpec(_Spec):
     claims: list[_CellClaim] = []
     groups: dict[str, list[str]] | None = None
     shared_init: bool = False
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(1, ge=1, le=MAX_SEEDS)
     paths: list[str] = []  # cells whose paths the report draws on their own PCA planes
 
     def build(self, preset: str = "custom") -> Study:
