@@ -2,7 +2,8 @@
 
 ``analyze`` replays the run against a reference (only the segments not yet on disk),
 derives the §6 columns, and writes summaries next to them under ``analysis/<ref>/``.
-Re-analysing with another ``tail`` or ``ell_inf`` reuses the replay.
+Re-analysing with another ``tail`` or ``ell_inf`` reuses the replay and is an analysis of
+its own (``analysis/<ref>/tail=28``, :func:`analysis_name`), never a silent replacement.
 """
 
 from __future__ import annotations
@@ -119,6 +120,29 @@ def check_options(run: Run, *, tail: int, ell_inf: float, workers: int) -> None:
         raise UserError(f"workers={workers} (--workers) must be at least 1")
 
 
+def analysis_name(reference: str, cfg: RunConfig, tail: int, ell_inf: float) -> str:
+    """Where an analysis lives below ``analysis/``: its identity is (reference, tail, ℓ_inf).
+
+    The run config's tail and ℓ_inf keep the reference's own folder (``analysis/last``, as
+    every run folder written before had it, so they still load, and what ``train`` writes);
+    other options are an analysis of their own beside it, ``analysis/last/tail=28``, so
+    re-analysing with another tail never silently replaces the numbers an earlier report
+    showed, and a report names which one it read (``--reference last/tail=28``). The
+    replay's measurements (raw steps, per-tensor and per-sample shards) depend on θ* alone
+    and stay in the reference's folder, shared by all its analyses.
+
+    Example:
+        >>> cfg = RunConfig()
+        >>> analysis_name("last", cfg, 0, 0.0), analysis_name("last", cfg, 28, 0.0)
+        ('last', 'last/tail=28')
+        >>> analysis_name("continuation", cfg, 2, 0.5)
+        'continuation/tail=2,ell_inf=0.5'
+    """
+    options = ([f"tail={tail}"] if tail != cfg.analysis.tail else []) + \
+        ([f"ell_inf={float(ell_inf)!r}"] if ell_inf != cfg.analysis.ell_inf else [])
+    return f"{reference}/{','.join(options)}" if options else reference
+
+
 def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, ell_inf: float, workers: int,
                     progress: bool) -> dict[str, Any]:
     # An own loop's run holds its measured tables; only an engine run can be replayed.
@@ -126,16 +150,25 @@ def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, 
                                                                     progress=progress)
     run = Run(run.path)  # replay may have recorded a hash in run.json
     store = run.store
+    name = analysis_name(ref_name, cfg, tail, ell_inf)
+    if name != ref_name:
+        print(f"gammatrace: {run.path}: tail {tail} and ℓ_inf {ell_inf:g} are not the run config's "
+              f"({cfg.analysis.tail}, {cfg.analysis.ell_inf:g}): this analysis is stored as analysis/{name}, "
+              f"beside analysis/{ref_name}; report it with `gammatrace report {run.path} --reference {name}`",
+              file=sys.stderr)
 
-    def at(*parts: str) -> str:
+    def at(*parts: str) -> str:  # what depends on the options
+        return store.analysis(name, *parts)
+
+    def measured(*parts: str) -> str:  # what the replay measured: θ* alone
         return store.analysis(ref_name, *parts)
 
-    raw = store.read_shards(at("steps"), required=RAW_STEP_COLUMNS)
+    raw = store.read_shards(measured("steps"), required=RAW_STEP_COLUMNS)
     steps = P.derive(raw, ell_inf=ell_inf, eps=cfg.analysis.eps)
     for epoch, frame in steps.groupby("epoch", sort=True):
         store.write_parquet(store.shard(at("steps"), int(epoch)), frame)
 
-    summary: dict[str, Any] = {"reference": ref_name, "ell_inf": ell_inf}
+    summary: dict[str, Any] = {"reference": ref_name, "analysis": name, "ell_inf": ell_inf}
     summary.update(P.summarize(steps, tail=tail, ell_inf=ell_inf, displacement=run.meta.displacement,
                                eps=cfg.analysis.eps))
     summary["cos_null_scale"] = P.null_cos_scale(int(run.meta.n_params))
@@ -151,15 +184,15 @@ def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, 
                         else math.nan)
     store.write_parquet(at("rate.parquet"), rate["table"])
 
-    tensors = store.read_shards(at("tensors"))
+    tensors = store.read_shards(measured("tensors"))
     if len(tensors):
-        store.write_parquet(at("layers.parquet"), P.layer_shares(tensors).reset_index())
-        store.write_parquet(at("modules.parquet"), P.module_shares(tensors).reset_index())
-    samples = store.read_shards(at("samples"))
+        store.write_parquet(measured("layers.parquet"), P.layer_shares(tensors).reset_index())
+        store.write_parquet(measured("modules.parquet"), P.module_shares(tensors).reset_index())
+    samples = store.read_shards(measured("samples"))
     if len(samples):
         sample_summary, sample_epochs = P.per_sample_convergence(samples)
         summary.update({f"sample_{k}": v for k, v in sample_summary.items()})
-        store.write_parquet(at("samples_per_epoch.parquet"), sample_epochs.reset_index())
+        store.write_parquet(measured("samples_per_epoch.parquet"), sample_epochs.reset_index())
 
     epochs = run.epochs()
     main = epochs[epochs["epoch"] < run.meta.horizon_epochs] if len(epochs) else epochs

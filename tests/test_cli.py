@@ -33,7 +33,7 @@ def test_analyze_prints_summary(tmp_path, capsys):
     gammatrace.train(tiny_config(), tmp_path / "r", progress=False)
     assert main(["analyze", str(tmp_path / "r"), "--tail", "1", "--quiet"]) == 0
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
-    s = gammatrace.load_run(tmp_path / "r").summary()
+    s = gammatrace.load_run(tmp_path / "r").summary("last/tail=1")  # another tail: an analysis of its own
     assert int(lines["n_steps"]) == s["n_steps"] == 5
     assert float(lines["gamma_min"]) == pytest.approx(s["gamma_min"], rel=1e-5)
 

@@ -58,7 +58,9 @@ MANIFEST = ".gammatrace-report.json"
 # The folder a report being drawn (in a temporary folder) is published to: the paths figure
 # keeps its landscape's stored grid there, to be reused by the next report.
 _PUBLISHED: contextvars.ContextVar[Path | None] = contextvars.ContextVar("published", default=None)
-TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, full training loss per epoch, and per epoch "
+TRAJECTORY_CAPTION = ("Trajectory: normalized distance d_k/D_0 per step, the training loss per epoch (the full "
+                      "training loss, or the mean batch loss where no full one was measured: the row's title says "
+                      "which), and per epoch "
                       "both γ's (median line, ▼ minimum; log or symlog axis): the γ-optimization principle's γ_k "
                       "(paper 002, Def. 1: gap to ℓ(θ*; B_k)) and the regularity principle's γ^RP_k/‖θ_0 − θ_T‖² "
                       "(papers 000/001, eq. 2: gap to inf ℓ, the quantity those papers plot). Dashed: flagged no "

@@ -42,7 +42,7 @@ from gammatrace.principles.claims import (
 )
 from gammatrace.principles.matched import N_LEVELS
 from gammatrace.principles.theorem1 import Check
-from gammatrace.reporting.collect import RunEntry, main_epochs, num
+from gammatrace.reporting.collect import RunEntry, final_loss_text, main_epochs, num
 from gammatrace.reporting.document import fmt
 
 # Final train losses further apart than this factor end at different points, so γ
@@ -118,7 +118,7 @@ def exclusion(entry: RunEntry) -> str | None:
         drop = drop if math.isfinite(drop) else num(s.get("loss_rel_drop_steps"))  # one epoch: the steps'
         return f"no progress (mean batch loss {_change(drop)})"
     if entry.window is None and target_of(entry) is not None and entry.run.meta.reached_target is False:
-        return (f"missed the target loss {fmt(target_of(entry))} (final train loss {fmt(entry.final_train_loss)} "
+        return (f"missed the target loss {fmt(target_of(entry))} (final train loss {final_loss_text(entry)} "
                 f"after {entry.n_epochs} epochs)")
     if not math.isfinite(num(s.get("gamma_median"))):
         return "median γ_k undefined"
@@ -389,8 +389,8 @@ def matched_loss(entries: Sequence[RunEntry], n: int = N_LEVELS) -> MatchedLoss:
 # ------------------------------------------------------------------------- Theorem 1
 def theorem1(entry: RunEntry) -> list[Check]:
     """Theorem 1 for one analysed run as verdicts with their numbers
-    (:func:`~gammatrace.principles.theorem1.theorem1_checks` over its step table and its
-    per-sample summary); empty for a run without an analysis.
+    (:func:`~gammatrace.principles.theorem1.theorem1_checks` over its step table less the
+    analysis' tail, and its per-sample summary); empty for a run without an analysis.
 
     Example:
         >>> import pandas as pd
@@ -406,8 +406,9 @@ def theorem1(entry: RunEntry) -> list[Check]:
     samples = ({"frac_improved": num(s.get("sample_frac_improved")), "n_revisited": s.get("sample_n_revisited")}
                if s.get("sample_n_revisited") else None)
     steps = entry.steps.sort_values("step") if "step" in entry.steps else entry.steps
+    # Over the steps the summary is over (its tail left out), like every table of the report.
     return P.theorem1_checks(steps, samples, d0_sq=num(s.get("d0_sq")) if math.isfinite(num(s.get("d0_sq")))
-                             else None)
+                             else None, tail=int(s.get("tail") or 0) if entry.window is None else 0)  # a window has none
 
 
 # ------------------------------------------------------------------------ null baseline

@@ -25,6 +25,7 @@ import pandas as pd
 
 from gammatrace import principles as P
 from gammatrace.config import RunConfig
+from gammatrace.reporting.document import fmt
 from gammatrace.store.run import Run, RunMeta, RunStore, Status, StoreError
 
 
@@ -96,7 +97,61 @@ class RunEntry:
 
     @property
     def final_train_loss(self) -> float:
-        return self.final("train_loss")
+        """The full training loss after the last epoch; where none was measured (a run of the
+        user's own loop: :func:`gammatrace.save_run`), the mean batch loss of its last epoch —
+        :attr:`final_loss_kind` says which, and every place that shows it says so too."""
+        full = self.final("train_loss")
+        return full if math.isfinite(full) else self.final("mean_batch_loss")
+
+    @property
+    def final_loss_kind(self) -> str | None:
+        """What :attr:`final_train_loss` is: ``FULL_LOSS``, ``MEAN_BATCH_LOSS``, or None when unknown.
+
+        Example:
+            >>> e = example_entry("mine", analysed=False)
+            >>> e.epochs = e.epochs.rename(columns={"train_loss": "mean_batch_loss"})
+            >>> e.final_train_loss, e.final_loss_kind, final_loss_text(e)
+            (0.12, 'mean batch loss', '0.12 (mean batch loss of the last epoch)')
+        """
+        if math.isfinite(self.final("train_loss")):
+            return FULL_LOSS
+        return MEAN_BATCH_LOSS if math.isfinite(self.final("mean_batch_loss")) else None
+
+    @property
+    def analysis_options(self) -> str | None:
+        """What the analysis' summaries leave out or assume, in words (None: every step, ℓ_inf = 0):
+        the tail (``analyze --tail``) and ℓ_inf (``--ell-inf``). Every table and figure that
+        shows a number of such a summary says so.
+
+        Example:
+            >>> e = example_entry("relu")
+            >>> e.summary.update(tail=28, n_steps_total=140, ell_inf=0.5)
+            >>> e.analysis_options
+            'steps 0–111 of 140 (the last 28 left out: --tail 28); ℓ_inf = 0.5 (--ell-inf)'
+        """
+        if not self.summary:
+            return None
+        tail, ell_inf, parts = int(self.summary.get("tail") or 0), num(self.summary.get("ell_inf")), []
+        if tail:
+            total = self.summary.get("n_steps_total")
+            total = int(total) if total is not None else len(self.steps)
+            parts.append(f"steps 0–{total - tail - 1} of {total} (the last {tail} left out: --tail {tail})")
+        if math.isfinite(ell_inf) and ell_inf != 0:
+            parts.append(f"ℓ_inf = {ell_inf:g} (--ell-inf)")
+        return "; ".join(parts) or None
+
+    @property
+    def analysed_steps(self) -> str:
+        """The steps (and options) the summary's numbers are over, for a table cell.
+
+        Example:
+            >>> example_entry("relu").analysed_steps
+            'all 3 steps'
+        """
+        if not self.summary:
+            return "—"
+        total = self.summary.get("n_steps_total")
+        return self.analysis_options or f"all {int(total) if total is not None else len(self.steps)} steps"
 
     @property
     def n_epochs(self) -> int | None:
@@ -151,6 +206,15 @@ class RunEntry:
                 summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()
                                 if key not in ("conflict_steps", "zero_fail_steps")})
         return replace(self, steps=steps, epochs=epochs, summary=summary, window=n)
+
+
+FULL_LOSS, MEAN_BATCH_LOSS = "full training loss", "mean batch loss"
+
+
+def final_loss_text(entry: RunEntry) -> str:
+    """The final train loss as a cell or in a sentence, saying when it is the mean batch loss."""
+    value = fmt(entry.final_train_loss)
+    return f"{value} (mean batch loss of the last epoch)" if entry.final_loss_kind == MEAN_BATCH_LOSS else value
 
 
 def _finite(x: Any) -> bool:
@@ -228,9 +292,11 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
                        if run.status == "diverged" else str(exc))
             entries.append(RunEntry(label, run, None, problem, epochs=epochs))
             continue
-        ref = summary.get("reference") or reference or "last"
-        steps = run.steps(ref)
-        layers, note = _layers(run, ref)
+        # The analysis read (its tail and ℓ_inf: its own derived steps); the per-tensor shares
+        # are the reference's, the same for all its analyses.
+        name = summary.get("analysis") or reference or summary.get("reference") or "last"
+        steps = run.steps(name)
+        layers, note = _layers(run, name.split("/")[0])
         entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
                                 layers=layers, layers_note=note))
     return entries

@@ -33,7 +33,7 @@ from gammatrace.reporting.claims import (
     loss_spread,
     theorem1,
 )
-from gammatrace.reporting.collect import RunEntry, num
+from gammatrace.reporting.collect import RunEntry, final_loss_text, num
 from gammatrace.reporting.document import MISSING, Block, Bullets, Heading, Table, Text, fmt
 
 GAMMA_EFF_LOSS_LABEL = "γ_eff (loss-determined)"
@@ -47,7 +47,7 @@ def runs_table(entries: Sequence[RunEntry]) -> Table:
         s = e.summary or {}
         drop = num(s.get("loss_rel_drop"))
         rows.append([
-            e.label, e.status_text, fmt(e.n_epochs), fmt(e.final_train_loss), fmt(e.final("test_acc")),
+            e.label, e.status_text, fmt(e.n_epochs), final_loss_text(e), fmt(e.final("test_acc")),
             f"{drop:.1%}" if math.isfinite(drop) else MISSING,
             fmt(s.get("no_progress")) if e.analysed else MISSING,
             fmt(s.get("reached_target")),
@@ -84,11 +84,21 @@ def principle_columns(gamma_eff_label: str) -> list[tuple[str, Callable[[dict], 
     ]
 
 
+STEPS_HEADER = "steps (analyze options)"
+
+
 def principles_table(entries: Sequence[RunEntry], gamma_eff_label: str) -> Table:
-    """The trajectory numbers of every analysed run, straight from its summary."""
+    """The trajectory numbers of every analysed run, straight from its summary, with the
+    steps they are over (a tail left out, ℓ_inf: :attr:`RunEntry.analysed_steps`)."""
     cols = principle_columns(gamma_eff_label)
-    rows = [[e.label, *(fmt(get(e.summary)) for _, get in cols)] for e in entries if e.analysed]
-    return Table(["run", *(h for h, _ in cols)], rows)
+    rows = [[e.label, e.analysed_steps, *(fmt(get(e.summary)) for _, get in cols)] for e in entries if e.analysed]
+    return Table(["run", STEPS_HEADER, *(h for h, _ in cols)], rows)
+
+
+def options_note(entries: Sequence[RunEntry], what: str) -> list[Block]:
+    """One sentence naming the runs whose ``what`` leaves steps out or assumes ℓ_inf (none: nothing)."""
+    items = [f"{e.label}: {e.analysis_options}" for e in entries if e.analysed and e.analysis_options]
+    return [Text(f"{what} over the steps each run's analysis keeps — " + "; ".join(items) + ".")] if items else []
 
 
 # ----------------------------------------------------------------------------- caveats
@@ -165,18 +175,20 @@ def caveats(entries: Sequence[RunEntry]) -> list[Block]:
     ordered = eligible(entries)
     ratio, lo, hi = loss_spread(ordered)
     if lo is None:
-        blocks.append(Text("Comparability across runs: fewer than two runs trained, so no cross-run comparison."))
+        trained = sum(e.run.status.finished_training for e in entries)
+        blocks.append(Text(f"Comparability across runs: {len(ordered)} of the {trained} run(s) that finished training "
+                           "may be compared (the others: see the ordering), so no cross-run comparison."))
     elif ratio > LOSS_RATIO_LIMIT:
         blocks.append(Text(
             f"Warning: γ normalized by a run's own θ_T is comparable only across runs that end at comparable "
             f"losses. The final train losses differ by {ratio:.3g}× (more than {LOSS_RATIO_LIMIT:g}×): "
-            f"{lo.label} ends at {fmt(lo.final_train_loss)}, {hi.label} at {fmt(hi.final_train_loss)}. "
+            f"{lo.label} ends at {final_loss_text(lo)}, {hi.label} at {final_loss_text(hi)}. "
             "Train to a common target loss (target_loss) before comparing γ across these runs."))
     else:
         blocks.append(Text(
             f"Comparability across runs: the final train losses of the runs that trained are within "
-            f"{ratio:.3g}× of each other ({lo.label} {fmt(lo.final_train_loss)}, {hi.label} "
-            f"{fmt(hi.final_train_loss)}; limit {LOSS_RATIO_LIMIT:g}×), so γ normalized by each run's θ_T "
+            f"{ratio:.3g}× of each other ({lo.label} {final_loss_text(lo)}, {hi.label} "
+            f"{final_loss_text(hi)}; limit {LOSS_RATIO_LIMIT:g}×), so γ normalized by each run's θ_T "
             "refers to comparable end points."))
 
     items = []
@@ -223,12 +235,13 @@ def ordering(entries: Sequence[RunEntry]) -> list[Block]:
                      else f"{e.label} (not reached)" for e in by_conv]
     else:
         conv_text = "by convergence (lowest final train loss first)"
-        conv_cell = [f"{e.label} ({fmt(e.final_train_loss)})" for e in by_conv]
+        conv_cell = [f"{e.label} ({final_loss_text(e)})" for e in by_conv]
 
     if runs:
         blocks.append(Table(["rank", "by median γ_k (largest first)", conv_text],
                             [[str(i + 1), f"{g.label} ({fmt(g.summary['gamma_median'])})", c]
                              for i, (g, c) in enumerate(zip(by_gamma, conv_cell, strict=True))]))
+        blocks += options_note(runs, "Median γ_k")
     if left_out:
         blocks.append(Text("Not in the ordering: " + "; ".join(left_out) + "."))
 
@@ -254,7 +267,7 @@ def theorem1_table(entries: Sequence[RunEntry]) -> list[Block]:
         >>> from gammatrace.reporting.collect import example_entry
         >>> e = example_entry("relu")
         >>> e.steps = e.steps.assign(lr=0.1, loss=[1.0, 0.8, 0.5], loss_ref=0.0)
-        >>> theorem1_table([e])[1].rows[0][2]  # item 1 is per step: one step rises, so it fails
+        >>> theorem1_table([e])[1].rows[0][3]  # item 1 is per step: one step rises, so it fails
         "fails: d_k rises at 1 of 3 steps (step 1; largest rise 0.011 D_0); per epoch (what the papers' figures \
 show): 0 of 2 epochs end farther from θ* — premise: principle on every step: no; ℓ_k ≥ ℓ*_k on every step: yes"
     """
@@ -264,8 +277,8 @@ show): 0 of 2 epochs end farther from θ* — premise: principle on every step: 
     if not per_run:
         return blocks + [Text("No analysed run: nothing to check.")]
     items = [c.item for c in per_run[0][1]]
-    blocks.append(Table(["run", *items], [[e.label, *(c.text for c in checks)]
-                                          for e, checks in per_run]))
+    blocks.append(Table(["run", STEPS_HEADER, *items], [[e.label, e.analysed_steps, *(c.text for c in checks)]
+                                                        for e, checks in per_run]))
     blocks.append(Text(
         "Theorem 1 (paper 002) per run, with each run's own reference θ*. The premise, evaluated on every step: "
         "one γ > 0 with P_k ≥ γ η_k D_0² (ℓ_k − ℓ*_k) on every step — the certified interval [γ_lo, γ_hi], "

@@ -84,6 +84,9 @@ GAMMA_ROWS = (
      r"$\gamma^{RP}_k / D_0^2$ per epoch"),
 )
 LAYERS = Needs(layers=("tensor", "share", "frac_negative"))
+# The loss row's title: what it shows (a run of the user's own loop measured no full training loss).
+LOSS_TITLES = {"full": "full training loss after each epoch",
+               "batch": "mean batch loss over each epoch (no full training loss measured)"}
 
 
 def _tables(entry: RunEntry) -> dict[str, pd.DataFrame]:
@@ -227,8 +230,9 @@ def distance_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
 
 def loss_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
     """Row 2 (needs :data:`LOSS`, else :data:`LOSS_FALLBACK`): the full training loss after
-    each epoch (x = epoch + 1); log y when it spans more than a decade."""
-    drawn, values = RowDrawn(), []
+    each epoch (x = epoch + 1), else (a run of the user's own loop) the mean batch loss over
+    the epoch, the title and axis saying which; log y when it spans more than a decade."""
+    drawn, values, kinds = RowDrawn(), [], {}
     for line in lines:
         notes, losses = [], []
         for e in line.runs:
@@ -236,8 +240,10 @@ def loss_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
             ep = tables["epochs"]
             if not LOSS.missing(tables):
                 y = ep["train_loss"].to_numpy(float)
+                kinds.setdefault("full", []).append(e.label)
             elif not LOSS_FALLBACK.missing(tables):
                 y = ep["mean_batch_loss"].to_numpy(float)
+                kinds.setdefault("batch", []).append(e.label)
                 notes.append(f"{e.label}: loss row shows the mean batch loss (no full training loss measured)")
             else:
                 notes.append(f"{e.label}: loss row skipped (missing {', '.join(LOSS.missing(tables))})")
@@ -249,12 +255,14 @@ def loss_row(ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
             agg = _aggregate(losses)
             line.draw(ax, agg, agg.index.to_numpy(), marker="o")
         drawn.add(line, notes, bool(losses))
-    ax.set_ylabel("training loss")
     every = np.concatenate(values) if values else np.empty(0)
     every = every[np.isfinite(every)]
     if len(every) and (every > 0).all() and every.max() / every.min() > 10:
         ax.set_yscale("log")
-    ax.set_title("full training loss after each epoch", fontsize=10)
+    ax.set_ylabel("mean batch loss" if set(kinds) == {"batch"} else "training loss")
+    ax.set_title(LOSS_TITLES["batch"] if set(kinds) == {"batch"} else LOSS_TITLES["full"] if "batch" not in kinds
+                 else f"{LOSS_TITLES['full']}; mean batch loss over the epoch for {', '.join(kinds['batch'])}",
+                 fontsize=10)
     return drawn
 
 
@@ -420,6 +428,7 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     fig = Figure(figsize=(7.5, 13.5), layout="constrained")
     axes = fig.subplots(len(TRAJECTORY_ROWS), 1, sharex=True)
     rows = [row(ax, lines) for row, ax in zip(TRAJECTORY_ROWS, axes, strict=True)]
+    notes.extend(options_notes([e for line in lines for e in line.runs]))
     handles = []
     for i in range(len(lines)):  # notes line by line, as a reader goes through the legend
         for row in rows:
@@ -434,6 +443,28 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, out, stem)
+
+
+def options_notes(entries: Sequence[RunEntry]) -> list[str]:
+    """What a figure drawn from every step says of a run whose analysis has a tail or an ℓ_inf.
+
+    Example:
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> e = example_entry("relu")
+        >>> e.summary.update(tail=2, n_steps_total=3, ell_inf=0.5)
+        >>> options_notes([e])  # doctest: +NORMALIZE_WHITESPACE
+        ['relu: every step drawn; the tables are over steps 0–0 of 3 (the last 2 left out: --tail 2);
+          γ^RP_k measured above ℓ_inf = 0.5 (--ell-inf)']
+    """
+    out = []
+    for e in entries:
+        tail, ell_inf = int((e.summary or {}).get("tail") or 0), (e.summary or {}).get("ell_inf")
+        parts = [f"every step drawn; the tables are over {e.analysis_options.split('; ')[0]}"] if tail else []
+        if isinstance(ell_inf, (int, float)) and math.isfinite(ell_inf) and ell_inf != 0:
+            parts.append(f"γ^RP_k measured above ℓ_inf = {ell_inf:g} (--ell-inf)")
+        if parts:
+            out.append(f"{e.label}: " + "; ".join(parts))
+    return out
 
 
 # ------------------------------------------------------------------ Theorem 1 figure
@@ -469,6 +500,10 @@ def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: li
             notes.append(f"{e.label}: Theorem 1 figure skipped (missing {', '.join(miss)})")
             continue
         steps = e.steps.sort_values("step")
+        tail = int((e.summary or {}).get("tail") or 0) if e.window is None else 0
+        if tail:  # the steps of the Theorem 1 table and the analysis' rate.parquet, said in the notes
+            steps = steps.iloc[: max(len(steps) - tail, 0)]
+            notes.append(f"{e.label}: Theorem 1 figure over {e.analysis_options.split('; ')[0]}")
         # The bound takes γ_hi (= γ_min), the largest γ of the certified interval; none when it is empty.
         cert = P.certify(steps)
         gamma = float(cert["gamma_hi"]) if cert["certified"] and math.isfinite(cert["gamma_hi"]) else math.nan

@@ -62,7 +62,7 @@ from gammatrace.reporting.claims import (
     threshold_of,
 )
 from gammatrace.reporting.collect import RunEntry, num
-from gammatrace.reporting.content import GAMMA_EFF_LOSS_LABEL
+from gammatrace.reporting.content import GAMMA_EFF_LOSS_LABEL, options_note
 from gammatrace.reporting.document import (
     MISSING,
     Block,
@@ -469,7 +469,7 @@ def theorem1_blocks(runs: Sequence[StudyRun]) -> list[Block]:
     blocks.append(Table(["cell", "runs", *items], rows))
     blocks.append(Table(["run", "cell", *items],
                         [[r.name, r.cell, *(c.text for c in checks)] for r, checks in per_run]))
-    return blocks
+    return blocks + options_note([r.last for r, _ in per_run], "Theorem 1")
 
 
 def runs_table(runs: Sequence[StudyRun]) -> list[Block]:

@@ -647,31 +647,53 @@ class Run:
         """One row per epoch: full-dataset train/test loss and accuracy after the epoch."""
         return self.store.read_parquet(RunStore.EPOCHS) if self.store.exists(RunStore.EPOCHS) else pd.DataFrame()
 
-    def references(self) -> list[str]:
+    def analyses(self) -> list[str]:
+        """Every stored analysis: ``<reference>`` (the run config's tail and ℓ_inf) and
+        ``<reference>/<options>`` (another tail or ℓ_inf, e.g. ``last/tail=28``; see
+        :func:`gammatrace.analysis.analysis_name`)."""
+        def has_summary(rel: str) -> bool:
+            return self.store.exists(f"analysis/{rel}/summary.json")
+
         if self.store.remote:
-            return [r for r in self.store.remote.folders("analysis") if self.store.exists(f"analysis/{r}/summary.json")]
-        d = self.path / "analysis"
-        return sorted(p.name for p in d.iterdir() if (p / "summary.json").exists()) if d.is_dir() else []
+            def folders(rel: str) -> list[str]:
+                return self.store.remote.folders(rel)
+        else:
+            def folders(rel: str) -> list[str]:
+                d = self.path / rel
+                return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        out = []
+        for ref in folders("analysis"):
+            out += [ref] if has_summary(ref) else []
+            out += [f"{ref}/{o}" for o in folders(f"analysis/{ref}") if "=" in o and has_summary(f"{ref}/{o}")]
+        return out
+
+    def references(self) -> list[str]:
+        """The reference points θ* with an analysis (its replay's measurements are shared by
+        every analysis of that reference)."""
+        return sorted({a.split("/")[0] for a in self.analyses()})
 
     def _ref(self, reference: str | None) -> str:
-        refs = self.references()
+        names = self.analyses()
         if reference is None:
-            if not refs:
+            if not names:
                 raise StoreError(f"{self.path} has no analysis yet; run `gammatrace analyze {self.path}`")
-            return "last" if "last" in refs else refs[0]
-        if reference not in refs:
-            raise StoreError(f"{self.path} has no analysis for reference '{reference}' (has: {refs or 'none'})")
+            plain = [n for n in names if "/" not in n]
+            return "last" if "last" in names else (plain or names)[0]
+        if reference not in names:
+            raise StoreError(f"{self.path} has no analysis for reference '{reference}' (has: {names or 'none'})")
         return reference
 
     def steps(self, reference: str | None = None) -> pd.DataFrame:
-        """The DESIGN.md §6 per-step table for a reference (default: 'last')."""
+        """The DESIGN.md §6 per-step table for a reference (default: 'last'), or for an
+        analysis of it with other options (e.g. 'last/tail=28': its derived columns)."""
         return self.store.read_shards(RunStore.analysis(self._ref(reference), "steps"))
 
     def tensor_steps(self, reference: str | None = None) -> pd.DataFrame:
-        return self.store.read_shards(RunStore.analysis(self._ref(reference), "tensors"))
+        # Measured by the reference's replay: the same for every analysis of it.
+        return self.store.read_shards(RunStore.analysis(self._ref(reference).split("/")[0], "tensors"))
 
     def sample_steps(self, reference: str | None = None) -> pd.DataFrame:
-        return self.store.read_shards(RunStore.analysis(self._ref(reference), "samples"))
+        return self.store.read_shards(RunStore.analysis(self._ref(reference).split("/")[0], "samples"))
 
     def summary(self, reference: str | None = None) -> dict:
         """summary.json of a reference as a dict (see :meth:`summary_model` for the typed form)."""

@@ -34,6 +34,9 @@ class RunSummary(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     reference: str
+    # where below analysis/ it is stored: the reference for the run config's tail and ℓ_inf,
+    # e.g. 'last/tail=28' for others (gammatrace.analysis.analysis_name); None: written before
+    analysis: str | None = None
     ell_inf: Num = 0.0
     n_steps_total: int | None = None
     tail: int = 0
