@@ -10,8 +10,8 @@ Example (two runs without an analysis: listed and flagged, so no figures are dra
     >>> out = Path(tempfile.mkdtemp()) / "report"
     >>> report(runs, out=out).relative_to(out.parent)
     PosixPath('report/report.html')
-    >>> sorted(p.name for p in out.iterdir())
-    ['report.html', 'summary.md']
+    >>> sorted(p.name for p in out.iterdir())  # the manifest: what a later report may replace; the folder's lock
+    ['.gammatrace-report.json', '.lock', 'report.html', 'summary.md']
 """
 
 from gammatrace.reporting.build import report
