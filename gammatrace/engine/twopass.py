@@ -880,7 +880,7 @@ def _save_two_pass(store: RunStore, r: TwoPassResult, name: str) -> Run:
         _write_shards(store, RunStore.SAMPLES, r._record_samples)
     store.write_parquet(RunStore.EPOCHS, _epochs(r.record))
     if len(r.skipped()):
-        store.write_parquet("skipped.parquet", r.skipped())
+        store.write_parquet(RunStore.SKIPPED, r.skipped())
     summary = own_loop_summary(raw, r.sample_steps(), reference=r.reference_name, n_params=r.n_params,
                                displacement=r.displacement, d0_sq=r.d0_sq, epochs=epochs)
     summary["n_skipped"] = len(r.skipped())
@@ -908,7 +908,7 @@ def _save_probe(store: RunStore, probe: Probe, name: str) -> Run:
     store.write_parquet(RunStore.EPOCHS, _epochs(raw))
     skipped = probe.skipped()
     if len(skipped):
-        store.write_parquet("skipped.parquet", skipped)
+        store.write_parquet(RunStore.SKIPPED, skipped)
     n_params = int(sum(p.numel() for p in probe.params))
     own: dict[str, Any] = {"recorded_by": "Probe", "model": type(probe.model).__qualname__,
                            "optimizer": type(probe.optimizer).__qualname__, "n_skipped": len(skipped),

@@ -16,7 +16,8 @@ files saved by any training loop — three kinds of picture, side by side in one
 Grids are resumable: finished rows are kept on disk, a rerun computes only the rest.
 
 - :func:`landscape` — compute (or reload, or resume) and draw the figures; returns their paths
-- :func:`~gammatrace.landscape.compute.compute_landscape`, :class:`~gammatrace.landscape.compute.Landscape`,
+- :func:`~gammatrace.landscape.compute.compute_landscape` (its settings a
+  :class:`~gammatrace.landscape.compute.LandscapeConfig`), :class:`~gammatrace.landscape.compute.Landscape`,
   :class:`~gammatrace.landscape.compute.Plane`
 - :func:`~gammatrace.landscape.pca.path_pca` (pure NumPy),
   :func:`~gammatrace.landscape.directions.filter_normalized_directions`
@@ -62,6 +63,7 @@ from gammatrace.landscape.compute import (
     DIRECTIONS,
     PCA_PLANES,
     Landscape,
+    LandscapeConfig,
     Plane,
     compute_landscape,
     interpolation_alphas,
@@ -92,7 +94,8 @@ def landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[s
               **options) -> dict[str, Path]:
     """Compute (or reload, or resume) the landscape of ``runs`` into ``out`` and draw its figures.
 
-    ``options`` go to :func:`compute_landscape`: ``plane`` (shared / per_path),
+    ``options`` go to :func:`compute_landscape` (the fields of :class:`LandscapeConfig`):
+    ``plane`` (shared / per_path),
     ``directions`` (pca / random), ``dims``, ``grid``, ``extent``, ``span``, ``samples``,
     ``bn``, ``ignore``, ``seed``, ``model``/``data``/``loss`` (checkpoint files),
     ``workers``, ``executor``, ``progress``. Returns the paths of the figures
@@ -129,7 +132,7 @@ def landscape(runs: list[str | Path] | list[list[str | Path]] | dict[str, list[s
     return {**{k: out / name for k, name in names.items()}, **ls.files}
 
 
-__all__ = ["BN_MODES", "DIRECTIONS", "IGNORE", "PCA_PLANES", "CheckpointSource", "Landscape", "LandscapeInputError",
+__all__ = ["BN_MODES", "DIRECTIONS", "IGNORE", "PCA_PLANES", "CheckpointSource", "Landscape", "LandscapeConfig", "LandscapeInputError",
            "LandscapeWarning", "LossEvaluator", "PathPCA", "Plane", "RunSource", "compute_landscape", "figure_interpolation",
            "figure_landscape", "filter_normalized_directions", "interpolation_alphas", "landscape", "landscape_stem",
            "load_trajectory", "path_pca", "plot_interpolation", "plot_landscape"]
