@@ -58,6 +58,7 @@ def build_tables(theta, theta_star, grads, lr, epoch, loss, loss_ref) -> tuple:
                 "dist_sq": x @ x,
                 "update_sq": delta @ delta,
                 "grad_dot": x @ grads[k],
+                "grad_sq": grads[k] @ grads[k],
             }
         )
         for name, sl in TENSORS:
@@ -197,6 +198,10 @@ def test_derive_matches_bruteforce(reference, d0_sq, ell_inf_quantile):
         expected["gamma_rc"].append(p / (eta * dist_sq_bf(run, k)))
         expected["star"].append(float(np.dot(x, run.grads[k])) - gap)
         expected["cos_align"].append(np.dot(delta, x) / (np.linalg.norm(delta) * np.linalg.norm(x)))
+        # "No Wrong Turns" (get_norm_dot_prod): ⟨θ − x*, g⟩, ‖g‖, ‖θ − x*‖ on the flat parameters.
+        dist = math.sqrt(sum(a * a for a in x))
+        expected["rsi"].append(sum(a * b for a, b in zip(x, run.grads[k], strict=True)) / dist**2)
+        expected["eb"].append(math.sqrt(sum(b * b for b in run.grads[k])) / dist)
     for column, values in expected.items():
         close(out[column], values, rtol=1e-8, atol=1e-12)
     assert out.gamma.isna().sum() == sum(g <= EPS for g in run.loss - run.loss_ref)
@@ -213,7 +218,7 @@ def test_derive_matches_bruteforce(reference, d0_sq, ell_inf_quantile):
         ({"lr": 0.0}, {"gamma", "gamma_rp", "gamma_rc"}),
         ({"lr": -0.1}, {"gamma", "gamma_rp", "gamma_rc"}),
         ({"update_sq": 0.0, "progress": 0.0}, {"cos_align"}),
-        ({"dist_sq": 0.0}, {"gamma_rc", "cos_align"}),
+        ({"dist_sq": 0.0}, {"gamma_rc", "cos_align", "rsi", "eb"}),
         ({"loss_ref": "loss-eps/2"}, {"gamma"}),
         ({"loss_ref": "loss+1"}, {"gamma"}),
         ({"loss": -1.0, "loss_ref": -2.0}, {"gamma_rp"}),
@@ -241,7 +246,8 @@ def test_derive_undefined_rules(edit, expect_nan):
 
 @pytest.mark.parametrize(
     "dropped, nan_columns",
-    [("grad_dot", {"star"}), ("loss_ref", {"gamma", "star"}), ("update_sq", {"cos_align"})],
+    [("grad_dot", {"star", "rsi"}), ("grad_sq", {"eb"}), ("loss_ref", {"gamma", "star"}),
+     ("update_sq", {"cos_align"})],
 )
 def test_missing_columns_skip_cleanly(dropped, nan_columns):
     run = make_run(4, "last")

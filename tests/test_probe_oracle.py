@@ -73,6 +73,10 @@ def brute_force(rec: Recorder, model: nn.Module, loss_fn, theta_T: torch.Tensor,
             "dist_sq": float(e @ e), "update_sq": float(delta @ delta),
             "grad_dot": float(e @ rec.grads[k]), "grad_sq": float(rec.grads[k] @ rec.grads[k]),
             "grad_dot_used": float(e @ rec.used[k]), "grad_sq_used": float(rec.used[k] @ rec.used[k]),
+            # "No Wrong Turns" (get_norm_dot_prod on the flattened parameters), raw g_k:
+            # RSI_k = ⟨g_k, θ_k − θ*⟩ / ‖θ_k − θ*‖², EB_k = ‖g_k‖ / ‖θ_k − θ*‖.
+            "rsi": float(rec.grads[k] @ e) / float(torch.linalg.vector_norm(e)) ** 2,
+            "eb": float(torch.linalg.vector_norm(rec.grads[k])) / float(torch.linalg.vector_norm(e)),
         })
     return pd.DataFrame(rows)
 
@@ -138,6 +142,9 @@ def test_replay_matches_brute_force(tmp_path, optim, batchnorm):
     np.testing.assert_allclose(steps["star"], expected["grad_dot"] - gap, rtol=1e-6, atol=1e-7)
     cos = (expected["progress"] + 0.5 * expected["update_sq"]) / np.sqrt(expected["dist_sq"] * expected["update_sq"])
     np.testing.assert_allclose(steps["cos_align"], cos, rtol=1e-9)
+    # RSI and EB from the stored θ_k, θ*, g_k (grad_dot's absolute tolerance, divided by d_k²).
+    np.testing.assert_allclose(steps["rsi"], expected["rsi"], rtol=1e-9, atol=1e-13 * d0 / expected["dist_sq"].min())
+    np.testing.assert_allclose(steps["eb"], expected["eb"], rtol=1e-9)
     # Per-tensor progress sums to P_k.
     tensors = run.tensor_steps("last")
     np.testing.assert_allclose(tensors.groupby("step")["progress"].sum().to_numpy(), steps["progress"],

@@ -1,8 +1,8 @@
 """Per-step series: the derived columns of the step table (DESIGN §1, §6).
 
 Everything here is a pure function of the RAW columns the probe measures
-(``progress``, ``dist_sq``, ``update_sq``, ``grad_dot``, ``loss``, ``loss_ref``,
-``lr``), so a stored table can be re-derived with a different D_0² or ℓ_inf
+(``progress``, ``dist_sq``, ``update_sq``, ``grad_dot``, ``grad_sq``, ``loss``,
+``loss_ref``, ``lr``), so a stored table can be re-derived with a different D_0² or ℓ_inf
 without touching the model.
 """
 
@@ -23,8 +23,9 @@ RAW_COLUMNS = (
     "dist_sq",
     "update_sq",
     "grad_dot",
+    "grad_sq",
 )
-DERIVED_COLUMNS = ("gamma", "gamma_rp", "gamma_rc", "star", "cos_align")
+DERIVED_COLUMNS = ("gamma", "gamma_rp", "gamma_rc", "star", "cos_align", "rsi", "eb")
 STEP_COLUMNS = RAW_COLUMNS + DERIVED_COLUMNS
 
 
@@ -58,6 +59,7 @@ def example_steps() -> pd.DataFrame:
             "dist_sq": x**2,
             "update_sq": delta**2,
             "grad_dot": x * 2.0 * theta[:-1],
+            "grad_sq": (2.0 * theta[:-1]) ** 2,
         }
     )
 
@@ -90,7 +92,7 @@ def derive(
     ell_inf: float = 0.0,
     eps: float = 1e-8,
 ) -> pd.DataFrame:
-    """Copy of the step table with ``gamma, gamma_rp, gamma_rc, star, cos_align`` added.
+    """Copy of the step table with ``gamma, gamma_rp, gamma_rc, star, cos_align, rsi, eb`` added.
 
     Formulas (DESIGN §1), with gap_k = ℓ_k − ℓ*_k and D_0² = ``d0_sq`` or the first
     row's ``dist_sq``:
@@ -100,6 +102,14 @@ def derive(
     - ``gamma_rc``  = P_k / (η_k d_k²), NaN where d_k² ≤ 0 or η_k ≤ 0
     - ``star``      = ⟨θ_k − θ*, g_k⟩ − gap_k (star-convex path iff ≥ 0)
     - ``cos_align`` = cos(Δ_k, θ_k − θ*), NaN where either vector is zero
+    - ``rsi``       = ⟨g_k, θ_k − θ*⟩ / d_k² (restricted secant inequality constant), NaN where d_k² ≤ 0
+    - ``eb``        = ‖g_k‖ / d_k (error bound constant), NaN where d_k² ≤ 0
+
+    ``rsi`` and ``eb`` are the restricted-secant and error-bound quantities of "No Wrong Turns"
+    (ICML 2024; their ``get_norm_dot_prod``: ⟨θ − x*, g⟩, ‖g‖, ‖θ − x*‖ on the flattened
+    parameters), from the RAW gradient g_k (``grad_dot``, ``grad_sq``), i.e. without weight decay
+    folded in: the table holds neither λ nor ⟨θ_k, θ_k − θ*⟩ and ‖θ_k‖², which the folded
+    variant (g_k + λθ_k) needs.
 
     Undefined values are NaN, never clipped or dropped: the summaries count them.
     Columns a mode did not record (e.g. ``grad_dot``) make only the quantities that
@@ -117,6 +127,8 @@ def derive(
         [3.2, -1.806, 9.184, 10.0]
         >>> out.star.round(2).tolist()
         [1.0, 0.36, 0.49, 0.04]
+        >>> out.rsi.tolist(), out.eb.tolist()  # ℓ = θ² + c_k, θ* = 0: g_k = 2θ_k, RSI = EB = 2
+        ([2.0, 2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0])
         >>> derive(example_steps(), ell_inf=0.1).gamma_rp.round(3).tolist()  # γ^RP / D_0² above ℓ_inf = 0.1
         [3.2, -2.5, 7.627, 10.0]
     """
@@ -141,6 +153,10 @@ def derive(
         out["gamma_rc"] = np.where((dist_sq > 0) & lr_ok, progress / (lr * dist_sq), np.nan)
     out["star"] = col(df, "grad_dot") - gap
     out["cos_align"] = cos_align(df)
+    grad_sq = col(df, "grad_sq")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["rsi"] = np.where(dist_sq > 0, col(df, "grad_dot") / dist_sq, np.nan)
+        out["eb"] = np.where(dist_sq > 0, np.sqrt(grad_sq / dist_sq), np.nan)
     return out
 
 
