@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gammatrace"
 # Bottom to top; a module may import its own layer or any lower one.
 LAYERS: list[tuple[str, ...]] = [
     ("_version", "registry", "errors", "cliopts", "principles", "machine"),
+    ("curvature",),
     ("probe",),
     ("data", "models"),
     ("techniques",),
