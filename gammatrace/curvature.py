@@ -99,7 +99,8 @@ def _isolated(model: nn.Module, seed: int) -> Iterator[None]:
         # Only the forked generators are seeded (torch.manual_seed would reseed every GPU's).
         torch.default_generator.manual_seed(seed)
         for index in devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)  # the current device's generator only
         yield
 
 
