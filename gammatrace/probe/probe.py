@@ -55,11 +55,12 @@ assembles the tables (:class:`~gammatrace.probe.table.StepTable`);
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import pairwise
 from pathlib import Path
 from types import FrameType
@@ -270,8 +271,10 @@ def _on_stack(frame: FrameType | None) -> bool:
     return False
 
 
-def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
+def _requires_closure(optimizer: torch.optim.Optimizer | None) -> bool:
     """Whether the optimizer's ``step`` has a ``closure`` argument without default (LBFGS)."""
+    if optimizer is None:
+        return False
     try:
         param = inspect.signature(type(optimizer).step).parameters.get("closure")
     except (TypeError, ValueError):
@@ -293,7 +296,8 @@ class Probe:
             (batch-norm statistics) are not parameters. Changing ``requires_grad`` later
             is refused at the next step.
         optimizer: any ``torch.optim`` optimizer; the probe registers step hooks on it
-            (until :meth:`close`, or until the probe is garbage-collected).
+            (until :meth:`close`, or until the probe is garbage-collected). ``None`` for a loop
+            that updates the parameters itself: it marks each update with :meth:`update`.
         loss_fn: ``loss_fn(model, batch) -> loss``, the same loss the loop minimises;
             needed in reference mode to evaluate ℓ(θ*; B_k), and for the consistency
             check. It may return per-sample losses (a vector); their mean is the batch
@@ -357,7 +361,7 @@ class Probe:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         reference: str | Path | Mapping[str, torch.Tensor] | None = None,
         *,
@@ -417,6 +421,7 @@ class Probe:
         self._depth = 0
         self._step_frame: FrameType | None = None
         self._warned_no_forward = False
+        self._updating = False  # inside ``with probe.update(...)``
         self._needs_closure = _requires_closure(optimizer)
         self._attach()
 
@@ -469,7 +474,8 @@ class Probe:
         return anchor
 
     def _attach(self) -> None:
-        previous = _ATTACHED.get(self.optimizer)
+        opt = self.optimizer
+        previous = _ATTACHED.get(opt) if opt is not None else None
         previous = previous() if previous is not None else None
         if previous is not None:
             warnings.warn(
@@ -477,11 +483,14 @@ class Probe:
                 stacklevel=3,
             )
             previous.close()
-        opt = self.optimizer
-        handles = [
-            opt.register_step_pre_hook(_Hook(self, "_before_step")),
-            opt.register_step_post_hook(_Hook(self, "_after_step")),
-        ]
+        handles = (
+            []
+            if opt is None  # manual updates: the steps are marked with probe.update
+            else [
+                opt.register_step_pre_hook(_Hook(self, "_before_step")),
+                opt.register_step_post_hook(_Hook(self, "_after_step")),
+            ]
+        )
         if self.loss_fn is not None:
             # Not model.register_forward_pre_hook: see _ForwardWatch.
             handles.append(_ForwardWatch(self.model, self))
@@ -498,7 +507,8 @@ class Probe:
         self._sentinel_handles: list = []
         self._set_sentinel(self.params[-1])
         self._sentinel_confirmed = False
-        _ATTACHED[opt] = weakref.ref(self)
+        if opt is not None:
+            _ATTACHED[opt] = weakref.ref(self)
 
     def _set_sentinel(self, param: torch.Tensor) -> None:
         """Watch ``param``'s gradient: it tells whether a backward starts from reset gradients
@@ -536,6 +546,8 @@ class Probe:
             >>> model(torch.ones(1, 2)).sum().backward(); opt.step()  # unmeasured, allowed
         """
         self._finalizer()
+        if self.optimizer is None:
+            return
         if _ATTACHED.get(self.optimizer) is not None and _ATTACHED[self.optimizer]() is self:
             del _ATTACHED[self.optimizer]
 
@@ -634,6 +646,13 @@ class Probe:
         last = starts[-1]
         if last == 0:
             return
+        if self.optimizer is None:
+            self._micro = micro[last:]  # refused once: the pending step cannot be measured now
+            raise ProbeUsageError(
+                "probe.batch found the gradients reset since the previous probe.batch with no "
+                "`with probe.update(lr=...)` between: a Probe(model, None) measures only updates "
+                "made inside that block; put the parameter update in it"
+            )
         for a, b in pairwise(starts):
             self._record_skip(micro[a:b])
         self._micro = micro[last:]
@@ -831,6 +850,10 @@ class Probe:
                 "step's loss and gradient are unknown; pass the loss to probe.batch and step "
                 "without a closure"
             )
+        self._record_step(active)
+
+    def _record_step(self, active: ActiveStep) -> None:
+        """The step's row, at θ_{k+1} (after the optimizer's step or the update block)."""
         parts = self._measure_after(active)
         group = active.group
         weights = [mb.n for mb in group]
@@ -937,6 +960,11 @@ class Probe:
             >>> len(probe.steps())
             2
         """
+        if self._updating:
+            raise ProbeUsageError(
+                "probe.batch was called inside `with probe.update(...)`: tell the probe the "
+                "micro-batch before the update block (the block is the step)"
+            )
         if self._depth:
             if _on_stack(self._step_frame):
                 raise ProbeUsageError(
@@ -1005,8 +1033,74 @@ class Probe:
             >>> probe.steps()["step"].tolist()
             [0]
         """
+        if self.optimizer is None:
+            raise ProbeUsageError(
+                "probe.step steps the optimizer, and this Probe has none (Probe(model, None)): "
+                "call probe.batch(batch, loss), then update the parameters inside "
+                "`with probe.update(lr=...):`"
+            )
         self.batch(batch, loss, indices=indices, sample_losses=sample_losses)
         return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    @contextlib.contextmanager
+    def update(self, lr: float) -> Iterator[None]:
+        """Mark a parameter update the loop makes itself (a probe made with ``optimizer=None``).
+
+        Δ_k is measured around the block: θ_k as the block is entered, θ_{k+1} as it is left;
+        η_k is ``lr`` (it sets only γ's normalisation). ℓ_k and the raw g_k are the
+        micro-batches told with :meth:`batch` since the last update, as for an optimizer
+        step; the gradient "used" is ``.grad`` as the block is entered (after any clipping).
+        A block that raises is no step (nothing is recorded); the exception propagates.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> model = torch.nn.Linear(3, 1)
+            >>> probe = gammatrace.Probe(model, None)
+            >>> for _ in range(2):
+            ...     model.zero_grad()
+            ...     loss = model(torch.ones(2, 3)).pow(2).mean()
+            ...     loss.backward()
+            ...     probe.batch(None, loss)
+            ...     with probe.update(lr=0.1), torch.no_grad():
+            ...         for p in model.parameters():
+            ...             _ = p.add_(p.grad, alpha=-0.1)
+            >>> probe.steps()["lr"].tolist()
+            [0.1, 0.1]
+        """
+        if self.optimizer is not None:
+            raise ProbeUsageError(
+                f"probe.update marks manual parameter updates, but this Probe measures the steps "
+                f"of its {type(self.optimizer).__name__} already; use Probe(model, None, ...) "
+                "for a loop that updates the parameters itself"
+            )
+        if self._updating:
+            raise ProbeUsageError("`with probe.update(...)` blocks cannot be nested")
+        self._check_parameters()
+        self._seal(resolve=True)
+        if not self._micro:
+            raise ProbeUsageError(
+                "`with probe.update(...)` was entered with no probe.batch since the last update: "
+                "call probe.batch(batch, loss) after the backward and before the update block"
+            )
+        if any(mb.loss is None for mb in self._micro):
+            raise ProbeUsageError(
+                "probe.batch(batch) was called without a loss, and a manual update has no closure "
+                "to compute it: pass the loss, probe.batch(batch, loss)"
+            )
+        active = ActiveStep(self._micro, float(lr))
+        self._micro = []
+        if not self._sentinel_confirmed:
+            self._confirm_sentinel()
+        active.raw, self._raw = self._raw, None
+        self.kernel.before(self.params, [p.grad for p in self.params])
+        active.measured = True
+        self._updating = True
+        try:
+            yield
+        finally:
+            self._updating = False
+            self._fwd, self._fwd_args, self._reset_since_batch = None, None, None
+        self._record_step(active)
 
     # ------------------------------------------------------------ host side
     def end_epoch(
