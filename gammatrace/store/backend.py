@@ -355,24 +355,84 @@ def filesystem(loc: Location) -> Any:
         if endpoint:
             options["endpoint_url"] = endpoint
     try:
-        return fsspec.filesystem(loc.protocol, **options)
+        fs = fsspec.filesystem(loc.protocol, **options)
     except ImportError as exc:
         raise MissingStoreDependency(f"{loc.url}: {' '.join(str(exc).split())}; for s3:// pip install "
                                      "'gammatrace[s3]'") from None
     except ValueError as exc:
         raise UserError(f"{loc.url}: {exc}") from None
+    loop = getattr(fs, "loop", None)  # an async file system's event loop (fsspec's I/O thread)
+    if loop is not None and loop.get_exception_handler() is not _quiet_connection_errors:
+        loop.set_exception_handler(_quiet_connection_errors)
+    return fs
+
+
+def _quiet_connection_errors(loop: Any, context: dict[str, Any]) -> None:
+    """The I/O loop's handler of errors nobody awaited: a connection failure there (an
+    aiohttp task still writing a request body when the connection was reset) is already
+    reported by the call that awaited the request (as one line, see :func:`remote_error`);
+    asyncio would log it again, as "Task exception was never retrieved" and a traceback.
+    Anything else goes to asyncio's own handler."""
+    exc = context.get("exception")
+    if exc is not None and _unreachable(exc) is not None:
+        return
+    loop.default_exception_handler(context)
+
+
+# Object-store failures that mean "the store cannot be reached" (the server is gone, a
+# connection was refused, reset or timed out), by class name anywhere in the exception's
+# MRO, so botocore and aiohttp (optional packages) need not be imported: botocore's
+# HTTPClientError (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError,
+# ReadTimeoutError, ProxyConnectionError, ...) and aiohttp's ClientConnectionError
+# (ClientConnectorError, ServerDisconnectedError, ClientOSError, ...) and ClientPayloadError
+# (a response cut short).
+_UNREACHABLE = {"HTTPClientError", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",
+                "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"}
+
+
+class StoreUnreachableError(UserError):
+    """The object store cannot be reached: the server is gone, or a connection was refused,
+    reset or timed out. Nothing half-written is left (every object is one PUT): the same
+    command resumes once the store is back."""
+
+
+def _unreachable(exc: BaseException) -> BaseException | None:
+    """The connection failure in ``exc`` or in the exceptions it wraps, else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionError, TimeoutError)) or \
+                any(k.__name__ in _UNREACHABLE for k in type(cur).__mro__):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _cause(exc: BaseException) -> str:
+    """``ExceptionName: its message`` on one line, short."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def remote_error(exc: BaseException, what: str) -> UserError | None:
-    """An object-store failure the user can fix, as one line (None: a bug, keep the traceback)."""
+    """An object-store failure the user can fix, as one line (None: a bug, keep the traceback).
+
+    Example:
+        >>> print(remote_error(ConnectionResetError(104, "Connection reset by peer"), "reading s3://b/run.json"))
+        reading s3://b/run.json: the object store cannot be reached (ConnectionResetError: [Errno 104] Connection reset by peer); check AWS_ENDPOINT_URL and the network, then rerun the same command to resume
+    """
+    if isinstance(exc, UserError):
+        return exc
     if isinstance(exc, PermissionError):
         return UserError(f"{what}: permission denied by the object store; check the credentials and the bucket policy")
     if isinstance(exc, FileNotFoundError):
         return UserError(f"{what}: not found on the object store (does the bucket exist?)")
-    name = type(exc).__name__
-    if isinstance(exc, (ConnectionError, TimeoutError)) or "EndpointConnection" in name or "ConnectTimeout" in name:
-        return UserError(f"{what}: the object store cannot be reached ({name}); check AWS_ENDPOINT_URL "
-                         "and the network, then rerun the same command to resume")
+    cause = _unreachable(exc)
+    if cause is not None:
+        return StoreUnreachableError(f"{what}: the object store cannot be reached ({_cause(cause)}); check "
+                                     "AWS_ENDPOINT_URL and the network, then rerun the same command to resume")
     return None
 
 
@@ -405,7 +465,13 @@ class ObjectFiles:
         return bool(self._call(f"reading {self.root / rel}", lambda: self.fs.exists(self.key(rel))))
 
     def is_file(self, rel: str) -> bool:
-        return bool(self._call(f"reading {self.root / rel}", lambda: self.fs.isfile(self.key(rel))))
+        # Not fs.isfile: it answers False for any error, so a store that dropped out would
+        # read as a missing file.
+        try:
+            info = self._call(f"reading {self.root / rel}", lambda: self.fs.info(self.key(rel)))
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file"
 
     def read_bytes(self, rel: str) -> bytes:
         """The object's bytes; FileNotFoundError when it does not exist."""
@@ -465,7 +531,7 @@ class ObjectFiles:
                 continue
             target = local / sub
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self._call(f"reading {key}", lambda k=key: self.fs.cat_file(k)))
+            target.write_bytes(self._call(f"reading {self.root.protocol}://{key}", lambda k=key: self.fs.cat_file(k)))
             copied.append(sub)
         return copied
 
@@ -483,8 +549,12 @@ class ObjectFiles:
         lock.acquire()
         try:
             yield lock
-        finally:
-            lock.release()
+        except BaseException:
+            # The command fails (or is interrupted) anyway: its own line says why, and a lock
+            # that cannot be removed now expires by itself.
+            lock.release(quiet=True)
+            raise
+        lock.release()
 
 
 def _host_identity() -> dict[str, Any]:
@@ -619,7 +689,9 @@ class ObjectLock:
             raise RunInUseError(f"{self.lost}; another process may be writing {self.files.root}: stop both "
                                 "and rerun one command to resume")
 
-    def release(self) -> None:
+    def release(self, quiet: bool = False) -> None:
+        """Stop renewing and remove the lock object if it is still ours; a store that dropped
+        out meanwhile is one warning (none when ``quiet``: the command is failing anyway)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -628,5 +700,6 @@ class ObjectLock:
             if holder is not None and holder.get("token") == self.token:
                 self.files.remove(self.name)
         except UserError as exc:  # the store dropped out after the work: the lock expires by itself
-            print(f"gammatrace: warning: the lock {self.files.root / self.name} was not removed ({exc}); it expires "
-                  f"{self.ttl:.0f} s after its last renewal", file=sys.stderr)
+            if not quiet:
+                    print(f"gammatrace: warning: the lock {self.files.root / self.name} was not removed ({exc}); it "
+                      f"expires {self.ttl:.0f} s after its last renewal", file=sys.stderr)
