@@ -474,8 +474,10 @@ def expanded_size(data: Any, bound: int) -> int | None:
         >>> bomb = [leaf] * 10
         >>> for _ in range(7):
         ...     bomb = [bomb] * 10
-        >>> expanded_size({"a": [1, 2]}, 100), expanded_size(bomb, 10**6)
-        (4, None)
+        >>> expanded_size({"a": [1, 2]}, 100)  # the mapping, its key, the list, its two values
+        5
+        >>> expanded_size(bomb, 10**6) is None  # 10**9 values in 9 shared lists
+        True
         >>> loop = []; loop.append(loop); expanded_size(loop, 100) is None
         True
     """

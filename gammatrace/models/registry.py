@@ -46,7 +46,7 @@ def build(name: str, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: in
         >>> build("mlp", input_shape=(64,), num_classes=10, width=10**9)
         Traceback (most recent call last):
         ...
-        gammatrace.errors.ConfigError: model 'mlp' with switches {'width': 1000000000} has 65,000,000,010,000,000,010 parameters, beyond the ceiling of 2,147,483,648 (MAX_PARAMETERS): choose a smaller width or depth
+        gammatrace.errors.ConfigError: model 'mlp' with switches {'width': 1000000000} has 2,000,000,077,000,000,010 parameters, beyond the ceiling of 2,147,483,648 (MAX_PARAMETERS): choose a smaller width or depth
     """
     factory = MODELS.get(name)
     # Only where a switch or the input is large: the first build on the meta device in a
