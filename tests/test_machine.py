@@ -10,9 +10,7 @@ checkpoint is moved by one part in a million.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from gammatrace.machine import (
     ray_resource,
 )
 from gammatrace.store.run import Run, RunStore, recorded_kind, shard
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tree_hashes
 
 OTHER_CPU = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)", "cpu_capability": "AVX512",
              "llvm_cpu": "sapphirerapids"}
@@ -50,11 +48,6 @@ def nudge_checkpoint(run: Run, epoch: int) -> None:
     name = next(iter(state["model"]))
     state["model"][name] = state["model"][name] * (1 + 1e-6)
     run.store.write_torch(shard("checkpoints", epoch, "pt"), state)
-
-
-def folder_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_fingerprint_names_what_decides_the_bits():
@@ -149,15 +142,15 @@ def test_resume_on_another_machine_kind_is_refused_before_writing(tmp_path, caps
     run = train_pass(cfg, tmp_path / "r", progress=False, stop_after=2)
     assert run.status == "running"
     plant_machine(run, cpu_capability="AVX2")
-    before = folder_digest(run.path)
+    before = tree_hashes(run.path)
     with pytest.raises(OtherMachineError, match=r"cannot resume: recorded on .*AVX2.*resuming on .*"
                                                 rf"{fingerprint()['cpu_capability']}.*resume it where it was recorded"):
         train_pass(cfg, run.path, progress=False)
-    assert folder_digest(run.path) == before
+    assert tree_hashes(run.path) == before
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps(cfg))
     assert main(["run", str(config), "--out", str(run.path), "--quiet", "--no-report"]) == 2
-    assert "cannot resume" in capsys.readouterr().err and folder_digest(run.path) == before
+    assert "cannot resume" in capsys.readouterr().err and tree_hashes(run.path) == before
     # On the recording's kind it resumes, and equals an uninterrupted run.
     plant_machine(run, cpu_capability=fingerprint()["cpu_capability"])
     resumed = train_pass(cfg, run.path, progress=False)

@@ -7,7 +7,6 @@ field and the fix, and leaves what is on disk untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickletools
@@ -26,19 +25,7 @@ import gammatrace
 from gammatrace.cli import main
 from gammatrace.engine import train_pass
 from gammatrace.store.run import RunStore, StoreError, load_run
-from tests.conftest import tiny_config
-
-
-def _tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(err) == 1, err
-    assert err[0].startswith("gammatrace: error: ")
-    return err[0]
+from tests.conftest import one_error_line, tiny_config, tree_hashes
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +81,12 @@ def test_replaced_final_point_is_refused(trained, tmp_path, capsys, target):
                      other, progress=False)
     shutil.copy(other / target, run / target)
     shutil.rmtree(run / "analysis")
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     ref = "last" if target == "final.pt" else "continuation"
     assert main(["analyze", str(run), "--reference", ref, "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert target in line and "SHA-256" in line
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 # ---------------------------------------------------------- 3. names escape --out
@@ -110,7 +97,7 @@ def test_run_names_are_confined_to_out(tmp_path, capsys, name):
     cfg.write_text(json.dumps({"base": tiny_config(epochs=1), "runs": {name: {}}}))
     out = tmp_path / "deep" / "out"
     assert main(["run", str(cfg), "--out", str(out), "--no-report", "--quiet"]) == 2
-    assert "name" in _one_error_line(capsys)
+    assert "name" in one_error_line(capsys)
     assert not (tmp_path / "ESCAPED").exists() and not (tmp_path / "ESCAPED_abs").exists()
     assert not out.exists()
 
@@ -145,7 +132,7 @@ def test_second_writer_is_refused_while_a_live_holder_exists(tmp_path, capsys):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(json.dumps(tiny_config()))
         assert main(["run", str(cfg), "--out", str(out), "--no-report", "--quiet"]) == 2
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert str(holder.pid) in line and "in use" in line
         assert not (out / "run.json").exists()
     finally:
@@ -181,7 +168,7 @@ def test_diverged_continuation_leaves_the_horizon_analysable(tmp_path, capsys):
     assert len(run.steps("last")) == 9
     assert "continuation beyond the horizon diverged" in capsys.readouterr().err  # said, not silent
     assert main(["analyze", str(tmp_path / "r"), "--reference", "continuation", "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "continuation" in line and "diverged" in line
 
 
@@ -190,11 +177,11 @@ def test_shard_missing_a_column_is_refused(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path)
     shard = run / "analysis" / "continuation" / "steps" / "epoch_0001.parquet"
     pd.read_parquet(shard).drop(columns=["loss_ref"]).to_parquet(shard, index=False)
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "epoch_0001.parquet" in line and "loss_ref" in line
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 @pytest.mark.parametrize("args, words", [
@@ -206,17 +193,17 @@ def test_shard_missing_a_column_is_refused(trained, tmp_path, capsys):
 ])
 def test_bad_analysis_options_are_refused_before_work(trained, tmp_path, capsys, args, words):
     run = _copy(trained, tmp_path)
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet", *args]) == 2
-    assert words in _one_error_line(capsys)
-    assert _tree_hashes(run) == before
+    assert words in one_error_line(capsys)
+    assert tree_hashes(run) == before
 
 
 def test_workers_zero_is_refused_before_training(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(tiny_config()))
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]) == 2
-    assert "--workers" in _one_error_line(capsys)
+    assert "--workers" in one_error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -225,7 +212,7 @@ def test_yaml_syntax_error_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("epochs: 3\nmodel: {name: mlp\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "bad.yaml" in line and "line" in line
 
 
@@ -233,7 +220,7 @@ def test_misspelt_model_switch_names_the_switches(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(tiny_config(model={"widht": 8})))
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "widht" in line and "width" in line
     assert not (tmp_path / "o").exists()
 
@@ -245,7 +232,7 @@ def test_out_that_is_a_file_or_below_one(tmp_path, capsys, below):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / below if below else tmp_path / "file"
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert "file" in _one_error_line(capsys)
+    assert "file" in one_error_line(capsys)
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -257,7 +244,7 @@ def test_read_only_folder(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(tiny_config()))
     assert main(["run", str(cfg), "--out", str(ro / "o"), "--quiet"]) == 2
-    assert "permission" in _one_error_line(capsys).lower()
+    assert "permission" in one_error_line(capsys).lower()
 
 
 @pytest.mark.parametrize("content, field", [
@@ -267,10 +254,10 @@ def test_read_only_folder(tmp_path, capsys):
 def test_damaged_run_json_is_one_line_naming_the_file(trained, tmp_path, capsys, content, field):
     run = _copy(trained, tmp_path)
     (run / "run.json").write_text(content)
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet"]) == 2
-    assert field in _one_error_line(capsys)
-    assert _tree_hashes(run) == before
+    assert field in one_error_line(capsys)
+    assert tree_hashes(run) == before
 
 
 def test_null_horizon_in_run_json_names_the_field(trained, tmp_path, capsys):
@@ -278,11 +265,11 @@ def test_null_horizon_in_run_json_names_the_field(trained, tmp_path, capsys):
     meta = json.loads((run / "run.json").read_text())
     meta["horizon_epochs"] = None
     (run / "run.json").write_text(json.dumps(meta))
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "run.json" in line and "horizon_epochs" in line
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def test_reference_that_is_a_text_file(trained, tmp_path, capsys):
@@ -290,7 +277,7 @@ def test_reference_that_is_a_text_file(trained, tmp_path, capsys):
     ref = tmp_path / "notes.txt"
     ref.write_text("hello")
     assert main(["analyze", str(run), "--reference", str(ref), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "notes.txt" in line and "weights_only=False" not in line
 
 
@@ -306,7 +293,7 @@ def test_malicious_init_from_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(tiny_config(model={"init_from": str(bad)})))
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "init.pt" in line and "weights_only=False" not in line
     assert not (tmp_path / "o").exists()
 
@@ -320,7 +307,7 @@ def test_corrupt_checkpoint_advice_works(tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(json.dumps(cfg))
     assert main(["run", str(cfg_file), "--out", str(out), "--no-report", "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "epoch_0003.pt" in line
     # follow the advice literally
     advice = line.split("remove it", 1)
@@ -435,11 +422,11 @@ def test_damaged_cifar_header_is_one_line(tmp_path, capsys, how):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(tiny_config(data={"name": "cifar100", "data_dir": str(tmp_path / "data"),
                                                 "n_train": None, "n_test": None})))
-    before = _tree_hashes(tmp_path)
+    before = tree_hashes(tmp_path)
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(folder / "train") in line and ("re-extract" in line or "b'data'" in line)
-    assert _tree_hashes(tmp_path) == before and not (tmp_path / "o").exists()
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "five samples", "other arguments"])
@@ -483,11 +470,11 @@ def test_run_json_field_changed_by_damage_is_named(trained, tmp_path, capsys):
     # one digit of ‖θ_0 − θ_T‖: a valid file, a silently different path_ratio before issue 10
     text = (run / "run.json").read_text().replace(repr(meta["displacement"])[:6], repr(meta["displacement"])[:5] + "9", 1)
     (run / "run.json").write_text(text)
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "run.json" in line and "'displacement'" in line
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def test_run_json_config_stays_editable(trained, tmp_path):
@@ -536,11 +523,11 @@ def test_shard_damaged_in_place_is_refused(trained, tmp_path, capsys, damage):
         else:
             table = table.slice(0, 2)
         pq.write_table(table, shard)
-    before = _tree_hashes(run)
+    before = tree_hashes(run)
     assert main(["analyze", str(run), "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert str(shard) in line and "damaged" in line and "recompute" in line
-    assert _tree_hashes(run) == before
+    assert tree_hashes(run) == before
 
 
 def test_shard_rewritten_with_another_type_is_refused(trained, tmp_path, capsys):
@@ -551,7 +538,7 @@ def test_shard_rewritten_with_another_type_is_refused(trained, tmp_path, capsys)
     frame["loss_ref"] = frame["loss_ref"].astype("int64")  # silently truncated numbers before
     frame.to_parquet(shard, index=False)
     assert main(["analyze", str(run), "--reference", "continuation", "--quiet"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "epoch_0000.parquet" in line and "loss_ref is int64" in line
 
 
@@ -578,7 +565,7 @@ def test_damaged_config_is_one_line(tmp_path, capsys, text, words):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert words in _one_error_line(capsys)
+    assert words in one_error_line(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -588,4 +575,4 @@ def test_rerun_with_another_config_names_the_field(tmp_path, capsys):
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-report", "--quiet"]) == 0
     cfg.write_text(json.dumps(tiny_config(optim={"lr": 0.3})))
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--no-report", "--quiet"]) == 2
-    assert "optim.lr: 0.2 there, 0.3 now" in _one_error_line(capsys)
+    assert "optim.lr: 0.2 there, 0.3 now" in one_error_line(capsys)

@@ -12,7 +12,6 @@ before its fix and failed on the code as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -29,19 +28,11 @@ from gammatrace.experiments.study import run_study, study_from_yaml
 from gammatrace.landscape import landscape
 from gammatrace.store.backend import UnsafePathError
 from gammatrace.store.run import RunStore
-from tests.conftest import tiny_config
+from tests.conftest import one_error_line, tiny_config, tree_hashes
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
-
-
-def _one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(err) == 1, err
-    assert err[0].startswith("gammatrace: error: ")
-    return err[0]
+    return tree_hashes(root, links=False)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +94,7 @@ def test_report_folder_planted_as_a_link_in_a_run_folder(analysed, tmp_path, cap
     (run / "report").symlink_to(outside, target_is_directory=True)
     before = _tree(outside)
     assert main(["report", str(run), "--out", str(run / "report")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "symbolic link" in line and "report" in line
     assert _tree(outside) == before
 
@@ -117,7 +108,7 @@ def test_run_does_not_report_through_a_planted_report_link(tmp_path, capsys):
     cfg.write_text(json.dumps(tiny_config(epochs=1)))
     before = _tree(outside)
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert "symbolic link" in _one_error_line(capsys)
+    assert "symbolic link" in one_error_line(capsys)
     assert _tree(outside) == before
 
 
@@ -128,7 +119,7 @@ def test_report_file_planted_as_a_link(analysed, tmp_path, capsys, where):
     out.mkdir()
     (out / "summary.md").symlink_to(outside / "mine.txt")
     assert main(["report", str(analysed), "--out", str(out)]) == 2
-    assert "symbolic link" in _one_error_line(capsys)
+    assert "symbolic link" in one_error_line(capsys)
     assert (outside / "mine.txt").read_text() == "the user's"
     assert (out / "summary.md").is_symlink()
 
@@ -150,7 +141,7 @@ def test_landscape_figure_planted_as_a_link(analysed, tmp_path, capsys):
     (out / "landscape_per_path.png").symlink_to(outside / "mine.txt")
     assert main(["landscape", str(analysed), "--out", str(out), "--plane", "per_path", "--grid", "3",
                  "--samples", "32", "--quiet"]) == 2
-    assert "symbolic link" in _one_error_line(capsys)
+    assert "symbolic link" in one_error_line(capsys)
     assert (outside / "mine.txt").read_text() == "the user's"
 
 
@@ -233,7 +224,7 @@ def test_two_reports_into_one_folder(analysed, tmp_path, capsys):
     try:
         assert first.stdout.readline().strip() == "drawing"
         assert main(["report", str(analysed), "--out", str(out)]) == 2
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert "in use by process" in line and str(first.pid) in line
     finally:
         assert first.wait(timeout=120) == 0
