@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from gammatrace.curvature import CurvatureConfig
 from gammatrace.data import AUGMENTATIONS, DATASETS, TRANSFORM_OPTIONS
 from gammatrace.errors import UserError
 from gammatrace.models import ACTIVATIONS, MODELS
@@ -249,6 +250,10 @@ class RunConfig(_Strict):
     # disk (see `gammatrace run --dry-run`) at the price of replay parallelism; "auto" takes
     # the densest spacing whose estimate fits the disk budget (resolved before training).
     checkpoint_every: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | Literal["auto"] = 1
+    # Curvature along the trajectory (gammatrace.curvature.CurvatureConfig: every N steps, top-k
+    # eigenvalues, trace, stability ratio, Santurkar's step measurements), measured during the
+    # analysis replay as the step-hook table analysis/<ref>/curvature/; None: not measured.
+    curvature: CurvatureConfig | None = None
 
     @field_validator("name")
     @classmethod

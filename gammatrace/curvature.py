@@ -34,15 +34,49 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["Eigen", "HessianOperator", "Trace", "hessian_trace", "hvp", "top_eigenvalues"]
+__all__ = ["CurvatureConfig", "Eigen", "HessianOperator", "Trace", "hessian_trace", "hvp", "top_eigenvalues"]
+
+
+class CurvatureConfig(BaseModel):
+    """Curvature along a trajectory (the run config's ``curvature`` block; ``Probe(curvature=...)``).
+
+    Measured at every ``every``-th step (k % every == 0) and, with ``at_epoch_end``, at the
+    last step of every epoch, at θ_k before the step, on a copy of the model with batch norm
+    in train mode (batch statistics, as the step saw them):
+
+    * on the fixed evaluation subset (``subset`` training samples chosen once from the run's
+      seed, no augmentation; the probe's own evaluation batch in ``Probe``): λ_1 … λ_k, the
+      trace (``trace_samples`` Hutchinson vectors; 0: no trace) and the stability ratio;
+    * on the step's own mini-batch B_k, along the raw gradient g_k: Santurkar et al.'s loss
+      range, gradient change and effective β-smoothness at s = c·η_k for c in
+      ``santurkar_steps`` (multiples of the step's learning rate: the step itself is c = 1).
+
+    Example:
+        >>> CurvatureConfig(every=10).k, CurvatureConfig().santurkar_steps
+        (3, (0.25, 0.5, 1.0, 2.0, 4.0))
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    every: int = Field(100, ge=1, description="steps between measurements")
+    k: int = Field(3, ge=1, le=64, description="top eigenvalues λ_1 … λ_k")
+    trace_samples: int = Field(0, ge=0, le=100_000, description="Hutchinson vectors for tr H; 0: no trace")
+    subset: int = Field(256, ge=1, le=100_000_000, description="evaluation-subset size (training samples)")
+    at_epoch_end: bool = Field(True, description="also measure at the last step of every epoch")
+    santurkar_steps: tuple[Annotated[float, Field(gt=0)], ...] = Field(
+        (0.25, 0.5, 1.0, 2.0, 4.0), min_length=1, max_length=64,
+        description="s = c·η_k along −g_k for these c (multiples of the step's learning rate)")
+    tol: float = Field(1e-4, ge=0, description="relative accuracy of the eigenvalues (eigsh's tol)")
+    max_iter: int | None = Field(None, ge=1, description="eigsh's limit on Arnoldi restarts (None: its default)")
 
 
 @dataclass(frozen=True)
