@@ -73,6 +73,28 @@ def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | 
         return _analyze_locked(run, cfg, reference, tail, ell_inf, workers, progress)
 
 
+def load_hook_table(run: str | Path | Run, name: str, reference: str | None = None) -> pd.DataFrame:
+    """A step-hook table as stored, without recomputation: ``analysis/<reference>/<name>/``
+    (e.g. ``"curvature"``, one row per measured step; ``"one_point"``). ``reference``: the
+    analysis (default: the run's, as :meth:`Run.steps <gammatrace.store.run.Run.steps>`); a
+    hook table belongs to the reference's replay, shared by all its analyses (``last/tail=28``
+    reads ``last``'s). An empty frame when the run has no such table.
+
+    Example:
+        >>> import tempfile, gammatrace
+        >>> run = gammatrace.train({"name": "demo", "seed": 3, "epochs": 1, "batch_size": 32,
+        ...                         "data": {"name": "digits", "n_train": 64, "n_test": 32},
+        ...                         "model": {"name": "mlp", "width": 4, "depth": 1},
+        ...                         "curvature": {"every": 1, "k": 2}},
+        ...                        out=tempfile.mkdtemp() + "/demo", progress=False)
+        >>> table = load_hook_table(run, "curvature")
+        >>> table["step"].tolist(), table["stability_threshold_kind"].iloc[0]
+        ([0, 1], 'sgd')
+    """
+    run = run if isinstance(run, Run) else Run(run)
+    return run.store.read_shards(run.store.analysis(run._ref(reference).split("/")[0], name))
+
+
 def own_loop_reference(run: Run, reference: str | None) -> str:
     """The stored analysis a run recorded by the user's own loop (:func:`gammatrace.save_run`)
     is re-summarised from: its loop cannot be replayed from a config, so a reference it was

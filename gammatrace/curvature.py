@@ -267,17 +267,32 @@ def top_eigenvalues(
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     op = HessianOperator(model, loss_fn, batch, dtype=dtype, train=train, seed=seed)
+    return _top(op, k, tol=tol, max_iter=max_iter, seed=seed, v0=v0)
+
+
+def _top(op: HessianOperator, k: int, *, tol: float, max_iter: int | None, seed: int,
+         v0: np.ndarray | torch.Tensor | Eigen | None = None, scale: torch.Tensor | None = None) -> Eigen:
+    """The top-k eigenpairs of H, or of S H S with S = diag(``scale``) (a preconditioned
+    Hessian P⁻¹H has the eigenvalues of P^{-1/2} H P^{-1/2}: ``scale`` = P^{-1/2})."""
     n = op.n
+    n_before = op.n_products
+    if scale is not None:
+        scale = scale.reshape(-1).to(op.device, op.dtype)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return op.matvec(x) if scale is None else scale * op.matvec(scale * x.to(op.device, op.dtype))
+
     if k >= n:
-        dense = _dense(op)
-        values, vectors = np.linalg.eigh(dense)
+        eye = torch.eye(n, dtype=op.dtype, device=op.device)
+        dense = torch.stack([product(eye[i]) for i in range(n)], dim=1).double().cpu().numpy()
+        values, vectors = np.linalg.eigh(0.5 * (dense + dense.T))  # symmetrised against round-off
         order = np.argsort(values)[::-1][:k]
-        return Eigen(values[order], vectors[:, order], op.n_products, op.bn_mode)
+        return Eigen(values[order], vectors[:, order], op.n_products - n_before, op.bn_mode)
     # scipy is costly to import and only a curvature measurement needs it.
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     def matvec(x: np.ndarray) -> np.ndarray:
-        return op.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).ravel())).double().cpu().numpy()
+        return product(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).ravel())).double().cpu().numpy()
 
     if isinstance(v0, Eigen):
         v0 = v0.vectors[:, 0]
@@ -286,16 +301,16 @@ def top_eigenvalues(
     if start.shape != (n,):
         raise ValueError(f"v0 has {start.size} entries, the model has {n} trainable parameters")
     linear = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    values, vectors = eigsh(linear, k=k, which="LA", tol=tol, maxiter=max_iter, v0=start)
-    order = np.argsort(values)[::-1]
-    return Eigen(values[order], vectors[:, order], op.n_products, op.bn_mode)
-
-
-def _dense(op: HessianOperator) -> np.ndarray:
-    """H, column by column (n products), symmetrised against round-off."""
-    eye = torch.eye(op.n, dtype=op.dtype, device=op.device)
-    h = torch.stack([op.matvec(eye[i]) for i in range(op.n)], dim=1).double().cpu().numpy()
-    return 0.5 * (h + h.T)
+    try:
+        values, vectors = eigsh(linear, k=k, which="LA", tol=tol, maxiter=max_iter, v0=start)
+    except ArpackNoConvergence as exc:
+        # What did converge is kept; the rest is NaN, never an unconverged number.
+        got = np.asarray(exc.eigenvalues, dtype=np.float64)
+        values = np.concatenate([got, np.full(k - len(got), np.nan)])
+        vectors = np.concatenate([np.asarray(exc.eigenvectors).reshape(n, -1),
+                                  np.full((n, k - len(got)), np.nan)], axis=1)
+    order = np.argsort(np.where(np.isnan(values), -np.inf, values))[::-1]
+    return Eigen(values[order], vectors[:, order], op.n_products - n_before, op.bn_mode)
 
 
 def hessian_trace(
@@ -326,7 +341,10 @@ def hessian_trace(
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    op = HessianOperator(model, loss_fn, batch, dtype=dtype, train=train, seed=seed)
+    return _trace(HessianOperator(model, loss_fn, batch, dtype=dtype, train=train, seed=seed), samples, seed)
+
+
+def _trace(op: HessianOperator, samples: int, seed: int) -> Trace:
     n = op.n
     if samples >= n:
         eye = torch.eye(n, dtype=op.dtype, device=op.device)
@@ -340,3 +358,308 @@ def hessian_trace(
     arr = np.asarray(values)
     stderr = float(arr.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.inf
     return Trace(float(arr.mean()), stderr, samples, False, op.bn_mode)
+
+
+# ------------------------------------------------------------------ along the trajectory
+@dataclass(frozen=True)
+class Stability:
+    """Where a step of the optimizer stops being stable on a quadratic with curvature λ.
+
+    ``kind`` names the rule; ``threshold`` is the value the sharpness is compared with
+    (in the eigenvalue's units: 2/η for plain SGD); ``scale`` is P^{-1/2} flattened over the
+    trainable parameters for an adaptive optimizer with diagonal preconditioner P (the
+    sharpness is then λ_1(P⁻¹H), the top eigenvalue of P^{-1/2} H P^{-1/2}), None when the
+    sharpness is λ_1(H) itself."""
+
+    kind: str
+    threshold: float
+    scale: torch.Tensor | None = None
+
+
+def _sgd_stability(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> Stability:
+    # Cohen et al. 2021 ("Gradient descent on neural networks typically occurs at the edge of
+    # stability", appendix): heavy ball buf = βbuf + g, θ −= η buf diverges on a quadratic once
+    # ηλ > 2 + 2β; Nesterov once ηλ > (2 + 2β)/(1 + 2β).
+    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    if beta == 0.0:
+        return Stability("sgd", 2.0 / lr)
+    if group.get("nesterov", False):
+        return Stability("nesterov", (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr))
+    return Stability("heavy_ball", 2.0 * (1.0 + beta) / lr)
+
+
+def _state(opt: torch.optim.Optimizer, p: torch.Tensor, key: str) -> torch.Tensor:
+    value = opt.state.get(p, {}).get(key)
+    return torch.zeros_like(p, dtype=torch.float64) if value is None else value.detach().double()
+
+
+def _steps_taken(opt: torch.optim.Optimizer, p: torch.Tensor) -> float:
+    step = opt.state.get(p, {}).get("step", 0)
+    return float(step.item() if isinstance(step, torch.Tensor) else step)
+
+
+def _grad(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, coupled_decay: bool) -> torch.Tensor:
+    g = torch.zeros_like(p, dtype=torch.float64) if p.grad is None else p.grad.detach().double()
+    wd = float(group.get("weight_decay", 0.0))
+    return g + wd * p.detach().double() if coupled_decay and wd else g
+
+
+def _adam_stability(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> Stability:
+    # Cohen et al. 2022 ("Adaptive gradient methods at the edge of stability"): Adam's step is
+    # θ_{t+1} = θ_t − η P_t⁻¹ m_t with m_t = β1 m_{t−1} + (1 − β1) g_t and
+    # P_t = (1 − β1^t)·(√(v_t / (1 − β2^t)) + ε) (m's bias correction folded into P); EMA
+    # momentum on a quadratic is stable while η λ_1(P⁻¹H) < (2 + 2β1)/(1 − β1). P_t is the
+    # preconditioner *this* step divides by: v_t from the state before the step and the
+    # gradient the optimizer receives now (.grad, with Adam's coupled weight decay added;
+    # AdamW's decoupled decay is not in the gradient), AMSGrad's running maximum included.
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps, lr = float(group["eps"]), float(group["lr"])
+    coupled = not isinstance(opt, torch.optim.AdamW) and not group.get("decoupled_weight_decay", False)
+    pieces = []
+    for p in params:
+        t = _steps_taken(opt, p) + 1.0
+        g = _grad(opt, group, p, coupled)
+        v = beta2 * _state(opt, p, "exp_avg_sq") + (1.0 - beta2) * g * g
+        if group.get("amsgrad", False):
+            v = torch.maximum(_state(opt, p, "max_exp_avg_sq"), v)
+        precond = (1.0 - beta1 ** t) * (torch.sqrt(v / (1.0 - beta2 ** t)) + eps)
+        pieces.append(precond.reshape(-1).rsqrt())
+    return Stability("adam_preconditioned", (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr), torch.cat(pieces))
+
+
+def _rmsprop_stability(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> Stability:
+    # RMSprop divides by P_t = √(a_t) + ε (a_t = α a_{t−1} + (1 − α) g_t², centred: minus the
+    # squared mean gradient); with momentum μ it is heavy ball on P⁻¹g: stable while
+    # η λ_1(P⁻¹H) < 2 + 2μ (2 without momentum; Cohen et al. 2022 treat RMSprop this way).
+    alpha, eps, lr = float(group["alpha"]), float(group["eps"]), float(group["lr"])
+    mu = float(group.get("momentum", 0.0))
+    pieces = []
+    for p in params:
+        g = _grad(opt, group, p, True)
+        a = alpha * _state(opt, p, "square_avg") + (1.0 - alpha) * g * g
+        if group.get("centered", False):
+            mean = alpha * _state(opt, p, "grad_avg") + (1.0 - alpha) * g
+            a = a - mean * mean
+        pieces.append((torch.sqrt(a) + eps).reshape(-1).rsqrt())
+    return Stability("rmsprop_preconditioned", 2.0 * (1.0 + mu) / lr, torch.cat(pieces))
+
+
+def _adagrad_stability(opt: torch.optim.Optimizer, group: dict, params: list[torch.Tensor]) -> Stability:
+    # Adagrad: θ −= η_t g / (√(Σ g²) + ε), η_t = η / (1 + (t − 1)·lr_decay): stable while
+    # η_t λ_1(P⁻¹H) < 2.
+    eps, lr, decay = float(group["eps"]), float(group["lr"]), float(group.get("lr_decay", 0.0))
+    pieces, t = [], 1.0
+    for p in params:
+        t = _steps_taken(opt, p) + 1.0
+        g = _grad(opt, group, p, True)
+        total = _state(opt, p, "sum") + g * g
+        pieces.append((torch.sqrt(total) + eps).reshape(-1).rsqrt())
+    return Stability("adagrad_preconditioned", 2.0 * (1.0 + (t - 1.0) * decay) / lr, torch.cat(pieces))
+
+
+# The optimizer classes whose stability rule is known, most specific first (AdamW before Adam
+# where it subclasses it). Another optimizer gets kind "unknown" and a NaN ratio.
+STABILITY: dict[type, Callable[[torch.optim.Optimizer, dict, list[torch.Tensor]], Stability]] = {
+    torch.optim.SGD: _sgd_stability,
+    torch.optim.AdamW: _adam_stability,
+    torch.optim.Adam: _adam_stability,
+    torch.optim.RMSprop: _rmsprop_stability,
+    torch.optim.Adagrad: _adagrad_stability,
+}
+
+
+def stability(optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor], lr: float,
+              lr_group: int = 0) -> Stability:
+    """The stability rule of ``optimizer`` at this step (see :class:`Stability`), for the
+    trainable ``params`` (in order) and learning rate ``lr``; call it at θ_k with ``.grad``
+    holding the gradient the optimizer is about to receive and its state from before the step.
+    The hyperparameters are ``lr_group``'s (every group is assumed to share them).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> rule = stability(torch.optim.SGD([w], lr=0.1, momentum=0.9), [w], lr=0.1)
+        >>> rule.kind, round(rule.threshold, 6)                     # 2(1 + β)/η
+        ('heavy_ball', 38.0)
+        >>> stability(None, [w], lr=0.1).kind
+        'unknown'
+    """
+    if optimizer is None:
+        return Stability("unknown", math.nan)
+    group = {**optimizer.param_groups[lr_group], "lr": lr}
+    for cls in type(optimizer).__mro__:
+        rule = STABILITY.get(cls)
+        if rule is not None:
+            return rule(optimizer, group, params)
+    return Stability("unknown", math.nan)
+
+
+@dataclass(frozen=True)
+class StepLine:
+    """Santurkar et al.'s measurements along −g from θ: ``losses[i]`` = ℓ(θ − s_i g) and
+    ``grad_changes[i]`` = ‖∇ℓ(θ) − ∇ℓ(θ − s_i g)‖ for ``steps[i]`` = s_i; ``loss`` and
+    ``grad_norm`` are ℓ(θ) and ‖g‖ (g = ∇ℓ(θ) unless a direction was given)."""
+
+    steps: np.ndarray
+    losses: np.ndarray
+    grad_changes: np.ndarray
+    loss: float
+    grad_norm: float
+    bn_mode: str
+
+    @property
+    def beta_eff(self) -> float:
+        """max_s ‖∇ℓ(θ) − ∇ℓ(θ − s g)‖ / ‖s g‖: the effective β-smoothness along the step."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = self.grad_changes / (self.steps * self.grad_norm)
+        return float(np.max(ratios)) if self.grad_norm > 0 else math.nan
+
+
+def along_step(model: nn.Module, loss_fn: LossFn, batches: list[tuple[Any, float]], steps: Any, *,
+               direction: torch.Tensor | None = None, seed: int = 0, train: bool = True) -> StepLine:
+    """ℓ and ∇ℓ at θ − s·g for each s in ``steps`` (Santurkar et al. 2018, Fig. 4), on a copy.
+
+    ℓ is the weighted mean of ``loss_fn`` over ``batches`` (``(batch, weight)`` pairs: a
+    step's micro-batches and their sample counts), g is ``direction`` (flat) or, by default,
+    ∇ℓ(θ) itself — the step's raw gradient when ``batches`` are the step's and no dropout
+    draws other masks. Every evaluation runs under the same seeded random stream (one
+    dropout mask for the whole line) with batch norm in train mode (``train``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0)
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()               # ℓ(w) = w², ∇ℓ = 2w
+        >>> line = along_step(model, loss_fn, [(torch.ones(1, 1), 1.0)], [0.25, 0.5])
+        >>> line.losses.tolist(), line.grad_changes.tolist(), line.beta_eff   # w = 0.5, 0
+        ([0.25, 0.0], [1.0, 2.0], 2.0)
+    """
+    twin = copy.deepcopy(model)
+    twin.train(train)
+    params = [p for p in twin.parameters() if p.requires_grad]
+    for p in twin.parameters():
+        p.grad = None
+    origin = [p.detach().clone() for p in params]
+    total_weight = float(sum(w for _, w in batches))
+
+    def at(s: float, d: list[torch.Tensor] | None) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            for p, o, *rest in zip(params, origin, *([d] if d is not None else []), strict=True):
+                p.copy_(o if d is None else o - s * rest[0])
+        loss = torch.zeros((), dtype=torch.float64)
+        grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        with _isolated(model, seed), torch.enable_grad():
+            for batch, weight in batches:
+                part = loss_fn(twin, batch)
+                part = (part.mean() if part.ndim else part) * (weight / total_weight)
+                g = torch.autograd.grad(part, params, allow_unused=True)
+                for acc, gi in zip(grads, g, strict=True):
+                    if gi is not None:
+                        acc += gi.double()
+                loss += part.detach().double().cpu()
+        return float(loss), torch.cat([g.reshape(-1) for g in grads])
+
+    loss0, grad0 = at(0.0, None)
+    flat = grad0 if direction is None else torch.as_tensor(direction).reshape(-1).to(grad0.device).double()
+    if flat.numel() != grad0.numel():
+        raise ValueError(f"direction of length {flat.numel()}, the model has {grad0.numel()} trainable parameters")
+    pieces = [piece.view_as(p).to(p.dtype) for piece, p in zip(flat.split([p.numel() for p in params]), params,
+                                                                 strict=True)]
+    s_values = np.asarray(list(steps), dtype=np.float64)
+    losses, changes = [], []
+    for s in s_values:
+        loss_s, grad_s = at(float(s), pieces)
+        losses.append(loss_s)
+        changes.append(float(torch.linalg.vector_norm(grad0 - grad_s)))
+    return StepLine(s_values, np.asarray(losses), np.asarray(changes), loss0,
+                    float(torch.linalg.vector_norm(flat)), _bn_mode(twin))
+
+
+def columns(k: int) -> list[str]:
+    """The curvature table's columns for ``k`` eigenvalues (besides ``step`` and ``epoch``).
+
+    Example:
+        >>> columns(2)[:5]
+        ['lr', 'at_epoch_end', 'lambda_1', 'lambda_2', 'trace']
+    """
+    return ["lr", "at_epoch_end", *(f"lambda_{i + 1}" for i in range(k)), "trace", "trace_se",
+            "sharpness", "stability_threshold", "stability_ratio", "stability_threshold_kind", "outlier_ratio",
+            "beta_eff", "loss_range_min", "loss_range_max", "grad_change_max", "grad_norm", "eval_loss",
+            "bn_mode", "n_products"]
+
+
+class CurvatureMonitor:
+    """Curvature measurements along a trajectory (:class:`CurvatureConfig`), one row per
+    measured step; what the engine's ``curvature`` step hook and ``Probe(curvature=...)`` share.
+
+    A row, at θ_k before the step (everything on a copy, under a forked and seeded random
+    stream: the training is untouched), holds:
+
+    * ``lambda_1`` … ``lambda_k``: the top eigenvalues of the Hessian of the mean loss on the
+      evaluation batch (eigsh, warm-started from the previous measurement's top vector);
+      ``eval_loss`` that loss; ``n_products`` the Hessian-vector products spent on the row;
+    * ``trace``, ``trace_se``: Hutchinson's estimate of tr H on the evaluation batch and its
+      standard error (NaN when ``trace_samples`` is 0);
+    * ``sharpness``, ``stability_threshold``, ``stability_ratio`` = sharpness / threshold,
+      ``stability_threshold_kind`` (:func:`stability`): plain SGD ("sgd") compares λ_1 with
+      2/η_k, so the ratio is η_k·λ_1/2; heavy-ball momentum β ("heavy_ball") with
+      2(1 + β)/η_k, the ratio η_k·λ_1/(2(1 + β)); Nesterov ("nesterov") with
+      (2 + 2β)/((1 + 2β)η_k); Adam/AdamW/AMSGrad ("adam_preconditioned", Cohen et al. 2022)
+      compare the preconditioned sharpness λ_1(P⁻¹H) — the top eigenvalue of
+      P^{-1/2} H P^{-1/2} on the evaluation batch, P = (1 − β1^t)(√v̂_t + ε) the diagonal this
+      step divides by — with (2 + 2β1)/((1 − β1)η_k); RMSprop and Adagrad likewise with their
+      own P ("…_preconditioned"); weight decay is not added to H;
+    * ``outlier_ratio`` = λ_1/λ_k;
+    * on the step's own mini-batch B_k along its raw gradient g_k (recomputed on the copy,
+      train-mode batch norm: the step's gradient when no dropout draws other masks; its norm
+      is ``grad_norm``), at s = c·η_k for c in ``santurkar_steps``: ``loss_range_min`` /
+      ``loss_range_max`` = min / max of ℓ(θ_k − s g_k; B_k), ``grad_change_max`` =
+      max_s ‖∇ℓ(θ_k) − ∇ℓ(θ_k − s g_k)‖, ``beta_eff`` = max_s of that change / ‖s g_k‖;
+    * ``bn_mode``: "train" (batch statistics, as the step saw them) or "none".
+
+    ``seed`` seeds every measurement's draws (with the step index): the same trajectory gives
+    the same table. Memory: the Lanczos basis, O(max(2k + 1, 20)·d) floats, and a copy of the model.
+    """
+
+    def __init__(self, config: CurvatureConfig | Mapping[str, Any] | None, loss_fn: LossFn, eval_batch: Any = None,
+                 *, seed: int = 0):
+        self.config = config if isinstance(config, CurvatureConfig) else CurvatureConfig.model_validate(config or {})
+        self.loss_fn, self.eval_batch, self.seed = loss_fn, eval_batch, seed
+        self.previous: Eigen | None = None
+
+    def due(self, step: int, at_epoch_end: bool = False) -> bool:
+        """Whether step ``step`` is measured (every ``every``-th, and epoch ends if asked)."""
+        return step % self.config.every == 0 or (at_epoch_end and self.config.at_epoch_end)
+
+    def measure(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, step: int, lr: float,
+                at_epoch_end: bool, step_batches: list[tuple[Any, float]], lr_group: int = 0) -> dict[str, Any]:
+        """One row (see the class) at the model's current parameters θ_k."""
+        cfg = self.config
+        if self.eval_batch is None:
+            raise ValueError("the curvature monitor has no evaluation batch")
+        seed = (self.seed * 1_000_003 + step) % (2**63)
+        op = HessianOperator(model, self.loss_fn, self.eval_batch, seed=seed)
+        k = min(cfg.k, op.n)
+        v0 = self.previous if self.previous is not None and np.isfinite(self.previous.vectors[:, 0]).all() else None
+        top = _top(op, k, tol=cfg.tol, max_iter=cfg.max_iter, seed=seed, v0=v0)
+        self.previous = top
+        values = np.full(cfg.k, np.nan)
+        values[:k] = top.values
+        trace = _trace(op, cfg.trace_samples, seed) if cfg.trace_samples else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        rule = stability(optimizer, params, lr, lr_group)
+        sharp = (float(values[0]) if rule.scale is None
+                 else float(_top(op, 1, tol=cfg.tol, max_iter=cfg.max_iter, seed=seed, scale=rule.scale).values[0]))
+        line = along_step(model, self.loss_fn, step_batches, [c * lr for c in cfg.santurkar_steps], seed=seed)
+        return {
+            "lr": float(lr), "at_epoch_end": bool(at_epoch_end),
+            **{f"lambda_{i + 1}": float(v) for i, v in enumerate(values)},
+            "trace": trace.estimate if trace else math.nan, "trace_se": trace.stderr if trace else math.nan,
+            "sharpness": sharp, "stability_threshold": rule.threshold,
+            "stability_ratio": sharp / rule.threshold, "stability_threshold_kind": rule.kind,
+            "outlier_ratio": float(values[0] / values[cfg.k - 1]) if values[cfg.k - 1] != 0 else math.nan,
+            "beta_eff": line.beta_eff, "loss_range_min": float(line.losses.min()),
+            "loss_range_max": float(line.losses.max()), "grad_change_max": float(line.grad_changes.max()),
+            "grad_norm": line.grad_norm, "eval_loss": op.loss, "bn_mode": op.bn_mode, "n_products": op.n_products,
+        }

@@ -1,6 +1,7 @@
 """Per-step hooks of the engine (:class:`~gammatrace.engine.session.StepHook`): measurements
-a replay makes at every θ_k besides the probe's, stored as an extra per-step table
-``analysis/<reference>/<name>/``.
+a replay makes at θ_k besides the probe's, stored as an extra per-step table
+``analysis/<reference>/<name>/``. :func:`config_hooks` names those a run config asks for
+(the ``curvature`` block: :class:`Curvature`); every replay of the run adds them.
 
 Example:
     >>> import torch
@@ -23,9 +24,17 @@ from typing import Any
 
 import torch
 
-from gammatrace.engine.session import Session
+from gammatrace.config import RunConfig
+from gammatrace.curvature import CurvatureConfig, CurvatureMonitor
+from gammatrace.data.loader import stream_seed
+from gammatrace.engine.session import Session, StepHookFactory
 from gammatrace.errors import UserError
 from gammatrace.models.init import preserved_buffers
+
+# Random streams of the curvature measurement (data.loader.stream_seed): the evaluation subset
+# and the per-measurement draws (start vectors, Hutchinson vectors, dropout masks).
+_SUBSET_STREAM = 0xC0B5
+_CURVATURE_STREAM = 0xC0B6
 
 
 class OnePointConvexity:
@@ -81,3 +90,69 @@ class OnePointConvexity:
             dist += (diff * diff).sum()
         delta = torch.where(dist > 0, dot / dist, torch.full_like(dot, math.nan))
         return {"delta": delta, "grad_dot": dot, "dist_sq": dist, "full_loss": loss}
+
+
+def evaluation_subset(n: int, size: int, seed: int) -> torch.Tensor:
+    """The indices (sorted) of the curvature's fixed evaluation subset: ``size`` of the ``n``
+    training samples (all when ``size`` ≥ n), drawn once from the run's seed.
+
+    Example:
+        >>> evaluation_subset(10, 4, seed=0).tolist() == evaluation_subset(10, 4, seed=0).tolist()
+        True
+        >>> evaluation_subset(10, 99, seed=0).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+    if size >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(stream_seed(seed, 0, _SUBSET_STREAM))
+    return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+class Curvature:
+    """Curvature along the trajectory (the run config's ``curvature`` block, DESIGN §4): the
+    table ``analysis/<reference>/curvature/``, one row per measured step — every ``every``-th
+    step and, with ``at_epoch_end``, the last step of each epoch — with the columns of
+    :class:`~gammatrace.curvature.CurvatureMonitor` (λ_1 … λ_k, trace, stability ratio,
+    outlier ratio, Santurkar's loss range, gradient change and effective β-smoothness).
+
+    Where: eigenvalues, trace and stability on the fixed evaluation subset
+    (:func:`evaluation_subset`: ``subset`` training samples from the run's seed, without
+    augmentation, as one batch); Santurkar's quantities on the step's own mini-batch B_k (as
+    the step saw it, augmentation included) along ∇ℓ(θ_k; B_k). Batch norm in train mode,
+    on copies of the model under a forked random stream: the trajectory is untouched (the
+    replay's bitwise verification checks it). The learning rate is the step's η_k.
+    """
+
+    name = "curvature"
+
+    def __init__(self, session: Session, reference: Mapping[str, torch.Tensor]):
+        cfg = session.cfg
+        self.session = session
+        idx = evaluation_subset(len(session.x), (cfg.curvature or CurvatureConfig()).subset, cfg.seed)
+        idx = idx.to(session.device)
+        self.monitor = CurvatureMonitor(cfg.curvature or CurvatureConfig(), session.loss_fn,
+                                        (session.x[idx], session.y[idx]), seed=stream_seed(cfg.seed, 0, _CURVATURE_STREAM))
+        self._step = -1
+
+    def due(self, step: int) -> bool:
+        self._step = step
+        return self.monitor.due(step, self._at_epoch_end(step))
+
+    def _at_epoch_end(self, step: int) -> bool:
+        return step % self.session.steps_per_epoch == self.session.steps_per_epoch - 1
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        sess, k = self.session, self._step
+        lr = float(sess.optimizer.param_groups[0]["lr"])
+        return self.monitor.measure(sess.model, sess.optimizer, step=k, lr=lr, at_epoch_end=self._at_epoch_end(k),
+                                    step_batches=[(batch, 1.0)])
+
+
+def config_hooks(cfg: RunConfig) -> tuple[StepHookFactory, ...]:
+    """The step hooks a run config asks for (every replay of the run adds them).
+
+    Example:
+        >>> config_hooks(RunConfig()), config_hooks(RunConfig(curvature={"every": 10}))
+        ((), (<class 'gammatrace.engine.hooks.Curvature'>,))
+    """
+    return (Curvature,) if cfg.curvature is not None else ()

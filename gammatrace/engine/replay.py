@@ -43,6 +43,7 @@ from gammatrace.engine.refcache import (
     summarize_checks,
     why_not_cached,
 )
+from gammatrace.engine.hooks import config_hooks
 from gammatrace.engine.session import StepHookFactory, build_session
 from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
@@ -311,8 +312,10 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
     overrides the run config's ``analysis.reference_cache``). ``executor`` / ``address``:
     where segments run (local processes, or Ray tasks at ``address``).
     """
-    _check_hooks(hooks)
     run = Run(run_path)
+    # The hooks the run's config asks for (its curvature block) are part of every replay of it.
+    hooks = (*(h for h in config_hooks(run.config) if h.name not in {x.name for x in hooks}), *hooks)
+    _check_hooks(hooks)
     if not run.status.finished_training:
         raise StoreError(f"{run.path} is '{run.status}'; only a fully trained run can be replayed")
     ref_name, ref_file = reference_source(run, reference)

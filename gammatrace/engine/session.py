@@ -70,7 +70,10 @@ class StepHook(Protocol):
 
     name: str  # its table's folder: analysis/<reference>/<name>/ (an identifier)
 
-    def __call__(self, batch: Any) -> Mapping[str, float | torch.Tensor]: ...
+    # Optional: ``due(step) -> bool``, asked before each step; a hook that has it measures (and
+    # gets a row) only at the steps it answers True for (the curvature every N steps).
+
+    def __call__(self, batch: Any) -> Mapping[str, float | bool | str | torch.Tensor]: ...
 
 
 class StepHookFactory(Protocol):
@@ -169,11 +172,12 @@ class Session:
             loss.backward()
             if cfg.optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
-            if hooks:
+            due = [h for h in hooks if not hasattr(h, "due") or h.due(k)]
+            if due:
                 # A forked RNG: a hook's own draws (dropout in an extra forward) must not
                 # shift the stream the step itself uses.
                 with torch.random.fork_rng(devices=rng_devices):
-                    for hook in hooks:
+                    for hook in due:
                         rows[hook.name].append((k, hook(batch)))
             probe.step(loss, batch, indices=idx, sample_losses=per)
             # On the CPU .item() costs nothing; on accelerators the epoch-end check
@@ -218,11 +222,21 @@ def _load_init(model: nn.Module, path: Path | Location):
 
 
 def _hook_table(rows: list[tuple[int, Mapping[str, Any]]], epoch: int) -> pd.DataFrame:
-    # One host read per value, at the end of the epoch rather than at every step.
+    # One host read per value, at the end of the epoch rather than at every step. Numbers
+    # are float64; a column of bools or of strings (a label such as a mode) keeps its type.
     columns = list(rows[0][1]) if rows else []
+
+    def column(c: str) -> numpy.ndarray:
+        values = [r[c] for _, r in rows]
+        if all(isinstance(v, bool | numpy.bool_) for v in values):
+            return numpy.array(values, dtype=bool)
+        if all(isinstance(v, str) for v in values):
+            return numpy.array(values, dtype=object)
+        return numpy.array([float(v) for v in values], dtype=numpy.float64)
+
     return pd.DataFrame({"step": numpy.array([k for k, _ in rows], dtype=numpy.int64),
                          "epoch": numpy.full(len(rows), epoch, dtype=numpy.int64),
-                         **{c: numpy.array([float(r[c]) for _, r in rows], dtype=numpy.float64) for c in columns}})
+                         **{c: column(c) for c in columns}})
 
 
 def _as_dtype(data: Dataset, dtype: torch.dtype) -> Dataset:
