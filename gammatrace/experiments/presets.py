@@ -59,7 +59,7 @@ from typing import Any
 from gammatrace.config import RunConfig, merge_config
 from gammatrace.experiments import sources
 from gammatrace.experiments.sources import Setting
-from gammatrace.experiments.study import STUDIES, ClaimSpec, GridSpec, GroupSpec, Source, Study
+from gammatrace.experiments.study import STUDIES, ClaimSpec, GridSpec, GroupSpec, HypothesisSpec, Source, Study
 from gammatrace.models.init import INITS
 from gammatrace.principles.claims import ALPHA, Order, parse_order
 
@@ -67,6 +67,7 @@ PRESETS = ("quick", "paper", "paper100")
 SHORT = "000_236cbbea7b64027d.txt"  # the regularity-principle paper, short version
 LONG = "001_954b36295a226970.txt"  # the same study, long version with the appendix
 PRINCIPLE = "002_e9418eb884993e44.txt"  # "An Optimization Principle of Deep Learning?" (γ-optimization)
+SURVEY = "004_c1755dd0f4887641.txt"  # the survey of neural-network optimization theory
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ SEEDS_WHY = ("seeds per cell: the fewest with which each claim can reach both ve
              "tie)")
 
 
-def seeds_for(claims: list[ClaimSpec]) -> int:
+def seeds_for(claims: list[ClaimSpec] | list[ClaimSpec | HypothesisSpec]) -> int:
     """Seeds per cell a preset runs: the fewest with which every claim can reach both
     verdicts by the paired sign test — "consistent" needs 2^-n < α, "not consistent"
     2^-n < α / r (Holm over the claim's r strict relations, of the γ order and of the
@@ -189,7 +190,7 @@ def seeds_for(claims: list[ClaimSpec]) -> int:
     """
     need = 1
     for c in claims:
-        r = max(relations(c.order), relations(c.speed), 1)
+        r = max(relations(c.order), relations(getattr(c, "speed", None)), 1)  # a hypothesis states no speed
         n = next(n for n in range(1, 64) if 0.5 ** n < ALPHA / r)
         if any(len(lv) > 1 for lv in c.order):
             n = max(n, TIE_SEEDS)
@@ -200,12 +201,14 @@ def seeds_for(claims: list[ClaimSpec]) -> int:
 def _grid(name: str, question: str, base: dict[str, Any], groups: dict[str, GroupSpec], *,
           variants: dict[str, dict[str, Any]] | None = None, claims: list[ClaimSpec] | None = None,
           shared_init: bool = True, paths: list[str] | None = None,
-          across: list[ClaimSpec] | None = None) -> GridSpec:
-    every = [c for g in groups.values() for c in (g.claims if g.claims is not None else claims or [])]
-    every += across or []
+          across: list[ClaimSpec] | None = None, hypotheses: list[HypothesisSpec] | None = None,
+          seeds: int | None = None) -> GridSpec:
+    every: list[ClaimSpec | HypothesisSpec] = [
+        c for g in groups.values() for c in (g.claims if g.claims is not None else claims or [])]
+    every += [*(across or []), *(hypotheses or [])]
     return GridSpec(name=name, question=question, base=base, variants=variants or {}, groups=groups,
-                    claims=claims or [], shared_init=shared_init, seeds=seeds_for(every), paths=paths or [],
-                    across=across or [])
+                    claims=claims or [], shared_init=shared_init, seeds=seeds or seeds_for(every), paths=paths or [],
+                    across=across or [], hypotheses=hypotheses or [])
 
 
 # ------------------------------------------------------------------------ shared pieces
@@ -254,6 +257,8 @@ BOOKKEEPING = {
     "model.init_from": "filled in at study start with the shared initial point (study.shared_init)",
     "reference.path": "used by reference kind 'file' only",
     "analysis": "how γ is measured, not how the network is trained (DESIGN §1)",
+    "curvature": "what is measured along the path (Hessian eigenvalues, Santurkar's step measurements), not how "
+                 "the network is trained: it runs on a copy and leaves the trajectory bitwise unchanged",
 }
 
 
@@ -471,6 +476,33 @@ BN_VGG11_100 = claim(
     equivalent_within=COMPARABLE_GAMMA)
 
 
+# The survey's statements about batch norm (paper 004 summarising Santurkar et al. and Ghorbani
+# et al.), as hypotheses over the curvature measured along each path: the same verdict rule as
+# every claim, on each run's median of the statistic instead of its median γ_k. "With BN"
+# is every cell that keeps BN layers (all, first): no order is asserted between them.
+_SANTURKAR = ("the major benefit of BatchNorm is to reduce the Lipschitz constants (of the objective and the "
+              "gradients)")
+BN_SURVEY = [
+    HypothesisSpec(text="With BN, the largest Hessian eigenvalue λ_1 along the path is smaller (a smaller local "
+                        "Lipschitz constant of the gradient)", order="none > all ≈ first", statistic="lambda_1",
+                   source=Source(paper=SURVEY, quote=_SANTURKAR), summary_of="Santurkar et al."),
+    HypothesisSpec(text="With BN, the effective β-smoothness along the path is smaller", order="none > all ≈ first",
+                   statistic="beta_eff", source=Source(paper=SURVEY, quote=_SANTURKAR),
+                   summary_of="Santurkar et al."),
+    HypothesisSpec(text="Without BN, large isolated eigenvalues: the outlier ratio λ_1/λ_k along the path is larger",
+                   order="none > all ≈ first", statistic="outlier_ratio",
+                   source=Source(paper=SURVEY, quote="for networks without BatchNorm, there are large isolated "
+                                                     "eigenvalues, while for networks with BatchNorm this phenomenon "
+                                                     "does not occur"),
+                   summary_of="Ghorbani et al."),
+]
+# Curvature along the quick paths (gammatrace.curvature.CurvatureConfig): λ_1 … λ_3 on a fixed
+# subset of 256 training samples, the Santurkar measurements along the step, every 20 steps and
+# at every epoch end; no trace (the hypotheses do not read it).
+QUICK_CURVATURE = {"every": 20, "k": 3, "trace_samples": 0, "subset": 256, "at_epoch_end": True}
+PAPER_CURVATURE = {"every": 200, "k": 3, "trace_samples": 0, "subset": 512, "at_epoch_end": True}
+
+
 def batchnorm(t: Target) -> GridSpec:
     norms = _variants("norm", "model", "all", "first", "none")
     if t.quick:
@@ -479,22 +511,22 @@ def batchnorm(t: Target) -> GridSpec:
         # 5 minutes); measured to 0.3 (3 seeds): all 11–14, first 12–15, none 91–111 epochs.
         return _grid("batchnorm", BN_Q,
                      {**MNIST1D, "optim": {**MNIST1D["optim"], "lr": 0.02}, "model": {"name": "cnn1d", "width": 0.5},
-                      "epochs": 200, "target_loss": 0.3},
-                     {"cnn1d": GroupSpec(claims=[BN_TIED])}, variants=norms)
+                      "epochs": 200, "target_loss": 0.3, "curvature": QUICK_CURVATURE},
+                     {"cnn1d": GroupSpec(claims=[BN_TIED])}, variants=norms, hypotheses=BN_SURVEY)
     # VGG on CIFAR-10: "first" as fast and as large as "all"; on CIFAR-100 all > first (and for
     # VGG-11 paper 002's "similar values" beside it). The ResNets: the long paper's "very similar
     # observations" over the whole run, and paper 002's claim over the epochs it plots.
     ten = t.dataset == "cifar10"
     vgg = [BN_TIED] if ten else [BN_CIFAR100]
     resnet = [BN_TIED_RESNET, BN_RESNET10] if ten else [BN_CIFAR100_RESNET, BN_RESNET100]
-    return _grid("batchnorm", BN_Q, PAPER,
+    return _grid("batchnorm", BN_Q, {**PAPER, "curvature": PAPER_CURVATURE},
                  {"vgg11": GroupSpec(base=t.net("vgg11", optim={**SGD, "lr": 0.01}),
                                      claims=vgg if ten else [*vgg, BN_VGG11_100]),
                   "vgg16": GroupSpec(base=t.net("vgg16", optim={**SGD, "lr": 0.01}),
                                      claims=vgg if ten else [*vgg, BN_VGG16_100]),
                   "resnet18": GroupSpec(base=t.net("resnet18", optim={**SGD, "lr": 0.05}), claims=resnet),
                   "resnet34": GroupSpec(base=t.net("resnet34", optim={**SGD, "lr": 0.05}), claims=resnet)},
-                 variants=norms)
+                 variants=norms, hypotheses=BN_SURVEY)
 
 
 def batchnorm_sources(t: Target) -> list[Setting]:
@@ -737,15 +769,76 @@ def init_sources(t: Target) -> list[Setting]:
     ], "as the batch-norm study (no paper runs an initialization study)")
 
 
+# ------------------------------------------------------------------------------ width
+WIDTH_Q = "Does a wider network have a smoother path (smaller λ_1), and how does γ go with it?"
+# The survey (004, over-parameterization): "It is widely believed that “more parameters than
+# necessary” can smooth the landscape" — its summary of other papers' belief, stated without a
+# measure of smoothness. Read here as: the wider the network, the smaller the median λ_1 along
+# the path (a hypothesis; its verdict by the claims' rule on each run's median λ_1).
+WIDTH_SURVEY = HypothesisSpec(
+    text="Wider networks have a smoother path: the wider, the smaller the median λ_1 along it",
+    order="w16 > w64 > w256 > w512", statistic="lambda_1",
+    source=Source(paper=SURVEY, quote="can smooth the landscape"),
+    summary_of="the works it cites [131, 154, 244] (“more parameters than necessary”)")
+QUICK_WIDTHS = (16, 64, 256, 512)
+PAPER_WIDTHS = (0.25, 0.5, 1, 2)  # multipliers of the ResNet-18's channels (1: the paper network)
+
+
+def _paper_width(w: float) -> str:
+    return "w" + f"{w:g}".replace(".", "_")
+
+
+def width(t: Target) -> GridSpec:
+    if t.quick:
+        # The digits MLP without batch norm (batch norm would confound the curvature compared), plain
+        # SGD at lr 0.1 to a common loss 0.3. Measured to 0.3 (seed 0, no curvature, one core): w16 51,
+        # w64 33, w256 23 epochs, each run with its analyses in 8–12 s.
+        return _grid("width", WIDTH_Q,
+                     {"data": {"name": "digits"}, "batch_size": 128, "reference": QUICK_REF,
+                      "model": {"name": "mlp", "depth": 3}, "optim": {"name": "sgd", "lr": 0.1},
+                      "epochs": 150, "target_loss": 0.3, "curvature": QUICK_CURVATURE},
+                     {"mlp": GroupSpec()},
+                     variants={f"w{w}": {"model": {"width": w}} for w in QUICK_WIDTHS},
+                     hypotheses=[WIDTH_SURVEY], shared_init=False)
+    # ResNet-18 on CIFAR at a width multiplier, the batch-norm study's ResNet setup otherwise.
+    order = " > ".join(_paper_width(w) for w in PAPER_WIDTHS)
+    return _grid("width", WIDTH_Q, {**PAPER, "optim": {**SGD, "lr": 0.05}, "curvature": PAPER_CURVATURE},
+                 {"resnet18": GroupSpec(base=t.net("resnet18"))},
+                 variants={_paper_width(w): {"model": {"width": w}} for w in PAPER_WIDTHS},
+                 hypotheses=[WIDTH_SURVEY.model_copy(update={"order": parse_order(order)})], shared_init=False)
+
+
+def width_sources(t: Target) -> list[Setting]:
+    """Where the paper width study's values come from: no paper runs one (its statement is the
+    survey's summary), so it takes the batch-norm study's ResNet-18 setup."""
+    bn = "the batch-norm study's ResNet setup; no paper runs a width study"
+    return _borrowed([
+        *_paper_rows(t),
+        *_each("model.width", {_paper_width(w): w for w in PAPER_WIDTHS},
+               unstated("the ResNet-18's channel multiplier: the technique compared (1: the paper network)")),
+        Setting("study.shared_init", False, unstated("no shared point: the widths' parameters have different "
+                                                     "shapes, so each width starts from its own draw")),
+        Setting("study.seeds", 7, unstated(f"7 {SEEDS_WHY}: the width hypothesis has 6")),
+        Setting("epochs", 150, unstated("150, as the activation and skip studies")),
+        Setting("batch_size", 128, said("and batch size 128 to train these networks", bn)),
+        Setting("model.name", "resnet18", said("We train the ResNet-18, 34 and the VGG-11, 16 networks with the "
+                                               "settings", bn)),
+        Setting("optim.name", "sgd", said("We apply SGD with a fixed initialization", bn)),
+        Setting("optim.lr", 0.05, said(r"$\eta = 0.05$ for ResNet, 0.01 for VGG", bn)),
+        Setting("loss", "cross_entropy", said("and we use the cross-entropy loss", bn)),
+    ], "as the batch-norm study (no paper runs a width study)")
+
+
 # --------------------------------------------------------------------------- registry
 SPECS: dict[str, Callable[[Target], GridSpec]] = {
-    "activation": activation, "batchnorm": batchnorm, "skip": skip, "optimizer": optimizer, "init": init}
+    "activation": activation, "batchnorm": batchnorm, "skip": skip, "optimizer": optimizer, "init": init,
+    "width": width}
 
 
 # Each study's provenance table (paper presets).
 PAPER_SOURCES: dict[str, Callable[[Target], list[Setting]]] = {
     "activation": activation_sources, "batchnorm": batchnorm_sources, "skip": skip_sources,
-    "optimizer": optimizer_sources, "init": init_sources}
+    "optimizer": optimizer_sources, "init": init_sources, "width": width_sources}
 
 
 def paper_settings(name: str, preset: str = "paper", data_dir: str | None = None) -> tuple[Setting, ...]:

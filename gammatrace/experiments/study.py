@@ -39,6 +39,7 @@ from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.remote import report_to
 from gammatrace.principles.claims import Order, parse_order, restrict_order
+from gammatrace.principles.survey import STATISTICS, Hypothesis
 from gammatrace.registry import Registry
 from gammatrace.store.backend import Location, inside, location
 from gammatrace.store.run import Run, RunStore, check_out_folder, recorded_kind
@@ -70,12 +71,16 @@ class Study:
     seeds: int = 1
     # Cells whose paths the report draws on their own PCA planes (paper 002, Fig. 12).
     paths: list[str] = field(default_factory=list)
+    # Landscape statements over a path statistic of the curvature table (the survey's), checked by
+    # the claims' rule on each run's statistic (gammatrace.principles.survey).
+    hypotheses: list[Hypothesis] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_seeds(self.seeds, f"study {self.name}: ")
         for cell in self.cells:  # printable, bounded folder names, before any run name is built from them
             check_name(cell, "cell")
         unknown = {c for claim in self.claims for c in claim.cells} - set(self.cells)
+        unknown |= {c for h in self.hypotheses for c in h.cells} - set(self.cells)
         unknown |= {c for cells in self.groups.values() for c in cells} - set(self.cells)
         unknown |= set(self.paths) - set(self.cells)
         if unknown:
@@ -124,12 +129,15 @@ class Study:
             ({'a-s0': 'a', 'a-s1': 'a', 'b-s0': 'b', 'b-s1': 'b'}, 1, 'all', 'a > b')
         """
         names = self.run_names(seeds)
+        # Only where there are some: a study without them keeps the study.json it always had
+        # (a resumed study compares the file it finds with this one).
+        extra = {"hypotheses": [h.as_json() for h in self.hypotheses]} if self.hypotheses else {}
         return StudyMeta(study=self.name, question=self.question, preset=self.preset, seeds=seeds,
                          shared_init=self.shared_init,
                          runs={name: cell for name, (cell, _) in names.items()},
                          seed_of={name: i for name, (_, i) in names.items()},
                          groups={name: self.group_of(cell) for name, (cell, _) in names.items()},
-                         claims=list(self.claims), paths=list(self.paths))
+                         claims=list(self.claims), paths=list(self.paths), **extra)
 
 
 def _check_seeds(seeds: int, where: str = "") -> None:
@@ -141,7 +149,7 @@ def _check_seeds(seeds: int, where: str = "") -> None:
 def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, dict[str, Any]],
                claims: list[Claim] | None = None, groups: dict[str, list[str]] | None = None,
                preset: str = "custom", shared_init: bool = False, seeds: int = 1,
-               paths: list[str] | None = None) -> Study:
+               paths: list[str] | None = None, hypotheses: list[Hypothesis] | None = None) -> Study:
     """A study from a base config dict and per-cell overrides (merged by :func:`merge`).
 
     Example:
@@ -152,7 +160,7 @@ def make_study(name: str, question: str, base: dict[str, Any], cells: dict[str, 
     """
     configs = {c: RunConfig.model_validate(merge(merge(base, over or {}), {"name": c})) for c, over in cells.items()}
     return Study(name, question, configs, list(claims or []), dict(groups or {}), preset, shared_init, seeds,
-                 list(paths or []))
+                 list(paths or []), list(hypotheses or []))
 
 
 # --------------------------------------------------------------------- typed definitions
@@ -208,6 +216,37 @@ class ClaimSpec(_Spec):
         return None if value is None else parse_order(value)
 
 
+class HypothesisSpec(_Spec):
+    """A landscape statement over variant names: ``order`` a weak order of the variants by
+    ``statistic`` (a :data:`~gammatrace.principles.survey.STATISTICS` name, e.g. ``lambda_1``),
+    largest first; ``source``/``quote`` the paper's words, ``summary_of`` whose finding the
+    paper summarises (the survey's statements summarise other papers). Checked in every group
+    by the claims' rule on each run's statistic; a group with fewer than two of its levels
+    skips it.
+
+    Example:
+        >>> HypothesisSpec(text="BN: smaller λ_1", order="none > all ≈ first", statistic="lambda_1").order
+        (('none',), ('all', 'first'))
+    """
+
+    text: str
+    order: tuple[tuple[str, ...], ...]
+    statistic: str
+    source: Source | None = None
+    summary_of: str | None = None
+
+    @field_validator("order", mode="before")
+    @classmethod
+    def _levels(cls, value: Any) -> Order:
+        return parse_order(value)
+
+    @field_validator("statistic")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        STATISTICS.get(value)
+        return value
+
+
 class GroupSpec(_Spec):
     """One network / dataset of a grid: ``base`` overrides the study's base; ``variants``
     (variant -> overrides) replace the study's when given; ``claims`` replace the study's
@@ -260,6 +299,8 @@ class GridSpec(_Spec):
     # differences, "r34-all − r34-first > r18-all − r18-first" (each item per seed: γ of the
     # first cell minus γ of the second), checked once, in the groups of its cells.
     across: list[ClaimSpec] = []
+    # Landscape statements over a path statistic (the survey's), in every group.
+    hypotheses: list[HypothesisSpec] = []
 
     def build(self, preset: str = "custom") -> Study:
         """The :class:`Study` this grid defines (cell configs validated)."""
@@ -298,14 +339,25 @@ class GridSpec(_Spec):
                 raise StudyError(f"study {self.name}: claim {c.text!r} names unknown cells {unknown}")
             names = {cell: g for g, ms in members.items() for cell in ms}
             claims.append(claim.model_copy(update={"group": ", ".join(dict.fromkeys(names[x] for x in claim.cells))}))
+        hypotheses = []
+        for group, g in groups.items():
+            variants = g.variants or self.variants
+            cell_name = {v: f"{group}-{v}" if named else v for v in variants}
+            for h in self.hypotheses:
+                levels = restrict_order(h.order, variants)
+                if len(levels) >= 2:
+                    hypotheses.append(Hypothesis(h.text, tuple(tuple(cell_name[v] for v in lv) for lv in levels),
+                                                 h.statistic, h.source.paper if h.source else None,
+                                                 h.source.quote if h.source else None, h.summary_of, group))
         known = {v for g in groups.values() for v in (g.variants or self.variants)}
         typos = {v for c in self.claims for lv in (*c.order, *(c.speed or ())) for v in lv} - known
+        typos |= {v for h in self.hypotheses for lv in h.order for v in lv} - known
         if typos:  # a misspelt variant would silently drop out of every claim
             raise StudyError(f"study {self.name}: claims name unknown variants {sorted(typos)}")
         if set(self.paths) - known:
             raise StudyError(f"study {self.name}: paths name unknown variants {sorted(set(self.paths) - known)}")
         return make_study(self.name, self.question, self.base, cells, claims, members, preset=preset,
-                          shared_init=self.shared_init, seeds=self.seeds, paths=paths)
+                          shared_init=self.shared_init, seeds=self.seeds, paths=paths, hypotheses=hypotheses)
 
 
 class _CellClaim(_Spec):
