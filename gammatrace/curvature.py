@@ -628,6 +628,10 @@ class CurvatureMonitor:
         self.loss_fn, self.eval_batch, self.seed = loss_fn, eval_batch, seed
         self.previous: Eigen | None = None
 
+    def columns(self) -> list[str]:
+        """This monitor's row columns (:func:`columns` for its ``k``)."""
+        return columns(self.config.k)
+
     def due(self, step: int, at_epoch_end: bool = False) -> bool:
         """Whether step ``step`` is measured (every ``every``-th, and epoch ends if asked)."""
         return step % self.config.every == 0 or (at_epoch_end and self.config.at_epoch_end)

@@ -71,6 +71,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gammatrace.curvature import CurvatureConfig, CurvatureMonitor
 from gammatrace.probe.check import ConsistencyCheck
 from gammatrace.probe.errors import BadReferenceError, ConsistencyError, ProbeUsageError
 from gammatrace.probe.kernels import make_kernel
@@ -323,6 +324,16 @@ class Probe:
             the model's forward such as a recurrent hidden state the batch lacks). Needs
             ``loss_fn``; costs one copy of the model and one forward per checked step, at
             most ⌊log₂ T⌋ + 1 + 2 per epoch of them.
+        curvature: a :class:`~gammatrace.curvature.CurvatureConfig` (or its dict) to measure the
+            curvature every ``every`` steps (step % every == 0) at θ_k, before the step: the
+            columns of :class:`~gammatrace.curvature.CurvatureMonitor` — λ_1 … λ_k, trace and
+            the stability ratio on ``curvature_batch``, Santurkar's quantities on the step's own
+            micro-batches — read with :meth:`curvature_table`. Needs ``loss_fn``. The probe does
+            not know an epoch's last step in advance, so ``at_epoch_end`` is never asked here
+            (the column is False); ``subset`` applies to the engine only.
+        curvature_batch: the fixed evaluation batch of the curvature (what ``loss_fn`` takes);
+            default: the first micro-batch of the first measured step, kept.
+        curvature_seed: seeds the curvature's draws (with the step index).
 
     The probe stores no hook on the model's modules (its forward hook is a global one,
     filtered to this model), so ``torch.save(model)`` pickles no gammatrace object, with the
@@ -372,8 +383,17 @@ class Probe:
         origin: Mapping[str, torch.Tensor] | None = None,
         kernel: str | None = None,
         check: bool | int = True,
+        curvature: CurvatureConfig | Mapping[str, Any] | None = None,
+        curvature_batch: Any = None,
+        curvature_seed: int = 0,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self._curvature: CurvatureMonitor | None = None
+        self._curvature_rows: list[dict[str, Any]] = []
+        if curvature is not None:
+            if loss_fn is None:
+                raise ValueError("Probe(curvature=...) needs loss_fn(model, batch) to evaluate the curvature")
+            self._curvature = CurvatureMonitor(curvature, loss_fn, curvature_batch, seed=curvature_seed)
         self.per_tensor, self.lr_group = per_tensor, lr_group
         named = [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
@@ -795,6 +815,7 @@ class Probe:
         active.raw_scale = _scaler_scale()
         self.kernel.before(self.params, [p.grad for p in self.params])
         active.measured = True
+        self._measure_curvature(active)
 
     def _measured_closure(
         self, closure: Callable[[], Any], active: ActiveStep
@@ -825,6 +846,7 @@ class Probe:
             mb.n = n or mb.n
             self.kernel.before(self.params, [p.grad for p in self.params])
             active.measured = True
+            self._measure_curvature(active)
             if not self._sentinel_confirmed:
                 self._confirm_sentinel()
             if self.loss_fn is not None:
@@ -905,6 +927,48 @@ class Probe:
         if on_device:
             return torch.cat([parts[:, :1], raw.to(parts.device), parts[:, 3:5], used], dim=1)
         return np.concatenate([parts[:, :1], raw, parts[:, 3:5], used], axis=1)
+
+    def _measure_curvature(self, active: ActiveStep) -> None:
+        """The curvature row of this step, at θ_k (before the update), when it is due."""
+        monitor = self._curvature
+        if monitor is None or not monitor.due(self.step_index):
+            return
+        batches = [(mb.curvature_batch, float(mb.n)) for mb in active.group if mb.curvature_batch is not None]
+        for mb in active.group:
+            mb.curvature_batch = None
+        if not batches:
+            return  # told with probe.batch(None, loss): nothing to measure on
+        if monitor.eval_batch is None:
+            monitor.eval_batch = batches[0][0]
+        # The monitor works on copies of the model under a forked, seeded random stream.
+        row = monitor.measure(self._eager, self.optimizer, step=self.step_index, lr=active.lr,
+                              at_epoch_end=False, step_batches=batches, lr_group=self.lr_group)
+        self._curvature_rows.append({"step": self.step_index, "epoch": self.epoch, **row})
+
+    def curvature_table(self) -> pd.DataFrame:
+        """The curvature rows measured so far (``Probe(curvature=...)``), one per measured step:
+        ``step``, ``epoch`` and the columns of :class:`~gammatrace.curvature.CurvatureMonitor`.
+
+        Example:
+            >>> import torch, gammatrace
+            >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+            <torch._C.Generator object at ...>
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+            >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+            >>> probe = gammatrace.Probe(model, opt, loss_fn, curvature={"every": 2, "k": 2})
+            >>> for _ in range(3):
+            ...     opt.zero_grad(); loss = loss_fn(model, batch); loss.backward()
+            ...     probe.batch(batch, loss); opt.step()
+            >>> table = probe.curvature_table()
+            >>> table["step"].tolist(), table["stability_threshold_kind"].tolist()
+            ([0, 2], ['sgd', 'sgd'])
+        """
+        if self._curvature is None:
+            return pd.DataFrame()
+        cols = ["step", "epoch", *self._curvature.columns()]
+        return pd.DataFrame(self._curvature_rows, columns=cols).astype({"step": "int64", "epoch": "int64"})
 
     # --------------------------------------------------------- reference side
     def _evaluate(
@@ -989,6 +1053,8 @@ class Probe:
         )
         if indices is not None and sample_losses is not None:
             mb.indices, mb.sample_losses = indices.detach(), sample_losses.detach()
+        if self._curvature is not None and self._curvature.due(self.step_index):
+            mb.curvature_batch = batch
         if loss is None:
             mb.batch = batch  # evaluated when the closure first runs
         elif self.loss_fn is not None and (self._ref_model is not None or self._check_due()):
@@ -1094,6 +1160,7 @@ class Probe:
         active.raw, self._raw = self._raw, None
         self.kernel.before(self.params, [p.grad for p in self.params])
         active.measured = True
+        self._measure_curvature(active)
         self._updating = True
         try:
             yield

@@ -37,6 +37,7 @@ class MicroBatch:
     n: int
     epoch: int
     batch: Any = None  # kept only until a closure's first evaluation
+    curvature_batch: Any = None  # kept only for a step the curvature measures (Santurkar's line)
     loss_ref: torch.Tensor | None = None
     ref_samples: torch.Tensor | None = None
     indices: torch.Tensor | None = None
