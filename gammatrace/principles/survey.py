@@ -74,6 +74,7 @@ _register("lambda_1", "median λ_1 along the path (largest Hessian eigenvalue)",
 _register("beta_eff", "median effective β-smoothness along the path", ("beta_eff",), _column("beta_eff"))
 _register("outlier_ratio", "median outlier ratio λ_1/λ_k along the path", ("outlier_ratio",),
           _column("outlier_ratio"))
+_register("trace", "median Hessian trace along the path (Hutchinson estimate)", ("trace",), _column("trace"))
 # η_k·λ_1/2 from the table's own lr and λ_1: the plain-SGD stability ratio, whatever the
 # optimizer (the table's stability_ratio uses the optimizer's own threshold).
 _register("stability", "median η_k·λ_1/2 along the path", ("lr", "lambda_1"),
