@@ -48,6 +48,7 @@ from gammatrace.reporting.figures import (
     theorem1_figure,
     trajectory_figure,
 )
+from gammatrace.reporting.survey import survey_blocks
 from gammatrace.store.backend import confined, inside, output_folder, remove_inside, write_inside
 from gammatrace.store.run import Run, RunStore, StoreError
 from gammatrace.store.study import StudyMeta
@@ -233,6 +234,8 @@ def _study_blocks(runs: list[str | Path | Run], out: Path, info: StudyMeta, titl
         "— marks a number that is absent or undefined. In report.html the sections below are folded: a "
         "click opens one."))
     blocks += claim_section
+    # The survey's landscape hypotheses and γ against λ_1 (studies that carry them or measured curvature).
+    blocks += survey_blocks(info, members, out)
     blocks.append(fold(S.theorem1_blocks(members)))
     blocks.append(fold([Heading("Runs: one row per run", 2), *S.runs_table(members)]))
     principles = [principles_table(last, GAMMA_EFF_LOSS_LABEL)] if any(e.analysed for e in last) else [
