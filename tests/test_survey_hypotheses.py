@@ -10,6 +10,7 @@ unmeasured says "not measured" and no verdict; the correlation is Spearman's ρ 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,13 @@ import pytest
 from scipy import stats
 
 from gammatrace.experiments.study import STUDIES
-from gammatrace.principles.claims import CONSISTENT, INCONCLUSIVE, NOT_CONSISTENT, RunPoint, check_claim
+from gammatrace.principles.claims import (
+    CONSISTENT,
+    INCONCLUSIVE,
+    NOT_CONSISTENT,
+    RunPoint,
+    check_claim,
+)
 from gammatrace.principles.survey import NOT_MEASURED, SURVEY, Hypothesis, path_statistic, spearman
 from gammatrace.reporting.collect import example_entry
 from gammatrace.reporting.document import Bullets, Figure, Table, Text
@@ -33,7 +40,7 @@ from gammatrace.reporting.survey import (
 from gammatrace.store.run import RunStore
 from gammatrace.store.study import StudyMeta
 
-PAPERS_SURVEY = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "papers" / SURVEY
+PAPERS_SURVEY = Path(__file__).resolve().parents[1].parent / "shared" / "papers" / SURVEY
 
 
 def table(lambdas, *, k=3, lr=0.02, beta=None, rng=None):
