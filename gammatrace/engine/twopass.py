@@ -41,13 +41,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,10 @@ def _rng_digest() -> str:
     h.update(torch.get_rng_state().numpy().tobytes())
     _, keys, pos, gauss, cached = np.random.get_state()
     h.update(keys.tobytes() + repr((pos, gauss, cached)).encode())
-    h.update(hash(random.getstate()).to_bytes(8, "little", signed=True))  # ints: no hash randomisation
+    # Not hash(random.getstate()): the state ends with gauss_next, often None, whose hash is its
+    # address before Python 3.12 — another value in every process.
+    version, internal, gauss = random.getstate()
+    h.update(np.asarray(internal, dtype=np.int64).tobytes() + repr((version, gauss)).encode())
     return h.hexdigest()
 
 
@@ -168,6 +172,11 @@ class StepSetup:
     threads: int
     deterministic: bool
     rng: str
+
+
+def step_setup() -> StepSetup:
+    """The thread count, deterministic switch and random state now (as a step begins)."""
+    return StepSetup(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), _rng_digest())
 
 
 class _TraceHook:
@@ -181,25 +190,38 @@ class _TraceHook:
         probe = self._probe()
         if probe is not None and optimizer is probe.optimizer:
             # The probe's pre-hook ran first (registered first): step_index is this step's.
-            probe.setups[probe.step_index] = StepSetup(torch.get_num_threads(),
-                                                       torch.are_deterministic_algorithms_enabled(),
-                                                       _rng_digest())
+            probe.setups[probe.step_index] = step_setup()
 
 
 class _PassProbe(Probe):
     """The probe handed to the loop in either pass: a :class:`Probe` that also records, for
     the diagnosis of a pass 2 that differs, a fingerprint of every batch it is told and the
-    thread count, deterministic switch and random state at every step."""
+    thread count, deterministic switch and random state at every step (for a loop without an
+    optimizer, as each ``with probe.update(...)`` block is entered). ``on_step(probe)``, if
+    given, runs after every measured step (the script runner's snapshot and online check)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, on_step: Callable[[_PassProbe], None] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.batches: list[tuple[int, Any]] = []  # (step index, fingerprint)
         self.setups: dict[int, StepSetup] = {}
-        self._trace = self.optimizer.register_step_pre_hook(_TraceHook(self))
+        self.on_step = on_step
+        self._trace = None if self.optimizer is None else self.optimizer.register_step_pre_hook(_TraceHook(self))
 
     def close(self) -> None:
         super().close()
-        self._trace.remove()
+        if self._trace is not None:
+            self._trace.remove()
+
+    @contextlib.contextmanager
+    def update(self, lr: float) -> Iterator[None]:
+        self.setups[self.step_index] = step_setup()
+        with super().update(lr):
+            yield
+
+    def _record_step(self, active: Any) -> None:
+        super()._record_step(active)
+        if self.on_step is not None:
+            self.on_step(self)
 
     def batch(self, batch: Any, loss: torch.Tensor | float | None = None, **kwargs: Any) -> None:
         self.batches.append((self.step_index, fingerprint(batch)))
@@ -615,6 +637,41 @@ class TwoPass:
     # ------------------------------------------------------------------ verification
     def _verify(self, first: _PassProbe, second: _PassProbe, theta_T: Mapping[str, torch.Tensor],
                 final: Mapping[str, torch.Tensor] | None, cause: BaseException | None = None) -> None:
+        PassVerifier(self.threads).verify(first, second, theta_T, final, cause)
+
+
+# --------------------------------------------------------------------------- verification
+# What the diagnosis tells the user to do differs between the in-process helper (build() and
+# train() in one process) and scripts run as two processes (`gammatrace twopass`).
+TWOPASS_HINTS = {
+    "threads": "leave torch.set_num_threads to TwoPass(threads={threads}), which sets it for both passes",
+    "deterministic": "leave it to TwoPass(deterministic=...)",
+    "carried_head": ("state carried between the passes: both began from the same θ_0 and random state, yet "
+                     "differ at their first step, so the loop reads something pass 1 left behind — an iteration "
+                     "or step counter, an iterator, a cache kept at module level or on an object build() does "
+                     "not make afresh (pass 2 starts where pass 1 stopped)"),
+    "carried_fix": "; make it in build() (or reset it at the start of train())",
+    "batch": ("shuffle and augment with torch's global generator, which TwoPass seeds, or with generators "
+              "seeded from the same seed (DataLoader(generator=...), worker_init_fn), and build loaders "
+              "afresh in build()"),
+    "outside": "state outside build() that the loop reads (a global, a cache, the clock)",
+    "final": "the loop changes the parameters outside optimizer.step() in one pass only",
+}
+
+
+class PassVerifier:
+    """The comparison of two passes of one loop, step by step, and the diagnosis of the first
+    difference (:class:`TwoPassMismatchError`). ``first`` and ``second`` are anything with
+    ``raw_steps()``, ``skipped()``, ``batches`` (step, :func:`fingerprint`) and ``setups``
+    (step -> :class:`StepSetup`): the passes' probes, or their records read back from disk.
+    ``hints`` words the advice for where the passes ran (:data:`TWOPASS_HINTS`).
+    """
+
+    def __init__(self, threads: int, hints: Mapping[str, str] = TWOPASS_HINTS):
+        self.threads, self.hints = threads, hints
+
+    def verify(self, first: _PassProbe, second: _PassProbe, theta_T: Mapping[str, torch.Tensor],
+                final: Mapping[str, torch.Tensor] | None, cause: BaseException | None = None) -> None:
         """Raise :class:`TwoPassMismatchError` at the first difference between the passes.
 
         ``final`` None: pass 2 stopped early (``cause``); only the steps it made are compared.
@@ -641,8 +698,7 @@ class TwoPass:
             if diff is not None:
                 raise TwoPassMismatchError(
                     f"pass 2 ended at another θ_T ('{diff[0]}' differs by up to {diff[1]:.3g}) although every "
-                    "step's loss and update matched pass 1: the loop changes the parameters outside "
-                    "optimizer.step() in one pass only", None, "final")
+                    f"step's loss and update matched pass 1: {self.hints['final']}", None, "final")
             return
         k = min(found)
         col = None
@@ -663,8 +719,7 @@ class TwoPass:
             head += f", then failed ({type(cause).__name__})"
         raise TwoPassMismatchError(f"{head}; likely cause: {why}", k, kind) from cause
 
-    @staticmethod
-    def _carried(k: int, k_batch: int | None, first: _PassProbe, second: _PassProbe,
+    def _carried(self, k: int, k_batch: int | None, first: _PassProbe, second: _PassProbe,
                  column: str | None) -> str | None:
         """Why pass 2 differs at its very first step although it began from pass 1's θ_0 and
         random state, if that points at state carried from pass 1 (else None)."""
@@ -672,11 +727,7 @@ class TwoPass:
         s1, s2 = first.setups.get(start), second.setups.get(start)
         if k != start or s1 is None or s2 is None or s1.rng != s2.rng:
             return None
-        head = ("state carried between the passes: both began from the same θ_0 and random state, yet differ at "
-                "their first step, so the loop reads something pass 1 left behind — an iteration or step counter, "
-                "an iterator, a cache kept at module level or on an object build() does not make afresh (pass 2 "
-                "starts where pass 1 stopped)")
-        fix = "; make it in build() (or reset it at the start of train())"
+        head, fix = self.hints["carried_head"], self.hints["carried_fix"]
         later = [j for j, f in first.batches if j > start]
         if second.batches and second.batches[0][0] == start:
             mine = second.batches[0][1]
@@ -720,22 +771,20 @@ class TwoPass:
             if s1.threads != s2.threads:
                 return "threads", (
                     f"the torch thread count: step {j} ran with {s1.threads} thread(s) in pass 1 and {s2.threads} "
-                    "in pass 2 (the count changes the order of reductions, so the trajectory); leave "
-                    f"torch.set_num_threads to TwoPass(threads={self.threads}), which sets it for both passes")
+                    "in pass 2 (the count changes the order of reductions, so the trajectory); "
+                    + self.hints["threads"].format(threads=self.threads))
             if s1.deterministic != s2.deterministic:
                 on = lambda v: "on" if v else "off"  # noqa: E731
                 return "deterministic", (
                     f"torch.use_deterministic_algorithms was {on(s1.deterministic)} in pass 1 and "
-                    f"{on(s2.deterministic)} in pass 2 at step {j}; leave it to TwoPass(deterministic=...)")
+                    f"{on(s2.deterministic)} in pass 2 at step {j}; " + self.hints["deterministic"])
         carried = self._carried(k, k_batch, first, second, column)
         if carried is not None:
             return "carried", carried
         if k_batch is not None and k_batch <= k:
             return "batch", (
                 f"the batch of step {k_batch} differs from pass 1's: the data (its order, augmentation or values) "
-                "is not a function of the seed; shuffle and augment with torch's global generator, which TwoPass "
-                "seeds, or with generators seeded from the same seed (DataLoader(generator=...), worker_init_fn), "
-                "and build loaders afresh in build()")
+                "is not a function of the seed; " + self.hints["batch"])
         for j in sorted(s for s in first.setups if s <= k):
             s2 = second.setups.get(j)
             if s2 is not None and first.setups[j].rng != s2.rng:
@@ -746,7 +795,7 @@ class TwoPass:
         return "nondeterministic", (
             "the batches, thread count and random stream all agree, so a nondeterministic kernel (one "
             "torch.use_deterministic_algorithms does not cover: a custom CUDA/Triton kernel, an atomic-add "
-            "reduction) or state outside build() that the loop reads (a global, a cache, the clock)")
+            "reduction) or " + self.hints["outside"])
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -865,7 +914,7 @@ def _write_analysis(store: RunStore, ref: str, raw: pd.DataFrame, tensors: pd.Da
     store.write_json(store.analysis(ref, "summary.json"), summary)
 
 
-def _save_two_pass(store: RunStore, r: TwoPassResult, name: str) -> Run:
+def _save_two_pass(store: RunStore, r: TwoPassResult, name: str, **own_loop: Any) -> Run:
     raw = r.raw_steps()
     epochs = int(raw["epoch"].max()) + 1
     config = _config(name, r.seed, r.threads, str(r.provenance.get("device", "cpu")).split(" ")[0], epochs)
@@ -887,7 +936,7 @@ def _save_two_pass(store: RunStore, r: TwoPassResult, name: str) -> Run:
     _write_analysis(store, r.reference_name, raw, r.tensor_steps(), r.sample_steps(), summary, r.d0_sq)
     own = {"recorded_by": "TwoPass", "reference": r.reference_name, "d0_sq": r.d0_sq, "seed": r.seed,
            "threads": r.threads, "deterministic": r.deterministic, "model": r.model_class,
-           "optimizer": r.optimizer_class, "n_skipped": len(r.skipped())}
+           "optimizer": r.optimizer_class, "n_skipped": len(r.skipped()), **own_loop}
     store.write_meta(_meta(config, raw, status=Status.COMPLETE, provenance=r.provenance, n_params=r.n_params,
                            displacement=r.displacement, final_sha256=params_sha256(r.theta_T), own_loop=own,
                            **extra))

@@ -132,13 +132,16 @@ class DistributedProbe:
         reference_model: FSDP2 only, in reference mode: a second model of the same
             architecture, sharded the same way; θ* is loaded into it.
         group: the process group (default: the world).
+        probe_class: the probe made inside (a :class:`gammatrace.Probe` subclass; the script
+            runner's pass probe records what its verification needs).
         probe_options: more :class:`gammatrace.Probe` arguments (``per_tensor``, ``kernel``, ...).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                  reference: Mapping[str, torch.Tensor] | str | Path | None = None, *,
-                 reference_model: nn.Module | None = None, group: Any = None, **probe_options: Any):
+                 reference_model: nn.Module | None = None, group: Any = None, probe_class: type[Probe] = Probe,
+                 **probe_options: Any):
         self.group = group
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         named = [(canonical_name(n), p) for n, p in inner.named_parameters() if p.requires_grad]
@@ -148,7 +151,7 @@ class DistributedProbe:
             reference = torch.load(reference, map_location="cpu", weights_only=True)
             reference = reference.get("model", reference)
         if not self.sharded:
-            self.probe = Probe(inner, optimizer, wrapped, reference, **probe_options)
+            self.probe = probe_class(inner, optimizer, wrapped, reference, **probe_options)
             return
         # FSDP2: the probe measures the local shards; see the module docstring.
         self._params = [p for _, p in named]
@@ -169,7 +172,7 @@ class DistributedProbe:
                 return global_mean(loss_fn(ref_model, batch), group)
 
         probe_options.setdefault("check", False)  # needs a copy of the model at θ_k; FSDP has none
-        self.probe = Probe(shards, optimizer, wrapped, local_ref, **probe_options)
+        self.probe = probe_class(shards, optimizer, wrapped, local_ref, **probe_options)
         self._names = [n for n, _ in named]
         self._handles.append(model.register_forward_pre_hook(lambda _m, _a: shards()))
 
@@ -181,6 +184,10 @@ class DistributedProbe:
     def batch(self, batch: Any, loss: torch.Tensor | None = None, **kwargs: Any) -> None:
         """:meth:`gammatrace.Probe.batch` with the loss averaged over ranks (a collective)."""
         self.probe.batch(batch, None if loss is None else global_mean(loss, self.group), **kwargs)
+
+    def update(self, lr: float) -> Any:
+        """:meth:`gammatrace.Probe.update`: a manual update (``optimizer=None``), on every rank."""
+        return self.probe.update(lr)
 
     @property
     def mode(self) -> str:
