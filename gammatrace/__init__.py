@@ -1,7 +1,8 @@
 """gammatrace: exact, O(model size) measurement of optimization-trajectory principles.
 
 The public API (DESIGN.md §3): :class:`Probe`, :class:`TwoPass` and :func:`save_run` (your
-own loop, measured exactly and saved as a run), :func:`train`, :func:`analyze`,
+own loop, measured exactly and saved as a run), :func:`attach` (a script run by
+``gammatrace twopass``), :func:`train`, :func:`analyze`,
 :func:`load_run`, :func:`report`, and the typed :class:`RunConfig`.
 
 Attributes are resolved on first use (PEP 562), so ``import gammatrace`` loads neither
@@ -34,6 +35,7 @@ from gammatrace._version import __version__
 # public name -> defining module
 _API = {
     "Probe": "gammatrace.probe",
+    "attach": "gammatrace.integrations.script",
     "TwoPass": "gammatrace.engine.twopass",
     "save_run": "gammatrace.engine.twopass",
     "RunConfig": "gammatrace.config",
@@ -43,12 +45,14 @@ _API = {
     "report": "gammatrace.reporting.build",
 }
 
-__all__ = ["Probe", "RunConfig", "TwoPass", "__version__", "analyze", "load_run", "report", "save_run", "train"]
+__all__ = ["Probe", "RunConfig", "TwoPass", "__version__", "analyze", "attach", "load_run", "report", "save_run",
+           "train"]
 
 if TYPE_CHECKING:  # static checkers see the real objects
     from gammatrace.analysis import analyze, train
     from gammatrace.config import RunConfig
     from gammatrace.engine.twopass import TwoPass, save_run
+    from gammatrace.integrations.script import attach
     from gammatrace.probe import Probe
     from gammatrace.reporting.build import report
     from gammatrace.store import load_run
