@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identity.cli", "gammatrace.landscape.cli")
+PLUGIN_COMMANDS = ("gammatrace.experiments.cli", "gammatrace.experiments.identity.cli", "gammatrace.landscape.cli",
+                   "gammatrace.engine.script")
 
 
 def _one_line(exc: BaseException) -> str:
