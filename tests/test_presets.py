@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from gammatrace.config import RunConfig
-from gammatrace.experiments import STUDIES
 from gammatrace.curvature import CurvatureConfig
+from gammatrace.experiments import STUDIES
 from gammatrace.experiments.presets import (
     PAPER_CURVATURE,
     PRESETS,

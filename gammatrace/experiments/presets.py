@@ -59,7 +59,15 @@ from typing import Any
 from gammatrace.config import RunConfig, merge_config
 from gammatrace.experiments import sources
 from gammatrace.experiments.sources import Setting
-from gammatrace.experiments.study import STUDIES, ClaimSpec, GridSpec, GroupSpec, HypothesisSpec, Source, Study
+from gammatrace.experiments.study import (
+    STUDIES,
+    ClaimSpec,
+    GridSpec,
+    GroupSpec,
+    HypothesisSpec,
+    Source,
+    Study,
+)
 from gammatrace.models.init import INITS
 from gammatrace.principles.claims import ALPHA, Order, parse_order
 
@@ -780,6 +788,10 @@ WIDTH_SURVEY = HypothesisSpec(
     order="w16 > w64 > w256 > w512", statistic="lambda_1",
     source=Source(paper=SURVEY, quote="can smooth the landscape"),
     summary_of="the works it cites [131, 154, 244] (“more parameters than necessary”)")
+# γ beside it, a hypothesis no paper states: if a wider network's path is smoother, the
+# γ-principle's reading (a larger γ on a better-conditioned path) predicts a larger γ the wider it is.
+WIDTH_GAMMA = claim("Wider networks give a larger γ (hypothesis: no paper states it; the smoother-landscape reading "
+                    "of the survey's statement)", "w512 > w256 > w64 > w16")
 QUICK_WIDTHS = (16, 64, 256, 512)
 PAPER_WIDTHS = (0.25, 0.5, 1, 2)  # multipliers of the ResNet-18's channels (1: the paper network)
 
@@ -799,12 +811,14 @@ def width(t: Target) -> GridSpec:
                       "epochs": 150, "target_loss": 0.3, "curvature": QUICK_CURVATURE},
                      {"mlp": GroupSpec()},
                      variants={f"w{w}": {"model": {"width": w}} for w in QUICK_WIDTHS},
-                     hypotheses=[WIDTH_SURVEY], shared_init=False)
+                     claims=[WIDTH_GAMMA], hypotheses=[WIDTH_SURVEY], shared_init=False)
     # ResNet-18 on CIFAR at a width multiplier, the batch-norm study's ResNet setup otherwise.
     order = " > ".join(_paper_width(w) for w in PAPER_WIDTHS)
+    gamma = " > ".join(_paper_width(w) for w in reversed(PAPER_WIDTHS))
     return _grid("width", WIDTH_Q, {**PAPER, "optim": {**SGD, "lr": 0.05}, "curvature": PAPER_CURVATURE},
                  {"resnet18": GroupSpec(base=t.net("resnet18"))},
                  variants={_paper_width(w): {"model": {"width": w}} for w in PAPER_WIDTHS},
+                 claims=[WIDTH_GAMMA.model_copy(update={"order": parse_order(gamma)})],
                  hypotheses=[WIDTH_SURVEY.model_copy(update={"order": parse_order(order)})], shared_init=False)
 
 
