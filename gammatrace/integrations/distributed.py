@@ -53,6 +53,7 @@ Example (one process is a world of one; the same code runs on every rank of a re
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,15 +70,16 @@ from gammatrace.principles import derive
 from gammatrace.probe import Probe
 from gammatrace.probe.matched import canonical_name
 
-try:  # part of torch, but absent from builds without distributed support
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
-    from torch.distributed.tensor import distribute_tensor
-except ImportError:  # pragma: no cover - such a build has no DDP/FSDP to measure either
-    StateDictOptions = get_model_state_dict = set_model_state_dict = distribute_tensor = None
+
+def _sharding() -> Any:
+    """torch's FSDP2 state-dict and DTensor functions, imported on first use: only a sharded
+    model needs them, and importing torch.distributed.checkpoint costs ~0.8 s of CPU — most of
+    what ``gammatrace.attach`` would otherwise add to a script's start."""
+    state_dict = importlib.import_module("torch.distributed.checkpoint.state_dict")
+    tensor = importlib.import_module("torch.distributed.tensor")
+    return state_dict.StateDictOptions, state_dict.get_model_state_dict, state_dict.set_model_state_dict, \
+        tensor.distribute_tensor
+
 
 __all__ = ["DistributedProbe", "full_state", "global_loss_fn", "global_mean", "is_writer", "local_shard",
            "shard_bound", "world_size"]
@@ -113,6 +115,7 @@ def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a full tensor, placed as the DTensor ``like`` (any other tensor: itself)."""
     if not _is_dtensor(like):
         return full
+    distribute_tensor = _sharding()[3]
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements).to_local()
 
 
@@ -164,7 +167,8 @@ class DistributedProbe:
                 raise IntegrationError("FSDP2 reference mode needs loss_fn and reference_model: a second model "
                                        "of the same architecture, sharded the same way (FSDP modules cannot be copied)")
             full = {canonical_name(k): v for k, v in reference.items()}
-            set_model_state_dict(reference_model, full, options=StateDictOptions(full_state_dict=True))
+            options, _, set_model_state_dict, _ = _sharding()
+            set_model_state_dict(reference_model, full, options=options(full_state_dict=True))
             local_ref = {f"shards.{i}": local_shard(full[n], p) for i, (n, p) in enumerate(named)}
             ref_model = reference_model
 
@@ -261,7 +265,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if any(_is_dtensor(p) for p in inner.parameters()):
         # Without cpu_offload every rank gets the full tensors (an all-gather), as pass 2 needs.
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True))
+        options, get_model_state_dict, _, _ = _sharding()
+        state = get_model_state_dict(inner, options=options(full_state_dict=True))
     else:
         state = inner.state_dict()
     return {canonical_name(k): v.detach().to("cpu").clone() for k, v in state.items()}
