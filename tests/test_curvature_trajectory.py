@@ -261,3 +261,31 @@ def test_nesterov_threshold_and_probe_without_its_own_evaluation_batch():
     assert probe2.curvature_table()["lambda_1"].iloc[0] == pytest.approx(np.linalg.eigvalsh(h)[-1], rel=1e-6)
     with pytest.raises(ValueError, match="needs loss_fn"):
         Probe(_Net(), torch.optim.SGD(_Net().parameters(), lr=0.1), curvature={"every": 1})
+
+
+def test_report_shows_curvature_rows_and_summary_and_skips_runs_without_them(tmp_path):
+    from gammatrace.reporting.build import report
+    from gammatrace.reporting.collect import collect
+    from gammatrace.reporting.figures import trajectory_figure
+
+    with_curv = analyze(train_pass(_teacher(name="bn"), tmp_path / "bn", progress=False).path, progress=False)
+    assert with_curv["reference"] == "last"
+    without = train_pass(_teacher(name="plain", curvature=None), tmp_path / "plain", progress=False)
+    analyze(without.path, progress=False)
+    entries = collect([tmp_path / "bn", tmp_path / "plain"])
+    assert len(entries[0].curvature) == 4 and entries[1].curvature.empty
+    notes: list[str] = []
+    (tmp_path / "fig").mkdir()
+    (tmp_path / "fig2").mkdir()
+    assert trajectory_figure(entries, tmp_path / "fig", notes) is not None
+    assert "plain: sharpness row skipped (missing curvature.step, curvature.sharpness, curvature.stability_threshold, " \
+           "curvature.stability_threshold_kind)" in notes
+    assert not any(n.startswith("bn:") and "row skipped" in n for n in notes)
+    # Without any curvature table the figure keeps its five rows and says nothing of curvature.
+    plain_notes: list[str] = []
+    trajectory_figure(entries[1:], tmp_path / "fig2", plain_notes)
+    assert not any("sharpness" in n for n in plain_notes)
+    html = report([tmp_path / "bn", tmp_path / "plain"], tmp_path / "report")
+    md = (html.parent / "summary.md").read_text()
+    assert "## Curvature along the trajectory" in md and "| bn | 4 | heavy_ball |" in md and "| plain |" not in \
+        md.split("## Curvature along the trajectory")[1].split("\n\n")[1]

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gammatrace.engine.hooks import config_hooks
 from gammatrace.engine.refcache import (
     CachedReference,
     reference_losses,
@@ -43,7 +44,6 @@ from gammatrace.engine.refcache import (
     summarize_checks,
     why_not_cached,
 )
-from gammatrace.engine.hooks import config_hooks
 from gammatrace.engine.session import StepHookFactory, build_session
 from gammatrace.errors import UserError
 from gammatrace.executors import make_executor

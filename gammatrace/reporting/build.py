@@ -24,6 +24,7 @@ from gammatrace.reporting.collect import RunEntry, collect
 from gammatrace.reporting.content import (
     GAMMA_EFF_LOSS_LABEL,
     caveats,
+    curvature_blocks,
     ordering,
     principles_table,
     runs_table,
@@ -205,6 +206,7 @@ def _plain_blocks(entries: list[RunEntry], out: Path, title: str) -> list[Block]
     blocks += caveats(entries)
     blocks += ordering(entries)
     blocks += theorem1_table(entries)
+    blocks += curvature_blocks(entries)
     return blocks + [Heading("Figures", 2), *figure_blocks]
 
 

@@ -46,6 +46,9 @@ class RunEntry:
     layers: pd.DataFrame = field(default_factory=pd.DataFrame)
     layers_note: str | None = None
     window: int | None = None  # cut to its first ``window`` epochs for a claim (:meth:`first_epochs`)
+    # The curvature step-hook table (analysis/<ref>/curvature/, one row per measured step):
+    # empty when the run's config has no curvature block.
+    curvature: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def analysed(self) -> bool:
@@ -193,6 +196,8 @@ class RunEntry:
         steps = steps.iloc[: max(len(steps) - int(self.summary.get("tail") or 0), 0)]
         steps = steps[steps["epoch"] < n].reset_index(drop=True) if "epoch" in steps else steps.iloc[:0]
         epochs = self.epochs[self.epochs["epoch"] < n] if "epoch" in self.epochs else self.epochs
+        curvature = (self.curvature[self.curvature["epoch"] < n].reset_index(drop=True)
+                     if "epoch" in self.curvature else self.curvature)
         summary = dict(self.summary)
         raw = {"step", "progress", "lr", "loss", "dist_sq"} <= set(steps.columns)
         d0 = num(summary.get("d0_sq"))
@@ -205,7 +210,7 @@ class RunEntry:
                          if raw and (name == "gamma_rp" or "loss_ref" in steps) else P.certify(steps[name]))
                 summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()
                                 if key not in ("conflict_steps", "zero_fail_steps")})
-        return replace(self, steps=steps, epochs=epochs, summary=summary, window=n)
+        return replace(self, steps=steps, epochs=epochs, summary=summary, window=n, curvature=curvature)
 
 
 FULL_LOSS, MEAN_BATCH_LOSS = "full training loss", "mean batch loss"
@@ -297,8 +302,10 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
         name = summary.get("analysis") or reference or summary.get("reference") or "last"
         steps = run.steps(name)
         layers, note = _layers(run, name.split("/")[0])
+        # Measured by the reference's replay, shared by all its analyses (read, never recomputed).
+        curvature = run.store.read_shards(RunStore.analysis(name.split("/")[0], "curvature"))
         entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
-                                layers=layers, layers_note=note))
+                                layers=layers, layers_note=note, curvature=curvature))
     return entries
 
 
@@ -340,3 +347,43 @@ def example_entry(label: str = "run", gamma_median: float = 0.3, losses: Sequenc
     summary = {"reference": "last", "gamma_median": gamma_median, "train_loss": float(losses[-1]),
                "epochs": len(losses), "no_progress": no_progress, "loss_rel_drop": drop}
     return RunEntry(label, Run(folder), summary, None, steps=steps, epochs=epochs)
+
+
+# The curvature summary of a run: (key, label, columns it needs, statistic) — each label says
+# exactly what the number is (where it was measured, over which rows).
+CURVATURE_SUMMARY = (
+    ("n", "curvature measurements (steps)", (), lambda t: len(t)),
+    ("lambda_1_median", "median λ_1 (evaluation subset)", ("lambda_1",), lambda t: t["lambda_1"].median()),
+    ("lambda_1_max", "max λ_1 (evaluation subset)", ("lambda_1",), lambda t: t["lambda_1"].max()),
+    ("stability_ratio_max", "max sharpness / stability threshold", ("stability_ratio",),
+     lambda t: t["stability_ratio"].max()),
+    ("frac_unstable", "fraction of measurements with sharpness ≥ threshold", ("stability_ratio",),
+     lambda t: (t["stability_ratio"] >= 1).mean() if t["stability_ratio"].notna().any() else math.nan),
+    ("outlier_ratio_median", "median λ_1/λ_k (evaluation subset)", ("outlier_ratio",),
+     lambda t: t["outlier_ratio"].median()),
+    ("trace_median", "median tr H (evaluation subset)", ("trace",), lambda t: t["trace"].median()),
+    ("beta_eff_median", "median effective β-smoothness along the step (its mini-batch)", ("beta_eff",),
+     lambda t: t["beta_eff"].median()),
+)
+
+
+def curvature_summary(entry: RunEntry) -> dict[str, float]:
+    """The run's curvature table summarised (:data:`CURVATURE_SUMMARY`, the statistics whose
+    columns it has); {} without a table. NaN rows (a trace not measured, an eigenvalue that
+    did not converge) are left out of each statistic (pandas' median and max skip them), never
+    read as zero; a statistic with no finite row is NaN.
+
+    Example:
+        >>> e = example_entry("bn")
+        >>> curvature_summary(e)
+        {}
+        >>> e.curvature = pd.DataFrame({"lambda_1": [2.0, 4.0], "stability_ratio": [0.5, 1.5],
+        ...     "outlier_ratio": [3.0, 5.0], "trace": [math.nan] * 2, "beta_eff": [1.0, 3.0]})
+        >>> s = curvature_summary(e)
+        >>> s["n"], s["lambda_1_median"], s["frac_unstable"], math.isnan(s["trace_median"])
+        (2.0, 3.0, 0.5, True)
+    """
+    table = entry.curvature
+    if not len(table):
+        return {}
+    return {key: float(stat(table)) for key, _, needs, stat in CURVATURE_SUMMARY if set(needs) <= set(table.columns)}

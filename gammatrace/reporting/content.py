@@ -33,7 +33,13 @@ from gammatrace.reporting.claims import (
     loss_spread,
     theorem1,
 )
-from gammatrace.reporting.collect import RunEntry, final_loss_text, num
+from gammatrace.reporting.collect import (
+    CURVATURE_SUMMARY,
+    RunEntry,
+    curvature_summary,
+    final_loss_text,
+    num,
+)
 from gammatrace.reporting.document import MISSING, Block, Bullets, Heading, Table, Text, fmt
 
 GAMMA_EFF_LOSS_LABEL = "γ_eff (loss-determined)"
@@ -289,3 +295,43 @@ show): 0 of 2 epochs end farther from θ* — premise: principle on every step: 
         "γ = γ_hi = γ_min, the largest γ of the interval (not applicable when it is empty). Each consequence "
         "shows its premise on every step: for items 1 and 2 also ℓ_k ≥ ℓ*_k (θ* minimizes every batch loss)."))
     return blocks
+
+
+def curvature_blocks(entries: Sequence[RunEntry]) -> list[Block]:
+    """The curvature summary of every run that measured it (its config's ``curvature`` block),
+    read from its curvature table without recomputation; nothing when no run has one.
+
+    Example:
+        >>> import pandas as pd
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> from gammatrace.reporting.document import to_markdown
+        >>> e = example_entry("bn")
+        >>> curvature_blocks([e])
+        []
+        >>> e.curvature = pd.DataFrame({"step": [0, 10], "lambda_1": [2.0, 4.0], "stability_ratio": [0.1, 0.2],
+        ...                             "stability_threshold_kind": ["sgd", "sgd"]})
+        >>> "| bn | 2 | sgd | 3 | 4 | 0.2 |" in to_markdown(curvature_blocks([e]))
+        True
+    """
+    measured = [e for e in entries if len(e.curvature)]
+    if not measured:
+        return []
+    stats = [(key, label) for key, label, *_ in CURVATURE_SUMMARY]
+    rows = []
+    for e in measured:
+        s = curvature_summary(e)
+        kinds = sorted(set(e.curvature["stability_threshold_kind"].astype(str))) \
+            if "stability_threshold_kind" in e.curvature else []
+        rows.append([e.label, fmt(s.get("n")), ", ".join(kinds) or MISSING,
+                     *(fmt(s.get(key)) for key, _ in stats[1:])])
+    return [Heading("Curvature along the trajectory", 2),
+            Table(["run", stats[0][1], "stability rule", *(label for _, label in stats[1:])], rows),
+            Text("Measured during the analysis replay at θ_k before step k, every N steps and, where the run config's "
+                 "curvature block asks, at every epoch end, on copies of the model with batch norm in train mode. λ_1 … λ_k "
+                 "(Lanczos), tr H (Hutchinson) and the sharpness are of the mean loss on a fixed evaluation subset of "
+                 "the training set; the sharpness is λ_1, or λ_1(P⁻¹H) with P the preconditioner of an adaptive "
+                 "optimizer (Cohen et al. 2022), and the stability threshold is the optimizer's (sgd: 2/η; "
+                 "heavy_ball: 2(1+β)/η; nesterov: (2+2β)/((1+2β)η); adam_preconditioned: (2+2β₁)/((1−β₁)η)). The "
+                 "effective β-smoothness (Santurkar et al.) is max over s of ‖∇ℓ(θ_k) − ∇ℓ(θ_k − s g_k)‖ / ‖s g_k‖ "
+                 "on the step's own mini-batch, s a few multiples of η_k. These are statistics over the measured "
+                 "steps only, not over every step.")]

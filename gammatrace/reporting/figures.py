@@ -58,10 +58,11 @@ class Needs:
     steps: tuple[str, ...] = ()
     epochs: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()
+    curvature: tuple[str, ...] = ()
 
     def missing(self, tables: dict[str, pd.DataFrame]) -> list[str]:
         out = []
-        for name in ("steps", "epochs", "layers"):
+        for name in ("steps", "epochs", "layers", "curvature"):
             frame = tables.get(name, pd.DataFrame())
             out += [f"{name}.{c}" for c in getattr(self, name) if c not in frame.columns]
         return out
@@ -90,7 +91,7 @@ LOSS_TITLES = {"full": "full training loss after each epoch",
 
 
 def _tables(entry: RunEntry) -> dict[str, pd.DataFrame]:
-    return {"steps": entry.steps, "epochs": main_epochs(entry), "layers": entry.layers}
+    return {"steps": entry.steps, "epochs": main_epochs(entry), "layers": entry.layers, "curvature": entry.curvature}
 
 
 def run_colors(n: int) -> list:
@@ -372,9 +373,76 @@ def _draw_gamma(ax: Axes, line: _Line, stats: list[pd.DataFrame]) -> None:
             clip_on=False)
 
 
-# The trajectory figure's rows, top to bottom: each draws every line on its own axis.
+# The curvature rows (the curvature table, analysis/<ref>/curvature/): (column, needs, title, y label).
+# Measured at θ_k before step k, so a row's x is k / steps per epoch.
+CURVATURE_ROWS = (
+    ("sharpness", Needs(curvature=("step", "sharpness", "stability_threshold", "stability_threshold_kind")),
+     "sharpness on the evaluation subset: λ_1 of the Hessian{adaptive}; dashed: the optimizer's stability "
+     "threshold ({kinds})", "sharpness"),
+    ("trace", Needs(curvature=("step", "trace")), "Hessian trace tr H on the evaluation subset (Hutchinson; exact when trace_samples ≥ the parameter count)",
+     "tr H"),
+    ("outlier_ratio", Needs(curvature=("step", "outlier_ratio")),
+     "outlier ratio λ_1 / λ_k of the top-k Hessian eigenvalues (Ghorbani et al.'s isolated eigenvalues)",
+     r"$\lambda_1/\lambda_k$"),
+    ("beta_eff", Needs(curvature=("step", "beta_eff")),
+     r"effective β-smoothness along the step (Santurkar et al.): "
+     r"$\max_s \|\nabla\ell(\theta_k) - \nabla\ell(\theta_k - s g_k)\| / \|s g_k\|$ on $B_k$", r"$\beta_{eff}$"),
+)
+THRESHOLD_TEXT = {"sgd": "2/η", "heavy_ball": "2(1+β)/η", "nesterov": "(2+2β)/((1+2β)η)",
+                  "adam_preconditioned": "Adam: (2+2β₁)/((1−β₁)η) on λ_1(P⁻¹H)",
+                  "rmsprop_preconditioned": "RMSprop: 2(1+μ)/η on λ_1(P⁻¹H)",
+                  "adagrad_preconditioned": "Adagrad: 2/η_t on λ_1(P⁻¹H)", "unknown": "unknown optimizer: none"}
+
+
+def curvature_row(column: str, ax: Axes, lines: Sequence[_Line]) -> RowDrawn:
+    """A curvature row (one of :data:`CURVATURE_ROWS`): the column per measured step (x = step /
+    steps per epoch; mean over a cell's runs with their min–max band), log y when every value is
+    positive; the sharpness row adds each line's stability threshold dashed. A run without the
+    columns, or with no finite value (a trace not measured), is left out with a note."""
+    _, needs, row_title, ylabel = next(row for row in CURVATURE_ROWS if row[0] == column)
+    drawn, values, kinds = RowDrawn(), [], set()
+    for line in lines:
+        notes, curves, thresholds = [], [], []
+        for e in line.runs:
+            miss, spe = needs.missing(_tables(e)), e.steps_per_epoch
+            if miss or not spe:
+                notes.append(f"{e.label}: {column} row skipped (missing {', '.join(miss) or 'steps per epoch'})")
+                continue
+            table = e.curvature.sort_values("step")
+            y = table[column].to_numpy(float)
+            if not np.isfinite(y).any():
+                notes.append(f"{e.label}: {column} row skipped (not measured: no finite value)")
+                continue
+            x = table["step"].to_numpy() / spe
+            curves.append(pd.Series(y, index=x))
+            values.append(y[np.isfinite(y)])
+            if column == "sharpness":
+                kinds.update(table["stability_threshold_kind"].astype(str))
+                thresholds.append(pd.Series(table["stability_threshold"].to_numpy(float), index=x))
+        if curves:
+            agg = _aggregate(curves)
+            line.draw(ax, agg, agg.index.to_numpy(), marker=".")
+            if thresholds:
+                limit = _aggregate(thresholds)
+                ax.plot(limit.index.to_numpy(), limit["mean"], "--", color=line.color, lw=1.0, gid="threshold")
+        drawn.add(line, notes, bool(curves))
+    every = np.concatenate(values) if values else np.empty(0)
+    if len(every) and (every > 0).all():
+        ax.set_yscale("log")
+    adaptive = any(k.endswith("_preconditioned") for k in kinds)
+    title = row_title.format(adaptive=", or of P⁻¹H for an adaptive optimizer (P its preconditioner)" if adaptive
+                             else "", kinds="; ".join(THRESHOLD_TEXT.get(k, k) for k in sorted(kinds)) or "none")
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=8.5)
+    return drawn
+
+
+# The trajectory figure's rows, top to bottom: each draws every line on its own axis; the
+# curvature rows follow where some run has a curvature table.
 TRAJECTORY_ROWS: tuple[Callable[[Axes, Sequence[_Line]], RowDrawn], ...] = (
     distance_row, loss_row, gradient_row, *(functools.partial(gamma_row, column) for column, *_ in GAMMA_ROWS))
+TRAJECTORY_CURVATURE_ROWS: tuple[Callable[[Axes, Sequence[_Line]], RowDrawn], ...] = tuple(
+    functools.partial(curvature_row, column) for column, *_ in CURVATURE_ROWS)
 
 
 def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
@@ -399,8 +467,12 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     is the mean over its runs (of d_k/D_0, of the loss, of the per-epoch median) and
     the band is the min–max over them. Lines whose runs are all flagged "no progress"
     are dashed. Appends to ``notes`` why a run or row was left out; returns None when
-    nothing is drawable. Each row is one function of :data:`TRAJECTORY_ROWS` (its columns,
-    its lines, its axis); this function keeps the layout.
+    nothing is drawable. Where some run has a curvature table, four rows follow
+    (:data:`CURVATURE_ROWS`, per measured step): the sharpness with each optimizer's
+    stability threshold dashed, the Hessian trace, the outlier ratio λ_1/λ_k and the
+    effective β-smoothness along the step; a run without them is left out of those rows with
+    a note. Each row is one function of :data:`TRAJECTORY_ROWS` (its columns, its lines, its
+    axis); this function keeps the layout.
 
     Example (the module's example draws one; here nothing is drawable):
         >>> import tempfile
@@ -425,9 +497,11 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
         notes.append("trajectory figure not drawn: no analysed run")
         return None
 
-    fig = Figure(figsize=(7.5, 13.5), layout="constrained")
-    axes = fig.subplots(len(TRAJECTORY_ROWS), 1, sharex=True)
-    rows = [row(ax, lines) for row, ax in zip(TRAJECTORY_ROWS, axes, strict=True)]
+    drawers = TRAJECTORY_ROWS + (TRAJECTORY_CURVATURE_ROWS if any(len(e.curvature) for line in lines
+                                                                 for e in line.runs) else ())
+    fig = Figure(figsize=(7.5, 2.7 * len(drawers)), layout="constrained")
+    axes = fig.subplots(len(drawers), 1, sharex=True)
+    rows = [row(ax, lines) for row, ax in zip(drawers, axes, strict=True)]
     notes.extend(options_notes([e for line in lines for e in line.runs]))
     handles = []
     for i in range(len(lines)):  # notes line by line, as a reader goes through the legend
