@@ -38,11 +38,11 @@ LAYERS: list[tuple[str, ...]] = [
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # Third-party packages that may be imported inside a function, with a comment saying why:
-# optional extras (ray, the integrations' frameworks, object storage) and packages costly to
+# optional extras (ray, the integrations' frameworks, object storage: fsspec, s3fs, its aiobotocore) and packages costly to
 # load that most commands never use (plotting, the dataset generators, numba's compiler).
 LAZY_THIRD_PARTY = {"ray", "matplotlib", "mnist1d", "sklearn", "scipy", "numba", "pandas", "lightning",
                     "pytorch_lightning", "transformers", "tensorboard", "wandb", "fsspec", "s3fs",
-                    "boto3", "PIL", "llvmlite"}
+                    "boto3", "aiobotocore", "PIL", "llvmlite"}
 
 
 def module_name(path: Path, root: Path) -> str:
