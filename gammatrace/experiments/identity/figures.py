@@ -24,6 +24,7 @@ import numpy as np
 from gammatrace import principles as P
 from gammatrace.experiments.identity.problem import CELL_BY_NAME, Cell, Preset
 from gammatrace.experiments.identity.summary import CURVES, REFERENCE_LABELS
+from gammatrace.store.backend import write_inside
 
 LOSS_DISTANCE, ONE_POINT, REFERENCES = "fig4_loss_distance.png", "one_point_convexity.png", "gamma_references.png"
 FIGURES = (LOSS_DISTANCE, ONE_POINT, REFERENCES)
@@ -40,8 +41,9 @@ def _style(cell: Cell) -> dict[str, Any]:
 
 
 def _save(fig, path: Path, dpi: int = 90) -> Path:
-    fig.savefig(path, dpi=dpi)
-    return path
+    # Atomically and never through a symbolic link planted in the study's folder (issue 22).
+    return write_inside(path.parent, path.name, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"),
+                        what="the study folder")
 
 
 def _band(ax, x, stats: dict[str, list], gid: str, **style) -> None:

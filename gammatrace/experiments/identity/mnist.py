@@ -51,11 +51,12 @@ from gammatrace.analysis import train
 from gammatrace.config import RunConfig
 from gammatrace.errors import ConfigError, UserError
 from gammatrace.executors import make_executor
-from gammatrace.experiments.identity.figures import figure_mnist_error
-from gammatrace.experiments.identity.report import mnist_report_blocks
+from gammatrace.experiments.identity.figures import MNIST_ERROR, figure_mnist_error
+from gammatrace.experiments.identity.report import mnist_report_blocks, study_folder, write_text_inside
 from gammatrace.experiments.identity.sources import Source, quote
 from gammatrace.registry import Registry
 from gammatrace.reporting.document import to_html, to_markdown
+from gammatrace.store.backend import inside
 from gammatrace.store.run import RunStore, Status
 
 MNIST_PRESETS: Registry[Callable[[], MnistPreset]] = Registry("identity-mnist preset")
@@ -216,8 +217,10 @@ def run_mnist_cell(preset: MnistPreset, cell: MnistCell, out: str | Path, repeat
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     try:
+        # the run's folder: never a symbolic link planted in the study's folder
         run = train(mnist_config(preset, cell, repeat, data_dir, device),
-                    Path(out).resolve() / mnist_run_name(cell, repeat), progress=False)
+                    inside(Path(out).resolve(), mnist_run_name(cell, repeat), what="the study folder"),
+                    progress=False)
     finally:
         torch.set_num_threads(before)  # the engine sets the run's thread count
     if run.status == Status.DIVERGED:
@@ -295,8 +298,8 @@ def run_identity_mnist(out: str | Path, preset: str = "quick", workers: int = 1,
     pre = MNIST_PRESETS.get(preset)()
     if data_dir is not None and pre.data != "mnist":
         raise UserError(f"--data-dir is for MNIST; preset {preset!r} uses the embedded {pre.data}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_folder(out, [*(mnist_run_name(cell, r) for cell in pre.selected() for r in range(pre.runs)),
+                             MNIST_ERROR, "summary.md", "report.html", RESULTS_FILE], progress)
     tasks = [(pre, cell, str(out), r, data_dir, device) for cell in pre.selected() for r in range(pre.runs)]
     done = make_executor(executor, workers=workers).map(run_mnist_cell, tasks, desc="identity-mnist runs",
                                                         progress=progress)
@@ -306,9 +309,9 @@ def run_identity_mnist(out: str | Path, preset: str = "quick", workers: int = 1,
     RunStore(out).write_json(RESULTS_FILE, {"preset": preset, "settings": asdict(pre), "wall_seconds": wall,
                                             "cells": cells})
     blocks = mnist_report_blocks(cells, asdict(pre), preset, MNIST_SOURCES.get(preset, {}), wall, [figure.name])
-    (out / "summary.md").write_text(to_markdown(blocks))
-    (out / "report.html").write_text(to_html(blocks, title="Identity mapping on MNIST (CS260 report, Fig. 3)",
-                                             base=out))
+    write_text_inside(out, "summary.md", to_markdown(blocks))
+    write_text_inside(out, "report.html", to_html(blocks, title="Identity mapping on MNIST (CS260 report, Fig. 3)",
+                                                  base=out))
     if progress:
         for name, c in cells.items():
             print(f"{name}: test error {c['final_error']['mean']:.4f} ± {c['final_error']['std']:.4f}",

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from gammatrace.experiments.identity.claims import (
@@ -22,12 +25,44 @@ from gammatrace.experiments.identity.figures import LOSS_DISTANCE, ONE_POINT, RE
 from gammatrace.experiments.identity.problem import SOURCES, Preset
 from gammatrace.experiments.identity.summary import PROXIES, WINDOW_LABELS, WINDOWS
 from gammatrace.reporting.document import Block, Bullets, Details, Figure, Heading, Table, Text
+from gammatrace.store.backend import inside, output_folder, write_inside
 
 FIGURE_CAPTIONS = {
     LOSS_DISTANCE: "Training loss, distance to the planted W* and to the exact minimizer reached",
     ONE_POINT: "One-point strong convexity per epoch, against W* and against the minimizer reached",
     REFERENCES: "γ_k and d_k / D_0 against the exact minimizer, the last iterate and a continuation iterate",
 }
+
+
+def study_folder(out: str | Path, names: Iterable[str], progress: bool = True) -> Path:
+    """The study's output folder, before anything is trained: resolved once when ``out`` is a
+    symbolic link (said on stderr), refused (one line) when one of ``names`` in it (the
+    runs' folders, the report's files) is a symbolic link planted there, or when ``out`` is reached through a link planted in a run
+    or study folder (:func:`~gammatrace.store.backend.output_folder`); created.
+
+    Example:
+        >>> import tempfile; base = Path(tempfile.mkdtemp())
+        >>> study_folder(base / "im", ["relu-run0/run"]) == base / "im"
+        True
+        >>> (base / "im" / "tanh-run0").symlink_to(tempfile.mkdtemp())
+        >>> study_folder(base / "im", ["tanh-run0/run"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gammatrace.store.backend.UnsafePathError: .../tanh-run0 is a symbolic link inside the study folder ...
+    """
+    folder, note = output_folder(out)
+    if note and progress:
+        print(f"gammatrace: {note}", file=sys.stderr)
+    for rel in names:
+        inside(folder, rel, what="the study folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_text_inside(out: Path, name: str, text: str) -> Path:
+    """``out/name`` written atomically with ``text`` (UTF-8), never through a symbolic link
+    (:func:`~gammatrace.store.backend.write_inside`)."""
+    return write_inside(out, name, lambda p: Path(p).write_text(text, encoding="utf-8"), what="the study folder")
 
 
 def fmt(v: Any, spec: str = ".3g") -> str:

@@ -49,6 +49,7 @@ from gammatrace.engine.trainer import train_pass
 from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.identity.figures import (
+    FIGURES,
     figure_loss_distance,
     figure_one_point,
     figure_references,
@@ -63,7 +64,7 @@ from gammatrace.experiments.identity.problem import (
     run_config,
     run_name,
 )
-from gammatrace.experiments.identity.report import report_blocks
+from gammatrace.experiments.identity.report import report_blocks, study_folder, write_text_inside
 from gammatrace.experiments.identity.summary import (
     REACHED,
     headline,
@@ -72,6 +73,7 @@ from gammatrace.experiments.identity.summary import (
     summarize_repeats,
 )
 from gammatrace.reporting.document import to_html, to_markdown
+from gammatrace.store.backend import inside
 from gammatrace.store.run import Run, RunStore, Status
 
 PLANTED_FILE, FOUND_FILE = "planted.pt", "found.pt"
@@ -135,7 +137,8 @@ def run_cell(preset: Preset, cell: Cell, out: str | Path, repeat: int = 0) -> di
         ['continuation', 'found', 'last', 'planted']
     """
     t0 = time.perf_counter()
-    folder = Path(out).resolve() / run_name(cell, repeat)
+    # the cell's folder and its run: never a symbolic link planted in the study's folder
+    folder = inside(Path(out).resolve(), f"{run_name(cell, repeat)}/run", what="the study folder").parent
     files = RunStore(folder)
     cfg = run_config(preset, cell, files.path(PLANTED_FILE), repeat)
     with _callers_threads():
@@ -202,8 +205,8 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
     """
     t0 = time.perf_counter()
     pre = PRESETS.get(preset)()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_folder(out, [*(f"{run_name(cell, r)}/run" for cell in pre.selected() for r in range(pre.runs)),
+                             *FIGURES, "summary.md", "report.html", "identity_mapping.json"], progress)
     tasks = [(pre, cell, str(out), r) for cell in pre.selected() for r in range(pre.runs)]
     done = make_executor(executor, workers=workers).map(run_cell, tasks, desc="identity-mapping cells",
                                                         progress=progress)
@@ -223,8 +226,8 @@ def run_identity_mapping(out: str | Path, preset: str = "quick", workers: int = 
     RunStore(out).write_json("identity_mapping.json", {"preset": preset, "settings": asdict(pre), "wall_seconds": wall,
                                                        "headline": head, "cells": summaries, "curves": curves})
     blocks = report_blocks(summaries, head, pre, preset, wall, [p.name for p in figures])
-    (out / "summary.md").write_text(to_markdown(blocks))
-    (out / "report.html").write_text(to_html(blocks, title="Identity mapping: a teacher–student problem", base=out))
+    write_text_inside(out, "summary.md", to_markdown(blocks))
+    write_text_inside(out, "report.html", to_html(blocks, title="Identity mapping: a teacher–student problem", base=out))
     if progress:
         print(head["sentence"], file=sys.stderr)
     return out / "summary.md"
