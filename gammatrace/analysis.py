@@ -17,7 +17,7 @@ import pandas as pd
 
 from gammatrace import principles as P
 from gammatrace.config import RunConfig
-from gammatrace.engine.replay import replay
+from gammatrace.engine.replay import replay, shared_table
 from gammatrace.engine.trainer import train_pass
 from gammatrace.errors import UserError
 from gammatrace.probe.probe import REFERENCE_COLUMNS
@@ -78,7 +78,9 @@ def load_hook_table(run: str | Path | Run, name: str, reference: str | None = No
     (e.g. ``"curvature"``, one row per measured step; ``"one_point"``). ``reference``: the
     analysis (default: the run's, as :meth:`Run.steps <gammatrace.store.run.Run.steps>`); a
     hook table belongs to the reference's replay, shared by all its analyses (``last/tail=28``
-    reads ``last``'s). An empty frame when the run has no such table.
+    reads ``last``'s); a table that does not depend on θ* (``curvature``) is measured by one
+    reference's replay and read from there for every reference. An empty frame when the run
+    has no such table.
 
     Example:
         >>> import tempfile, gammatrace
@@ -92,7 +94,14 @@ def load_hook_table(run: str | Path | Run, name: str, reference: str | None = No
         ([0, 1], 'sgd')
     """
     run = run if isinstance(run, Run) else Run(run)
-    return run.store.read_shards(run.store.analysis(run._ref(reference).split("/")[0], name))
+    ref = run._ref(reference).split("/")[0]
+    table = run.store.read_shards(run.store.analysis(ref, name))
+    if not len(table):
+        # A table that does not depend on θ* is measured by one reference's replay for all.
+        shared = shared_table(run, name, exclude=ref)
+        if shared is not None:
+            table = run.store.read_shards(run.store.analysis(shared, name))
+    return table
 
 
 def own_loop_reference(run: Run, reference: str | None) -> str:

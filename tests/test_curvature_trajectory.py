@@ -289,3 +289,18 @@ def test_report_shows_curvature_rows_and_summary_and_skips_runs_without_them(tmp
     md = (html.parent / "summary.md").read_text()
     assert "## Curvature along the trajectory" in md and "| bn | 4 | heavy_ball |" in md and "| plain |" not in \
         md.split("## Curvature along the trajectory")[1].split("\n\n")[1]
+
+
+def test_a_second_reference_shares_the_curvature_table_instead_of_measuring_it_again(tmp_path):
+    # A study analyses θ_T and the continuation θ*: λ_1 at θ_k does not depend on θ*.
+    cfg = _teacher(reference={"kind": "continuation", "extra_epochs": 1},
+                   curvature={"every": 3, "k": 1, "at_epoch_end": False})
+    run = Run(train_pass(cfg, tmp_path / "run", progress=False).path)
+    analyze(run.path, "last", progress=False)
+    analyze(run.path, "continuation", progress=False)
+    assert not (run.path / "analysis/continuation/curvature").exists()
+    last = load_hook_table(run, "curvature", "last")
+    assert last["step"].tolist() == [0, 3]
+    pd.testing.assert_frame_equal(load_hook_table(run, "curvature", "continuation"), last, check_exact=True)
+    # A table that depends on θ* is never borrowed from another reference.
+    assert load_hook_table(run, "params", "continuation").empty

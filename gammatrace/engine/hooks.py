@@ -108,6 +108,11 @@ def evaluation_subset(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:size].sort().values
 
 
+# Hooks whose table does not depend on θ* (measured at θ_k alone): one reference's replay measures
+# it and the others share it (a study replays against θ_T and the continuation θ*).
+REFERENCE_FREE = frozenset({"curvature"})
+
+
 class Curvature:
     """Curvature along the trajectory (the run config's ``curvature`` block, DESIGN §4): the
     table ``analysis/<reference>/curvature/``, one row per measured step — every ``every``-th
@@ -121,6 +126,9 @@ class Curvature:
     the step saw it, augmentation included) along ∇ℓ(θ_k; B_k). Batch norm in train mode,
     on copies of the model under a forked random stream: the trajectory is untouched (the
     replay's bitwise verification checks it). The learning rate is the step's η_k.
+
+    Nothing here depends on θ*, so the table is measured once per run: a replay against a
+    second reference reuses the first one's (:data:`REFERENCE_FREE`).
     """
 
     name = "curvature"

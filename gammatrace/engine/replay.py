@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gammatrace.engine.hooks import config_hooks
+from gammatrace.engine.hooks import REFERENCE_FREE, config_hooks
 from gammatrace.engine.refcache import (
     CachedReference,
     reference_losses,
@@ -313,13 +313,16 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
     where segments run (local processes, or Ray tasks at ``address``).
     """
     run = Run(run_path)
-    # The hooks the run's config asks for (its curvature block) are part of every replay of it.
-    hooks = (*(h for h in config_hooks(run.config) if h.name not in {x.name for x in hooks}), *hooks)
-    _check_hooks(hooks)
     if not run.status.finished_training:
         raise StoreError(f"{run.path} is '{run.status}'; only a fully trained run can be replayed")
     ref_name, ref_file = reference_source(run, reference)
     store = run.store
+    # The hooks the run's config asks for (its curvature block) are part of its replay, except a
+    # table that does not depend on θ* and another reference's replay already holds whole.
+    asked = {h.name for h in hooks}
+    hooks = (*(h for h in config_hooks(run.config) if h.name not in asked
+               and shared_table(run, h.name, exclude=ref_name) is None), *hooks)
+    _check_hooks(hooks)
     tables = ["steps", *(h.name for h in hooks)]
     record_rel = store.analysis(ref_name, CACHE_RECORD)
     before = store.read_json(record_rel) if store.exists(record_rel) else None
@@ -356,6 +359,20 @@ def replay(run_path: str | Path, reference: str | None = None, *, workers: int =
     make_executor(executor, workers=workers, address=address).map(
         replay_segment, tasks, desc=f"replay {run.name}", progress=progress, machines=[kind] * len(tasks))
     return _finalise(run, ref_name, record_rel, {"mode": mode, "reason": why, "complete": False})
+
+
+def shared_table(run: Run, name: str, exclude: str | None = None) -> str | None:
+    """The reference whose replay holds the whole table ``name`` (every epoch of the horizon)
+    when that table does not depend on θ* (:data:`~gammatrace.engine.hooks.REFERENCE_FREE`),
+    other than ``exclude``; None otherwise."""
+    if name not in REFERENCE_FREE:
+        return None
+    store, horizon = run.store, run.meta.horizon_epochs or 0
+    for ref in run.references():
+        if ref != exclude and horizon and all(store.exists(store.shard(store.analysis(ref, name), e))
+                                              for e in range(horizon)):
+            return ref
+    return None
 
 
 def _finalise(run: Run, ref_name: str, record_rel: str, record: dict[str, Any] | None) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from gammatrace import principles as P
+from gammatrace.analysis import load_hook_table
 from gammatrace.config import RunConfig
 from gammatrace.reporting.document import fmt
 from gammatrace.store.run import Run, RunMeta, RunStore, Status, StoreError
@@ -302,8 +303,8 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
         name = summary.get("analysis") or reference or summary.get("reference") or "last"
         steps = run.steps(name)
         layers, note = _layers(run, name.split("/")[0])
-        # Measured by the reference's replay, shared by all its analyses (read, never recomputed).
-        curvature = run.store.read_shards(RunStore.analysis(name.split("/")[0], "curvature"))
+        # Measured by a replay, never recomputed: at θ_k alone, so shared by every reference.
+        curvature = load_hook_table(run, "curvature", name)
         entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
                                 layers=layers, layers_note=note, curvature=curvature))
     return entries
