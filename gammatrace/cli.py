@@ -33,6 +33,7 @@ import argparse
 import importlib
 import json
 import sys
+import tempfile
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -58,7 +59,7 @@ from gammatrace.experiments.remote import report_to
 from gammatrace.machine import describe, fingerprint, machine_id, ray_resource
 from gammatrace.models import MODELS, build, count_params
 from gammatrace.models.inspect import inspect_init, plot_inspect
-from gammatrace.store.backend import inside, is_remote
+from gammatrace.store.backend import inside, is_remote, output_folder, write_bytes_inside
 from gammatrace.store.run import Status, check_out_folder
 from gammatrace.techniques import per_sample_loss
 
@@ -200,8 +201,11 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     configs = expand_runs(load_yaml(_preset_path(args.config)))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, note = output_folder(args.out)  # resolved once when a link; never one planted in a run or study
+    if note:
+        print(f"gammatrace: {note}", file=sys.stderr)
+    for name in configs:
+        inside(out, f"inspect_{name}.png")  # a planted link refused before anything is drawn
     for name, cfg in configs.items():
         sess = build_session(cfg)
         bs = min(cfg.batch_size, sess.data.n_train)
@@ -209,7 +213,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         table = inspect_init(sess.model, sess.x[:bs], sess.y[:bs], lambda o, y, f=per_sample: f(o, y).mean())
         print(f"== {name}")
         print(table.to_string(index=False))
-        plot_inspect(table, out / f"inspect_{name}.png")
+        with tempfile.TemporaryDirectory(prefix="gammatrace-inspect-") as tmp:
+            # drawn aside, then written through the one confined writer (issue 22)
+            png = plot_inspect(table, Path(tmp) / "inspect.png").read_bytes()
+        write_bytes_inside(out, f"inspect_{name}.png", png)
         print(f"figure: {out / f'inspect_{name}.png'}")
     return 0
 
