@@ -304,3 +304,38 @@ def test_a_second_reference_shares_the_curvature_table_instead_of_measuring_it_a
     pd.testing.assert_frame_equal(load_hook_table(run, "curvature", "continuation"), last, check_exact=True)
     # A table that depends on θ* is never borrowed from another reference.
     assert load_hook_table(run, "params", "continuation").empty
+
+
+def test_probe_curvature_through_a_closure_and_a_manual_update():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = Probe(model, opt, loss_fn, curvature={"every": 1, "k": 2, "tol": 1e-13})
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, (x, y))
+        loss.backward()
+        return loss
+
+    probe.batch((x, y))
+    opt.step(closure)
+    row = probe.curvature_table().iloc[0]
+    eig = np.sort(np.linalg.eigvalsh(_dense_hessian(model, loss_fn, (x, y), theta)))[::-1]
+    assert (row["lambda_1"], row["lambda_2"]) == pytest.approx((eig[0], eig[1]), rel=1e-6)
+    assert row["stability_ratio"] == pytest.approx(0.1 * eig[0] / 2, rel=1e-6)
+    # A loop that updates θ itself: the rule is unknown, the ratio NaN (never a guessed one).
+    manual = Probe(model, None, loss_fn, curvature={"every": 1, "k": 1})
+    opt.zero_grad()
+    loss = loss_fn(model, (x, y))
+    loss.backward()
+    manual.batch((x, y), loss)
+    with manual.update(lr=0.1), torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)
+    row = manual.curvature_table().iloc[0]
+    assert row["stability_threshold_kind"] == "unknown" and np.isnan(row["stability_ratio"])
+    assert row["lambda_1"] > 0

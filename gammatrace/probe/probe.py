@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import sys
 import warnings
 import weakref
@@ -73,6 +74,7 @@ from torch import nn
 
 from gammatrace.curvature import CurvatureConfig, CurvatureMonitor
 from gammatrace.probe.check import ConsistencyCheck
+from gammatrace.probe.decay import WeightDecayFold
 from gammatrace.probe.errors import BadReferenceError, ConsistencyError, ProbeUsageError
 from gammatrace.probe.kernels import make_kernel
 from gammatrace.probe.matched import (
@@ -420,7 +422,11 @@ class Probe:
             autocast_types=self._autocast_types,
             cuda_index=self._cuda_index,
         )
-        self.kernel = make_kernel(kernel, self.params, self._anchor(reference, origin))
+        anchor = self._anchor(reference, origin)
+        self.kernel = make_kernel(kernel, self.params, anchor)
+        # Weight decay folded into g_k for RSI/EB (gammatrace.probe.decay): only where a group decays.
+        self._fold = (WeightDecayFold(self.params, optimizer, anchor)
+                      if self.mode == "reference" and WeightDecayFold.needed(optimizer) else None)
         self._table = StepTable(self.mode, self.names, per_tensor=per_tensor, start_step=step)
         # Hook-side state: micro-batches told since the last step, the forward state of the
         # current micro-batch, the step in progress.
@@ -642,7 +648,21 @@ class Probe:
         """The raw gradient's products at the end of a backward: every micro-batch's
         gradient accumulated so far, before anything the loop does between backward and step."""
         self._raw_queued = -1
-        self._raw = self.kernel.raw(self.params, [p.grad for p in self.params])
+        grads = [p.grad for p in self.params]
+        self._raw = self._with_fold(self.kernel.raw(self.params, grads), grads)
+
+    def _with_fold(self, raw: np.ndarray | torch.Tensor, grads: list) -> np.ndarray | torch.Tensor:
+        """``raw`` (⟨θ − a, g⟩, ‖g‖² per tensor) with the three folded-decay products appended
+        (:mod:`gammatrace.probe.decay`): computed where a group decays, 0 where none does, NaN
+        without an optimizer (λ unknown)."""
+        if self._fold is not None:
+            extra = self._fold.products(self.params, grads)
+        else:
+            extra = torch.full((len(self.params), 3), math.nan if self.optimizer is None else 0.0,
+                               dtype=torch.float64)
+        if isinstance(raw, torch.Tensor):
+            return torch.cat([raw, extra.to(raw.device)], dim=1)
+        return np.concatenate([raw, extra.cpu().numpy()], axis=1)
 
     def _seal(self, resolve: bool) -> None:
         """Record the micro-batches of steps that never happened as skipped.
@@ -914,19 +934,27 @@ class Probe:
             s = scale.to(device=values.device, dtype=torch.float64) if on_device else float(scale)
             values[:, 0] /= s
             values[:, 1] /= s * s
+            if values.shape[1] > 3:  # 2λ⟨g, θ⟩ of the folded decay is linear in g
+                values[:, 3] /= s
 
         used = parts[:, 1:3].clone() if on_device else parts[:, 1:3].copy()
         if active.grad_scale is not None:
             divide(used, active.grad_scale)  # the fused AMP path: the optimizer got grad · s
         if active.raw is None:
-            raw = used  # no backward seen since the last step: the optimizer's is all there is
+            # No backward seen since the last step: the optimizer's is all there is (its
+            # folded-decay products are not measured: NaN).
+            nan = torch.full((len(self.params), 3), math.nan, dtype=torch.float64)
+            raw = torch.cat([used, nan.to(used.device)], dim=1) if on_device else np.concatenate(
+                [used, nan.numpy()], axis=1)
         else:
             raw = active.raw
             if active.raw_scale is not None:
                 divide(raw, active.raw_scale)
+        # STEP_QUANTITIES: ee, eg, gg, ed, dd, eg_used, gg_used, then the three folded-decay products.
         if on_device:
-            return torch.cat([parts[:, :1], raw.to(parts.device), parts[:, 3:5], used], dim=1)
-        return np.concatenate([parts[:, :1], raw, parts[:, 3:5], used], axis=1)
+            raw = raw.to(parts.device)
+            return torch.cat([parts[:, :1], raw[:, :2], parts[:, 3:5], used, raw[:, 2:]], dim=1)
+        return np.concatenate([parts[:, :1], raw[:, :2], parts[:, 3:5], used, raw[:, 2:]], axis=1)
 
     def _measure_curvature(self, active: ActiveStep) -> None:
         """The curvature row of this step, at θ_k (before the update), when it is due."""
@@ -937,7 +965,10 @@ class Probe:
         for mb in active.group:
             mb.curvature_batch = None
         if not batches:
-            return  # told with probe.batch(None, loss): nothing to measure on
+            raise ProbeUsageError(
+                "Probe(curvature=...) measures on the step's batch, and this step was told "
+                "probe.batch(None, ...): pass the batch loss_fn takes"
+            )
         if monitor.eval_batch is None:
             monitor.eval_batch = batches[0][0]
         # The monitor works on copies of the model under a forked, seeded random stream.
