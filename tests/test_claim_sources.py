@@ -136,7 +136,7 @@ PINNED = {
     # No paper: a hypothesis.
     ("init", "quick", "plain"): ("lsuv ≈ kaiming_in > xavier_normal ≈ lecun", None, None),
     # No paper (issue 24): γ beside the survey's width statement, a hypothesis.
-    ("width", "quick", "mlp"): ("w512 > w256 > w64 > w16", None, None),
+    ("width", "quick", "mlp"): ("w512 > w128 > w16", None, None),
     ("width", "paper", "resnet18"): ("w2 > w1 > w0_5 > w0_25", None, None),
 }
 

@@ -51,7 +51,7 @@ for _key in [k for k in BEFORE if k.startswith("batchnorm/")]:
     _curv = QUICK_CURVATURE if "/quick/" in _key else PAPER_CURVATURE
     for _cell in BEFORE[_key]["cells"]:
         CHANGED.setdefault((_key, _cell), {})["curvature"] = (
-            ABSENT, {**CurvatureConfig(**_curv).model_dump(mode="json")})
+            ABSENT, CurvatureConfig(**_curv).model_dump(mode="json"))
 # Issue 13: the U-Nets reconstruct real images. The papers train their U-Net "on the CIFAR-10 and
 # CIFAR-100 datasets" with "the MSE loss": the paper U-Net cells reconstruct the CIFAR images of
 # --data-dir (data.task reconstruct, noise-free) instead of denoising synthetic CIFAR-shaped

@@ -233,8 +233,8 @@ def survey_blocks(info: StudyMeta, runs: Sequence[StudyRun], out: str | Path | N
         "The statements below are the survey's (paper 004) summary of other papers, not claims of the papers "
         "this study reproduces; each is checked by the same rule as every claim (an exact sign test per strict "
         "relation, paired by seed; consistent only when every relation's p < α), on each run's median of the "
-        "statistic over its curvature measurements (every N steps and at every epoch end, on a fixed evaluation "
-        "subset) instead of its median γ_k. A hypothesis some run of which was not measured says so and gets no "
+        "statistic over its curvature measurements (at the steps its run config's curvature block names: every N "
+        "steps, and at the epoch ends where it says so; on a fixed evaluation subset) instead of its median γ_k. A hypothesis some run of which was not measured says so and gets no "
         "verdict.")]
     checks = [check_hypothesis(h, runs, tables) for h in hyps]
     if checks:
@@ -271,8 +271,8 @@ def survey_blocks(info: StudyMeta, runs: Sequence[StudyRun], out: str | Path | N
 
 GAMMA_LAMBDA_CAPTION = (
     "Each run's median γ_k (y; continuation θ* where analysed, else θ* = θ_T) against its median λ_1 along the "
-    "path (x, log scale; the largest Hessian eigenvalue on the fixed evaluation subset, every N steps and at "
-    "every epoch end), one small point per run, a large marker at each cell's medians. Runs a claim excludes "
+    "path (x, log scale; the largest Hessian eigenvalue on the fixed evaluation subset, at the steps the run "
+    "config's curvature block names), one small point per run, a large marker at each cell's medians. Runs a claim excludes "
     "are left out.")
 
 
