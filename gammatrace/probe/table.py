@@ -47,15 +47,20 @@ from gammatrace.principles import derive
 # and the gradient the optimizer received (after clipping or anything else the loop did to
 # .grad between the backward and the step; equal to the raw one where nothing did):
 #   grad_dot_used  ⟨θ_k − θ*, ĝ_k⟩        grad_sq_used  ‖ĝ_k‖²
+# and the raw gradient with the optimizer's coupled weight decay folded in, g_k + λθ_k
+# (:mod:`gammatrace.probe.decay`; equal to the raw ones where nothing decays, NaN where the decay
+# is decoupled or the optimizer unknown):
+#   grad_dot_wd  ⟨θ_k − θ*, g_k + λθ_k⟩      grad_sq_wd  ‖g_k + λθ_k‖²
 # REFERENCE_COLUMNS is what every stored reference-mode step shard holds (runs written before
-# the *_used columns existed lack those).
+# the *_used or *_wd columns existed lack those).
 RECORD_COLUMNS = ["loss", "update_sq", "grad_sq", "dist0_sq", "grad_sq_used"]
 REFERENCE_COLUMNS = ["loss", "loss_ref", "progress", "dist_sq", "update_sq", "grad_dot", "grad_sq"]
 USED_COLUMNS = ["grad_dot_used", "grad_sq_used"]
+FOLDED_COLUMNS = ["grad_dot_wd", "grad_sq_wd"]
 # The probe's per-step, per-tensor products, in this order: the kernel's five
 # (:data:`gammatrace.probe.kernels.QUANTITIES`) with eg, gg of the raw gradient, then eg, gg of
-# the gradient the optimizer received.
-STEP_QUANTITIES = ("ee", "eg", "gg", "ed", "dd", "eg_used", "gg_used")
+# the gradient the optimizer received, then the folded decay's λ⟨θ, e⟩, 2λ⟨g, θ⟩, λ²‖θ‖².
+STEP_QUANTITIES = ("ee", "eg", "gg", "ed", "dd", "eg_used", "gg_used", "wd_dot", "wd_cross", "wd_sq")
 SKIPPED_COLUMNS = ["next_step", "epoch", "micro_batches", "loss"]
 
 
@@ -94,7 +99,7 @@ class StepTable:
     @property
     def columns(self) -> list[str]:
         """Raw measured columns of this mode (besides step, epoch, lr)."""
-        return RECORD_COLUMNS if self.mode == "record" else REFERENCE_COLUMNS + USED_COLUMNS
+        return RECORD_COLUMNS if self.mode == "record" else REFERENCE_COLUMNS + USED_COLUMNS + FOLDED_COLUMNS
 
     # ----------------------------------------------------------------- input
     def append(
@@ -107,8 +112,9 @@ class StepTable:
         parts: np.ndarray | torch.Tensor,
         samples: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = (),
     ) -> None:
-        """One measured step: its losses, the ``(n_tensors, 7)`` products (:data:`STEP_QUANTITIES`;
-        ``(n_tensors, 5)``: the used gradient is the raw one) and the
+        """One measured step: its losses, the ``(n_tensors, 10)`` products (:data:`STEP_QUANTITIES`;
+        ``(n_tensors, 5)``: the used gradient is the raw one; fewer than 10: the folded decay
+        not measured) and the
         per-sample (indices, losses, reference losses or None) of its micro-batches."""
         self._pending.append((loss, loss_ref, parts))
         self._pending_meta.append((step, epoch, lr))
@@ -152,6 +158,8 @@ class StepTable:
         sums = np.moveaxis(parts.sum(axis=1), 1, 0)
         ee, eg, gg, ed, dd = sums[:5]
         eg_used, gg_used = sums[5:7] if len(sums) >= 7 else (eg, gg)
+        # The folded decay's products (absent: not measured, NaN).
+        wd_dot, wd_cross, wd_sq = sums[7:10] if len(sums) >= 10 else (np.full_like(eg, np.nan),) * 3
         if self.mode == "record":
             values = {
                 "loss": losses,
@@ -177,6 +185,8 @@ class StepTable:
                 "grad_sq": gg,
                 "grad_dot_used": eg_used,
                 "grad_sq_used": gg_used,
+                "grad_dot_wd": eg + wd_dot,
+                "grad_sq_wd": gg + wd_cross + wd_sq,
             }
         meta = np.array(self._pending_meta, dtype=np.float64)
         return pd.DataFrame(
