@@ -41,6 +41,10 @@ class Run:
         return len(self.lr)
 
 
+# A coupled weight decay λ folded into g_k for the *_wd columns (g_k + λθ_k).
+WD = 0.1
+
+
 def build_tables(theta, theta_star, grads, lr, epoch, loss, loss_ref) -> tuple:
     """Raw columns as the probe measures them: from Δ_k, float64, one step at a time."""
     rows, tensor_rows = [], []
@@ -59,6 +63,8 @@ def build_tables(theta, theta_star, grads, lr, epoch, loss, loss_ref) -> tuple:
                 "update_sq": delta @ delta,
                 "grad_dot": x @ grads[k],
                 "grad_sq": grads[k] @ grads[k],
+                "grad_dot_wd": x @ (grads[k] + WD * theta[k]),
+                "grad_sq_wd": (grads[k] + WD * theta[k]) @ (grads[k] + WD * theta[k]),
             }
         )
         for name, sl in TENSORS:
@@ -202,6 +208,10 @@ def test_derive_matches_bruteforce(reference, d0_sq, ell_inf_quantile):
         dist = math.sqrt(sum(a * a for a in x))
         expected["rsi"].append(sum(a * b for a, b in zip(x, run.grads[k], strict=True)) / dist**2)
         expected["eb"].append(math.sqrt(sum(b * b for b in run.grads[k])) / dist)
+        expected["rsi_eb"].append(expected["rsi"][-1] / expected["eb"][-1])
+        folded = [b + WD * t for b, t in zip(run.grads[k], run.theta[k], strict=True)]
+        expected["rsi_wd"].append(sum(a * b for a, b in zip(x, folded, strict=True)) / dist**2)
+        expected["eb_wd"].append(math.sqrt(sum(b * b for b in folded)) / dist)
     for column, values in expected.items():
         close(out[column], values, rtol=1e-8, atol=1e-12)
     assert out.gamma.isna().sum() == sum(g <= EPS for g in run.loss - run.loss_ref)
@@ -218,7 +228,7 @@ def test_derive_matches_bruteforce(reference, d0_sq, ell_inf_quantile):
         ({"lr": 0.0}, {"gamma", "gamma_rp", "gamma_rc"}),
         ({"lr": -0.1}, {"gamma", "gamma_rp", "gamma_rc"}),
         ({"update_sq": 0.0, "progress": 0.0}, {"cos_align"}),
-        ({"dist_sq": 0.0}, {"gamma_rc", "cos_align", "rsi", "eb"}),
+        ({"dist_sq": 0.0}, {"gamma_rc", "cos_align", "rsi", "eb", "rsi_wd", "eb_wd", "rsi_eb"}),
         ({"loss_ref": "loss-eps/2"}, {"gamma"}),
         ({"loss_ref": "loss+1"}, {"gamma"}),
         ({"loss": -1.0, "loss_ref": -2.0}, {"gamma_rp"}),
@@ -246,8 +256,8 @@ def test_derive_undefined_rules(edit, expect_nan):
 
 @pytest.mark.parametrize(
     "dropped, nan_columns",
-    [("grad_dot", {"star", "rsi"}), ("grad_sq", {"eb"}), ("loss_ref", {"gamma", "star"}),
-     ("update_sq", {"cos_align"})],
+    [("grad_dot", {"star", "rsi", "rsi_eb"}), ("grad_sq", {"eb", "rsi_eb"}), ("loss_ref", {"gamma", "star"}),
+     ("update_sq", {"cos_align"}), ("grad_dot_wd", {"rsi_wd"}), ("grad_sq_wd", {"eb_wd"})],
 )
 def test_missing_columns_skip_cleanly(dropped, nan_columns):
     run = make_run(4, "last")

@@ -1,8 +1,8 @@
 """Per-step series: the derived columns of the step table (DESIGN §1, §6).
 
 Everything here is a pure function of the RAW columns the probe measures
-(``progress``, ``dist_sq``, ``update_sq``, ``grad_dot``, ``grad_sq``, ``loss``,
-``loss_ref``, ``lr``), so a stored table can be re-derived with a different D_0² or ℓ_inf
+(``progress``, ``dist_sq``, ``update_sq``, ``grad_dot``, ``grad_sq``, ``grad_dot_wd``,
+``grad_sq_wd``, ``loss``, ``loss_ref``, ``lr``), so a stored table can be re-derived with a different D_0² or ℓ_inf
 without touching the model.
 """
 
@@ -24,8 +24,10 @@ RAW_COLUMNS = (
     "update_sq",
     "grad_dot",
     "grad_sq",
+    "grad_dot_wd",
+    "grad_sq_wd",
 )
-DERIVED_COLUMNS = ("gamma", "gamma_rp", "gamma_rc", "star", "cos_align", "rsi", "eb")
+DERIVED_COLUMNS = ("gamma", "gamma_rp", "gamma_rc", "star", "cos_align", "rsi", "eb", "rsi_wd", "eb_wd", "rsi_eb")
 STEP_COLUMNS = RAW_COLUMNS + DERIVED_COLUMNS
 
 
@@ -60,6 +62,9 @@ def example_steps() -> pd.DataFrame:
             "update_sq": delta**2,
             "grad_dot": x * 2.0 * theta[:-1],
             "grad_sq": (2.0 * theta[:-1]) ** 2,
+            # No weight decay: the folded gradient is the raw one.
+            "grad_dot_wd": x * 2.0 * theta[:-1],
+            "grad_sq_wd": (2.0 * theta[:-1]) ** 2,
         }
     )
 
@@ -92,7 +97,8 @@ def derive(
     ell_inf: float = 0.0,
     eps: float = 1e-8,
 ) -> pd.DataFrame:
-    """Copy of the step table with ``gamma, gamma_rp, gamma_rc, star, cos_align, rsi, eb`` added.
+    """Copy of the step table with ``gamma, gamma_rp, gamma_rc, star, cos_align, rsi, eb, rsi_wd, eb_wd,
+    rsi_eb`` added.
 
     Formulas (DESIGN §1), with gap_k = ℓ_k − ℓ*_k and D_0² = ``d0_sq`` or the first
     row's ``dist_sq``:
@@ -105,11 +111,18 @@ def derive(
     - ``rsi``       = ⟨g_k, θ_k − θ*⟩ / d_k² (restricted secant inequality constant), NaN where d_k² ≤ 0
     - ``eb``        = ‖g_k‖ / d_k (error bound constant), NaN where d_k² ≤ 0
 
+    - ``rsi_wd``, ``eb_wd`` = the same of g_k + λθ_k (``grad_dot_wd``, ``grad_sq_wd``), NaN where d_k² ≤ 0
+    - ``rsi_eb``    = rsi / eb = ⟨g_k, θ_k − θ*⟩ / (‖g_k‖ d_k): "No Wrong Turns"' ratio γ (not DESIGN §1's
+      γ), the cosine of g_k and θ_k − θ*; NaN where g_k = 0 or d_k² ≤ 0
+
     ``rsi`` and ``eb`` are the restricted-secant and error-bound quantities of "No Wrong Turns"
     (ICML 2024; their ``get_norm_dot_prod``: ⟨θ − x*, g⟩, ‖g‖, ‖θ − x*‖ on the flattened
-    parameters), from the RAW gradient g_k (``grad_dot``, ``grad_sq``), i.e. without weight decay
-    folded in: the table holds neither λ nor ⟨θ_k, θ_k − θ*⟩ and ‖θ_k‖², which the folded
-    variant (g_k + λθ_k) needs.
+    parameters), from the RAW gradient g_k (``grad_dot``, ``grad_sq``). ``rsi_wd`` and ``eb_wd``
+    fold the optimizer's weight decay into it, g_k + λθ_k, as their code does when the optimizer
+    has weight decay: the probe measures ``grad_dot_wd`` and ``grad_sq_wd`` with each parameter
+    group's own λ (:mod:`gammatrace.probe.decay`): equal to ``rsi``/``eb`` where nothing decays,
+    NaN where the decay is decoupled (AdamW: no objective with gradient g + λθ is minimised) and
+    in tables recorded before those columns existed.
 
     Undefined values are NaN, never clipped or dropped: the summaries count them.
     Columns a mode did not record (e.g. ``grad_dot``) make only the quantities that
@@ -129,6 +142,8 @@ def derive(
         [1.0, 0.36, 0.49, 0.04]
         >>> out.rsi.tolist(), out.eb.tolist()  # ℓ = θ² + c_k, θ* = 0: g_k = 2θ_k, RSI = EB = 2
         ([2.0, 2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0])
+        >>> out.rsi_wd.equals(out.rsi), out.rsi_eb.tolist()  # no decay; g_k ∥ θ_k − θ*: ratio 1
+        (True, [1.0, 1.0, 1.0, 1.0])
         >>> derive(example_steps(), ell_inf=0.1).gamma_rp.round(3).tolist()  # γ^RP / D_0² above ℓ_inf = 0.1
         [3.2, -2.5, 7.627, 10.0]
     """
@@ -157,6 +172,10 @@ def derive(
     with np.errstate(divide="ignore", invalid="ignore"):
         out["rsi"] = np.where(dist_sq > 0, col(df, "grad_dot") / dist_sq, np.nan)
         out["eb"] = np.where(dist_sq > 0, np.sqrt(grad_sq / dist_sq), np.nan)
+        out["rsi_wd"] = np.where(dist_sq > 0, col(df, "grad_dot_wd") / dist_sq, np.nan)
+        out["eb_wd"] = np.where(dist_sq > 0, np.sqrt(col(df, "grad_sq_wd") / dist_sq), np.nan)
+        out["rsi_eb"] = np.where((dist_sq > 0) & (grad_sq > 0), col(df, "grad_dot") / np.sqrt(grad_sq * dist_sq),
+                                 np.nan)
     return out
 
 
