@@ -39,7 +39,7 @@ from gammatrace.errors import UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.remote import report_to
 from gammatrace.principles.claims import Order, parse_order, restrict_order
-from gammatrace.principles.survey import STATISTICS, Hypothesis
+from gammatrace.principles.survey import Hypothesis, get_statistic
 from gammatrace.registry import Registry
 from gammatrace.store.backend import Location, inside, location
 from gammatrace.store.run import Run, RunStore, check_out_folder, recorded_kind
@@ -243,7 +243,7 @@ class HypothesisSpec(_Spec):
     @field_validator("statistic")
     @classmethod
     def _known(cls, value: str) -> str:
-        STATISTICS.get(value)
+        get_statistic(value)
         return value
 
 

@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 
 from gammatrace.principles.claims import ClaimError, Order, order_text, parse_order
-from gammatrace.registry import Registry
 
 # The step-hook table the statistics are read from (DESIGN §4: analysis/<ref>/<hook>/).
 CURVATURE_TABLE = "curvature"
@@ -59,11 +58,28 @@ class PathStatistic:
     values: Callable[[pd.DataFrame], np.ndarray]
 
 
-STATISTICS: Registry[PathStatistic] = Registry("path statistic")
+# name -> statistic (a plain mapping: principles import nothing above themselves).
+STATISTICS: dict[str, PathStatistic] = {}
 
 
 def _register(name: str, label: str, needs: tuple[str, ...], values: Callable[[pd.DataFrame], np.ndarray]) -> None:
-    STATISTICS.register(name)(PathStatistic(name, label, needs, values))
+    STATISTICS[name] = PathStatistic(name, label, needs, values)
+
+
+def get_statistic(name: str) -> PathStatistic:
+    """The path statistic ``name``; an unknown name is a ClaimError listing the known ones.
+
+    Example:
+        >>> get_statistic("lambda_1").needs
+        ('lambda_1',)
+        >>> get_statistic("lambda_9")
+        Traceback (most recent call last):
+        ...
+        gammatrace.principles.claims.ClaimError: unknown path statistic 'lambda_9'; choose one of: beta_eff, lambda_1, outlier_ratio, stability, trace
+    """
+    if name not in STATISTICS:
+        raise ClaimError(f"unknown path statistic {name!r}; choose one of: {', '.join(sorted(STATISTICS))}")
+    return STATISTICS[name]
 
 
 def _column(name: str) -> Callable[[pd.DataFrame], np.ndarray]:
@@ -88,7 +104,7 @@ def missing_columns(table: pd.DataFrame | None, statistic: str) -> list[str]:
         >>> missing_columns(pd.DataFrame({"lambda_1": [1.0]}), "stability"), missing_columns(None, "lambda_1")
         (['lr'], ['lambda_1'])
     """
-    need = STATISTICS.get(statistic).needs
+    need = get_statistic(statistic).needs
     if table is None:
         return list(need)
     return [c for c in need if c not in table.columns]
@@ -103,7 +119,7 @@ def path_statistic(table: pd.DataFrame | None, statistic: str) -> float:
         >>> path_statistic(pd.DataFrame({"outlier_ratio": [float("nan"), 8.0, 2.0]}), "outlier_ratio")
         5.0
     """
-    stat = STATISTICS.get(statistic)
+    stat = get_statistic(statistic)
     if table is None or missing_columns(table, statistic) or not len(table):
         return math.nan
     v = stat.values(table)
@@ -135,7 +151,7 @@ class Hypothesis:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "order", parse_order(self.order))
-        STATISTICS.get(self.statistic)  # an unknown statistic fails here, by name
+        get_statistic(self.statistic)  # an unknown statistic fails here, by name
 
     @property
     def order_text(self) -> str:

@@ -46,8 +46,8 @@ from gammatrace.principles.claims import ClaimResult, RunPoint, check_claim
 from gammatrace.principles.survey import (
     CURVATURE_TABLE,
     NOT_MEASURED,
-    STATISTICS,
     Hypothesis,
+    get_statistic,
     missing_columns,
     path_statistic,
     spearman,
@@ -168,7 +168,7 @@ def hypothesis_sentence(check: HypothesisCheck) -> str:
     """
     h = check.hypothesis
     where = f" ({h.group})" if h.group else ""
-    return (f"{h.text}{where}: {h.order_text} by {STATISTICS.get(h.statistic).label} per run — {check.text}. "
+    return (f"{h.text}{where}: {h.order_text} by {get_statistic(h.statistic).label} per run — {check.text}. "
             f"Source: {h.attribution}.")
 
 
@@ -184,7 +184,7 @@ class Correlation:
 
     @property
     def text(self) -> str:
-        label = STATISTICS.get(self.statistic).label
+        label = get_statistic(self.statistic).label
         if self.n < 3 or not math.isfinite(self.rho):
             return (f"{self.group}: median γ_k vs {label}: not computed ({self.n} run(s) with both numbers; "
                     "a rank correlation needs 3 and values that are not all equal)")
@@ -248,7 +248,7 @@ def survey_blocks(info: StudyMeta, runs: Sequence[StudyRun], out: str | Path | N
             rows.append([cell, str(len(vals)), fmt(float(np.median(vals))) if vals else "—",
                          f"{fmt(min(vals), 3)} – {fmt(max(vals), 3)}" if vals else "—"])
         blocks.append(Text(f"{c.hypothesis.text} ({c.hypothesis.group}): each run's "
-                           f"{STATISTICS.get(c.hypothesis.statistic).label}, per cell."))
+                           f"{get_statistic(c.hypothesis.statistic).label}, per cell."))
         blocks.append(Table(["cell", "runs", f"median over runs of {c.hypothesis.statistic}", "min – max"], rows))
     corr = correlations(runs, tables)
     ref = "continuation" if any(r.cont is not None and r.cont.analysed for r in runs) else "last"
