@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from gammatrace.cli import main
 from gammatrace.engine.script import ENV_PASS, pass_environment, run_twopass
 from gammatrace.engine.twopass import TwoPassMismatchError
 from gammatrace.errors import UserError
-from tests.oracle import brute_force_table, assert_matches_brute_force, weighted_mean
+from tests.oracle import assert_matches_brute_force, brute_force_table, weighted_mean
 
 SCRIPTS = Path(__file__).resolve().parent / "fixtures" / "scripts"
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +85,24 @@ def _torchrun(script: Path, *args: str) -> list[str]:
             "127.0.0.1", "--master-port", str(_free_port()), str(script), *args]
 
 
-def _oracle(tmp_path: Path, command: list[str], ranks: int = 1) -> list[dict]:
-    """The attached script run with the read-only recorder in place of gammatrace.attach."""
+def _measure(tmp_path: Path, name: str, command: list[str], run: Callable[[list[str]], None], ranks: int = 1,
+             launch: Callable[..., list[str]] | None = None) -> list[dict]:
+    """``run`` the attached script's ``gammatrace twopass`` while the plain script and the brute
+    force (the attached script with the read-only recorder in place of gammatrace.attach) run
+    beside it, in the start-up a pass gets; returns the brute force's records, one per rank."""
+    launch = launch or (lambda script, *args: [PY, str(script), *args])
     env = _plain_env(tmp_path)
     env["GT_ORACLE_OUT"] = str(tmp_path / "oracle")
-    subprocess.run(command, env=env, check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    side = [subprocess.Popen(c, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for c in (launch(SCRIPTS / f"{name}.py", str(tmp_path / "plain-out")),
+                      launch(ROOT / "tests" / "script_oracle.py", str(SCRIPTS / f"{name}_attached.py"),
+                             str(tmp_path / "oracle-out")))]
+    try:
+        run(command)
+    finally:
+        for p in side:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-3000:]
     return [torch.load(tmp_path / f"oracle.rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
@@ -132,16 +146,12 @@ def _check_run(run_dir: Path, records: list[dict], plain_final: dict[str, torch.
 # --------------------------------------------------------------------------- the GPT-style script
 def test_gpt_script_measured_exactly_through_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["twopass", "--out", str(run_dir), "--quiet", "--",
-                 PY, str(SCRIPTS / "gpt_train_attached.py"), str(tmp_path / "gpt-out")]) == 0
-    subprocess.run([PY, str(SCRIPTS / "gpt_train.py"), str(tmp_path / "plain-out")], env=_plain_env(tmp_path),
-                   check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    records = _measure(tmp_path, "gpt_train", [PY, str(SCRIPTS / "gpt_train_attached.py"), str(tmp_path / "gpt-out")],
+                       lambda command: main(["twopass", "--out", str(run_dir), "--quiet", "--", *command]) == 0 or
+                       pytest.fail("gammatrace twopass failed"))
     plain = torch.load(tmp_path / "plain-out" / "ckpt.pt", weights_only=True)["model"]
-    records = _oracle(tmp_path, [PY, str(ROOT / "tests" / "script_oracle.py"), str(SCRIPTS / "gpt_train_attached.py"),
-                                 str(tmp_path / "oracle-out")])
     assert len(records[0]["lrs"]) == 21 and all(len(m) == 2 for m in records[0]["losses"])  # accumulation
     _check_run(run_dir, records, plain)
-
 
 def _perturbed(tmp_path: Path, name: str, after: str, line: str) -> Path:
     """The attached script with one line inserted after ``after``: a deliberate nondeterminism."""
@@ -170,17 +180,12 @@ def test_gpt_script_with_an_unseeded_draw_in_pass_2_stops_at_its_step(tmp_path, 
 # --------------------------------------------------------------------------- the LSTM, manual update
 def test_lstm_script_with_a_manual_update_measured_exactly(tmp_path):
     run_dir = tmp_path / "run"
-    run_twopass([PY, str(SCRIPTS / "lstm_train_attached.py"), str(tmp_path / "lstm-out")], run_dir, quiet=True,
-                env=_env(tmp_path))
-    subprocess.run([PY, str(SCRIPTS / "lstm_train.py"), str(tmp_path / "plain-out")], env=_plain_env(tmp_path),
-                   check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    records = _measure(tmp_path, "lstm_train", [PY, str(SCRIPTS / "lstm_train_attached.py"), str(tmp_path / "out")],
+                       lambda command: run_twopass(command, run_dir, quiet=True, env=_env(tmp_path)))
     plain = torch.load(tmp_path / "plain-out" / "last.pt", weights_only=True)
-    records = _oracle(tmp_path, [PY, str(ROOT / "tests" / "script_oracle.py"),
-                                 str(SCRIPTS / "lstm_train_attached.py"), str(tmp_path / "oracle-out")])
     assert len(records[0]["lrs"]) == 9 and len(set(records[0]["lrs"])) == 2  # the lr was annealed
     _check_run(run_dir, records, plain)
     assert gammatrace.load_run(run_dir).meta.own_loop["optimizer"] == "manual update"
-
 
 def test_lstm_script_with_an_unseeded_draw_in_pass_2_names_the_random_stream(tmp_path):
     script = _perturbed(tmp_path, "lstm_train", "        data, targets = get_batch(train_data, i)",
@@ -230,19 +235,15 @@ def test_attach_outside_the_runner_is_a_record_mode_probe_and_says_so(capsys, mo
 @pytest.mark.slow
 def test_torchrun_script_on_two_ranks_measured_exactly(tmp_path):
     run_dir = tmp_path / "run"
-    run_twopass(_torchrun(SCRIPTS / "ddp_train_attached.py", str(tmp_path / "ddp-out")), run_dir, quiet=True,
-                env=_env(tmp_path))
-    subprocess.run(_torchrun(SCRIPTS / "ddp_train.py", str(tmp_path / "plain-out")), env=_plain_env(tmp_path),
-                   check=True, cwd=tmp_path, capture_output=True, timeout=300)
+    records = _measure(tmp_path, "ddp_train", _torchrun(SCRIPTS / "ddp_train_attached.py", str(tmp_path / "out")),
+                       lambda command: run_twopass(command, run_dir, quiet=True, env=_env(tmp_path)), ranks=2,
+                       launch=_torchrun)
     plain = torch.load(tmp_path / "plain-out" / "model.pt", weights_only=True)
-    records = _oracle(tmp_path, _torchrun(ROOT / "tests" / "script_oracle.py", str(SCRIPTS / "ddp_train_attached.py"),
-                                          str(tmp_path / "oracle-out")), ranks=2)
     assert len(records[0]["lrs"]) == 18
     # Each rank its own batches, one all-reduced gradient.
     assert records[0]["losses"] != records[1]["losses"] and torch.equal(records[0]["used"][5], records[1]["used"][5])
     _check_run(run_dir, records, plain)
     assert gammatrace.load_run(run_dir).meta.own_loop["world_size"] == 2
-
 
 @pytest.mark.slow
 def test_torchrun_script_with_an_unseeded_draw_in_pass_2_stops_it(tmp_path):

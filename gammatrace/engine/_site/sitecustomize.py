@@ -8,7 +8,8 @@ It acts only when the runner's ``GAMMATRACE_TWOPASS_DIR`` is set, and then:
 * seeds Python's ``random`` at once (``PYTHONHASHSEED`` is set by the runner itself);
 * when ``torch`` is first imported, right after its import: ``torch.manual_seed(seed)``,
   ``torch.set_num_threads(threads)``, ``torch.use_deterministic_algorithms(True)``
-  (``warn_only`` with ``--deterministic warn``; nothing with ``off``) and
+  (``warn_only`` with ``--deterministic warn``; nothing with ``off``; the inductor's
+  ``deterministic`` flag once ``torch._inductor.config`` is imported) and
   ``torch.backends.cudnn.benchmark = False`` (``CUBLAS_WORKSPACE_CONFIG`` is in the environment);
 * when ``numpy`` is first imported: ``numpy.random.seed(seed)``.
 
@@ -45,8 +46,19 @@ def _torch_setup(torch: Any) -> None:
         torch.set_num_threads(threads)
     mode = os.environ.get("GAMMATRACE_DETERMINISTIC", "on")
     if mode != "off":
-        torch.use_deterministic_algorithms(True, warn_only=mode == "warn")
+        # What torch.use_deterministic_algorithms(True) does, less its import of
+        # torch._inductor.config (~1 s of CPU: it loads Dynamo): that flag is set when a script
+        # imports the inductor (torch.compile), below.
+        torch._C._set_deterministic_algorithms(True, warn_only=mode == "warn")
         torch.backends.cudnn.benchmark = False
+        inductor = sys.modules.get("torch._inductor.config")
+        if inductor is not None:
+            _inductor_setup(inductor)
+
+
+def _inductor_setup(config: Any) -> None:
+    if os.environ.get("GAMMATRACE_DETERMINISTIC", "on") != "off":
+        config.deterministic = True
 
 
 def _numpy_setup(numpy: Any) -> None:
@@ -99,7 +111,8 @@ def _chain() -> None:
 def _install() -> None:
     if os.environ.get("GAMMATRACE_TWOPASS_DIR"):
         random.seed(_seed())  # before any user code runs
-        sys.meta_path.insert(0, _AfterImport({"torch": _torch_setup, "numpy": _numpy_setup}))
+        sys.meta_path.insert(0, _AfterImport({"torch": _torch_setup, "numpy": _numpy_setup,
+                                                "torch._inductor.config": _inductor_setup}))
     _chain()
 
 
