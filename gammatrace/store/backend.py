@@ -68,6 +68,17 @@ from gammatrace.errors import RunInUseError, UserError
 # third of that. A holder killed on another machine blocks the folder at most this long.
 LOCK_TTL_S = float(os.environ.get("GAMMATRACE_LOCK_TTL", "120"))
 
+# How long one call to an object store may wait (issue 22): at most S3_TIMEOUT_S seconds to
+# connect and S3_TIMEOUT_S seconds for the server's next bytes, S3_ATTEMPTS attempts by
+# botocore (AWS_MAX_ATTEMPTS where set) each retried S3_RETRIES times by s3fs: a store that
+# stops answering ends the command in one line (StoreUnreachableError) after at most
+# S3_RETRIES * attempts * 2 * S3_TIMEOUT_S seconds (plus a few seconds of back-off), 180 s by
+# default, instead of botocore's 60 s timeouts times 25 attempts, or forever (see
+# _no_expect_continue).
+S3_TIMEOUT_S = float(os.environ.get("GAMMATRACE_S3_TIMEOUT", "15"))
+S3_ATTEMPTS = 3
+S3_RETRIES = 2
+
 
 class MissingStoreDependency(UserError, ImportError):
     """A store URL needs fsspec (and the file system's package) that is not installed."""
@@ -354,6 +365,7 @@ def filesystem(loc: Location) -> Any:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
+        options.update(_s3_policy())
     try:
         fs = fsspec.filesystem(loc.protocol, **options)
     except ImportError as exc:
@@ -361,10 +373,47 @@ def filesystem(loc: Location) -> Any:
                                      "'gammatrace[s3]'") from None
     except ValueError as exc:
         raise UserError(f"{loc.url}: {exc}") from None
+    if loc.protocol in ("s3", "s3a"):
+        fs.retries = S3_RETRIES  # s3fs's own retry loop around every call (a class attribute, 5)
     loop = getattr(fs, "loop", None)  # an async file system's event loop (fsspec's I/O thread)
     if loop is not None and loop.get_exception_handler() is not _quiet_connection_errors:
         loop.set_exception_handler(_quiet_connection_errors)
     return fs
+
+
+_SESSION: Any = None
+
+
+def _s3_policy() -> dict[str, Any]:
+    """The s3fs options of the timeout and retry policy above (S3_TIMEOUT_S, S3_ATTEMPTS)
+    and the botocore session that drops ``Expect: 100-continue``; one session per process,
+    so fsspec's cache keeps one file system per endpoint."""
+    global _SESSION
+    if _SESSION is None:
+        try:
+            # s3fs's client, installed with it (the optional object-storage extra)
+            import aiobotocore.session
+        except ImportError:
+            return {}  # s3fs is missing too: fsspec.filesystem says so, in one line
+        session = aiobotocore.session.AioSession()
+        session.register("before-call.s3", _no_expect_continue)  # after botocore's add_expect_header
+        _SESSION = session
+    try:
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_ATTEMPTS)
+    except ValueError:
+        raise UserError(f"AWS_MAX_ATTEMPTS={os.environ['AWS_MAX_ATTEMPTS']!r} is not a whole number") from None
+    return {"session": _SESSION,
+            "config_kwargs": {"connect_timeout": S3_TIMEOUT_S, "read_timeout": S3_TIMEOUT_S,
+                              "retries": {"max_attempts": max(1, attempts), "mode": "standard"}}}
+
+
+def _no_expect_continue(params: dict[str, Any], **_: Any) -> None:
+    """Send a PUT's body without waiting for ``100 Continue`` first. botocore asks for it on
+    every file-like body (s3fs's ``put_file``); aiohttp then waits for the answer with no
+    timeout (its read timeout starts once the body is sent), so a connection that went
+    silent (a server host gone without a reset, a dropped NAT entry) held the command
+    forever (the stalls of issue 22's outage tests)."""
+    params.get("headers", {}).pop("Expect", None)
 
 
 def _quiet_connection_errors(loop: Any, context: dict[str, Any]) -> None:
