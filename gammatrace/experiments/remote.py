@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gammatrace.reporting import report
+from gammatrace.reporting.build import publish_remote
 from gammatrace.store.backend import Location, ObjectFiles, location
 from gammatrace.store.run import RunStore
 
@@ -56,7 +57,6 @@ def report_to(runs: Sequence[str | Path | Location], out: str | Path | Location,
         where = report(local_runs, local_out, **({"study": study} if study is not None else {}), **options)
         if not isinstance(out, Location):
             return where
-        (local_out / ".lock").unlink(missing_ok=True)  # the local copy's lock is not the folder's
         with RunStore(out).lock():  # one writer per report folder, as locally
-            ObjectFiles(out).upload(local_out, "")
+            publish_remote(local_out, out)  # and stale figures removed by the manifest there
         return out / Path(where).relative_to(local_out).as_posix()

@@ -50,7 +50,15 @@ from gammatrace.reporting.figures import (
     trajectory_figure,
 )
 from gammatrace.reporting.survey import survey_blocks
-from gammatrace.store.backend import confined, inside, output_folder, remove_inside, write_inside
+from gammatrace.store.backend import (
+    Location,
+    ObjectFiles,
+    confined,
+    inside,
+    output_folder,
+    remove_inside,
+    write_inside,
+)
 from gammatrace.store.run import Run, RunStore, StoreError
 from gammatrace.store.study import StudyMeta
 
@@ -145,10 +153,24 @@ def report(runs: list[str | Path | Run], out: str | Path, reference: str | None 
 def _manifest(out: Path) -> list[str]:
     """The names the last report into ``out`` wrote (none when it has no readable manifest)."""
     try:
-        names = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files", [])
-    except (OSError, ValueError, AttributeError):
+        return _listed((out / MANIFEST).read_bytes())
+    except OSError:
+        return []
+
+
+def _listed(raw: bytes) -> list[str]:
+    """The file names a manifest's bytes list: only plain names below its folder."""
+    try:
+        names = json.loads(raw.decode("utf-8")).get("files", [])
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(names, list):
         return []
     return [n for n in names if isinstance(n, str) and confined(n) == n and n != MANIFEST]
+
+
+def _manifest_text(names: list[str]) -> str:
+    return json.dumps({"files": sorted(set(names))}, indent=1) + "\n"
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -161,7 +183,7 @@ def _publish(stage: Path, out: Path) -> None:
     old = _manifest(out)
 
     def manifest(names: list[str]) -> None:
-        text = json.dumps({"files": sorted(set(names))}, indent=1) + "\n"
+        text = _manifest_text(names)
         write_inside(out, MANIFEST, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     manifest(old + new)
@@ -170,6 +192,41 @@ def _publish(stage: Path, out: Path) -> None:
     for rel in sorted(set(old) - set(new)):
         remove_inside(out, rel)
     manifest(new)
+
+
+def publish_remote(local: Path, out: Location) -> None:
+    """Copy a report drawn in the local folder ``local`` to the folder ``out`` on object
+    storage, then remove what the last report there wrote and this one did not, as
+    :func:`_publish` does locally: known by the manifest stored there, never by a name
+    pattern, so the user's files beside the report stay; a name in it is a key below
+    ``out`` (the URL-prefix rule). The caller holds ``out``'s lock.
+
+    Example (a memory:// file system stands in for S3):
+        >>> import tempfile
+        >>> local = Path(tempfile.mkdtemp())
+        >>> _ = (local / "report.html").write_text("new"), (local / "layers.png").write_bytes(b"png")
+        >>> out = Location("memory://bucket/rep")
+        >>> files = ObjectFiles(out)
+        >>> files.write_bytes(MANIFEST, _manifest_text(["report.html", "layers_old.png"]).encode())
+        >>> files.write_bytes("layers_old.png", b"old"); files.write_bytes("layers_mine.png", b"the user's")
+        >>> publish_remote(local, out)
+        >>> files.list(), _listed(files.read_bytes(MANIFEST))
+        (['.gammatrace-report.json', 'layers.png', 'layers_mine.png', 'report.html'], ['layers.png', 'report.html'])
+    """
+    files = ObjectFiles(out)
+    new = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                 if p.is_file() and p.name not in (MANIFEST, ".lock"))
+    try:
+        old = _listed(files.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        old = []
+    # Both listed until the stale ones are gone: an interrupted publish forgets nothing.
+    files.write_bytes(MANIFEST, _manifest_text(old + new).encode())
+    for rel in new:
+        files.write(rel, lambda p, src=local / rel: shutil.copyfile(src, p))
+    for rel in sorted(set(old) - set(new)):
+        files.remove(rel)
+    files.write_bytes(MANIFEST, _manifest_text(new).encode())
 
 
 def _figure_or_note(png: Path | None, name: str, caption: str, notes: list[str]) -> Block:
