@@ -411,6 +411,10 @@ def oracle_table(spec: Spec, oracle: Oracle, model: nn.Module, ref_state) -> pd.
                 "grad_sq": g @ g,
                 "grad_dot_used": e @ used,
                 "grad_sq_used": used @ used,
+                # For the folded weight decay g + λθ (gammatrace.probe.decay).
+                "theta_dot": thetas[k] @ e,
+                "grad_theta": g @ thetas[k],
+                "theta_sq": thetas[k] @ thetas[k],
             }
         )
     df = pd.DataFrame(rows)
@@ -426,7 +430,7 @@ def oracle_table(spec: Spec, oracle: Oracle, model: nn.Module, ref_state) -> pd.
 
 
 def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
-    assert list(ours.columns[:16]) == [
+    assert list(ours.columns[:18]) == [
         "step",
         "epoch",
         "lr",
@@ -439,6 +443,8 @@ def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
         "grad_sq",
         "grad_dot_used",
         "grad_sq_used",
+        "grad_dot_wd",
+        "grad_sq_wd",
         "gamma",
         "gamma_rp",
         "gamma_rc",
@@ -462,6 +468,24 @@ def assert_columns_match(ours: pd.DataFrame, exp: pd.DataFrame) -> None:
         np.testing.assert_allclose(ours[c], exp[c], rtol=1e-10, atol=atol, err_msg=c)
     for c in ("gamma", "gamma_rp", "gamma_rc", "star", "cos_align"):
         np.testing.assert_allclose(ours[c], exp[c], rtol=1e-8, atol=1e-12, err_msg=c)
+
+
+# Each optimizer's coupled weight decay λ (make_opt): folded into g for grad_*_wd; AdamW's is
+# decoupled, so not folded (NaN).
+DECAY = {"sgd": 0.0, "nesterov": 1e-3, "adamw": math.nan, "lbfgs": 0.0}
+
+
+def assert_folded_match(ours: pd.DataFrame, exp: pd.DataFrame, lam: float) -> None:
+    """grad_dot_wd = ⟨θ − θ*, g + λθ⟩, grad_sq_wd = ‖g + λθ‖² from the oracle's θ_k and raw g_k."""
+    if math.isnan(lam):
+        assert ours.grad_dot_wd.isna().all() and ours.grad_sq_wd.isna().all()
+        return
+    dot = exp.grad_dot + lam * exp.theta_dot
+    sq = exp.grad_sq + 2 * lam * exp.grad_theta + lam * lam * exp.theta_sq
+    np.testing.assert_allclose(ours.grad_dot_wd, dot, rtol=1e-10, atol=1e-13 * np.sqrt(exp.dist_sq * sq).max())
+    np.testing.assert_allclose(ours.grad_sq_wd, sq, rtol=1e-10, atol=0)
+    if lam == 0.0:
+        assert ours.grad_dot_wd.equals(ours.grad_dot) and ours.grad_sq_wd.equals(ours.grad_sq)
 
 
 def run_cell(spec: Spec, optim: str, kernel: str | None = None):
@@ -490,6 +514,7 @@ def test_table_matches_brute_force(optim, condition):
     spec = CONDITIONS[condition]()
     probe, expected, oracle = run_cell(spec, optim, kernel="torch" if optim == "nesterov" else None)
     assert_columns_match(probe.steps(), expected)
+    assert_folded_match(probe.steps(), expected, DECAY[optim])
     skipped = probe.skipped()
     assert skipped.next_step.tolist() == oracle.skips
     assert len(probe.steps()) + len(skipped) == len(spec.attempts)
