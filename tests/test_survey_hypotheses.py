@@ -173,7 +173,22 @@ def test_report_section_reads_the_tables_from_disk_and_draws_the_figure(tmp_path
     assert any(isinstance(b, Table) for b in blocks)
     assert any(isinstance(b, Text) and "not that one causes the other" in b.text for b in blocks)
     fig = next(b for b in blocks if isinstance(b, Figure))
+    assert fig.png == "gamma_lambda_cnn1d.png"
     assert (tmp_path / fig.png).is_file() and (tmp_path / fig.pdf).is_file()
+    # The example runs' step tables lack γ and the gradient products: no RSI/EB figure, said so.
+    assert any(isinstance(b, Text) and b.text.startswith("rsi_eb_cnn1d.png not drawn. ") for b in blocks)
+
+
+def test_rsi_eb_figure_is_drawn_for_any_study(tmp_path):
+    runs = runs_of(("a", "b"), 2)
+    for i, r in enumerate(runs):
+        r.last.steps = pd.DataFrame({"epoch": [0, 0, 1, 1], "gamma": [0.2, 0.3, 0.4, 0.1 + i],
+                                     "grad_dot": [1.0, 2.0, 1.0, -1.0], "grad_sq": [4.0, 4.0, 1.0, 1.0],
+                                     "dist_sq": [1.0, 1.0, 4.0, 4.0]})
+    blocks = survey_blocks(StudyMeta(study="plain", runs={r.name: r.cell for r in runs}), runs, tmp_path)
+    assert blocks[0].text == "RSI/EB beside γ"
+    [fig] = [b for b in blocks if isinstance(b, Figure)]
+    assert fig.png == "rsi_eb_cnn1d.png" and (tmp_path / fig.png).is_file()
 
 
 def test_a_study_without_curvature_says_not_measured(tmp_path):

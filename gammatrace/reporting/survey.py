@@ -13,7 +13,8 @@ verdict.
 
 Beside them, per group: Spearman's rank correlation across the runs between median γ_k and
 median λ_1 along the path (and median η_k·λ_1/2) — a correlation over n runs, said as such —
-and a figure of median γ_k against median λ_1, one point per run.
+a figure of median γ_k against median λ_1, one point per run, and (every study) the ratio
+RSI_k/EB_k of "No Wrong Turns" per epoch beside γ_k (:func:`rsi_eb_figure`).
 
 Example:
     >>> import pandas as pd
@@ -55,7 +56,7 @@ from gammatrace.principles.survey import (
 from gammatrace.reporting.claims import exclusion
 from gammatrace.reporting.collect import RunEntry, num
 from gammatrace.reporting.document import Block, Bullets, Figure, Heading, Table, Text, fmt
-from gammatrace.reporting.figures import run_colors
+from gammatrace.reporting.figures import gamma_epoch_stats, run_colors
 from gammatrace.reporting.study import REFERENCES, StudyRun
 from gammatrace.store.run import RunStore, StoreError
 from gammatrace.store.study import StudyMeta
@@ -227,8 +228,9 @@ def survey_blocks(info: StudyMeta, runs: Sequence[StudyRun], out: str | Path | N
     study without hypotheses and without curvature tables."""
     hyps = hypotheses_of(info)
     tables = read_tables(runs)
+    ratio = _ratio_blocks(runs, out) if out is not None else []
     if not hyps and not tables:
-        return []
+        return [Heading("RSI/EB beside γ", 2), *ratio] if any(isinstance(b, Figure) for b in ratio) else []
     blocks: list[Block] = [Heading("Landscape hypotheses and curvature", 2), Text(
         "The statements below are the survey's (paper 004) summary of other papers, not claims of the papers "
         "this study reproduces; each is checked by the same rule as every claim (an exact sign test per strict "
@@ -260,13 +262,113 @@ def survey_blocks(info: StudyMeta, runs: Sequence[StudyRun], out: str | Path | N
     if out is not None:
         for group in dict.fromkeys(r.group for r in runs):
             notes: list[str] = []
-            stem = "gamma_lambda_" + "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in group)
+            stem = _stem("gamma_lambda_", group)
             png = gamma_lambda_figure([r for r in runs if r.group == group], tables, Path(out), notes,
                                       title=f"{info.name}: {group} — median γ_k against median λ_1", stem=stem)
             blocks.append(Figure(png.name, f"{group}. {GAMMA_LAMBDA_CAPTION}", pdf=png.with_suffix(".pdf").name,
                                  notes=notes) if png is not None else
                           Text(f"{stem}.png not drawn. " + "; ".join(notes)))
+    return blocks + ratio
+
+
+def _stem(prefix: str, group: str) -> str:
+    return prefix + "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in group)
+
+
+def _ratio_blocks(runs: Sequence[StudyRun], out: str | Path) -> list[Block]:
+    """One RSI/EB-beside-γ figure per group (θ* = θ_T, the runs' own step tables)."""
+    blocks: list[Block] = []
+    for group in dict.fromkeys(r.group for r in runs):
+        cells: dict[str, list[RunEntry]] = {}
+        for r in runs:
+            if r.group == group:
+                cells.setdefault(r.cell, []).append(r.last)
+        notes: list[str] = []
+        stem = _stem("rsi_eb_", group)
+        png = rsi_eb_figure(cells, Path(out), notes, title=f"{group} — γ_k and RSI/EB per epoch (θ* = θ_T)",
+                            stem=stem)
+        if png is not None:
+            blocks.append(Figure(png.name, f"{group}. {RSI_EB_CAPTION}", pdf=png.with_suffix(".pdf").name,
+                                 notes=notes))
+        elif notes:
+            blocks.append(Text(f"{stem}.png not drawn. " + "; ".join(notes)))
     return blocks
+
+
+RSI_EB_CAPTION = (
+    "Per epoch, the median over its steps of γ_k (top; paper 002's γ, θ* = θ_T) and of RSI_k/EB_k = "
+    "⟨g_k, θ_k − θ*⟩ / (‖g_k‖ ‖θ_k − θ*‖) (bottom; the ratio \"No Wrong Turns\" calls γ, from the raw mini-batch "
+    "gradient: the cosine of g_k and θ_k − θ*), one line per cell: the median over its seeds.")
+# What the RSI/EB figure reads from each run's step table.
+RSI_EB_NEEDS = ("epoch", "gamma", "grad_dot", "grad_sq", "dist_sq")
+
+
+def _ratio(steps: pd.DataFrame) -> pd.Series:
+    """rsi_eb, or (a table analysed before it was derived) from its raw columns."""
+    if "rsi_eb" in steps:
+        return steps["rsi_eb"].astype(np.float64)
+    den = np.sqrt(steps["grad_sq"].astype(np.float64) * steps["dist_sq"].astype(np.float64))
+    return (steps["grad_dot"].astype(np.float64) / den).where(den > 0)
+
+
+def rsi_eb_figure(cells: Mapping[str, Sequence[RunEntry]], out: str | Path, notes: list[str], title: str = "",
+                  stem: str = "rsi_eb") -> Path | None:
+    """Draw ``<stem>.png``/``.pdf``: per epoch, the median γ_k (top) and the median RSI_k/EB_k
+    (bottom) of each cell (the median over its seeds of each run's per-epoch median). Needs
+    :data:`RSI_EB_NEEDS` in the step tables; a run without them is named in ``notes`` and
+    left out; None when no run has them.
+
+    Example:
+        >>> import tempfile
+        >>> from gammatrace.reporting.collect import example_entry
+        >>> e = example_entry("a")
+        >>> print(rsi_eb_figure({"a": [e]}, tempfile.mkdtemp(), notes := []))
+        None
+        >>> notes
+        ['a: RSI/EB figure skipped (missing steps.gamma, steps.grad_dot, steps.grad_sq)']
+        >>> e.steps = pd.DataFrame({"epoch": [0, 0, 1], "gamma": [0.2, 0.3, 0.4], "grad_dot": [1.0, 2.0, 1.0],
+        ...                         "grad_sq": [4.0, 4.0, 1.0], "dist_sq": [1.0, 1.0, 4.0]})
+        >>> rsi_eb_figure({"a": [e]}, tempfile.mkdtemp(), []).name
+        'rsi_eb.png'
+    """
+    lines = {}
+    for cell, entries in cells.items():
+        per_run = []
+        for e in entries:
+            miss = [c for c in RSI_EB_NEEDS if c not in e.steps.columns]
+            if not e.analysed or miss:
+                notes.append(f"{e.label}: RSI/EB figure skipped (missing {', '.join('steps.' + c for c in miss)})"
+                             if miss else f"{e.label}: RSI/EB figure skipped (not analysed)")
+                continue
+            st = e.steps.assign(rsi_eb=_ratio(e.steps))
+            per_run.append((gamma_epoch_stats(st)["median"], gamma_epoch_stats(st, "rsi_eb")["median"]))
+        if per_run:
+            lines[cell] = tuple(pd.concat([r[i] for r in per_run], axis=1).median(axis=1) for i in (0, 1))
+    if not lines:
+        return None
+    colors = dict(zip(lines, run_colors(len(lines)), strict=True))
+    fig = MplFigure(figsize=(6.4, 5.2))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for cell, (gamma, ratio) in lines.items():
+        top.plot(gamma.index, gamma.to_numpy(), color=colors[cell], label=cell)
+        bottom.plot(ratio.index, ratio.to_numpy(), color=colors[cell], label=cell)
+    values = np.concatenate([g.to_numpy() for g, _ in lines.values()])
+    values = values[np.isfinite(values)]
+    top.set_yscale("log" if len(values) and (values > 0).all() else "symlog")
+    top.set_ylabel("median γ_k")
+    bottom.set_ylabel("median RSI_k / EB_k")
+    bottom.axhline(0.0, color="grey", lw=0.6)
+    bottom.set_xlabel("epoch")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    if title:
+        top.set_title(title, fontsize=9)
+    out = Path(out)
+    png = out / f"{stem}.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
+    return png
 
 
 GAMMA_LAMBDA_CAPTION = (
