@@ -163,6 +163,7 @@ def _perturbed(tmp_path: Path, name: str, after: str, line: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~11-19 s; the default run keeps one of each kind (GPT measured, LSTM stopped)
 def test_gpt_script_with_an_unseeded_draw_in_pass_2_stops_at_its_step(tmp_path, capsys):
     # Pass 2 only, at iteration 4: one draw from torch's global generator that pass 1 never made.
     script = _perturbed(tmp_path, "gpt_train", "    lr = get_lr(iter_num)",
@@ -178,6 +179,7 @@ def test_gpt_script_with_an_unseeded_draw_in_pass_2_stops_at_its_step(tmp_path, 
 
 
 # --------------------------------------------------------------------------- the LSTM, manual update
+@pytest.mark.slow  # ~11-19 s; the default run keeps one of each kind (GPT measured, LSTM stopped)
 def test_lstm_script_with_a_manual_update_measured_exactly(tmp_path):
     run_dir = tmp_path / "run"
     records = _measure(tmp_path, "lstm_train", [PY, str(SCRIPTS / "lstm_train_attached.py"), str(tmp_path / "out")],
