@@ -42,6 +42,7 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -278,10 +279,6 @@ class ScriptPass:
                      "n_params": int(sum(p.numel() for p in probe.params))}
         if self.rank == 0:
             torch.save(theta_0, self.folder / "theta_0.pt")
-            self.meta["provenance"] = {**provenance(RunConfig.model_construct(threads=self.ctx.threads,
-                                                                              device=str(probe.device).split(":")[0])),
-                                       "seed": self.ctx.seed, "deterministic": self.ctx.deterministic,
-                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (self.folder / f"started-rank{self.rank}").write_text(str(os.getpid()))
         atexit.register(self._at_exit)
         if self.ctx.number == 2:
@@ -491,16 +488,21 @@ def run_twopass(command: Sequence[str], out: str | Path, *, seed: int = 0, threa
     shown = shlex.join(command)
     with store.lock():
         state = _fresh_state(Path(store.root))
-        records = {}
+        records: dict[int, list[PassRecord]] = {}
+        timing: dict[str, float] = {}  # each pass's wall time and CPU time (its processes', all ranks)
         for number in (1, 2):
             _note(f"pass {number} of 2: {shown}", quiet)
             environment = pass_environment(number, state, seed=seed, threads=threads, deterministic=deterministic,
                                            reference=reference, base=env)
+            start, used = time.perf_counter(), _children_cpu()
             try:
                 returncode = subprocess.run(command, env=environment, check=False).returncode
             except FileNotFoundError:
                 raise UserError(f"cannot run `{shown}`: {command[0]} was not found") from None
+            timing[f"pass{number}_wall_s"] = round(time.perf_counter() - start, 3)
+            timing[f"pass{number}_cpu_s"] = round(_children_cpu() - used, 3)
             records[number] = _check_pass(number, state / f"pass{number}", returncode, shown)
+        checked = time.perf_counter()
         first, second = ({r.rank: r for r in records[n]} for n in (1, 2))
         theta_T = torch.load(state / "pass1" / "final.pt", weights_only=True)
         final_2 = torch.load(state / "pass2" / "final.pt", weights_only=True)
@@ -517,15 +519,26 @@ def run_twopass(command: Sequence[str], out: str | Path, *, seed: int = 0, threa
             reference_name=ref_name, seed=seed, threads=threads, deterministic=deterministic != "off",
             theta_0=theta_0, theta_T=theta_T, reference=ref_state if ref_state is not None else theta_T,
             names=list(two.meta["names"]), record=one.raw_steps(),
-            provenance={**two.meta["provenance"], "command": command},
+            # Versions, commit and device read here, by the runner (the same machine and
+            # installation): a pass would spend ~0.1 s of CPU on them (a git call).
+            provenance={**provenance(RunConfig.model_construct(threads=threads, device=two.meta["device"])),
+                        "seed": seed, "deterministic": deterministic, "command": command,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             model_class=two.meta["model"], optimizer_class=two.meta["optimizer"], _probe=two,  # type: ignore[arg-type]
             _record_samples=one.sample_steps())
         name = Path(store.root).name
+        timing["verify_s"] = round(time.perf_counter() - checked, 3)  # this runner: read, verify, assemble
         run = _save_two_pass(store, result, name if _plain(name) else "own-loop", recorded_by="gammatrace twopass",
-                             command=command, world_size=int(one.meta["world"]))
+                             command=command, world_size=int(one.meta["world"]), timing=timing)
         shutil.rmtree(state)
     _note(f"verified: {len(result.record)} steps, the same in both passes; run written to {store.root}", quiet)
     return run
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _plain(name: str) -> bool:
