@@ -67,9 +67,9 @@ def test_study_writes_report_and_init(study):
     for name in ("relu", "tanh"):
         assert load_run(out / name).config.model.init_from == str(init.resolve())
     for f in ("trajectory_tiny.png", "trajectory_tiny.pdf", "layers_tiny.png", "matched_tiny.png", "theorem1_tiny.png",
-              "summary.md", "report.html"):
+              "rsi_eb_tiny.png", "summary.md", "report.html"):
         assert (out / "report" / f).stat().st_size > 1000, f
-    assert html.read_text().count('<img src="data:image/png;base64,') == 4
+    assert html.read_text().count('<img src="data:image/png;base64,') == 5
 
 
 def test_study_json_is_one_typed_model(study, tmp_path):
