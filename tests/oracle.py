@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-DERIVED = ["gamma", "gamma_rp", "gamma_rc", "star", "cos_align", "rsi", "eb"]
+DERIVED = ["gamma", "gamma_rp", "gamma_rc", "star", "cos_align", "rsi", "eb", "rsi_wd", "eb_wd", "rsi_eb"]
+FOLDED = ["grad_dot_wd", "grad_sq_wd"]
 
 
 def flat64(tensors) -> torch.Tensor:
@@ -36,9 +37,12 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
 def brute_force_table(thetas: Sequence[torch.Tensor], theta_star: torch.Tensor, raw: Sequence[torch.Tensor],
                       used: Sequence[torch.Tensor], lrs: Sequence[float], losses: Sequence[float],
                       losses_ref: Sequence[float], *, names: Sequence[str] = (), sizes: Sequence[int] = (),
-                      epochs: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      epochs: Sequence[int] | None = None, decay: float | None = None
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The §6 table (and per-tensor progress when ``names``/``sizes`` are given) from θ_0..θ_T
-    (``len(thetas) == steps + 1``), θ*, the raw and used gradients, η_k, ℓ_k and ℓ*_k."""
+    (``len(thetas) == steps + 1``), θ*, the raw and used gradients, η_k, ℓ_k and ℓ*_k.
+    ``decay``: the optimizer's coupled weight decay λ (g_k + λθ_k in ``grad_dot_wd``,
+    ``grad_sq_wd``); None where there is none to fold (decoupled decay, a manual update): NaN."""
     rows, tensor_rows = [], []
     for k in range(len(thetas) - 1):
         e, delta = thetas[k] - theta_star, thetas[k] - thetas[k + 1]
@@ -49,6 +53,8 @@ def brute_force_table(thetas: Sequence[torch.Tensor], theta_star: torch.Tensor, 
             "dist_sq": float(e @ e), "update_sq": float(delta @ delta), "grad_dot": float(e @ g),
             "grad_sq": float(g @ g), "grad_dot_used": float(e @ u), "grad_sq_used": float(u @ u),
             "delta_dot_e": float(delta @ e),
+            "grad_dot_wd": np.nan if decay is None else float(e @ (g + decay * thetas[k])),
+            "grad_sq_wd": np.nan if decay is None else float((g + decay * thetas[k]) @ (g + decay * thetas[k])),
         })
         for name, e_i, d_i in zip(names, e.split(list(sizes)), delta.split(list(sizes)), strict=True):
             tensor_rows.append({"step": k, "tensor": name, "progress": float(e_i @ d_i - 0.5 * d_i @ d_i)})
@@ -63,6 +69,9 @@ def brute_force_table(thetas: Sequence[torch.Tensor], theta_star: torch.Tensor, 
         df["cos_align"] = df.pop("delta_dot_e") / np.sqrt(df["dist_sq"] * df["update_sq"])
         df["rsi"] = df["grad_dot"] / df["dist_sq"]
         df["eb"] = np.sqrt(df["grad_sq"]) / np.sqrt(df["dist_sq"])
+        df["rsi_wd"] = df["grad_dot_wd"] / df["dist_sq"]
+        df["eb_wd"] = np.sqrt(df["grad_sq_wd"]) / np.sqrt(df["dist_sq"])
+        df["rsi_eb"] = df["rsi"] / df["eb"]
     return df, pd.DataFrame(tensor_rows)
 
 
@@ -94,6 +103,12 @@ def assert_matches_brute_force(steps: pd.DataFrame, expected: pd.DataFrame, tens
     close("grad_dot_used", steps["grad_dot_used"], expected["grad_dot_used"], 1e-13 * d * gu)
     close("cos_align", steps["cos_align"], expected["cos_align"], 1e-13 * (1 + dd / d))
     close("rsi", steps["rsi"], expected["rsi"], 1e-13 * g / d)
+    close("rsi_eb", steps["rsi_eb"], expected["rsi_eb"], np.full(len(expected), 1e-13))  # a cosine
+    gw = np.sqrt(expected["grad_sq_wd"].to_numpy())
+    close("grad_sq_wd", steps["grad_sq_wd"], expected["grad_sq_wd"])
+    close("eb_wd", steps["eb_wd"], expected["eb_wd"])
+    close("grad_dot_wd", steps["grad_dot_wd"], expected["grad_dot_wd"], 1e-13 * d * gw)
+    close("rsi_wd", steps["rsi_wd"], expected["rsi_wd"], 1e-13 * gw / d)
     gap = (expected["loss"] - expected["loss_ref"]).abs().to_numpy()
     close("star", steps["star"], expected["star"], 1e-13 * d * g + 1e-9 * gap)
     lr_d0 = expected["lr"].to_numpy() * expected["dist_sq"].iloc[0]

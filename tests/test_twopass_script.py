@@ -106,8 +106,9 @@ def _measure(tmp_path: Path, name: str, command: list[str], run: Callable[[list[
     return [torch.load(tmp_path / f"oracle.rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
-def _expected(records: list[dict]):
-    """The brute-force table; over ranks, ℓ_k and ℓ*_k are the mean of the ranks' means (DDP)."""
+def _expected(records: list[dict], decay: float | None):
+    """The brute-force table; over ranks, ℓ_k and ℓ*_k are the mean of the ranks' means (DDP).
+    ``decay``: the coupled weight decay folded into grad_*_wd (None: NaN, none to fold)."""
     first = records[0]
     losses = [np.mean([weighted_mean(r["losses"][k], r["ns"][k]) for r in records]) for k in range(len(first["lrs"]))]
     refs = [np.mean([weighted_mean(r["losses_ref"][k], r["ns"][k]) for r in records])
@@ -122,10 +123,12 @@ def _expected(records: list[dict]):
             local = sum(r["raw"][k] for r in records) / len(records)
             torch.testing.assert_close(g, local, rtol=1e-5, atol=1e-7)
     return brute_force_table(first["thetas"], first["thetas"][-1], raw, first["used"], first["lrs"],
-                             losses, refs, names=first["names"], sizes=first["sizes"], epochs=first["epochs"])
+                             losses, refs, names=first["names"], sizes=first["sizes"], epochs=first["epochs"],
+                             decay=decay)
 
 
-def _check_run(run_dir: Path, records: list[dict], plain_final: dict[str, torch.Tensor]) -> None:
+def _check_run(run_dir: Path, records: list[dict], plain_final: dict[str, torch.Tensor],
+               decay: float | None = None) -> None:
     run = gammatrace.load_run(run_dir)
     final = torch.load(run_dir / "final.pt", weights_only=True)["model"]
     # The trajectory is the plain script's, bit for bit: its own checkpoint is the run's θ_T, and
@@ -135,7 +138,7 @@ def _check_run(run_dir: Path, records: list[dict], plain_final: dict[str, torch.
         assert torch.equal(final[k], plain_final[k]), k
     theta_T = torch.cat([final[n].reshape(-1).double() for n in records[0]["names"]])
     assert torch.equal(theta_T, records[0]["thetas"][-1])
-    expected, expected_tensors = _expected(records)
+    expected, expected_tensors = _expected(records, decay)
     steps = run.steps()
     assert_matches_brute_force(steps, expected, run.tensor_steps(), expected_tensors)
     summary = gammatrace.analyze(run_dir, tail=1)
@@ -151,7 +154,7 @@ def test_gpt_script_measured_exactly_through_the_command_line(tmp_path):
                        pytest.fail("gammatrace twopass failed"))
     plain = torch.load(tmp_path / "plain-out" / "ckpt.pt", weights_only=True)["model"]
     assert len(records[0]["lrs"]) == 21 and all(len(m) == 2 for m in records[0]["losses"])  # accumulation
-    _check_run(run_dir, records, plain)
+    _check_run(run_dir, records, plain)  # AdamW: decoupled decay (NaN)
 
 def _perturbed(tmp_path: Path, name: str, after: str, line: str) -> Path:
     """The attached script with one line inserted after ``after``: a deliberate nondeterminism."""
@@ -186,7 +189,7 @@ def test_lstm_script_with_a_manual_update_measured_exactly(tmp_path):
                        lambda command: run_twopass(command, run_dir, quiet=True, env=_env(tmp_path)))
     plain = torch.load(tmp_path / "plain-out" / "last.pt", weights_only=True)
     assert len(records[0]["lrs"]) == 9 and len(set(records[0]["lrs"])) == 2  # the lr was annealed
-    _check_run(run_dir, records, plain)
+    _check_run(run_dir, records, plain)  # no optimizer: no decay to fold (NaN)
     assert gammatrace.load_run(run_dir).meta.own_loop["optimizer"] == "manual update"
 
 def test_lstm_script_with_an_unseeded_draw_in_pass_2_names_the_random_stream(tmp_path):
@@ -244,7 +247,7 @@ def test_torchrun_script_on_two_ranks_measured_exactly(tmp_path):
     assert len(records[0]["lrs"]) == 18
     # Each rank its own batches, one all-reduced gradient.
     assert records[0]["losses"] != records[1]["losses"] and torch.equal(records[0]["used"][5], records[1]["used"][5])
-    _check_run(run_dir, records, plain)
+    _check_run(run_dir, records, plain, decay=0.0)  # SGD without weight decay: g_k + 0·θ_k
     assert gammatrace.load_run(run_dir).meta.own_loop["world_size"] == 2
 
 @pytest.mark.slow
