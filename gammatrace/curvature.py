@@ -1,4 +1,7 @@
-"""Curvature of the mini-batch loss: Hessian-vector products, top eigenvalues, the trace.
+"""Curvature of the mini-batch loss: Hessian-vector products, top eigenvalues, the trace; and
+along a trajectory (:class:`CurvatureMonitor`: the engine's ``curvature`` step hook and
+``Probe(curvature=...)``): the stability ratio of the optimizer (:func:`stability`) and
+Santurkar et al.'s measurements along the step (:func:`along_step`).
 
 H is the Hessian of ℓ(θ; B) = ``loss_fn(model, batch)`` (per-sample losses are averaged,
 as the probe does) with respect to the trainable parameters θ, flattened in
@@ -43,7 +46,8 @@ from torch import nn
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-__all__ = ["CurvatureConfig", "Eigen", "HessianOperator", "Trace", "hessian_trace", "hvp", "top_eigenvalues"]
+__all__ = ["STABILITY", "CurvatureConfig", "CurvatureMonitor", "Eigen", "HessianOperator", "Stability", "StepLine",
+           "Trace", "along_step", "columns", "hessian_trace", "hvp", "stability", "top_eigenvalues"]
 
 
 class CurvatureConfig(BaseModel):
