@@ -257,3 +257,26 @@ def test_torchrun_script_with_an_unseeded_draw_in_pass_2_stops_it(tmp_path):
     with pytest.raises(TwoPassMismatchError, match="at step 6 ") as err:
         run_twopass(_torchrun(script, str(tmp_path / "out")), tmp_path / "run", quiet=True, env=_env(tmp_path))
     assert err.value.step == 6 and err.value.cause in ("rng", "batch"), str(err.value)
+
+
+def test_the_start_up_seeds_before_the_first_line_and_chains_a_sitecustomize(tmp_path):
+    """What a pass's processes get before user code: Python's random seeded, PYTHONHASHSEED, and a
+    sitecustomize the user already had still runs (this one is first on the path). No torch here:
+    its settings wait for its import (test_twopass_script's runs cover them)."""
+    theirs = tmp_path / "site"
+    theirs.mkdir()
+    (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS'] = 'ran'\n")
+    script = tmp_path / "first_line.py"
+    script.write_text("import os, random, sys, sitecustomize\n"
+                      "print(random.random(), hash('x'), os.environ.get('THEIRS'), sitecustomize.__file__,"
+                      " 'torch' in sys.modules)\n")
+
+    def first_line(seed: int) -> list[str]:
+        base = {**_env(tmp_path), "PYTHONPATH": str(theirs)}
+        base.pop("PYTHONHASHSEED", None)  # the runner's, from the seed
+        env = pass_environment(1, tmp_path / "state", seed=seed, threads=1, deterministic="on", base=base)
+        return subprocess.run([PY, str(script)], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    a, b, c = first_line(3), first_line(3), first_line(4)
+    assert a == b and a[0] != c[0] and a[1] != c[1]  # the same seed, the same first draw and string hash
+    assert a[2] == "ran" and a[3] == str(theirs / "sitecustomize.py") and a[4] == "False"
