@@ -218,6 +218,11 @@ def test_a_script_that_never_attaches_or_leaves_by_os_exit_is_one_loud_line(tmp_
     with pytest.raises(UserError, match=r"pass 1: .* ended \(status 0\) without writing rank 0's record at exit: the "
                                         "process was killed .* or left through os._exit, so there is no θ_T"):
         run_twopass([PY, str(killed)], tmp_path / "c", quiet=True)
+    idle = tmp_path / "idle.py"
+    idle.write_text("import torch, gammatrace\nm = torch.nn.Linear(2, 1)\n"
+                    "probe = gammatrace.attach(m, None, loss_fn=lambda m, b: m(b).sum())\n")
+    with pytest.raises(UserError, match=r"pass 1: .* made no measured step; call probe.batch"):
+        run_twopass([PY, str(idle)], tmp_path / "e", quiet=True)
     with pytest.raises(UserError, match="needs a command after --"):
         run_twopass([], tmp_path / "d")
 

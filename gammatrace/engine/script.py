@@ -377,8 +377,8 @@ class ScriptPass:
         if self.rank == 0:
             obj.update(tensors=_frame_to_obj(probe.tensor_steps()) if probe.mode == "reference" else None,
                        samples=_frame_to_obj(probe.sample_steps()), d0_sq=probe.d0_sq)
-            if self._snapshot is not None:
-                _save(self._snapshot, self.folder / "final.pt")
+            # No measured step: θ as it is now (the runner refuses a run without steps anyway).
+            _save(self._snapshot if self._snapshot is not None else _state(probe.model), self.folder / "final.pt")
         _save(obj, self.folder / f"rank{self.rank}.pt")
 
 
@@ -448,6 +448,9 @@ def _check_pass(number: int, folder: Path, returncode: int, command: str) -> lis
                         "or left through os._exit, so there is no θ_T; the script must exit normally")
     if returncode != 0:
         raise UserError(f"pass {number}: `{command}` exited with status {returncode} (its output is above)")
+    if not any(len(r.steps) for r in records):
+        raise UserError(f"pass {number}: `{command}` made no measured step; call probe.batch(batch, loss) between "
+                        "the forward and each optimizer.step() (or `with probe.update(lr=...)`)")
     return records
 
 
