@@ -15,13 +15,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, Protocol
 
@@ -224,15 +226,20 @@ class RayExecutor:
             raise ValueError(f"{len(machines)} machine kinds for {len(tasks)} tasks")
         ray = self._ray()
         started = not ray.is_initialized()
-        if started:
-            options: dict[str, Any] = {"address": self.address, "log_to_driver": False}
-            if self.address is None:
-                # A private local instance: no dashboard, only as many CPUs as asked for, and
-                # loopback only (Ray would otherwise bind the host's interface address). It is
-                # this machine, so it declares this machine's kind.
-                options.update(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                               resources={ray_resource(fingerprint()): 1.0})
-            ray.init(**options)
+        options: dict[str, Any] = {"address": self.address, "log_to_driver": False,
+                                   "logging_level": logging.ERROR}  # Ray's INFO/WARNING lines are not ours
+        if self.address is None:
+            # A private local instance: no dashboard, only as many CPUs as asked for, and
+            # loopback only (Ray would otherwise bind the host's interface address). It is
+            # this machine, so it declares this machine's kind.
+            options.update(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                           resources={ray_resource(fingerprint()): 1.0})
+        with (_ray_instance(ray, options, local=self.address is None) if started else contextlib.nullcontext()), \
+                _node_died(ray, self.address):
+            return self._map(ray, fn, tasks, machines, desc, progress)
+
+    def _map(self, ray: Any, fn: Callable[..., Any], tasks: Sequence[tuple], machines: list[str | None],
+             desc: str, progress: bool) -> list[Any]:
         bar = _bar(len(tasks), desc, progress)
         try:
             declared = ray.cluster_resources()
@@ -259,8 +266,117 @@ class RayExecutor:
             return ray.get(refs)
         finally:
             bar.close()
-            if started:
-                ray.shutdown()
+
+
+class RayNodeDiedError(UserError):
+    """The Ray node running the tasks died (its raylet, or an agent the raylet needs, was
+    killed or crashed): what the tasks wrote stays, a rerun resumes."""
+
+
+# Ray's exceptions that mean "a node of the instance is gone", not "a task failed" (a
+# task's own exception reaches the caller as itself, see _cause).
+_NODE_DIED = ("LocalRayletDiedError", "NodeDiedError", "RaySystemError", "OwnerDiedError", "ObjectLostError")
+
+
+@contextlib.contextmanager
+def _node_died(ray: Any, address: str | None) -> Iterator[None]:
+    """A dead raylet or node as one line (:class:`RayNodeDiedError`) instead of Ray's traceback."""
+    try:
+        yield
+    except Exception as exc:
+        died = [k for k in type(exc).__mro__ if k.__name__ in _NODE_DIED and k.__module__.startswith("ray")]
+        if not died:
+            raise
+        where = f"the Ray cluster at {address}" if address else "the local Ray instance"
+        text = " ".join(str(exc).split())
+        raise RayNodeDiedError(f"a node of {where} died while the tasks ran ({type(exc).__name__}: "
+                               f"{text[:160]}); what finished is kept: rerun the same command to resume") from None
+
+
+@contextlib.contextmanager
+def _ray_instance(ray: Any, options: dict[str, Any], local: bool) -> Iterator[None]:
+    """``ray.init(**options)`` for this call, and ``ray.shutdown()`` after it whatever
+    happens, an interrupt during ``ray.init`` included. A local instance also leaves no
+    process behind: while it lives this process is a child subreaper (Linux), so Ray's
+    processes orphaned by a raylet that died (its DashboardAgent and RuntimeEnvAgent,
+    which outlived a driver interrupted inside ``ray.init``) stay below it, and whatever
+    Ray started that is still alive after the shutdown is killed; SIGTERM ends it the
+    way Ctrl-C does (Ray's own handler would end the driver with no shutdown)."""
+    before = set(_descendants()) if local else set()
+    reaper = local and _subreaper(True)
+    term = _on_sigterm() if local else None
+    try:
+        ray.init(**options)
+        if local:
+            _on_sigterm()  # ray.init installs Ray's SIGTERM handler over ours
+        yield
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            if local:
+                _end_leftovers(before)
+            if reaper:
+                _subreaper(False)
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _on_sigterm() -> Any:
+    """SIGTERM raises KeyboardInterrupt (the command's own interrupt path: one line, the
+    instance shut down); the previous handler, or None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupted)
+
+
+def _subreaper(on: bool) -> bool:
+    """Linux PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented to this process
+    (not to init), so they can be found and ended; False where it is not available."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _descendants() -> dict[int, str]:
+    """This process's descendants (Linux /proc; none elsewhere): PID -> command line."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            todo.append(pid)
+    return found
+
+
+def _end_leftovers(before: set[int]) -> None:
+    """Kill the Ray processes started below this process since ``before`` that outlived
+    ``ray.shutdown()``, and reap those reparented here."""
+    left = [pid for pid, cmd in _descendants().items() if pid not in before and "ray" in cmd.lower()]
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in left:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> Any:
