@@ -22,7 +22,7 @@ Quick presets are sized so that every cell can reach a common training loss
 (``target_loss``, with ``epochs`` as the cap) on two CPU cores within minutes: γ
 normalized by a run's own θ_T is comparable only across runs that end at comparable
 losses (DESIGN §1). Every preset runs the seeds per cell with which each of its claims can
-reach both verdicts (:func:`seeds_for`: activation 7, batchnorm 6, skip 6 quick / 8 paper,
+reach both verdicts (:func:`seeds_for`: activation 7, batchnorm 6, skip 6 quick / 8 paper, width 6 quick / 7 paper,
 optimizer 6, init 7), each quick study in ≤ 10 minutes with ``--workers 2``. A cell that misses the target is flagged by the report and kept out of
 the claim check. They read no data folder, except the quick skip study's U-Net: it
 reconstructs the digits, or — given ``--data-dir`` — MNIST images from that folder.
