@@ -61,12 +61,10 @@ from torch import nn
 from gammatrace.config import RunConfig
 from gammatrace.engine.session import provenance
 from gammatrace.engine.twopass import (
-    VERIFIED_COLUMNS,
     PassVerifier,
     StepSetup,
     TwoPassMismatchError,
     TwoPassResult,
-    _equal,
     _first_difference,
     _PassProbe,
     _save_two_pass,
@@ -244,6 +242,7 @@ class ScriptPass:
         self._theta_T: dict[str, torch.Tensor] | None = None
         self._checked_batches = 0
         self._checked_rows = 0
+        self._first_rows: dict[str, np.ndarray] = {}
         self._verifier = PassVerifier(ctx.threads, SCRIPT_HINTS)
 
     # ------------------------------------------------------------------ set-up
@@ -283,6 +282,7 @@ class ScriptPass:
         atexit.register(self._at_exit)
         if self.ctx.number == 2:
             self._first = PassRecord.load(self.ctx.folder(1) / f"rank{self.rank}.pt")
+            self._first_rows = {c: self._first.steps[c].to_numpy() for c in ("loss", "grad_sq", "update_sq")}
             self._check_start(theta_0)
 
     def _check_start(self, theta_0: dict[str, torch.Tensor]) -> None:
@@ -321,38 +321,33 @@ class ScriptPass:
             torch._foreach_copy_(list(self._snapshot.values()), [v.detach() for _, v in state])
 
     def _check(self, probe: _PassProbe) -> None:
-        """Pass 2, after each step: this step's setup and batches, and (on CPU, where it costs no
-        synchronisation) its row, against pass 1's; the first difference stops the pass."""
+        """Pass 2, after each step: this step's setup and batches, and (on CPU, where reading them
+        costs no synchronisation) its loss, ‖Δ_k‖² and ‖g_k‖², against pass 1's. A difference
+        hands both records to the verifier, which names the first differing step and its cause
+        and stops the pass; these quick reads only decide when to ask it."""
         first = self._first
         assert first is not None
         k = probe.step_index - 1
         differs = k in first.setups and k in probe.setups and first.setups[k] != probe.setups[k]
         mine, theirs = probe.batches, first.batches
         for i in range(self._checked_batches, len(mine)):
-            if i >= len(theirs) or mine[i][0] != theirs[i][0] or \
-                    (mine[i][1] if isinstance(mine[i][1], str) else mine[i][1][0]) != \
-                    (theirs[i][1] if isinstance(theirs[i][1], str) else theirs[i][1][0]):
+            if i >= len(theirs) or mine[i][0] != theirs[i][0] or _hex(mine[i][1]) != _hex(theirs[i][1]):
                 differs = True
         self._checked_batches = len(mine)
-        if probe.device.type == "cpu":
-            rows = probe.flush()
-            n = self._checked_rows
-            ref = first.steps.iloc[n:n + len(rows)]
-            if len(ref) < len(rows):
-                differs = True  # more steps than pass 1: the runner names it at the end
-            else:
-                for c in VERIFIED_COLUMNS:
-                    differs |= not _equal(rows[c].to_numpy(), ref[c].to_numpy()).all()
-            self._checked_rows += len(rows)
-        if not differs:
-            return
-        try:
-            self._verifier.verify(first, probe, self.theta_T(), None)
-        except TwoPassMismatchError as exc:
-            self._stop(exc)
-        if len(first.steps) <= k:
-            return  # more steps than pass 1: the runner names it with the full records at the end
-        self._stop(TwoPassMismatchError(f"pass 2 diverged from pass 1 at step {k}", k, "nondeterministic"))
+        row, self._checked_rows = self._checked_rows, self._checked_rows + 1
+        if probe.device.type == "cpu" and not differs:
+            if row >= len(self._first_rows["loss"]):
+                return  # more steps than pass 1: the runner names it with the full records at the end
+            loss, _, parts = probe._table._pending[-1] if probe._table._pending else (None, None, None)
+            if parts is not None:
+                values = {"loss": float(loss.to(torch.float64)), "grad_sq": parts[:, 2].sum(),
+                          "update_sq": parts[:, 4].sum()}
+                differs = any(values[c] != self._first_rows[c][row] for c in values)
+        if differs:
+            try:
+                self._verifier.verify(first, probe, self.theta_T(), None)
+            except TwoPassMismatchError as exc:
+                self._stop(exc)
 
     def _stop(self, exc: TwoPassMismatchError) -> None:
         self.mismatch = exc
@@ -380,6 +375,11 @@ class ScriptPass:
             # No measured step: θ as it is now (the runner refuses a run without steps anyway).
             _save(self._snapshot if self._snapshot is not None else _state(probe.model), self.folder / "final.pt")
         _save(obj, self.folder / f"rank{self.rank}.pt")
+
+
+def _hex(fingerprint: Any) -> str:
+    """A batch fingerprint's host part (a device checksum is compared at the end, unsynchronised)."""
+    return fingerprint if isinstance(fingerprint, str) else fingerprint[0]
 
 
 def _save(obj: Any, path: Path) -> None:
