@@ -52,7 +52,11 @@ from gammatrace.config import RunConfig
 from gammatrace.errors import ConfigError, UserError
 from gammatrace.executors import make_executor
 from gammatrace.experiments.identity.figures import MNIST_ERROR, figure_mnist_error
-from gammatrace.experiments.identity.report import mnist_report_blocks, study_folder, write_text_inside
+from gammatrace.experiments.identity.report import (
+    mnist_report_blocks,
+    study_folder,
+    write_text_inside,
+)
 from gammatrace.experiments.identity.sources import Source, quote
 from gammatrace.registry import Registry
 from gammatrace.reporting.document import to_html, to_markdown
