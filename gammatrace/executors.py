@@ -336,9 +336,14 @@ def _on_sigterm() -> Any:
 
 def _subreaper(on: bool) -> bool:
     """Linux PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented to this process
-    (not to init), so they can be found and ended; False where it is not available."""
+    (not to init), so they can be found and ended. True when this call changed it (a
+    process that already was one, under tini say, stays one); False where unavailable."""
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        now = ctypes.c_int(0)
+        if prctl(37, ctypes.byref(now), 0, 0, 0) != 0 or bool(now.value) == on:  # PR_GET_CHILD_SUBREAPER
+            return False
+        return prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         return False
 
