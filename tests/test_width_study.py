@@ -44,7 +44,8 @@ def tiny_width_study():
     # MLP sits on first (a run flagged "no progress" is excluded: no verdict to look at).
     base = {**spec.base, "epochs": 3, "target_loss": None, "reference": {"kind": "last", "extra_epochs": 0},
             "model": {**spec.base["model"], "batchnorm": True},
-            "curvature": {**QUICK_CURVATURE, "every": 5, "subset": 64}, "data": {"name": "digits", "n_train": 384}}
+            "curvature": {**QUICK_CURVATURE, "every": 5, "subset": 64}, "data": {"name": "digits", "n_train": 384},
+            "analysis": {"per_sample": False, "per_tensor": False}}
     variants = {k: v for k, v in spec.variants.items() if k in ("w128", "w512")}
     def restricted(items):
         return [c.model_copy(update={"order": restrict_order(c.order, variants)}) for c in items]
@@ -57,7 +58,7 @@ def tiny_width_study():
 def test_tiny_width_study_reports_the_hypothesis_and_gamma_against_lambda(tmp_path):
     study = tiny_width_study()
     assert [h.order_text for h in study.hypotheses] == ["w128 > w512"]
-    report = run_study(study, tmp_path / "width", workers=1, progress=False)
+    report = run_study(study, tmp_path / "width", workers=2, progress=False)
     meta = StudyMeta.load(StudyMeta.path(tmp_path / "width"))
     assert [Hypothesis.from_json(h) for h in meta.hypotheses] == study.hypotheses
     md = (Path(report).parent / "summary.md").read_text()
