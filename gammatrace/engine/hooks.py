@@ -30,6 +30,7 @@ from gammatrace.data.loader import stream_seed
 from gammatrace.engine.session import Session, StepHookFactory
 from gammatrace.errors import UserError
 from gammatrace.models.init import preserved_buffers
+from gammatrace.probe.decay import decay_of
 
 # Random streams of the curvature measurement (data.loader.stream_seed): the evaluation subset
 # and the per-measurement draws (start vectors, Hutchinson vectors, dropout masks).
@@ -64,16 +65,20 @@ class OnePointConvexity:
         self.params = [p for _, p in named]
         self.reference = [reference[n].detach().to(device=p.device, dtype=torch.float64) for n, p in named]
 
-    def full_gradient(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(L(θ), ∇L(θ)) of the full training loss at the current parameters."""
+    def full_gradient(self, x: torch.Tensor | None = None,
+                      y: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(L(θ), ∇L(θ)) of the mean per-sample loss over ``(x, y)`` (default: the whole
+        training set) at the current parameters."""
         sess = self.session
-        n, chunk = len(sess.x), sess.cfg.eval_batch_size
+        x = sess.x if x is None else x
+        y = sess.y if y is None else y
+        n, chunk = len(x), sess.cfg.eval_batch_size
         total = torch.zeros((), dtype=torch.float64, device=sess.device)
         grads: list[torch.Tensor] | None = None
         loss_fn = sess.loss_fn
         with preserved_buffers(sess.model):
             for s in range(0, n, chunk):
-                part = loss_fn(sess.model, (sess.x[s:s + chunk], sess.y[s:s + chunk])).sum() / n
+                part = loss_fn(sess.model, (x[s:s + chunk], y[s:s + chunk])).sum() / n
                 g = torch.autograd.grad(part, self.params)
                 grads = list(g) if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
                 total += part.detach().double()
@@ -156,11 +161,83 @@ class Curvature:
                                     step_batches=[(batch, 1.0)])
 
 
-def config_hooks(cfg: RunConfig) -> tuple[StepHookFactory, ...]:
-    """The step hooks a run config asks for (every replay of the run adds them).
+class SubsetSecant:
+    """RSI and EB of the *evaluation-subset* loss at every epoch's last step (issue 24: the
+    full-batch versions of the step table's ``rsi`` and ``eb``, which use the mini-batch g_k):
+    with L_S the mean per-sample loss over the curvature's fixed evaluation subset S
+    (:func:`evaluation_subset`; the whole training set when ``subset`` ≥ its size) and
+    G = ∇L_S(θ_k) at θ_k, before the epoch's last update,
+
+        rsi = ⟨G, θ_k − θ*⟩ / d_k²,   eb = ‖G‖ / d_k,
+
+    and with the optimizer's *coupled* weight decay λ folded in as "No Wrong Turns" does
+    (G + λθ_k per parameter group; NaN for decoupled decay, see
+    :mod:`gammatrace.probe.decay`): ``rsi_wd``, ``eb_wd``. Row columns: ``loss`` (L_S),
+    ``grad_dot``, ``grad_sq``, ``dist_sq``, ``grad_dot_wd``, ``grad_sq_wd`` (float64), the four
+    ratios (NaN where d_k = 0), ``samples`` (|S|) and ``full_batch`` (|S| is the training set).
+    Batch norm in train mode (batch statistics over chunks of ``eval_batch_size``), buffers
+    restored; one gradient over S per epoch. It depends on θ*: measured per reference.
 
     Example:
-        >>> config_hooks(RunConfig()), config_hooks(RunConfig(curvature={"every": 10}))
-        ((), (<class 'gammatrace.engine.hooks.Curvature'>,))
+        >>> import torch
+        >>> from gammatrace.config import RunConfig
+        >>> from gammatrace.engine.session import build_session
+        >>> sess = build_session(RunConfig.model_validate({
+        ...     "loss": "mse", "batch_size": 8, "data": {"name": "teacher", "num_train": 16, "num_test": 4, "dim": 3},
+        ...     "model": {"name": "mlp", "width": 4, "depth": 1}, "curvature": {"subset": 16}}))
+        >>> hook = SubsetSecant(sess, {k: torch.zeros_like(v) for k, v in sess.model.state_dict().items()})
+        >>> hook.due(0), hook.due(1)  # 2 steps per epoch: the last is step 1
+        (False, True)
+        >>> row = hook(batch=None)
+        >>> row["samples"], row["full_batch"], bool(row["rsi"] == row["rsi_wd"])  # no decay: equal
+        (16, True, True)
     """
-    return (Curvature,) if cfg.curvature is not None else ()
+
+    name = "subset_secant"
+
+    def __init__(self, session: Session, reference: Mapping[str, torch.Tensor]):
+        self.session = session
+        self.point = OnePointConvexity(session, reference)
+        idx = evaluation_subset(len(session.x), (session.cfg.curvature or CurvatureConfig()).subset,
+                                session.cfg.seed).to(session.device)
+        self.x, self.y = session.x[idx], session.y[idx]
+        self.full_batch = len(idx) == len(session.x)
+
+    def due(self, step: int) -> bool:
+        per = self.session.steps_per_epoch
+        return step % per == per - 1
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        loss, grads = self.point.full_gradient(self.x, self.y)
+        decay = decay_of(self.session.optimizer, self.point.params)
+        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+        dot, gsq, dist, dot_wd, gsq_wd = zero.clone(), zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        for p, g, ref, lam in zip(self.point.params, grads, self.point.reference, decay, strict=True):
+            theta = p.detach().double()
+            g = g.double()
+            diff = theta - ref
+            folded = g + lam * theta  # NaN throughout where λ is NaN (decoupled decay)
+            dot += (g * diff).sum()
+            gsq += (g * g).sum()
+            dist += (diff * diff).sum()
+            dot_wd += (folded * diff).sum()
+            gsq_wd += (folded * folded).sum()
+        row: dict[str, Any] = {"loss": loss, "grad_dot": dot, "grad_sq": gsq, "dist_sq": dist,
+                               "grad_dot_wd": dot_wd, "grad_sq_wd": gsq_wd}
+        d = float(dist)
+        for suffix, num, sq in (("", dot, gsq), ("_wd", dot_wd, gsq_wd)):
+            row["rsi" + suffix] = float(num) / d if d > 0 else math.nan
+            row["eb" + suffix] = math.sqrt(float(sq)) / math.sqrt(d) if d > 0 else math.nan
+        row["samples"], row["full_batch"] = len(self.x), self.full_batch
+        return row
+
+
+def config_hooks(cfg: RunConfig) -> tuple[StepHookFactory, ...]:
+    """The step hooks a run config asks for (every replay of the run adds them): its
+    ``curvature`` block measures the curvature table and, at epoch ends, the subset's RSI/EB.
+
+    Example:
+        >>> config_hooks(RunConfig()), [h.name for h in config_hooks(RunConfig(curvature={"every": 10}))]
+        ((), ['curvature', 'subset_secant'])
+    """
+    return (Curvature, SubsetSecant) if cfg.curvature is not None else ()
