@@ -340,8 +340,9 @@ class ScriptPass:
                 return  # more steps than pass 1: the runner names it with the full records at the end
             loss, _, parts = probe._table._pending[-1] if probe._table._pending else (None, None, None)
             if parts is not None:
-                values = {"loss": float(loss.to(torch.float64)), "grad_sq": parts[:, 2].sum(),
-                          "update_sq": parts[:, 4].sum()}
+                # Summed over tensors as the table sums a stacked epoch (axis 0 here: the same order).
+                sums = parts.sum(axis=0)
+                values = {"loss": float(loss.to(torch.float64)), "grad_sq": sums[2], "update_sq": sums[4]}
                 differs = any(values[c] != self._first_rows[c][row] for c in values)
         if differs:
             try:
