@@ -339,3 +339,23 @@ def test_probe_curvature_through_a_closure_and_a_manual_update():
     row = manual.curvature_table().iloc[0]
     assert row["stability_threshold_kind"] == "unknown" and np.isnan(row["stability_ratio"])
     assert row["lambda_1"] > 0
+
+
+def test_a_curvature_column_no_run_measured_is_one_note_not_a_row_of_skips(tmp_path):
+    # trace_samples: 0 (the presets' setting) leaves the trace NaN in every row of every run: the
+    # figure draws no empty trace row and says so once, not once per run.
+    from gammatrace.reporting.collect import collect
+    from gammatrace.reporting.figures import trajectory_figure
+
+    curv = {"every": 2, "k": 3, "trace_samples": 0, "subset": 32, "tol": 1e-13}
+    for name in ("a", "b"):
+        analyze(train_pass(_teacher(name=name, curvature=curv), tmp_path / name, progress=False).path,
+                progress=False)
+    entries = collect([tmp_path / "a", tmp_path / "b"])
+    assert all(e.curvature["trace"].isna().all() for e in entries)
+    notes: list[str] = []
+    (tmp_path / "fig").mkdir()
+    assert trajectory_figure(entries, tmp_path / "fig", notes) is not None
+    assert not any("trace row skipped" in n for n in notes), notes
+    assert sum("trace" in n for n in notes) == 1, notes
+    assert "trace row not drawn: no run measured it (trace_samples: 0)" in notes

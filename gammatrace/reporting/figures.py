@@ -445,6 +445,27 @@ TRAJECTORY_CURVATURE_ROWS: tuple[Callable[[Axes, Sequence[_Line]], RowDrawn], ..
     functools.partial(curvature_row, column) for column, *_ in CURVATURE_ROWS)
 
 
+def _curvature_drawers(entries: Sequence[RunEntry], notes: list[str]) -> tuple[Callable[[Axes, Sequence[_Line]],
+                                                                                       RowDrawn], ...]:
+    """The curvature rows to draw: none without a curvature table; a row no run has a finite
+    value of (the trace with ``trace_samples: 0``) is left out with one note, not a note per run."""
+    tables = [e.curvature for e in entries if len(e.curvature)]
+    if not tables:
+        return ()
+    drawers = []
+    for (column, *_), drawer in zip(CURVATURE_ROWS, TRAJECTORY_CURVATURE_ROWS, strict=True):
+        if any(column in t and np.isfinite(t[column].to_numpy(float)).any() for t in tables):
+            drawers.append(drawer)
+        else:
+            # The config's reason, where every run gives it (a Probe's table has no run config).
+            unmeasured = column == "trace" and all(
+                e.run.config is not None and e.run.config.curvature is not None
+                and e.run.config.curvature.trace_samples == 0 for e in entries if len(e.curvature))
+            why = " (trace_samples: 0)" if unmeasured else ""
+            notes.append(f"{column} row not drawn: no run measured it{why}")
+    return tuple(drawers)
+
+
 def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str],
                       title: str = "", cells: dict[str, list[RunEntry]] | None = None,
                       stem: str = "trajectory") -> Path | None:
@@ -497,8 +518,7 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
         notes.append("trajectory figure not drawn: no analysed run")
         return None
 
-    drawers = TRAJECTORY_ROWS + (TRAJECTORY_CURVATURE_ROWS if any(len(e.curvature) for line in lines
-                                                                 for e in line.runs) else ())
+    drawers = TRAJECTORY_ROWS + _curvature_drawers([e for line in lines for e in line.runs], notes)
     fig = Figure(figsize=(7.5, 2.7 * len(drawers)), layout="constrained")
     axes = fig.subplots(len(drawers), 1, sharex=True)
     rows = [row(ax, lines) for row, ax in zip(drawers, axes, strict=True)]
