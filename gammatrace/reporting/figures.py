@@ -382,7 +382,8 @@ CURVATURE_ROWS = (
     ("trace", Needs(curvature=("step", "trace")), "Hessian trace tr H on the evaluation subset (Hutchinson; exact when trace_samples ≥ the parameter count)",
      "tr H"),
     ("outlier_ratio", Needs(curvature=("step", "outlier_ratio")),
-     "outlier ratio λ_1 / λ_k of the top-k Hessian eigenvalues (Ghorbani et al.'s isolated eigenvalues)",
+     "outlier ratio λ_1 / λ_k of the top-k Hessian eigenvalues (λ_1 against the bulk, as Ghorbani et al.'s "
+     "isolated eigenvalues, only when k exceeds the number of outliers)",
      r"$\lambda_1/\lambda_k$"),
     ("beta_eff", Needs(curvature=("step", "beta_eff")),
      r"effective β-smoothness along the step (Santurkar et al.): "
