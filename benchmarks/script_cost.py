@@ -107,8 +107,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--torchrun", action="store_true", help="also the 2-rank DDP stand-in")
+    ap.add_argument("--long", type=int, default=300,
+                    help="also the GPT stand-in at this many iterations (a copy with max_iters and lr_decay_iters "
+                         "replaced: the per-step cost beside the start-up); 0: not")
     args = ap.parse_args()
     names = ["gpt_train", "lstm_train"] + (["ddp_train"] if args.torchrun else [])
+    long = f"gpt_train_{args.long}" if args.long else None
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
     rows: dict[str, dict[str, list[float]]] = {n: {} for n in names + ["fixed"]}
@@ -121,16 +125,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        scripts = {n: SCRIPTS for n in names}
+        if long:
+            for suffix in ("", "_attached"):
+                text = (SCRIPTS / f"gpt_train{suffix}.py").read_text()
+                for key in ("max_iters = 20", "2e-3, 3, 20\n"):
+                    assert key in text
+                text = text.replace("max_iters = 20", f"max_iters = {args.long}").replace(
+                    "2e-3, 3, 20\n", f"2e-3, 3, {args.long}\n")
+                (work / f"{long}{suffix}.py").write_text(text)
+            names.append(long)
+            rows[long] = {}
+            scripts[long] = work
         for r in range(args.rounds):
             for name in names:
                 run = launcher(name == "ddp_train")
-                wall, cpu, _ = timed([*run, str(SCRIPTS / f"{name}.py"), str(work / "out")], env, work)
+                wall, cpu, _ = timed([*run, str(scripts[name] / f"{name}.py"), str(work / "out")], env, work)
                 add(name, "plain_wall", wall)
                 add(name, "plain_cpu", cpu)
                 out = work / f"run-{name}-{r}"
                 wall, cpu, _ = timed([PY, "-m", "gammatrace", "twopass", "--quiet", "--threads", str(args.threads),
                                       "--out", str(out), "--", *launcher(name == "ddp_train"),
-                                      str(SCRIPTS / f"{name}_attached.py"), str(work / "out")], env, work)
+                                      str(scripts[name] / f"{name}_attached.py"), str(work / "out")], env, work)
                 add(name, "twopass_wall", wall)
                 add(name, "twopass_cpu", cpu)
                 timing = json.loads((out / "run.json").read_text())["own_loop"]["timing"]
@@ -146,11 +162,11 @@ def main() -> None:
 
     med = {n: {k: statistics.median(v) for k, v in cols.items()} for n, cols in rows.items()}
     print(f"threads {args.threads}, rounds {args.rounds}; seconds: CPU (wall); medians\n")
-    print(f"{'stand-in':<12} {'plain':>14} {'twopass':>15} {'ratio':>6} {'pass 1':>14} {'pass 2':>14} "
+    print(f"{'stand-in':<14} {'plain':>14} {'twopass':>15} {'ratio':>6} {'pass 1':>14} {'pass 2':>14} "
           f"{'pass 2 / 1':>10}")
     for name in names:
         m = med[name]
-        print(f"{name:<12} {m['plain_cpu']:6.2f} ({m['plain_wall']:5.2f}) {m['twopass_cpu']:6.2f} "
+        print(f"{name:<14} {m['plain_cpu']:6.2f} ({m['plain_wall']:5.2f}) {m['twopass_cpu']:6.2f} "
               f"({m['twopass_wall']:6.2f}) {m['twopass_cpu'] / m['plain_cpu']:5.2f}x "
               f"{m['pass1_cpu_s']:6.2f} ({m['pass1_wall_s']:5.2f}) {m['pass2_cpu_s']:6.2f} ({m['pass2_wall_s']:5.2f}) "
               f"{m['pass2_cpu_s'] / m['pass1_cpu_s']:9.2f}x")
