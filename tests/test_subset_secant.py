@@ -15,6 +15,8 @@ from gammatrace.engine.hooks import evaluation_subset
 from gammatrace.engine.replay import replay
 from gammatrace.engine.session import build_session
 from gammatrace.engine.trainer import train_pass
+from gammatrace.reporting.collect import collect
+from gammatrace.reporting.survey import _subset_ratio, rsi_eb_figure
 from tests.conftest import tiny_config
 
 
@@ -80,6 +82,16 @@ def test_subset_rsi_eb_at_epoch_ends_equal_no_wrong_turns_with_decay_folded(tmp_
         assert abs(want["rsi_wd"] - want["rsi"]) > 1e-6 * abs(want["rsi"])  # the decay shows
         for col in ("loss", "rsi", "eb", "rsi_wd", "eb_wd"):
             np.testing.assert_allclose(row[col], want[col], rtol=1e-9, err_msg=f"{col} at step {row['step']}")
+    # The report reads the table as stored: its ratio ⟨G, θ_k − θ*⟩ / (‖G‖ d_k) = RSI/EB per epoch,
+    # drawn as circles beside the step table's RSI_k/EB_k; a claim window cuts it like the steps.
+    entry = collect([run.path])[0]
+    ratio = _subset_ratio(entry)
+    assert ratio.index.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(ratio.to_numpy(), [expected[k]["rsi"] / expected[k]["eb"] for k in (2, 5, 8)],
+                               rtol=1e-9)
+    assert entry.first_epochs(2).secant["epoch"].tolist() == [0, 1]
+    notes: list[str] = []
+    assert rsi_eb_figure({"momentum": [entry]}, tmp_path, notes) is not None and not notes
 
 
 def test_the_whole_training_set_is_said_full_batch_and_decoupled_decay_is_not_folded(tmp_path):

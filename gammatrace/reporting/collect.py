@@ -50,6 +50,9 @@ class RunEntry:
     # The curvature step-hook table (analysis/<ref>/curvature/, one row per measured step):
     # empty when the run's config has no curvature block.
     curvature: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # RSI and EB of the evaluation-subset loss at epoch ends (analysis/<ref>/subset_secant/,
+    # :class:`~gammatrace.engine.hooks.SubsetSecant`): empty without a curvature block.
+    secant: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def analysed(self) -> bool:
@@ -197,8 +200,8 @@ class RunEntry:
         steps = steps.iloc[: max(len(steps) - int(self.summary.get("tail") or 0), 0)]
         steps = steps[steps["epoch"] < n].reset_index(drop=True) if "epoch" in steps else steps.iloc[:0]
         epochs = self.epochs[self.epochs["epoch"] < n] if "epoch" in self.epochs else self.epochs
-        curvature = (self.curvature[self.curvature["epoch"] < n].reset_index(drop=True)
-                     if "epoch" in self.curvature else self.curvature)
+        curvature, secant = ((t[t["epoch"] < n].reset_index(drop=True) if "epoch" in t else t)
+                             for t in (self.curvature, self.secant))
         summary = dict(self.summary)
         raw = {"step", "progress", "lr", "loss", "dist_sq"} <= set(steps.columns)
         d0 = num(summary.get("d0_sq"))
@@ -211,7 +214,8 @@ class RunEntry:
                          if raw and (name == "gamma_rp" or "loss_ref" in steps) else P.certify(steps[name]))
                 summary.update({f"{name}_{key.removeprefix('gamma_')}": v for key, v in stats.items()
                                 if key not in ("conflict_steps", "zero_fail_steps")})
-        return replace(self, steps=steps, epochs=epochs, summary=summary, window=n, curvature=curvature)
+        return replace(self, steps=steps, epochs=epochs, summary=summary, window=n, curvature=curvature,
+                       secant=secant)
 
 
 FULL_LOSS, MEAN_BATCH_LOSS = "full training loss", "mean batch loss"
@@ -306,7 +310,8 @@ def collect(runs: list[str | Path | Run], reference: str | None = None) -> list[
         # Measured by a replay, never recomputed: at θ_k alone, so shared by every reference.
         curvature = load_hook_table(run, "curvature", name)
         entries.append(RunEntry(label, run, summary, None, steps=steps, epochs=epochs,
-                                layers=layers, layers_note=note, curvature=curvature))
+                                layers=layers, layers_note=note, curvature=curvature,
+                                secant=load_hook_table(run, "subset_secant", name)))
     return entries
 
 

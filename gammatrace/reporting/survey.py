@@ -298,7 +298,9 @@ def _ratio_blocks(runs: Sequence[StudyRun], out: str | Path) -> list[Block]:
 RSI_EB_CAPTION = (
     "Per epoch, the median over its steps of γ_k (top; paper 002's γ, θ* = θ_T) and of RSI_k/EB_k = "
     "⟨g_k, θ_k − θ*⟩ / (‖g_k‖ ‖θ_k − θ*‖) (bottom; the ratio \"No Wrong Turns\" calls γ, from the raw mini-batch "
-    "gradient: the cosine of g_k and θ_k − θ*), one line per cell: the median over its seeds.")
+    "gradient: the cosine of g_k and θ_k − θ*), one line per cell: the median over its seeds. Open circles, where "
+    "the run config has a curvature block: the same ratio with the gradient of the loss over the fixed evaluation "
+    "subset instead of g_k, at each epoch's last step (median over seeds).")
 # What the RSI/EB figure reads from each run's step table.
 RSI_EB_NEEDS = ("epoch", "gamma", "grad_dot", "grad_sq", "dist_sq")
 
@@ -309,6 +311,17 @@ def _ratio(steps: pd.DataFrame) -> pd.Series:
         return steps["rsi_eb"].astype(np.float64)
     den = np.sqrt(steps["grad_sq"].astype(np.float64) * steps["dist_sq"].astype(np.float64))
     return (steps["grad_dot"].astype(np.float64) / den).where(den > 0)
+
+
+def _subset_ratio(entry: RunEntry) -> pd.Series:
+    """RSI/EB of the evaluation-subset gradient at each epoch end (the ``subset_secant`` table:
+    ⟨G, θ_k − θ*⟩ / (‖G‖ d_k)), indexed by epoch like the per-epoch medians; empty without it."""
+    t = entry.secant
+    if not {"epoch", "grad_dot", "grad_sq", "dist_sq"} <= set(t.columns):
+        return pd.Series(dtype=np.float64)
+    den = np.sqrt(t["grad_sq"].to_numpy(np.float64) * t["dist_sq"].to_numpy(np.float64))
+    ratio = np.where(den > 0, t["grad_dot"].to_numpy(np.float64) / np.where(den > 0, den, 1.0), np.nan)
+    return pd.Series(ratio, index=t["epoch"].to_numpy())
 
 
 def rsi_eb_figure(cells: Mapping[str, Sequence[RunEntry]], out: str | Path, notes: list[str], title: str = "",
@@ -341,18 +354,24 @@ def rsi_eb_figure(cells: Mapping[str, Sequence[RunEntry]], out: str | Path, note
                              if miss else f"{e.label}: RSI/EB figure skipped (not analysed)")
                 continue
             st = e.steps.assign(rsi_eb=_ratio(e.steps))
-            per_run.append((gamma_epoch_stats(st)["median"], gamma_epoch_stats(st, "rsi_eb")["median"]))
+            per_run.append((gamma_epoch_stats(st)["median"], gamma_epoch_stats(st, "rsi_eb")["median"],
+                            _subset_ratio(e)))
         if per_run:
-            lines[cell] = tuple(pd.concat([r[i] for r in per_run], axis=1).median(axis=1) for i in (0, 1))
+            lines[cell] = tuple(pd.concat([r[i] for r in per_run], axis=1).median(axis=1) for i in (0, 1, 2))
     if not lines:
         return None
     colors = dict(zip(lines, run_colors(len(lines)), strict=True))
     fig = MplFigure(figsize=(6.4, 5.2))
     top, bottom = fig.subplots(2, 1, sharex=True)
-    for cell, (gamma, ratio) in lines.items():
+    for cell, (gamma, ratio, subset) in lines.items():
         top.plot(gamma.index, gamma.to_numpy(), color=colors[cell], label=cell)
         bottom.plot(ratio.index, ratio.to_numpy(), color=colors[cell], label=cell)
-    values = np.concatenate([g.to_numpy() for g, _ in lines.values()])
+        if subset.notna().any():
+            bottom.plot(subset.index, subset.to_numpy(), "o", ms=3.5, mfc="none", color=colors[cell])
+    if any(subset.notna().any() for _, _, subset in lines.values()):
+        bottom.plot([], [], "o", ms=3.5, mfc="none", color="grey", label="evaluation-subset gradient, epoch ends")
+        bottom.legend(fontsize=7, loc="lower right")
+    values = np.concatenate([g.to_numpy() for g, _, _ in lines.values()])
     values = values[np.isfinite(values)]
     top.set_yscale("log" if len(values) and (values > 0).all() else "symlog")
     top.set_ylabel("median γ_k")
