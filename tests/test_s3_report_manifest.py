@@ -66,6 +66,7 @@ def test_a_remote_report_removes_only_what_its_manifest_lists(run_url):
     assert _all(files) == {*first, MANIFEST, *USERS}
 
 
+@pytest.mark.slow  # ~20 s (three reports on S3); the default run keeps the test above
 def test_a_damaged_manifest_or_one_naming_keys_outside_removes_nothing(run_url):
     out = f"{run_url}-rep-{uuid.uuid4().hex[:6]}"
     files, runs = ObjectFiles(location(out)), ObjectFiles(location(run_url))
