@@ -7,6 +7,7 @@ own state after its step; the trajectory bit for bit unchanged; a resumed analys
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
 import pandas as pd
@@ -359,3 +360,89 @@ def test_a_curvature_column_no_run_measured_is_one_note_not_a_row_of_skips(tmp_p
     assert not any("trace row skipped" in n for n in notes), notes
     assert sum("trace" in n for n in notes) == 1, notes
     assert "trace row not drawn: no run measured it (trace_samples: 0)" in notes
+
+
+_SCRIPT = '''
+import torch, gammatrace
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+                            torch.nn.Dropout(0.2), torch.nn.Linear(5, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
+probe = gammatrace.attach(model, opt, loss_fn=loss_fn, curvature={"every": 2, "k": 2}, curvature_batch=data[0])
+for b in data:
+    opt.zero_grad(); loss = loss_fn(model, b); loss.backward(); probe.batch(b, loss); opt.step()
+'''
+
+
+def _script_loop(curvature=None, reference=None):
+    """The script's loop in-process: a probe (with curvature when asked) against ``reference``."""
+    torch.manual_seed(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
+    probe = Probe(model, opt, _mse_mean, reference=reference, curvature=curvature, curvature_batch=data[0])
+    for b in data:
+        opt.zero_grad()
+        loss = _mse_mean(model, b)
+        loss.backward()
+        probe.batch(b, loss)
+        opt.step()
+    return model, probe
+
+
+def _mse_mean(m, b):
+    return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+
+def test_a_two_pass_run_folder_holds_the_curvature_pass_2_measured(tmp_path):
+    # TwoPass and `gammatrace twopass` measure curvature in pass 2 and write it with the run as
+    # the engine's table; equal to a plain reference-mode probe's against the same θ_T, and
+    # pass 2 still verifies bit for bit (dropout and batch norm in the loop).
+    import gammatrace
+    from gammatrace.engine.script import run_twopass
+    from gammatrace.engine.twopass import save_run
+
+    model, _ = _script_loop()
+    theta_T = {k: v.clone() for k, v in model.state_dict().items()}
+    _, direct = _script_loop({"every": 2, "k": 2}, reference=theta_T)
+    expected = direct.curvature_table()
+    assert expected["step"].tolist() == [0, 2, 4]
+
+    def build():
+        torch.manual_seed(0)
+        m = _Net()
+        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+    def train(m, opt, probe):
+        data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
+        for b in data:
+            opt.zero_grad()
+            loss = _mse_mean(m, b)
+            loss.backward()
+            probe.batch(b, loss)
+            opt.step()
+
+    gammatrace.TwoPass(build, train, loss_fn=_mse_mean, seed=0, threads=1, out=tmp_path / "tp",
+                       curvature={"every": 2, "k": 2}).run()
+    table = load_hook_table(tmp_path / "tp", "curvature")
+    assert table["step"].tolist() == [0, 2, 4] and np.isfinite(table["lambda_1"]).all()
+
+    # save_run of a reference-mode probe writes it as analysis/probe/curvature/; a record-mode
+    # probe's table has no analysis to live in, and saying so beats dropping it silently.
+    save_run(direct, tmp_path / "saved")
+    pd.testing.assert_frame_equal(load_hook_table(tmp_path / "saved", "curvature"), expected, check_dtype=False)
+    _, record = _script_loop({"every": 2, "k": 2})
+    with pytest.warns(UserWarning, match="record-mode probe's curvature table is not written"):
+        save_run(record, tmp_path / "record")
+
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT)
+    run_twopass([sys.executable, str(script)], tmp_path / "script", quiet=True, threads=1)
+    scripted = load_hook_table(tmp_path / "script", "curvature")
+    assert scripted["step"].tolist() == [0, 2, 4]
+    # The script's loop is the in-process one (same seed, model, data): the same numbers.
+    for col in ("lambda_1", "lambda_2", "sharpness", "beta_eff", "loss_range_min"):
+        np.testing.assert_allclose(scripted[col].to_numpy(float), expected[col].to_numpy(float), rtol=1e-6,
+                                   err_msg=col)

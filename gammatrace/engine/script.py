@@ -187,9 +187,13 @@ class PassRecord:
     tensors: pd.DataFrame = field(default_factory=pd.DataFrame)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
     d0_sq: float | None = None
+    curvature: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def raw_steps(self) -> pd.DataFrame:
         return self.steps
+
+    def curvature_table(self) -> pd.DataFrame:
+        return self.curvature
 
     def skipped(self) -> pd.DataFrame:
         return self.skips
@@ -209,7 +213,8 @@ class PassRecord:
                    meta=json.loads(obj["meta"]),
                    tensors=_obj_to_frame(obj["tensors"]) if obj.get("tensors") else pd.DataFrame(),
                    samples=_obj_to_frame(obj["samples"]) if obj.get("samples") else pd.DataFrame(),
-                   d0_sq=obj.get("d0_sq"))
+                   d0_sq=obj.get("d0_sq"),
+                   curvature=_obj_to_frame(obj["curvature"]) if obj.get("curvature") else pd.DataFrame())
 
 
 def _rank_world() -> tuple[int, int]:
@@ -373,6 +378,8 @@ class ScriptPass:
         if self.rank == 0:
             obj.update(tensors=_frame_to_obj(probe.tensor_steps()) if probe.mode == "reference" else None,
                        samples=_frame_to_obj(probe.sample_steps()), d0_sq=probe.d0_sq)
+            curvature = probe.curvature_table()
+            obj["curvature"] = _frame_to_obj(curvature) if len(curvature) else None
             # No measured step: θ as it is now (the runner refuses a run without steps anyway).
             _save(self._snapshot if self._snapshot is not None else _state(probe.model), self.folder / "final.pt")
         _save(obj, self.folder / f"rank{self.rank}.pt")

@@ -47,6 +47,7 @@ import math
 import os
 import random
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from torch import nn
 
 from gammatrace import principles as P
 from gammatrace.config import RunConfig, check_name
+from gammatrace.curvature import CurvatureConfig
 from gammatrace.engine.replay import ReplayMismatchError
 from gammatrace.engine.session import provenance
 from gammatrace.engine.trainer import RunConflictError
@@ -445,6 +447,9 @@ class TwoPass:
             (``check`` to both passes' probes).
         out: write the run folder here (:func:`save_run`) after pass 2; checked before
             pass 1, so a folder that already holds a run is refused before any training.
+        curvature, curvature_batch: curvature along the path, as ``Probe(curvature=...)``,
+            measured by pass 2 only (θ_k is the same in both passes) and written with the run
+            as ``analysis/<ref>/curvature/`` (``gammatrace.analysis.load_hook_table``).
 
     Between the passes the helper compares every step bit for bit: loss, ‖Δ_k‖², ‖g_k‖²,
     learning rate and epoch, the skipped steps, the fingerprint of every batch, the thread
@@ -506,6 +511,8 @@ class TwoPass:
         kernel: str | None = None,
         check: bool | int = True,
         out: str | Path | None = None,
+        curvature: CurvatureConfig | Mapping[str, Any] | None = None,
+        curvature_batch: Any = None,
     ):
         if not callable(build) or not callable(train):
             raise UserError("TwoPass(build, train, ...): build and train must be callables")
@@ -522,6 +529,7 @@ class TwoPass:
         self.reference, self.continuation = reference, continuation
         self.deterministic = deterministic
         self.per_tensor, self.kernel, self.check = per_tensor, kernel, check
+        self.curvature, self.curvature_batch = curvature, curvature_batch
         self.out = out
         self.result: TwoPassResult | None = None
 
@@ -540,9 +548,13 @@ class TwoPass:
 
     def _probe(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                reference: Mapping[str, torch.Tensor] | None) -> _PassProbe | PendingProbe:
+        # Curvature at θ_k, which both passes share: measured once, by pass 2 (reference given).
+        measured = ({"curvature": self.curvature, "curvature_batch": self.curvature_batch}
+                    if reference is not None and self.curvature is not None else {})
+
         def make(optimizer: torch.optim.Optimizer) -> _PassProbe:
             return _PassProbe(model, optimizer, self.loss_fn, reference=reference, per_tensor=self.per_tensor,
-                              kernel=self.kernel, check=self.check)
+                              kernel=self.kernel, check=self.check, **measured)
 
         return PendingProbe(make) if optimizer is None else make(optimizer)
 
@@ -904,6 +916,13 @@ def _meta(config: dict[str, Any], steps: pd.DataFrame, **fields: Any) -> RunMeta
                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields)
 
 
+def _write_curvature(store: RunStore, ref: str, table: pd.DataFrame) -> None:
+    """The probe's curvature rows as the engine's step-hook table ``analysis/<ref>/curvature/``
+    (one shard per epoch; nothing when the probe measured none)."""
+    if len(table):
+        _write_shards(store, store.analysis(ref, "curvature"), table)
+
+
 def _write_analysis(store: RunStore, ref: str, raw: pd.DataFrame, tensors: pd.DataFrame, samples: pd.DataFrame,
                     summary: dict[str, Any], d0_sq: float | None) -> None:
     steps = P.derive(raw, d0_sq=d0_sq)
@@ -934,6 +953,8 @@ def _save_two_pass(store: RunStore, r: TwoPassResult, name: str, **own_loop: Any
                                displacement=r.displacement, d0_sq=r.d0_sq, epochs=epochs)
     summary["n_skipped"] = len(r.skipped())
     _write_analysis(store, r.reference_name, raw, r.tensor_steps(), r.sample_steps(), summary, r.d0_sq)
+    if r._probe is not None:
+        _write_curvature(store, r.reference_name, r._probe.curvature_table())
     own = {"recorded_by": "TwoPass", "reference": r.reference_name, "d0_sq": r.d0_sq, "seed": r.seed,
            "threads": r.threads, "deterministic": r.deterministic, "model": r.model_class,
            "optimizer": r.optimizer_class, "n_skipped": len(r.skipped()), **own_loop}
@@ -971,8 +992,14 @@ def _save_probe(store: RunStore, probe: Probe, name: str) -> Run:
                                    displacement=None, d0_sq=d0, epochs=epochs)
         summary["n_skipped"] = len(skipped)
         _write_analysis(store, "probe", raw, probe.tensor_steps(), probe.sample_steps(), summary, d0)
+        _write_curvature(store, "probe", probe.curvature_table())
         own.update(reference="probe", d0_sq=d0, d0_measured_at_step_0=probe.d0_sq is not None)
         status = Status.COMPLETE
+    elif len(probe.curvature_table()):
+        # A step-hook table belongs to an analysis (DESIGN §4): a record has none to hold it.
+        warnings.warn("save_run: a record-mode probe's curvature table is not written (it is kept with an "
+                      "analysis: a reference-mode probe or TwoPass); read it from probe.curvature_table()",
+                      stacklevel=3)
     prov = {**provenance(RunConfig.model_construct(threads=torch.get_num_threads(), device=device)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     store.write_meta(_meta(config, raw, status=status, provenance=prov, n_params=n_params,

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from gammatrace.curvature import CurvatureConfig
 from gammatrace.engine.script import PassContext, ScriptPass
 from gammatrace.engine.twopass import _PassProbe, _rng_digest
 from gammatrace.errors import UserError
@@ -58,7 +59,9 @@ def _distributed(model: nn.Module) -> bool:
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None,
            loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, per_tensor: bool = True,
-           kernel: str | None = None, check: bool | int = True, quiet: bool = False) -> Probe | DistributedProbe:
+           kernel: str | None = None, check: bool | int = True, quiet: bool = False,
+           curvature: CurvatureConfig | Mapping[str, Any] | None = None,
+           curvature_batch: Any = None) -> Probe | DistributedProbe:
     """The probe of this script: the pass's under ``gammatrace twopass``, else a record-mode one.
 
     Args:
@@ -68,6 +71,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         loss_fn: ``loss_fn(model, batch) -> loss``, the loop's loss on the batches given to
             ``probe.batch``; pass 2 evaluates ℓ(θ*; B_k) with it (required there).
         per_tensor, kernel, check: as for :class:`gammatrace.Probe`.
+        curvature, curvature_batch: as for :class:`gammatrace.Probe`: curvature along the path
+            (not with a distributed model). Under the runner pass 2 measures it (at θ_k,
+            which both passes share; pass 1 does not) and the run folder holds it as
+            ``analysis/<ref>/curvature/``; outside it, read ``probe.curvature_table()``.
         quiet: no notice outside the runner.
 
     Attach after the model and optimizer are made and before the first step. See the
@@ -76,6 +83,12 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None,
     ctx = PassContext.from_environment()
     distributed = _distributed(model)
     options: dict[str, Any] = {"per_tensor": per_tensor, "kernel": kernel, "check": check}
+    if curvature is not None:
+        if distributed:
+            raise UserError("gammatrace.attach(curvature=...) measures on one process's model: not with a "
+                            "distributed (DDP/FSDP) model")
+        if ctx is None or ctx.number == 2:  # θ_k is pass 1's too: measured once, by pass 2
+            options.update(curvature=curvature, curvature_batch=curvature_batch)
     if ctx is None:
         if not quiet and os.environ.get("RANK", "0") == "0":
             print(_NOTICE, file=sys.stderr)
