@@ -72,6 +72,27 @@ def test_report_keeps_the_users_files_beside_it(analysed, tmp_path, capsys):
         assert (docs / name).read_bytes() == data, name
 
 
+def test_report_never_overwrites_a_users_file_of_the_same_name(analysed, tmp_path, capsys):
+    # docs/trajectory.png of the user's own, no manifest listing it: the report would replace it.
+    # Refused in one line before anything is written; a folder the tool owns (a run's report/,
+    # reports written before manifests existed) and a report's own earlier files are overwritten.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "trajectory.png").write_bytes(b"the user's figure")
+    before = _tree(docs)
+    assert main(["report", str(analysed), "--out", str(docs)]) == 2
+    line = one_error_line(capsys)
+    assert "trajectory.png" in line and "no earlier report here wrote it" in line
+    after = _tree(docs)
+    after.pop(".lock", None)  # the writers' lock file (fcntl), kept as every lock of the tool is
+    assert after == before
+    run = _copy(analysed, tmp_path)
+    (run / "report").mkdir(exist_ok=True)
+    (run / "report" / "trajectory.png").write_bytes(b"an old report's, before manifests")
+    assert main(["report", str(run), "--out", str(run / "report")]) == 0
+    assert (run / "report" / "trajectory.png").read_bytes() != b"an old report's, before manifests"
+
+
 def test_a_figure_the_last_report_drew_and_this_one_skips_is_removed(analysed, tmp_path):
     out = tmp_path / "out"
     gammatrace.report([analysed], out)

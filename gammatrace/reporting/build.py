@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -173,14 +174,42 @@ def _manifest_text(names: list[str]) -> str:
     return json.dumps({"files": sorted(set(names))}, indent=1) + "\n"
 
 
+class ReportOverwriteError(UserError):
+    """The report would replace a file in its output folder that no earlier report wrote."""
+
+
+def _refuse_foreign(out: Any, new: list[str], old: list[str], exists: Any, owned: bool) -> None:
+    """Refuse, before anything is written, a report that would overwrite a file of the user's:
+    one in ``out`` with a name the report writes that the folder's manifest (what the last
+    report there wrote) does not list. A folder the tool owns — inside a run or study folder,
+    where reports were written before manifests existed — is the tool's own."""
+    if owned:
+        return
+    # A link planted where the report writes is write_inside's to refuse, in its own words.
+    foreign = [rel for rel in new if rel not in old and exists(rel) and not os.path.islink(f"{out}/{rel}")]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ReportOverwriteError(
+            f"{out}/{foreign[0]}{more} exists and no earlier report here wrote it (the folder's {MANIFEST} does not "
+            f"list it): the report would overwrite it; move it or choose another --out")
+
+
+def _owned(folder: Path) -> bool:
+    """Whether ``folder`` is (inside) a run or study folder."""
+    here = Path(folder).resolve()
+    return any((p / "run.json").is_file() or (p / "study.json").is_file() for p in (here, *here.parents))
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Copy the report drawn in ``stage`` into ``out`` (every file through
     :func:`~gammatrace.store.backend.write_inside`), then remove what the last report there
     wrote and this one did not: a figure skipped this time must not be mistaken for this
     report's. The manifest lists both until they are gone, so an interrupted publish
-    forgets nothing."""
+    forgets nothing. A file of the user's with a name the report writes is refused
+    (:func:`_refuse_foreign`)."""
     new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
     old = _manifest(out)
+    _refuse_foreign(out, new, old, lambda rel: os.path.lexists(out / rel), _owned(out))
 
     def manifest(names: list[str]) -> None:
         text = _manifest_text(names)
@@ -212,6 +241,14 @@ def publish_remote(local: Path, out: Location) -> None:
         >>> publish_remote(local, out)
         >>> files.list(), _listed(files.read_bytes(MANIFEST))
         (['.gammatrace-report.json', 'layers.png', 'layers_mine.png', 'report.html'], ['layers.png', 'report.html'])
+        >>> theirs = ObjectFiles(Location("memory://bucket/docs"))
+        >>> theirs.write_bytes("layers.png", b"the user's, of the same name")
+        >>> publish_remote(local, Location("memory://bucket/docs"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        gammatrace.reporting.build.ReportOverwriteError: memory://bucket/docs/layers.png exists and no earlier report here wrote it ...
+        >>> theirs.list(), theirs.read_bytes("layers.png")
+        (['layers.png'], b"the user's, of the same name")
     """
     files = ObjectFiles(out)
     new = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
@@ -220,6 +257,10 @@ def publish_remote(local: Path, out: Location) -> None:
         old = _listed(files.read_bytes(MANIFEST))
     except FileNotFoundError:
         old = []
+    present = set(files.list())
+    parent = ObjectFiles(out.parent)
+    owned = any(f.is_file(name) for f in (files, parent) for name in ("run.json", "study.json"))
+    _refuse_foreign(out, new, old, lambda rel: rel in present, owned)
     # Both listed until the stale ones are gone: an interrupted publish forgets nothing.
     files.write_bytes(MANIFEST, _manifest_text(old + new).encode())
     for rel in new:
