@@ -100,17 +100,22 @@ def report_beside_user_files(t: Trial) -> tuple[bool, str]:
     docs = t.tmp / "docs"
     docs.mkdir()
     # Names the old cleanup's patterns (trajectory*|layers*|theorem1*|matched* .png/.pdf)
-    # matched, never one this report writes itself (trajectory.png, layers.pdf, ...): a file
-    # of exactly that name is replaced, as by any command's output of that name.
+    # matched; in a third of the trials also one the report writes itself (trajectory.png,
+    # summary.md, ...), which must be refused in one line with nothing written.
     stems = ["trajectory", "layers", "theorem1", "matched"]
     for _ in range(t.rng.randint(1, 4)):
         name = f"{t.rng.choice(stems)}{t.rng.choice(['_', '-', '_2024', '-notes', '_pairs', '2'])}" \
                f"{t.rng.choice(['.png', '.pdf'])}"
         (docs / name).write_bytes(os.urandom(32))
+    same = t.rng.random() < 1 / 3
+    if same:
+        (docs / t.rng.choice(["trajectory.png", "layers.pdf", "summary.md", "report.html"])).write_bytes(os.urandom(32))
     before = tree_hashes(docs)
     rc, err = quiet_main(["report", str(run), "--out", str(docs)])
     after = tree_hashes(docs)
-    return rc == 0 and all(after.get(k) == v for k, v in before.items()), f"rc {rc}, {sorted(before)}, {err}"
+    kept = all(after.get(k) == v for k, v in before.items())
+    refused = one_line(rc, err) and "no earlier report here wrote it" in err[0] and set(after) - {".lock"} == set(before)
+    return (refused if same else rc == 0) and kept, f"rc {rc}, {sorted(before)}, {err}"
 
 
 def _writer_report_file(t: Trial, target: Path) -> list[str]:
