@@ -21,12 +21,16 @@ from gammatrace.engine.replay import replay, shared_table
 from gammatrace.engine.trainer import train_pass
 from gammatrace.errors import UserError
 from gammatrace.probe.probe import REFERENCE_COLUMNS
+from gammatrace.probe.table import FOLDED_COLUMNS, USED_COLUMNS
 from gammatrace.store.run import OWN_LOOP, Run, Status, StoreError, jsonable
 from gammatrace.store.summary import RunSummary
 
 # What every analysed step shard must hold, with its dtype (a shard without one, or with
 # another type, is damaged: never NaN, never truncated to integers).
 RAW_STEP_COLUMNS = {"step": "int64", "epoch": "int64", "lr": "float64", **dict.fromkeys(REFERENCE_COLUMNS, "float64")}
+# Columns a replay writes where it measures them (the gradient the optimizer received, the
+# folded weight decay): a damaged type there is a damaged file too, never a column carried on.
+OPTIONAL_STEP_COLUMNS = dict.fromkeys((*USED_COLUMNS, *FOLDED_COLUMNS), "float64")
 
 
 def analyze(run: str | Path | Run, reference: str | None = None, *, tail: int | None = None,
@@ -194,7 +198,7 @@ def _analyze_locked(run: Run, cfg: RunConfig, reference: str | None, tail: int, 
     def measured(*parts: str) -> str:  # what the replay measured: θ* alone
         return store.analysis(ref_name, *parts)
 
-    raw = store.read_shards(measured("steps"), required=RAW_STEP_COLUMNS)
+    raw = store.read_shards(measured("steps"), required=RAW_STEP_COLUMNS, optional=OPTIONAL_STEP_COLUMNS)
     steps = P.derive(raw, ell_inf=ell_inf, eps=cfg.analysis.eps)
     for epoch, frame in steps.groupby("epoch", sort=True):
         store.write_parquet(store.shard(at("steps"), int(epoch)), frame)

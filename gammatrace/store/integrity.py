@@ -117,7 +117,10 @@ def read_parquet(path: str) -> pd.DataFrame:
                 raise ValueError
         except ValueError:
             raise DamagedTable("its column checksums are unreadable") from None
-        found = column_digests(table)
+        try:
+            found = column_digests(table)
+        except UnicodeDecodeError:  # a bit flipped inside a column's name in the schema
+            raise DamagedTable("its column names are unreadable (not UTF-8)") from None
         bad = sorted(c for c in set(found) | set(sums) if found.get(c) != sums.get(c))
         if bad:
             raise DamagedTable(f"column(s) {', '.join(bad)} differ from what was written (checksum)")

@@ -508,10 +508,12 @@ class RunStore:
         :mod:`gammatrace.store.integrity`)."""
         self._atomic(rel, lambda p: integrity.write_parquet(frame, p))
 
-    def read_parquet(self, rel: str, required: Iterable[str] | Mapping[str, str] = ()) -> pd.DataFrame:
+    def read_parquet(self, rel: str, required: Iterable[str] | Mapping[str, str] = (),
+                     optional: Mapping[str, str] | None = None) -> pd.DataFrame:
         """A table, verified against the checksums written with it. ``required`` columns
         (a mapping: with their dtypes; names alone: of a real-number dtype) that are missing
-        or of another type make it a damaged file, never a NaN or truncated column."""
+        or of another type make it a damaged file, never a NaN or truncated column; so do
+        ``optional`` columns (name: dtype) that are present with another type."""
         path = self.path(rel)
         # An analysis table is recomputed from the run; a pass-1 table only by retraining.
         fix = ("remove it and rerun the same command to recompute it" if rel.startswith("analysis/")
@@ -531,6 +533,10 @@ class RunStore:
         if wrong:
             expected = ", ".join(f"{c} {required[c]}" for c in required) if isinstance(required, Mapping) else "numbers"
             raise StoreError(f"{path} is damaged: column {wrong[0]} (expected {expected}); {fix}")
+        odd = [c for c, dtype in (optional or {}).items() if c in frame.columns and str(frame[c].dtype) != dtype]
+        if odd:
+            raise StoreError(f"{path} is damaged: column {odd[0]} is {frame[odd[0]].dtype} "
+                             f"(expected {optional[odd[0]]}); {fix}")  # type: ignore[index]
         return frame
 
     def shard_paths(self, folder: str) -> list[str]:
@@ -539,10 +545,12 @@ class RunStore:
         d = self.path(folder)
         return sorted(f"{folder}/{p.name}" for p in d.glob("epoch_*.parquet")) if d.is_dir() else []
 
-    def read_shards(self, folder: str, required: Iterable[str] | Mapping[str, str] = ()) -> pd.DataFrame:
-        """Concatenate the per-epoch shards of a folder in epoch order."""
+    def read_shards(self, folder: str, required: Iterable[str] | Mapping[str, str] = (),
+                    optional: Mapping[str, str] | None = None) -> pd.DataFrame:
+        """Concatenate the per-epoch shards of a folder in epoch order (columns checked as
+        :meth:`read_parquet` does)."""
         required = dict(required) if isinstance(required, Mapping) else tuple(required)
-        frames = [self.read_parquet(rel, required) for rel in self.shard_paths(folder)]
+        frames = [self.read_parquet(rel, required, optional) for rel in self.shard_paths(folder)]
         frames = [f for f in frames if len(f)]
         if not frames:
             return pd.DataFrame()
