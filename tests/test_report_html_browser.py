@@ -50,7 +50,8 @@ def _chromium(exe: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def study_report(tmp_path_factory):
-    # Two groups of one run each, no claim: six figures (trajectory, Theorem 1, layers per group).
+    # Two groups of one run each, no claim: eight figures (trajectory, RSI/EB beside γ, Theorem 1,
+    # layers per group).
     out = tmp_path_factory.mktemp("browser") / "s"
     spec = {"name": "b", "base": tiny_config(), "variants": {"relu": {"model": {"activation": "relu"}}},
             "groups": {"narrow": {}, "wide": {"base": {"model": {"width": 16}}}}}
@@ -60,7 +61,7 @@ def study_report(tmp_path_factory):
 def test_every_figure_renders(browser, study_report, tmp_path):
     html = study_report.read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (study_report.parent / "summary.md").read_text())
-    assert len(figures) == 6 and html.count("<img ") == 6
+    assert len(figures) == 8 and html.count("<img ") == 8
     page = tmp_path / "check.html"
     page.write_text(html.replace("</body>", CHECK + "\n</body>"), encoding="utf-8")
     result = _chromium(browser, tmp_path, "--dump-dom", page.as_uri())

@@ -4,7 +4,7 @@ their report checks (the executors that run their tasks are :mod:`gammatrace.exe
 Example:
     >>> from gammatrace.experiments import STUDIES
     >>> STUDIES.names()
-    ['activation', 'batchnorm', 'init', 'optimizer', 'skip']
+    ['activation', 'batchnorm', 'init', 'optimizer', 'skip', 'width']
     >>> study = STUDIES.get("activation")("quick", None)
     >>> study.name, study.preset
     ('activation', 'quick')
