@@ -369,8 +369,8 @@ def rsi_eb_figure(cells: Mapping[str, Sequence[RunEntry]], out: str | Path, note
         if subset.notna().any():
             bottom.plot(subset.index, subset.to_numpy(), "o", ms=3.5, mfc="none", color=colors[cell])
     if any(subset.notna().any() for _, _, subset in lines.values()):
-        bottom.plot([], [], "o", ms=3.5, mfc="none", color="grey", label="evaluation-subset gradient, epoch ends")
-        bottom.legend(fontsize=7, loc="lower right")
+        # Said above the axis: a legend inside it covers the curves.
+        bottom.set_title("lines: mini-batch g_k; circles: the evaluation subset's gradient at epoch ends", fontsize=8)
     values = np.concatenate([g.to_numpy() for g, _, _ in lines.values()])
     values = values[np.isfinite(values)]
     top.set_yscale("log" if len(values) and (values > 0).all() else "symlog")
