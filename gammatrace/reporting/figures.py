@@ -112,7 +112,9 @@ def legend_label(entry: RunEntry) -> str:
     return f"{entry.label} (no progress)" if entry.no_progress else entry.label
 
 
-def _save(fig: Figure, out: Path, stem: str) -> Path:
+def save_figure(fig: Figure, out: str | Path, stem: str) -> Path:
+    """Write ``<stem>.png`` (120 dpi) and ``<stem>.pdf`` into ``out``; the PNG's path."""
+    out = Path(out)
     png = out / f"{stem}.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
     fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
@@ -537,7 +539,7 @@ def trajectory_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=min(len(handles), 3))
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, out, stem)
+    return save_figure(fig, out, stem)
 
 
 def options_notes(entries: Sequence[RunEntry]) -> list[str]:
@@ -629,7 +631,7 @@ def theorem1_figure(cells: dict[str, list[RunEntry]], out: str | Path, notes: li
     ax_r.legend(fontsize=7, ncols=2, loc="best")
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, out, stem)
+    return save_figure(fig, out, stem)
 
 
 # --------------------------------------------------------------- γ at matched loss
@@ -666,7 +668,7 @@ def matched_figure(panels: dict[str, tuple[dict[str, list[RunEntry]], object]], 
         _matched_panel(ax, panel, cells, m, rng)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, out, stem)
+    return save_figure(fig, out, stem)
 
 
 def _matched_panel(ax: Axes, panel: str, cells: dict[str, list[RunEntry]], m: Any, rng: np.random.Generator) -> None:
@@ -801,4 +803,4 @@ def layers_figure(entries: Sequence[RunEntry], out: str | Path, notes: list[str]
     fig.text(0.5, -0.01, r"bar labels: fraction of steps on which the tensor pulled against ($P_{k,i} < 0$)",
              ha="center", fontsize=7, color="0.35")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return _save(fig, out, stem)
+    return save_figure(fig, out, stem)

@@ -56,7 +56,7 @@ from gammatrace.principles.survey import (
 from gammatrace.reporting.claims import exclusion
 from gammatrace.reporting.collect import RunEntry, num
 from gammatrace.reporting.document import Block, Bullets, Figure, Heading, Table, Text, fmt
-from gammatrace.reporting.figures import gamma_epoch_stats, run_colors
+from gammatrace.reporting.figures import gamma_epoch_stats, run_colors, save_figure
 from gammatrace.reporting.study import REFERENCES, StudyRun
 from gammatrace.store.run import RunStore, StoreError
 from gammatrace.store.study import StudyMeta
@@ -383,11 +383,7 @@ def rsi_eb_figure(cells: Mapping[str, Sequence[RunEntry]], out: str | Path, note
     top.legend(fontsize=8)
     if title:
         top.set_title(title, fontsize=9)
-    out = Path(out)
-    png = out / f"{stem}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
-    return png
+    return save_figure(fig, out, stem)
 
 
 GAMMA_LAMBDA_CAPTION = (
@@ -446,8 +442,4 @@ def gamma_lambda_figure(runs: Sequence[StudyRun], tables: Mapping[str, pd.DataFr
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    out = Path(out)
-    png = out / f"{stem}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
-    return png
+    return save_figure(fig, out, stem)
