@@ -189,3 +189,18 @@ class Recorder:
             out["losses_ref"].append(refs)
             out["ns"].append([m[2] for m in s["micro"]])
         return out
+
+
+class ParameterHook:
+    """An engine step hook (``replay(..., hooks=(ParameterHook,))``) recording θ_k itself at
+    every step — every trainable tensor, flattened in order, as columns ``p0, p1, …`` of the
+    table ``analysis/<ref>/params/`` — for brute forces that recompute a quantity at θ_k."""
+
+    name = "params"
+
+    def __init__(self, session, reference):
+        self.params = [p for p in session.model.parameters() if p.requires_grad]
+
+    def __call__(self, batch):
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
+        return {f"p{i}": v for i, v in enumerate(flat)}

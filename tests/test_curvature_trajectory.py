@@ -22,6 +22,7 @@ from gammatrace.engine.trainer import train_pass
 from gammatrace.probe import Probe
 from gammatrace.store.run import Run
 from tests.conftest import tiny_config
+from tests.oracle import ParameterHook
 
 
 def _teacher(**overrides) -> dict:
@@ -33,19 +34,6 @@ def _teacher(**overrides) -> dict:
                           "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9},
                           "curvature": {"every": 2, "k": 3, "trace_samples": 1000, "subset": 32, "tol": 1e-13},
                           **overrides})
-
-
-class _Parameters:
-    """θ_k itself at every step (every trainable tensor, flattened in order)."""
-
-    name = "params"
-
-    def __init__(self, session, reference):
-        self.params = [p for p in session.model.parameters() if p.requires_grad]
-
-    def __call__(self, batch):
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
-        return {f"p{i}": v for i, v in enumerate(flat)}
 
 
 def _set(model: torch.nn.Module, theta: torch.Tensor) -> None:
@@ -99,7 +87,7 @@ def _mse(m, b):
 
 def test_engine_table_equals_a_dense_hessian_and_a_loop_over_s_with_batch_norm_in_train_mode(tmp_path):
     run = train_pass(_teacher(), tmp_path / "run", progress=False)
-    replay(run.path, "last", hooks=(_Parameters,), progress=False)
+    replay(run.path, "last", hooks=(ParameterHook,), progress=False)
     analyze(run.path, progress=False)  # reuses that replay: the curvature table is not recomputed
     table = load_hook_table(run, "curvature")
     thetas = run.store.read_shards("analysis/last/params")
@@ -376,19 +364,29 @@ for b in data:
 '''
 
 
-def _script_loop(curvature=None, reference=None):
-    """The script's loop in-process: a probe (with curvature when asked) against ``reference``."""
+def _build():
+    """The script's model and optimizer (seeded as the script seeds them)."""
     torch.manual_seed(0)
     model = _Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
-    probe = Probe(model, opt, _mse_mean, reference=reference, curvature=curvature, curvature_batch=data[0])
-    for b in data:
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _train(model, opt, probe, data=None):
+    """The script's loop over its six batches (drawn here, after the model, when not given)."""
+    for b in data if data is not None else [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]:
         opt.zero_grad()
         loss = _mse_mean(model, b)
         loss.backward()
         probe.batch(b, loss)
         opt.step()
+
+
+def _script_loop(curvature=None, reference=None):
+    """The script's loop in-process: a probe (with curvature when asked) against ``reference``."""
+    model, opt = _build()
+    data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
+    probe = Probe(model, opt, _mse_mean, reference=reference, curvature=curvature, curvature_batch=data[0])
+    _train(model, opt, probe, data)
     return model, probe
 
 
@@ -410,21 +408,7 @@ def test_a_two_pass_run_folder_holds_the_curvature_pass_2_measured(tmp_path):
     expected = direct.curvature_table()
     assert expected["step"].tolist() == [0, 2, 4]
 
-    def build():
-        torch.manual_seed(0)
-        m = _Net()
-        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-
-    def train(m, opt, probe):
-        data = [(torch.randn(8, 3), torch.randn(8, 2)) for _ in range(6)]
-        for b in data:
-            opt.zero_grad()
-            loss = _mse_mean(m, b)
-            loss.backward()
-            probe.batch(b, loss)
-            opt.step()
-
-    gammatrace.TwoPass(build, train, loss_fn=_mse_mean, seed=0, threads=1, out=tmp_path / "tp",
+    gammatrace.TwoPass(_build, _train, loss_fn=_mse_mean, seed=0, threads=1, out=tmp_path / "tp",
                        curvature={"every": 2, "k": 2}).run()
     table = load_hook_table(tmp_path / "tp", "curvature")
     assert table["step"].tolist() == [0, 2, 4] and np.isfinite(table["lambda_1"]).all()

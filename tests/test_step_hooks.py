@@ -19,6 +19,7 @@ from gammatrace.engine.session import build_session
 from gammatrace.engine.trainer import train_pass
 from gammatrace.store.run import RunStore
 from tests.conftest import tiny_config
+from tests.oracle import ParameterHook
 
 
 def _regression(**overrides) -> dict:
@@ -29,22 +30,9 @@ def _regression(**overrides) -> dict:
                           "model": {"name": "mlp", "width": 4, "depth": 1}, **overrides})
 
 
-class _Parameters:
-    """Records θ_k itself (every trainable tensor, flattened in order) for the brute force."""
-
-    name = "params"
-
-    def __init__(self, session, reference):
-        self.params = [p for p in session.model.parameters() if p.requires_grad]
-
-    def __call__(self, batch):
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
-        return {f"p{i}": v for i, v in enumerate(flat)}
-
-
 def test_one_point_convexity_matches_the_full_gradient_summed_sample_by_sample(tmp_path):
     run = train_pass(_regression(dtype="float64"), tmp_path / "run", progress=False)
-    name = replay(run.path, "last", hooks=(OnePointConvexity, _Parameters), progress=False)
+    name = replay(run.path, "last", hooks=(OnePointConvexity, ParameterHook), progress=False)
     delta = run.store.read_shards(RunStore.analysis(name, "one_point"))
     thetas = run.store.read_shards(RunStore.analysis(name, "params"))
     assert delta["step"].tolist() == thetas["step"].tolist() == list(range(6))

@@ -18,6 +18,7 @@ from gammatrace.engine.trainer import train_pass
 from gammatrace.reporting.collect import collect
 from gammatrace.reporting.survey import _subset_ratio, rsi_eb_figure
 from tests.conftest import tiny_config
+from tests.oracle import ParameterHook
 
 
 def _config(optim: dict, subset: int) -> dict:
@@ -28,19 +29,6 @@ def _config(optim: dict, subset: int) -> dict:
                           "model": {"name": "mlp", "width": 4, "depth": 1},
                           "optim": optim,
                           "curvature": {"every": 100, "k": 1, "subset": subset, "at_epoch_end": False}})
-
-
-class _Parameters:
-    """θ_k at every step, flattened."""
-
-    name = "params"
-
-    def __init__(self, session, reference):
-        self.params = [p for p in session.model.parameters() if p.requires_grad]
-
-    def __call__(self, batch):
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params]).tolist()
-        return {f"p{i}": v for i, v in enumerate(flat)}
 
 
 def _expected(run, subset: int, lam: float) -> dict[int, dict[str, float]]:
@@ -71,7 +59,7 @@ def test_subset_rsi_eb_at_epoch_ends_equal_no_wrong_turns_with_decay_folded(tmp_
     lam = 0.05
     run = train_pass(_config({"name": "momentum", "lr": 0.05, "momentum": 0.9, "weight_decay": lam}, subset=32),
                      tmp_path / "run", progress=False)
-    replay(run.path, "last", hooks=(_Parameters,), progress=False)
+    replay(run.path, "last", hooks=(ParameterHook,), progress=False)
     analyze(run.path, progress=False)
     table = load_hook_table(run, "subset_secant")
     assert table["step"].tolist() == [2, 5, 8]  # the last step of each of the 3 epochs
