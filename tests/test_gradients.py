@@ -111,7 +111,7 @@ def test_gradient_row_draws_the_stored_norms_and_marks_the_collapse(collapsed, t
         drawn["fig"] = fig
         return out / f"{stem}.png"
 
-    monkeypatch.setattr(F, "_save", keep)
+    monkeypatch.setattr(F, "save_figure", keep)
     notes: list[str] = []
     F.trajectory_figure(entries, tmp_path, notes)
     [ax_g] = [ax for ax in drawn["fig"].axes if "gradient norm" in ax.get_title()]
